@@ -1,0 +1,163 @@
+"""The broker core's facade: the store, consumer groups and the background work that keeps
+them durable (periodic flush and checkpoint, offsets, retention), started and stopped as one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from broker_core.config import BrokerConfig
+from broker_core.errors import MessageNotFound, TopicNotFound
+from broker_core.groups import Delivery, GroupConfig, GroupManager
+from broker_core.message import Message, StoredMessage, is_system_topic
+from broker_core.protocols import Scheduler, Timers
+from broker_core.store import MessageStore, PutResult, TopicConfig
+
+log = structlog.get_logger(__name__)
+
+_RETENTION_EVERY_S = 60.0
+
+
+class Broker:
+    def __init__(
+        self, config: BrokerConfig, *, timers: Timers, scheduler: Scheduler | None = None
+    ) -> None:
+        self.config = config
+        self.timers = timers
+        self.store = MessageStore(config, clock=timers.now_ms)
+        self.groups = GroupManager(self.store, config, timers=timers, scheduler=scheduler)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        return self.groups.scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler: Scheduler | None) -> None:
+        # The delay server is built on top of a started store, so it is wired in afterwards.
+        self.groups.scheduler = scheduler
+
+    async def start(self) -> None:
+        await self.store.start()
+        await asyncio.get_running_loop().run_in_executor(None, self.groups.load)
+        self.store.on_dispatch = self.groups.wake
+        self._tasks = [
+            asyncio.create_task(self._flusher(), name="tempomq-flusher"),
+            asyncio.create_task(self._retention(), name="tempomq-retention"),
+        ]
+        log.info("broker.started", data_dir=str(self.config.data_dir), flush=self.config.flush)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+        await self.groups.stop()
+        await self.store.stop()
+        snapshot = self.groups.snapshot()
+        if snapshot is not None:
+            self.groups.save(snapshot)
+        log.info("broker.stopped")
+
+    def begin_shutdown(self) -> None:
+        """The server stops accepting requests: let long polls return at once."""
+        self.groups.begin_shutdown()
+
+    def health(self) -> str | None:
+        """None when the broker can take writes, else why not."""
+        return self.store.failure
+
+    async def _flusher(self) -> None:
+        interval_s = self.config.flush_interval_ms / 1000
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.store.flush()
+                snapshot = self.groups.snapshot()
+                if snapshot is not None:
+                    await loop.run_in_executor(None, self.groups.save, snapshot)
+            except OSError as e:
+                log.error("broker.flush_failed", error=str(e))
+
+    async def _retention(self) -> None:
+        while True:
+            await asyncio.sleep(_RETENTION_EVERY_S)
+            try:
+                n = await self.store.enforce_retention()
+                if n:
+                    log.info("broker.retention", segments_deleted=n)
+            except OSError as e:
+                log.error("broker.retention_failed", error=str(e))
+
+    # -- topics and messages -------------------------------------------------------------------
+
+    async def create_topic(self, name: str, queues: int | None = None) -> TopicConfig:
+        return await self.store.create_topic(
+            name, self.config.default_queues if queues is None else queues
+        )
+
+    def list_topics(self, *, include_system: bool = False) -> list[TopicConfig]:
+        return sorted(
+            (
+                t
+                for t in self.store.topics.values()
+                if include_system or not is_system_topic(t.name)
+            ),
+            key=lambda t: t.name,
+        )
+
+    def get_topic(self, name: str) -> TopicConfig:
+        return self.store.topic(name)
+
+    async def resolve_topic(self, name: str) -> TopicConfig:
+        """The topic to send to, auto-created when the config allows."""
+        topic = self.store.topics.get(name)
+        if topic is None:
+            if not self.config.auto_create_topics:
+                raise TopicNotFound(f"topic {name!r} does not exist")
+            topic = await self.store.ensure_topic(name, self.config.default_queues)
+        return topic
+
+    async def put(self, messages: Sequence[Message], *, check_duplicate: bool) -> list[PutResult]:
+        return await self.store.put_many(messages, check_duplicate=check_duplicate)
+
+    def get_message(self, msg_id: bytes) -> StoredMessage:
+        """The message as its topic holds it (not a copy parked in a system topic)."""
+        found = [m for m in self.store.lookup_id(msg_id) if not is_system_topic(m.topic)]
+        if not found:
+            raise MessageNotFound(f"no message {msg_id.hex()}")
+        return found[0]
+
+    def query_key(self, topic: str, key: str, limit: int = 64) -> list[StoredMessage]:
+        self.store.topic(topic)
+        return self.store.lookup_key(topic, key, limit)
+
+    # -- consumption ---------------------------------------------------------------------------
+
+    def create_group(self, name: object, *, fifo: object, max_attempts: object) -> GroupConfig:
+        return self.groups.create_group(name, fifo=fifo, max_attempts=max_attempts)
+
+    async def receive(self, topic: str, group: str, **kw: Any) -> list[Delivery]:
+        return await self.groups.receive(topic, group, **kw)
+
+    async def ack(self, topic: str, group: str, receipts: list[object]) -> int:
+        return await self.groups.ack(topic, group, receipts)
+
+    async def nack(
+        self, topic: str, group: str, receipt: object, retry_after_ms: int | None
+    ) -> None:
+        await self.groups.nack(topic, group, receipt, retry_after_ms)
+
+    async def group_stats(self, topic: str, group: str) -> dict[str, object]:
+        return await self.groups.stats(topic, group)
+
+    async def reset(self, topic: str, group: str, timestamp_ms: int) -> list[dict[str, int]]:
+        return await self.groups.reset(topic, group, timestamp_ms)

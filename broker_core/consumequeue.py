@@ -1,0 +1,160 @@
+"""ConsumeQueue: per topic and queue, fixed-size entries pointing into the CommitLog.
+
+Entry ``i`` of a queue (its *queue offset*) is 20 bytes at byte ``(i % per_file) * 20`` of the
+file named ``i - i % per_file``: CommitLog offset (i64), record size (i32), tag hash (i64). A
+queue is a dense array, so reading entry ``i`` is arithmetic and one unpack, and the end of a
+queue is the first entry whose size is zero (files are pre-allocated sparse, so unwritten
+entries read as zeros). Everything here can be deleted and rebuilt from the CommitLog.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import zlib
+from pathlib import Path
+
+ENTRY = struct.Struct(">qiq")
+ENTRY_SIZE = ENTRY.size  # 20
+
+
+def tag_hash(tags: str) -> int:
+    """Stable 63-bit hash of a tag (0 for no tag), cheap enough for every put."""
+    if not tags:
+        return 0
+    data = tags.encode()
+    return (zlib.crc32(data) << 31) ^ zlib.adler32(data) or 1
+
+
+def file_start(index: int, per_file: int) -> int:
+    return index - index % per_file
+
+
+def entry_position(index: int, per_file: int) -> int:
+    return (index % per_file) * ENTRY_SIZE
+
+
+class ConsumeQueue:
+    """One topic/queue. All methods run on the event loop; writes go to shared mappings whose
+    dirty pages the flusher syncs; a crash costs at most a re-dispatch from the CommitLog."""
+
+    __slots__ = ("_files", "dir", "max_offset", "min_offset", "per_file", "queue_id", "topic")
+
+    def __init__(self, directory: Path, topic: str, queue_id: int, *, per_file: int) -> None:
+        self.dir = directory
+        self.topic = topic
+        self.queue_id = queue_id
+        self.per_file = per_file
+        self._files: dict[int, tuple[int, mmap.mmap]] = {}
+        self.min_offset = 0
+        self.max_offset = 0  # one past the last entry
+
+    def load(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        starts = sorted(int(p.name) for p in self.dir.iterdir() if p.name.isdigit())
+        for start in starts:
+            self._map(start)
+        # Files a truncation emptied hold nothing: the queue ends before them.
+        while len(starts) > 1 and self._size_at(starts[-1]) == 0:
+            self._unmap(starts.pop())
+        if not starts:
+            return
+        first, last = starts[0], starts[-1]
+        # Leading zero entries of the first file are positions before this queue's data
+        # (retention dropped them, or a rebuild began mid-file).
+        lo = 0
+        while lo < self.per_file and self._size_at(first + lo) == 0:
+            lo += 1
+        if lo == self.per_file:  # the only file, and empty
+            self.min_offset = self.max_offset = first
+            return
+        self.min_offset = first + lo
+        # The end is the first zero-size entry after min_offset: binary search the last file.
+        lo_i = self.min_offset - last if last == first else 0
+        hi = self.per_file
+        while lo_i < hi:
+            mid = (lo_i + hi) // 2
+            if self._size_at(last + mid) == 0:
+                hi = mid
+            else:
+                lo_i = mid + 1
+        self.max_offset = last + lo_i
+
+    def _size_at(self, index: int) -> int:
+        start = index - index % self.per_file
+        return int(ENTRY.unpack_from(self._files[start][1], (index - start) * ENTRY_SIZE)[1])
+
+    def _unmap(self, start: int) -> None:
+        fd, view = self._files.pop(start)
+        view.close()
+        os.close(fd)
+        (self.dir / f"{start:020d}").unlink(missing_ok=True)
+
+    def _map(self, start: int) -> mmap.mmap:
+        size = self.per_file * ENTRY_SIZE
+        fd = os.open(self.dir / f"{start:020d}", os.O_RDWR | os.O_CREAT, 0o644)
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+        view = mmap.mmap(fd, size)
+        self._files[start] = (fd, view)
+        return view
+
+    def put(self, index: int, phy_offset: int, size: int, tag_hash_: int) -> bool:
+        """Write entry ``index``; False (and nothing written) if it is already there."""
+        if index < self.max_offset:
+            return False  # re-dispatch after recovery: already present
+        if self.max_offset == self.min_offset == 0 and index > 0 and not self._files:
+            self.min_offset = index  # rebuilding a queue whose head expired
+        start = index - index % self.per_file
+        f = self._files.get(start)
+        view = f[1] if f is not None else self._map(start)
+        ENTRY.pack_into(view, (index - start) * ENTRY_SIZE, phy_offset, size, tag_hash_)
+        self.max_offset = index + 1
+        return True
+
+    def get(self, index: int) -> tuple[int, int, int]:
+        """(commitlog offset, size, tag hash) of entry ``index`` (min_offset <= index < max)."""
+        start = index - index % self.per_file
+        return ENTRY.unpack_from(self._files[start][1], (index - start) * ENTRY_SIZE)  # type: ignore[return-value]
+
+    def last_phy_end(self) -> int:
+        """CommitLog offset just past the last entry's record (0 for an empty queue)."""
+        if self.max_offset <= self.min_offset:
+            return 0
+        phy, size, _ = self.get(self.max_offset - 1)
+        return phy + size
+
+    def truncate_to(self, phy_end: int) -> None:
+        """Drop trailing entries that point at or past ``phy_end`` (the CommitLog was cut)."""
+        while self.max_offset > self.min_offset:
+            phy, size, _ = self.get(self.max_offset - 1)
+            if phy + size <= phy_end:
+                break
+            index = self.max_offset - 1
+            start = index - index % self.per_file
+            ENTRY.pack_into(self._files[start][1], (index - start) * ENTRY_SIZE, 0, 0, 0)
+            self.max_offset = index
+
+    def drop_before(self, phy_min: int) -> None:
+        """Retention: forget entries whose record is gone; delete files wholly before it."""
+        while self.min_offset < self.max_offset and self.get(self.min_offset)[0] < phy_min:
+            self.min_offset += 1
+        # The file holding the last entry stays even when expired: it is what tells a restart
+        # where this queue's offsets continue.
+        keep_from = self.max_offset - 1
+        for start in sorted(self._files):
+            end = start + self.per_file
+            if end <= self.min_offset and end <= keep_from:
+                self._unmap(start)
+
+    def flush(self) -> None:
+        for _fd, view in list(self._files.values()):
+            view.flush()
+
+    def close(self) -> None:
+        for fd, view in self._files.values():
+            view.flush()
+            view.close()
+            os.close(fd)
+        self._files.clear()

@@ -1,0 +1,377 @@
+"""HTTP routes of the broker core (API.md: Messages, Consuming): parse, validate, render.
+
+Every request is validated whole before anything is stored, so a bad message in a batch stores
+none of the batch. Errors are raised as :mod:`broker_core.errors` exceptions; the app's middleware
+turns them into the API's error bodies.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from broker_core.broker import Broker
+from broker_core.errors import (
+    InvalidMessage,
+    InvalidRequest,
+    MessageNotFound,
+    TempoError,
+)
+from broker_core.groups import Delivery, parse_tags
+from broker_core.message import (
+    FLAG_BODY_B64,
+    MAX_KEY_LEN,
+    PROP_DELIVER_AT,
+    PROP_DELIVERY_ATTEMPT,
+    PROP_DLQ_ORIGIN_TOPIC,
+    PROP_ORIGIN_MSG_ID,
+    PROP_REAL_QUEUE,
+    PROP_REAL_TOPIC,
+    PROP_RELEASED_AT,
+    PROP_RETRY_TOPIC,
+    PROP_SHARDING_KEY,
+    Message,
+    StoredMessage,
+    parse_msg_id,
+    validate_message_fields,
+    validate_topic_name,
+)
+from broker_core.retry import real_topic
+
+BROKER = web.AppKey("broker", Broker)
+routes = web.RouteTableDef()
+
+MAX_BATCH = 1000
+MAX_DELAY_MS = 10 * 365 * 24 * 3600 * 1000 + 3 * 24 * 3600 * 1000  # ten years, leap days included
+#: Properties the broker sets itself; a client may not send them.
+RESERVED_PROPERTIES = frozenset(
+    {
+        PROP_ORIGIN_MSG_ID,
+        PROP_RETRY_TOPIC,
+        PROP_DELIVERY_ATTEMPT,
+        PROP_REAL_TOPIC,
+        PROP_REAL_QUEUE,
+        PROP_DLQ_ORIGIN_TOPIC,
+        PROP_DELIVER_AT,
+        PROP_RELEASED_AT,
+        PROP_SHARDING_KEY,
+    }
+)
+_HIDDEN_PROPERTIES = frozenset(
+    {PROP_ORIGIN_MSG_ID, PROP_RETRY_TOPIC, PROP_REAL_TOPIC, PROP_REAL_QUEUE}
+)
+_JSON = "application/json"
+
+
+def json_response(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type=_JSON)
+
+
+async def read_json(request: web.Request, error: type[TempoError] = InvalidRequest) -> Any:
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise error(f"request body is not valid JSON: {e}") from None
+
+
+def _int_field(
+    obj: dict[str, Any],
+    name: str,
+    default: int | None,
+    lo: int,
+    hi: int,
+    error: type[TempoError] = InvalidRequest,
+) -> int | None:
+    value = obj.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise error(f"{name} must be an integer from {lo} to {hi}")
+    return value
+
+
+# -- messages in --------------------------------------------------------------------------------
+
+
+def parse_message(obj: object, topic: str, *, max_body: int, now_ms: int) -> tuple[Message, int]:
+    """One message of a send request → (message, deliver_at_ms). ``deliver_at_ms`` <= now means
+    deliver now. Raises :class:`InvalidMessage` or ``MessageTooLarge`` with the reason."""
+    if not isinstance(obj, dict):
+        raise InvalidMessage("a message is a JSON object")
+    has_text, has_b64 = "body" in obj, "body_b64" in obj
+    if has_text == has_b64:
+        raise InvalidMessage("a message needs exactly one of 'body' and 'body_b64'")
+    flags = 0
+    if has_text:
+        text = obj["body"]
+        if not isinstance(text, str):
+            raise InvalidMessage("'body' must be a string (use 'body_b64' for bytes)")
+        body = text.encode()
+    else:
+        b64 = obj["body_b64"]
+        if not isinstance(b64, str):
+            raise InvalidMessage("'body_b64' must be a base64 string")
+        if len(b64) > (max_body // 3 + 2) * 4:
+            body = b"\0" * (max_body + 1)  # too large whatever it decodes to
+        else:
+            try:
+                body = base64.b64decode(b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidMessage("'body_b64' is not valid base64") from None
+        flags = FLAG_BODY_B64
+    tags = obj.get("tags") or ""
+    if not isinstance(tags, str):
+        raise InvalidMessage("'tags' must be a string")
+    keys_obj = obj.get("keys") or ()
+    if isinstance(keys_obj, str):
+        keys_obj = (keys_obj,)
+    if not isinstance(keys_obj, (list, tuple)) or not all(isinstance(k, str) for k in keys_obj):
+        raise InvalidMessage("'keys' must be a list of strings")
+    keys = tuple(keys_obj)
+    props = obj.get("properties") or {}
+    if not isinstance(props, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in props.items()
+    ):
+        raise InvalidMessage("'properties' must be an object of string values")
+    reserved = RESERVED_PROPERTIES.intersection(props)
+    if reserved:
+        raise InvalidMessage(f"properties {sorted(reserved)} are set by the broker")
+    validate_message_fields(body, tags, keys, props, max_body)
+    sharding_key = obj.get("sharding_key")
+    if sharding_key is not None and (
+        not isinstance(sharding_key, str) or not 0 < len(sharding_key) <= MAX_KEY_LEN
+    ):
+        raise InvalidMessage(f"'sharding_key' must be a string of 1-{MAX_KEY_LEN} characters")
+    msg_id = parse_msg_id(obj["msg_id"]) if obj.get("msg_id") is not None else b""
+    deliver_at = _deliver_at(obj, now_ms)
+    msg = Message(topic, body, tags, keys, props, msg_id, flags)
+    if sharding_key:
+        msg.properties[PROP_SHARDING_KEY] = sharding_key
+    return msg, deliver_at
+
+
+def _deliver_at(obj: dict[str, Any], now_ms: int) -> int:
+    delay = obj.get("delay_ms")
+    at = obj.get("deliver_at")
+    if delay is not None and at is not None:
+        raise InvalidMessage("give at most one of 'delay_ms' and 'deliver_at'")
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, int):
+            raise InvalidMessage("'delay_ms' must be an integer number of milliseconds")
+        if delay < 0:
+            raise InvalidMessage("'delay_ms' must not be negative")
+        at = now_ms + delay
+    elif at is not None:
+        if isinstance(at, bool) or not isinstance(at, int):
+            raise InvalidMessage("'deliver_at' must be epoch milliseconds (an integer)")
+    else:
+        return now_ms
+    if at - now_ms > MAX_DELAY_MS:
+        raise InvalidMessage("the delivery time is more than 10 years ahead")
+    return at
+
+
+@routes.post("/v1/topics/{topic}/messages")
+async def send_messages(request: web.Request) -> web.Response:
+    broker = request.app[BROKER]
+    name = validate_topic_name(request.match_info["topic"], client=True)
+    payload = await read_json(request, InvalidMessage)
+    batch = isinstance(payload, dict) and "messages" in payload
+    items = payload["messages"] if batch else [payload]
+    if not isinstance(items, list) or not items:
+        raise InvalidMessage("'messages' must be a non-empty list")
+    if len(items) > MAX_BATCH:
+        raise InvalidMessage(f"at most {MAX_BATCH} messages per request, got {len(items)}")
+    topic = await broker.resolve_topic(name)
+    now = broker.timers.now_ms()
+    max_body = broker.config.max_body_bytes
+    parsed = [parse_message(item, name, max_body=max_body, now_ms=now) for item in items]
+    select = broker.store.select_queue
+    now_msgs, later = [], []
+    for msg, at in parsed:
+        msg.queue_id = select(topic, msg.properties.get(PROP_SHARDING_KEY))
+        (later if at > now else now_msgs).append((msg, at))
+    if later and broker.scheduler is None:
+        raise InvalidMessage("delayed delivery is not enabled on this server")
+    check = any(m.msg_id for m, _ in parsed)
+    if now_msgs:
+        await broker.put([m for m, _ in now_msgs], check_duplicate=check)
+    if later:
+        assert broker.scheduler is not None
+        await broker.scheduler.schedule([m for m, _ in later], [at for _, at in later])
+    results = []
+    for msg, at in parsed:
+        r: dict[str, object] = {"msg_id": msg.msg_id.hex(), "queue_id": msg.queue_id}
+        if at > now:
+            r["deliver_at"] = at
+        results.append(r)
+    return json_response({"results": results} if batch else results[0], status=201)
+
+
+# -- messages out -------------------------------------------------------------------------------
+
+
+def render_message(m: StoredMessage) -> dict[str, object]:
+    props = m.properties
+    if props and not _HIDDEN_PROPERTIES.isdisjoint(props):
+        props = {k: v for k, v in props.items() if k not in _HIDDEN_PROPERTIES}
+    out: dict[str, object] = {
+        "msg_id": m.origin_msg_id,
+        "topic": real_topic(m),
+        "queue_id": m.queue_id,
+        "tags": m.tags,
+        "keys": list(m.keys),
+        "properties": props,
+        "born_at": m.born_at,
+        "stored_at": m.stored_at,
+    }
+    if m.flags & FLAG_BODY_B64:
+        out["body_b64"] = base64.b64encode(m.body).decode()
+    else:
+        out["body"] = m.body.decode("utf-8", "replace")
+    return out
+
+
+def render_delivery(d: Delivery) -> dict[str, object]:
+    out = render_message(d.message)
+    out["receipt"] = d.receipt
+    out["delivery_attempt"] = d.attempt
+    return out
+
+
+@routes.get("/v1/messages/{msg_id}")
+async def get_message(request: web.Request) -> web.Response:
+    try:
+        msg_id = parse_msg_id(request.match_info["msg_id"])
+    except InvalidMessage:
+        raise MessageNotFound("no message with that id (ids are 32 hex digits)") from None
+    return json_response(render_message(request.app[BROKER].get_message(msg_id)))
+
+
+@routes.get("/v1/topics/{topic}/messages")
+async def query_messages(request: web.Request) -> web.Response:
+    key = request.query.get("key")
+    if not key:
+        raise InvalidRequest("query parameter 'key' is required")
+    found = request.app[BROKER].query_key(request.match_info["topic"], key)
+    return json_response({"messages": [render_message(m) for m in found]})
+
+
+# -- topics -------------------------------------------------------------------------------------
+
+
+def _render_topic(broker: Broker, name: str) -> dict[str, object]:
+    topic = broker.get_topic(name)
+    queues = []
+    for q in range(topic.queues):
+        lo, hi = broker.store.queue_bounds(name, q)
+        queues.append({"queue_id": q, "min_offset": lo, "max_offset": hi})
+    return {**topic.to_json(), "queue_offsets": queues}
+
+
+@routes.post("/v1/topics")
+async def create_topic(request: web.Request) -> web.Response:
+    broker = request.app[BROKER]
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise InvalidRequest('expected a JSON object like {"name": "orders", "queues": 8}')
+    topic = await broker.create_topic(body.get("name"), body.get("queues"))  # type: ignore[arg-type]
+    return json_response(_render_topic(broker, topic.name), status=201)
+
+
+@routes.get("/v1/topics")
+async def list_topics(request: web.Request) -> web.Response:
+    broker = request.app[BROKER]
+    return json_response({"topics": [t.to_json() for t in broker.list_topics()]})
+
+
+@routes.get("/v1/topics/{topic}")
+async def get_topic(request: web.Request) -> web.Response:
+    return json_response(_render_topic(request.app[BROKER], request.match_info["topic"]))
+
+
+# -- consuming ----------------------------------------------------------------------------------
+
+
+def _group_args(request: web.Request) -> tuple[Broker, str, str]:
+    broker = request.app[BROKER]
+    topic = request.match_info["topic"]
+    broker.get_topic(topic)
+    return broker, topic, request.match_info["group"]
+
+
+async def _object(request: web.Request) -> dict[str, Any]:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise InvalidRequest("expected a JSON object")
+    return body
+
+
+@routes.post("/v1/topics/{topic}/groups/{group}/receive")
+async def receive(request: web.Request) -> web.Response:
+    broker, topic, group = _group_args(request)
+    body = await _object(request)
+    cfg = broker.config
+    deliveries = await broker.receive(
+        topic,
+        group,
+        max_messages=_int_field(body, "max_messages", 32, 1, cfg.max_receive_batch),
+        wait_ms=_int_field(body, "wait_ms", 0, 0, cfg.max_wait_ms),
+        invisible_ms=_int_field(body, "invisible_ms", cfg.default_invisible_ms, 100, 12 * 3600_000),
+        tags=parse_tags(body.get("tags")),
+    )
+    return json_response({"messages": [render_delivery(d) for d in deliveries]})
+
+
+@routes.post("/v1/topics/{topic}/groups/{group}/ack")
+async def ack(request: web.Request) -> web.Response:
+    broker, topic, group = _group_args(request)
+    body = await _object(request)
+    receipts = body.get("receipts")
+    limit = broker.config.max_receive_batch
+    if not isinstance(receipts, list) or not receipts or len(receipts) > limit:
+        raise InvalidRequest(f"'receipts' must be a list of 1-{limit} receipts")
+    return json_response({"acked": await broker.ack(topic, group, receipts)})
+
+
+@routes.post("/v1/topics/{topic}/groups/{group}/nack")
+async def nack(request: web.Request) -> web.Response:
+    broker, topic, group = _group_args(request)
+    body = await _object(request)
+    if "receipt" not in body:
+        raise InvalidRequest("'receipt' is required")
+    retry_after = _int_field(body, "retry_after_ms", None, 0, MAX_DELAY_MS)
+    await broker.nack(topic, group, body["receipt"], retry_after)
+    return json_response({"nacked": 1})
+
+
+@routes.get("/v1/topics/{topic}/groups/{group}")
+async def group_stats(request: web.Request) -> web.Response:
+    broker, topic, group = _group_args(request)
+    return json_response(await broker.group_stats(topic, group))
+
+
+@routes.post("/v1/topics/{topic}/groups/{group}/reset")
+async def reset(request: web.Request) -> web.Response:
+    broker, topic, group = _group_args(request)
+    body = await _object(request)
+    ts = _int_field(body, "timestamp", None, 0, 1 << 62)
+    if ts is None:
+        raise InvalidRequest("'timestamp' (epoch milliseconds) is required")
+    return json_response({"queues": await broker.reset(topic, group, ts)})
+
+
+@routes.post("/v1/groups")
+async def create_group(request: web.Request) -> web.Response:
+    body = await _object(request)
+    group = request.app[BROKER].create_group(
+        body.get("name"), fifo=body.get("fifo", False), max_attempts=body.get("max_attempts")
+    )
+    return json_response(group.to_json(), status=201)

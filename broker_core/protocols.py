@@ -1,0 +1,38 @@
+"""Capabilities the broker core needs from higher layers, wired in by the app.
+
+The broker core must not import the delay server, yet consumer retries wait for a backoff and
+receipts expire after an invisibility time. It states what it needs here; ``delayserver``
+implements it and ``tempomq.app`` connects the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from broker_core.message import Message
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None:
+        """Stop the timer; a no-op when it already fired or was cancelled."""
+
+
+class Timers(Protocol):
+    """One-shot timers in epoch milliseconds (the service's single timing wheel)."""
+
+    def now_ms(self) -> int: ...
+
+    def call_at(self, when_ms: int, callback: Callable[[], None]) -> TimerHandle:
+        """Run ``callback`` on the event loop at ``when_ms`` (at once if that has passed)."""
+        ...
+
+
+class Scheduler(Protocol):
+    """Durably keeps messages and puts each into its topic at its time.
+
+    ``schedule`` returns once the messages are stored durably; release must be idempotent by
+    ``(topic, msg_id)`` so a crash between release and bookkeeping never delivers twice.
+    """
+
+    async def schedule(self, messages: Sequence[Message], deliver_at_ms: Sequence[int]) -> None: ...

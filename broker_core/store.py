@@ -1,0 +1,557 @@
+"""The message store: puts with group commit, dispatch to ConsumeQueues and the index, reads,
+topics, recovery and retention. The IO shell around the CommitLog and its derived files.
+
+Put path (event loop, no await per message): validate, assign id, queue and queue offset,
+reserve CommitLog space, frame the record, append it to the pending batch. One writer task hands
+each batch to the writer thread (one ``pwrite``, one fdatasync in ``sync`` mode), then dispatches
+the batch into ConsumeQueues and the index and resolves the one future every put of the batch
+awaits. A record is therefore readable through a ConsumeQueue only after it is on disk (``sync``)
+or in the OS (``async``): consumers never see what a crash could take back in that mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NamedTuple
+from pathlib import Path
+
+import orjson
+import structlog
+
+from broker_core import codec, metrics
+from broker_core.commitlog import CommitLog
+from broker_core.config import BrokerConfig
+from broker_core.consumequeue import ConsumeQueue, tag_hash
+from broker_core.errors import InvalidTopic, StoreUnavailable, TopicExists, TopicNotFound
+from broker_core.index import Index
+from broker_core.message import (
+    DLQ_PREFIX,
+    RETRY_PREFIX,
+    Message,
+    MsgIdGenerator,
+    StoredMessage,
+    validate_topic_name,
+)
+
+log = structlog.get_logger(__name__)
+
+_CHECKPOINT = "checkpoint.json"
+_TOPICS = "topics.json"
+
+
+@dataclass(slots=True, frozen=True)
+class TopicConfig:
+    name: str
+    queues: int
+    created_at: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "queues": self.queues, "created_at": self.created_at}
+
+
+class PutResult(NamedTuple):
+    # A tuple rather than a dataclass: one is built per message on the put path.
+    msg_id: bytes
+    topic: str
+    queue_id: int
+    queue_offset: int
+    phy_offset: int
+    #: True when the id was already stored in that topic and this put changed nothing.
+    duplicate: bool = False
+
+
+class _CommitFuture(asyncio.Future[None]):
+    """The future every put of one group commit awaits. It refuses cancellation, so a caller
+    that is cancelled while waiting (a client hung up) cannot cancel the batch for the other
+    callers; that caller sees its CancelledError once the write is done."""
+
+    def cancel(self, msg: object = None) -> bool:
+        return False
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class MessageStore:
+    def __init__(self, config: BrokerConfig, *, clock: Callable[[], int] = now_ms) -> None:
+        self.config = config
+        self.clock = clock
+        root = Path(config.data_dir)
+        self.root = root
+        self.commitlog = CommitLog(root / "commitlog", segment_bytes=config.segment_bytes)
+        self.index = Index(root / "index", slots=config.index_slots, capacity=config.index_entries)
+        self.topics: dict[str, TopicConfig] = {}
+        self._cqs: dict[tuple[str, int], ConsumeQueue] = {}
+        self._next_qoff: dict[tuple[str, int], int] = {}
+        self._rr: dict[str, int] = {}
+        self._ids = MsgIdGenerator()
+        self._sync = config.flush == "sync"
+        # Pending batch: records waiting for the writer, what to dispatch after the write, and
+        # the one future all their puts await.
+        self._buf: list[bytes] = []
+        self._buf_start = 0
+        self._buf_dispatch: list[tuple[str, int, int, int, int, int, bytes, tuple[str, ...]]] = []
+        self._buf_future: _CommitFuture | None = None
+        #: Client-supplied ids of records not yet written, with the write their puts await.
+        self._pending_ids: dict[tuple[bytes, str], tuple[PutResult, _CommitFuture]] = {}
+        self._wake_writer: asyncio.Event | None = None
+        self._writer_task: asyncio.Task[None] | None = None
+        self._write_pool = ThreadPoolExecutor(1, thread_name_prefix="tempomq-write")
+        self._flush_pool = ThreadPoolExecutor(1, thread_name_prefix="tempomq-flush")
+        self._failure: str | None = None
+        self._closing = False
+        #: Called after each dispatched batch with the topics that got new messages.
+        self.on_dispatch: Callable[[set[str]], None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._flush_pool, self._open)
+        self._wake_writer = asyncio.Event()
+        self._writer_task = asyncio.create_task(self._writer(), name="tempomq-commitlog-writer")
+
+    def _open(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        end = self.commitlog.open()
+        self._buf_start = end
+        self._load_topics()
+        self.index.load()
+        for topic in self.topics.values():
+            for q in range(topic.queues):
+                self._cq(topic.name, q)
+        checkpoint = self._read_checkpoint()
+        index_max_phy = self.index.max_phy
+        for cq in self._cqs.values():
+            cq.truncate_to(end)
+        cq_total = sum(cq.max_offset for cq in self._cqs.values())
+        start = min(int(checkpoint.get("dispatched", 0)), end)
+        if (
+            not checkpoint
+            or cq_total < int(checkpoint.get("cq_entries", 0))
+            or self.index.entry_count < int(checkpoint.get("index_entries", 0))
+        ):
+            start = self.commitlog.min_offset  # derived files were lost: rebuild everything
+        n = self._redispatch(start, end, index_max_phy)
+        floor = self.commitlog.min_offset
+        for key, cq in self._cqs.items():
+            cq.drop_before(floor)  # entries whose records retention deleted
+            self._next_qoff[key] = cq.max_offset
+        log.info(
+            "store.opened",
+            commitlog_end=end,
+            redispatched=n,
+            redispatch_from=start,
+            topics=len(self.topics),
+        )
+
+    def _redispatch(self, start: int, end: int, index_max_phy: int) -> int:
+        """Feed records in ``[start, end)`` to the ConsumeQueues and index, idempotently."""
+        n = 0
+        for phy, view, pos in self.commitlog.iter_records(start, end):
+            m = codec.decode(view, pos)
+            if m.topic not in self.topics:
+                # topics.json lost or older than the log: learn the topic from its records.
+                self.topics[m.topic] = TopicConfig(m.topic, max(m.queue_id + 1, 1), m.stored_at)
+            topic = self.topics[m.topic]
+            if m.queue_id >= topic.queues:
+                self.topics[m.topic] = TopicConfig(topic.name, m.queue_id + 1, topic.created_at)
+            cq = self._cq(m.topic, m.queue_id)
+            if m.queue_offset > cq.max_offset and cq.max_offset > cq.min_offset:
+                log.warning("store.queue_gap", topic=m.topic, queue=m.queue_id, at=m.queue_offset)
+            cq.put(m.queue_offset, phy, m.size, tag_hash(m.tags))
+            if phy > index_max_phy:
+                self.index.add(phy, m.msg_id, m.topic, m.keys)
+            n += 1
+        if n:
+            write_json_atomic(self.root / _TOPICS, self._topics_json())
+        return n
+
+    async def stop(self) -> None:
+        """Write what was acknowledged or is pending, flush everything, mark a clean stop."""
+        self._closing = True
+        if self._writer_task is not None:
+            assert self._wake_writer is not None
+            self._wake_writer.set()  # the writer drains what is pending, then returns
+            await self._writer_task
+            self._writer_task = None
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._flush_pool, self._close)
+        self._write_pool.shutdown(wait=True)
+        self._flush_pool.shutdown(wait=True)
+
+    def _close(self) -> None:
+        clean = self._failure is None
+        self._checkpoint_sync(self._checkpoint_mark())
+        for cq in self._cqs.values():
+            cq.close()
+        self.index.close()
+        self.commitlog.close(clean=clean)
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+    # -- topics ----------------------------------------------------------------------------------
+
+    def _load_topics(self) -> None:
+        path = self.root / _TOPICS
+        if path.exists():
+            for t in orjson.loads(path.read_bytes()):
+                self.topics[t["name"]] = TopicConfig(
+                    t["name"], int(t["queues"]), int(t["created_at"])
+                )
+
+    def _topics_json(self) -> list[dict[str, object]]:
+        return [t.to_json() for t in sorted(self.topics.values(), key=lambda t: t.name)]
+
+    async def create_topic(self, name: str, queues: int, *, client: bool = True) -> TopicConfig:
+        validate_topic_name(name, client=client)
+        if (
+            isinstance(queues, bool)
+            or not isinstance(queues, int)
+            or not (1 <= queues <= self.config.max_queues)
+        ):
+            raise InvalidTopic(f"queues must be an integer from 1 to {self.config.max_queues}")
+        if name in self.topics:
+            raise TopicExists(f"topic {name!r} already exists")
+        topic = TopicConfig(name, queues, self.clock())
+        self.topics[name] = topic
+        for q in range(queues):
+            self._next_qoff[(name, q)] = self._cq(name, q).max_offset
+        await asyncio.get_running_loop().run_in_executor(
+            self._flush_pool, write_json_atomic, self.root / _TOPICS, self._topics_json()
+        )
+        log.info("topic.created", topic=name, queues=queues)
+        return topic
+
+    async def ensure_topic(self, name: str, queues: int) -> TopicConfig:
+        """Internal topics (retry, DLQ, system) exist on first use."""
+        topic = self.topics.get(name)
+        if topic is None:
+            try:
+                topic = await self.create_topic(name, queues, client=False)
+            except TopicExists:
+                topic = self.topics[name]
+        return topic
+
+    def topic(self, name: str) -> TopicConfig:
+        topic = self.topics.get(name)
+        if topic is None:
+            raise TopicNotFound(f"topic {name!r} does not exist")
+        return topic
+
+    def _cq(self, topic: str, queue_id: int) -> ConsumeQueue:
+        cq = self._cqs.get((topic, queue_id))
+        if cq is None:
+            cq = ConsumeQueue(
+                self.root / "consumequeue" / topic / str(queue_id),
+                topic,
+                queue_id,
+                per_file=self.config.cq_entries_per_file,
+            )
+            cq.load()
+            self._cqs[(topic, queue_id)] = cq
+        return cq
+
+    def consume_queue(self, topic: str, queue_id: int) -> ConsumeQueue:
+        return self._cqs[(topic, queue_id)]
+
+    # -- put -------------------------------------------------------------------------------------
+
+    def select_queue(self, topic: TopicConfig, sharding_key: str | None) -> int:
+        if sharding_key:
+            return zlib.crc32(sharding_key.encode()) % topic.queues
+        n = self._rr.get(topic.name, 0)
+        self._rr[topic.name] = n + 1
+        return n % topic.queues
+
+    async def put(self, msg: Message, *, check_duplicate: bool = False) -> PutResult:
+        return (await self.put_many((msg,), check_duplicate=check_duplicate))[0]
+
+    async def put_many(
+        self, msgs: Sequence[Message], *, check_duplicate: bool = False
+    ) -> list[PutResult]:
+        """Store ``msgs`` (topics must exist). With ``check_duplicate``, a message whose
+        ``msg_id`` is already in its topic is not stored again; its first result is returned."""
+        if self._failure is not None or self._closing:
+            raise StoreUnavailable(self._failure or "the store is shutting down")
+        results, waits = self._append(msgs, check_duplicate)
+        for fut in waits:
+            await fut
+        return results
+
+    def _append(
+        self, msgs: Iterable[Message], check_duplicate: bool
+    ) -> tuple[list[PutResult], list[_CommitFuture]]:
+        """Append ``msgs`` to the pending batch; returns their results and the writes to await
+        (this batch's, and those of in-flight originals that a duplicate refers to)."""
+        now = self.clock()
+        reserve = self.commitlog.reserve
+        buf = self._buf
+        dispatch = self._buf_dispatch
+        topics = self.topics
+        next_qoff = self._next_qoff
+        results: list[PutResult] = []
+        for m in msgs:  # all or nothing: check every topic before appending anything
+            if m.topic not in topics:
+                raise TopicNotFound(f"topic {m.topic!r} does not exist")
+        rr = self._rr
+        encode_record, dumps = codec.encode_record, orjson.dumps
+        waits: list[_CommitFuture] = []
+        batch = self._buf_future
+        if batch is None:
+            batch = self._buf_future = _CommitFuture()
+        appended = False
+        new_id = self._ids.next
+
+        def place(size: int) -> int:
+            phy, filler = reserve(size)
+            if filler is not None:
+                buf.append(filler)
+            return phy
+
+        for m in msgs:
+            topic = topics[m.topic]
+            if not m.msg_id:
+                m.msg_id = new_id(now)
+            elif check_duplicate:
+                in_flight = self._pending_ids.get((m.msg_id, m.topic))
+                if in_flight is not None:
+                    results.append(in_flight[0]._replace(duplicate=True))
+                    if in_flight[1] not in waits:
+                        waits.append(in_flight[1])
+                    continue
+                prior = self.find_in_topic(m.msg_id, m.topic)
+                if prior is not None:
+                    results.append(prior)
+                    continue
+            qid = m.queue_id
+            if qid < 0 or qid >= topic.queues:
+                n = rr.get(m.topic, 0)
+                rr[m.topic] = n + 1
+                qid = m.queue_id = n % topic.queues
+            if not m.born_at:
+                m.born_at = now
+            key = (m.topic, qid)
+            qoff = next_qoff[key]
+            next_qoff[key] = qoff + 1
+            record = encode_record(
+                m, dumps(m.properties) if m.properties else b"", qoff, now, place
+            )
+            phy = self.commitlog.reserved_end - len(record)
+            size = len(record)
+            buf.append(record)
+            appended = True
+            tags = m.tags
+            dispatch.append(
+                (m.topic, qid, qoff, phy, size, tag_hash(tags) if tags else 0, m.msg_id, m.keys)
+            )
+            result = PutResult(m.msg_id, m.topic, qid, qoff, phy)
+            if check_duplicate:
+                self._pending_ids[(m.msg_id, m.topic)] = (result, batch)
+            results.append(result)
+        if appended:
+            assert self._wake_writer is not None
+            self._wake_writer.set()
+            if batch not in waits:
+                waits.append(batch)
+        return results, waits
+
+    async def _writer(self) -> None:
+        """The one task that moves pending batches to disk, in order."""
+        assert self._wake_writer is not None
+        loop = asyncio.get_running_loop()
+        write = self.commitlog.write
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer.clear()
+            while self._buf:
+                data = b"".join(self._buf)
+                start = self._buf_start
+                dispatch = self._buf_dispatch
+                fut = self._buf_future
+                self._buf, self._buf_dispatch, self._buf_future = [], [], None
+                self._buf_start = start + len(data)
+                t0 = time.perf_counter()
+                try:
+                    await loop.run_in_executor(
+                        self._write_pool, lambda: write(start, data, sync=self._sync)
+                    )
+                except Exception as e:  # disk full, I/O error: stop taking writes
+                    self._fail(f"commitlog write failed: {e}", fut)
+                    return
+                if self._sync:
+                    metrics.FLUSH_SECONDS.observe(time.perf_counter() - t0)
+                self.commitlog.written_end = start + len(data)
+                self._dispatch(dispatch)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            if self._closing:
+                return
+
+    def _fail(self, reason: str, fut: _CommitFuture | None) -> None:
+        log.error("store.failed", reason=reason)
+        self._failure = reason
+        err = StoreUnavailable(reason)
+        for f in (fut, self._buf_future):
+            if f is not None and not f.done():
+                f.set_exception(err)
+        self._buf, self._buf_dispatch, self._buf_future = [], [], None
+        self._pending_ids.clear()
+
+    def _dispatch(
+        self, batch: list[tuple[str, int, int, int, int, int, bytes, tuple[str, ...]]]
+    ) -> None:
+        cqs = self._cqs
+        index_add = self.index.add
+        touched: set[str] = set()
+        last_topic = None
+        for topic, qid, qoff, phy, size, th, msg_id, keys in batch:
+            cqs[(topic, qid)].put(qoff, phy, size, th)
+            index_add(phy, msg_id, topic, keys)
+            if topic is not last_topic:
+                touched.add(topic)
+                last_topic = topic
+        if self._pending_ids:
+            for topic, _q, _o, _p, _s, _t, msg_id, _k in batch:
+                self._pending_ids.pop((msg_id, topic), None)
+        metrics.PUT_MESSAGES.inc(len(batch))
+        if self.on_dispatch is not None:
+            self.on_dispatch(touched)
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def read(self, phy_offset: int) -> StoredMessage | None:
+        """The record at ``phy_offset``, or None when retention removed it."""
+        if phy_offset < self.commitlog.min_offset or phy_offset >= self.commitlog.written_end:
+            return None
+        try:
+            view, pos = self.commitlog.view_at(phy_offset)
+        except KeyError:
+            return None
+        return codec.decode(view, pos)
+
+    def stored_at(self, phy_offset: int) -> int | None:
+        if phy_offset < self.commitlog.min_offset:
+            return None
+        view, pos = self.commitlog.view_at(phy_offset)
+        return int.from_bytes(view[pos + 42 : pos + 50], "big", signed=True)
+
+    def find_in_topic(self, msg_id: bytes, topic: str) -> PutResult | None:
+        """The stored (dispatched) record with this id in ``topic``, as a duplicate result."""
+        for m in self.lookup_id(msg_id):
+            if m.topic == topic:
+                return PutResult(m.msg_id, topic, m.queue_id, m.queue_offset, m.phy_offset, True)
+        return None
+
+    def lookup_id(self, msg_id: bytes) -> list[StoredMessage]:
+        """Stored records with this id (one per topic it passed through), oldest first."""
+        out = []
+        for phy in sorted(set(self.index.lookup_id(msg_id))):
+            m = self.read(phy)
+            if m is not None and m.msg_id == msg_id:
+                out.append(m)
+        return out
+
+    def lookup_key(self, topic: str, key: str, limit: int = 64) -> list[StoredMessage]:
+        out = []
+        for phy in sorted(set(self.index.lookup_key(topic, key, limit))):
+            m = self.read(phy)
+            if m is not None and m.topic == topic and key in m.keys:
+                out.append(m)
+        return out
+
+    def queue_bounds(self, topic: str, queue_id: int) -> tuple[int, int]:
+        cq = self._cqs[(topic, queue_id)]
+        return cq.min_offset, cq.max_offset
+
+    def search_offset(self, topic: str, queue_id: int, timestamp_ms: int) -> int:
+        """First queue offset whose message was stored at or after ``timestamp_ms``."""
+        cq = self._cqs[(topic, queue_id)]
+        lo, hi = cq.min_offset, cq.max_offset
+        while lo < hi:
+            mid = (lo + hi) // 2
+            at = self.stored_at(cq.get(mid)[0])
+            if at is None or at < timestamp_ms:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    # -- flush, checkpoint, retention (off the loop) ---------------------------------------------
+
+    async def flush(self) -> None:
+        """Periodic flush: CommitLog fsync (async mode), derived files and the checkpoint."""
+        if self._writer_task is None:
+            return
+        t0 = time.perf_counter()
+        mark = self._checkpoint_mark()
+        await asyncio.get_running_loop().run_in_executor(
+            self._flush_pool, self._checkpoint_sync, mark
+        )
+        if not self._sync:
+            metrics.FLUSH_SECONDS.observe(time.perf_counter() - t0)
+
+    def _checkpoint_mark(self) -> dict[str, int]:
+        """Taken on the loop, between dispatches: everything up to ``dispatched`` is in the
+        mappings, which the msync in :meth:`_checkpoint_sync` makes durable before the
+        checkpoint claims it."""
+        return {
+            "dispatched": self.commitlog.written_end,
+            "cq_entries": sum(cq.max_offset for cq in self._cqs.values()),
+            "index_entries": self.index.entry_count,
+        }
+
+    def _checkpoint_sync(self, mark: dict[str, int]) -> None:
+        self.commitlog.sync()
+        for cq in list(self._cqs.values()):
+            cq.flush()
+        self.index.flush()
+        write_json_atomic(self.root / _CHECKPOINT, mark)
+
+    def _read_checkpoint(self) -> dict[str, int]:
+        path = self.root / _CHECKPOINT
+        if not path.exists():
+            return {}
+        try:
+            data = orjson.loads(path.read_bytes())
+        except orjson.JSONDecodeError:
+            log.warning("store.checkpoint_unreadable")
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    async def enforce_retention(self) -> int:
+        cutoff_s = (self.clock() - self.config.retention_ms) / 1000
+        expired = self.commitlog.expired_segments(cutoff_s)
+        if not expired:
+            return 0
+        loop = asyncio.get_running_loop()
+        for start in expired:
+            await loop.run_in_executor(self._flush_pool, self.commitlog.delete_segment, start)
+        floor = self.commitlog.min_offset
+        for cq in list(self._cqs.values()):
+            cq.drop_before(floor)
+        self.index.drop_before(floor)
+        return len(expired)
+
+
+def is_internal_topic(name: str) -> bool:
+    return name.startswith((RETRY_PREFIX, DLQ_PREFIX, "SYS_"))

@@ -1,0 +1,334 @@
+"""The one aiohttp application: broker, timers and routes wired together, and the server loop.
+
+:func:`build_app` assembles the app without starting anything; ``cleanup_ctx`` starts the timer
+service and then the broker when the server starts, and stops them in reverse order when it
+stops, so the broker flushes everything it acknowledged while the timers it uses still run.
+
+Errors become JSON in exactly one place, :func:`error_middleware`: domain errors
+(:class:`~broker_core.errors.TempoError`) with their own status and code, aiohttp's HTTP
+exceptions (unknown route, wrong method, body over the limit) with codes of the same shape, and
+anything unexpected as a 500 that points to the server log by request id and never carries a
+traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs; types-PyYAML is not a dep
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from broker_core.broker import Broker
+from broker_core.errors import TempoError
+from broker_core.http import BROKER
+from broker_core.http import routes as broker_routes
+from delayserver.scheduler import DelayScheduler
+from delayserver.timers import TimerService
+from tempomq.config import HostPort, Settings
+from tempomq.logs import bound, get_logger
+
+log = get_logger(__name__)
+
+OPENAPI_PATH = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
+
+#: Header limits of aiohttp's request parser (its defaults, stated so they are visible). Over
+#: them the parser answers 400 before any handler runs.
+MAX_LINE_BYTES = 8190
+MAX_FIELD_BYTES = 8190
+MAX_HEADERS = 128
+
+#: A client-supplied request id is echoed and logged, so only tame characters are accepted.
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_READINESS_TIMEOUT_S = 2.0
+
+ReadinessCheck = Callable[[], Awaitable[str | None]]
+
+
+class Readiness:
+    """Named checks behind ``/readyz``; each returns ``None`` when fine, else the reason.
+
+    The broker registers one; later backends (Redis delay store, the transaction database) add
+    theirs with :meth:`add`, and ``/readyz`` names whichever fail.
+    """
+
+    def __init__(self, *, timeout_s: float = _READINESS_TIMEOUT_S) -> None:
+        self._checks: dict[str, ReadinessCheck] = {}
+        self._timeout_s = timeout_s
+
+    def add(self, name: str, check: ReadinessCheck) -> None:
+        if name in self._checks:
+            raise ValueError(f"readiness check {name!r} registered twice")
+        self._checks[name] = check
+
+    async def _run_one(self, check: ReadinessCheck) -> str | None:
+        try:
+            return await asyncio.wait_for(check(), self._timeout_s)
+        except TimeoutError:
+            return f"no answer within {self._timeout_s:g}s"
+        except Exception as exc:  # a failing check means "not ready", not a 500
+            return f"check failed: {type(exc).__name__}: {exc}"
+
+    async def failures(self) -> dict[str, str]:
+        """Name -> reason for every failing check; empty when ready. Checks run concurrently."""
+        names = list(self._checks)
+        results = await asyncio.gather(*(self._run_one(self._checks[n]) for n in names))
+        return {name: reason for name, reason in zip(names, results, strict=True) if reason}
+
+
+SETTINGS = web.AppKey("settings", Settings)
+TIMERS = web.AppKey("timers", TimerService)
+READINESS = web.AppKey("readiness", Readiness)
+
+
+def json_response(
+    data: object, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(
+    status: int, code: str, message: str, *, headers: dict[str, str] | None = None
+) -> web.Response:
+    return json_response({"error": code, "message": message}, status=status, headers=headers)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors and request context.
+
+_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "message_too_large"}
+_BODY_HEADERS = frozenset({"content-type", "content-length"})
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own HTTP errors (routing, body size, route code) in the API's error shape."""
+    status = exc.status
+    if status == 404:
+        message = f"no route for {request.method} {request.path}"
+    elif status == 405 and isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        message = f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
+    elif status == 413:
+        limit = request.app[SETTINGS].max_request_bytes
+        message = f"request body is larger than {limit} bytes (--max-request-bytes)"
+    else:
+        # Route code may raise e.g. HTTPBadRequest(text="...") on purpose; keep its text.
+        message = exc.text or exc.reason
+    try:
+        code = _HTTP_ERROR_CODES.get(status) or HTTPStatus(status).phrase.lower().replace(" ", "_")
+    except ValueError:  # a status outside the standard table
+        code = "http_error"
+    # Keep headers such as Allow; the body and its length are ours now.
+    headers = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
+    return error_response(status, code, message, headers=headers)
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID_RE.fullmatch(given) else secrets.token_hex(8)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind the request id to every log line and turn every error into the API's JSON shape."""
+    request_id = _request_id(request)
+    started = time.perf_counter()
+    with bound(request_id=request_id):
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:  # redirects and 204/304 raised on purpose pass through
+                raise
+            response = _http_error(request, exc)
+        except TempoError as exc:
+            response = error_response(exc.status, exc.code, exc.message)
+        except Exception:
+            log.exception("unhandled error", method=request.method, path=request.path)
+            response = error_response(
+                500, "internal", f"internal error, see server log (request id {request_id})"
+            )
+        response.headers["X-Request-Id"] = request_id
+        log.debug(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        return response
+
+
+# --------------------------------------------------------------------------------------------
+# Service routes.
+
+service_routes = web.RouteTableDef()
+
+
+@service_routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+@service_routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    failures = await request.app[READINESS].failures()
+    if not failures:
+        return json_response({"status": "ready"})
+    message = "; ".join(f"{name}: {reason}" for name, reason in failures.items())
+    return json_response(
+        {"error": "not_ready", "message": message, "checks": failures}, status=503
+    )
+
+
+@service_routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    # Passed as a header: aiohttp's content_type argument refuses a charset parameter.
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@functools.cache
+def openapi_json() -> bytes:
+    """docs/openapi.yaml as JSON, read once. Non-string keys (e.g. unquoted 200) are allowed."""
+    with OPENAPI_PATH.open(encoding="utf-8") as f:
+        spec: Any = yaml.safe_load(f)
+    return orjson.dumps(spec, option=orjson.OPT_NON_STR_KEYS)
+
+
+@service_routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    try:
+        body = openapi_json()
+    except FileNotFoundError:
+        # An install without the repository's docs/ (a plain wheel) has no spec to serve.
+        raise TempoError(
+            f"API spec not found at {OPENAPI_PATH}", code="not_found", status=404
+        ) from None
+    return web.Response(body=body, content_type="application/json")
+
+
+# --------------------------------------------------------------------------------------------
+# Assembly and lifecycle.
+
+
+async def _run_timers(app: web.Application) -> AsyncIterator[None]:
+    timers = app[TIMERS]
+    timers.start()
+    yield
+    await timers.stop()
+
+
+async def _run_broker(app: web.Application) -> AsyncIterator[None]:
+    broker = app[BROKER]
+    await broker.start()
+    # The scheduler stores on the started broker; consumer retries with a backoff go through it.
+    scheduler = DelayScheduler(broker.store, app[TIMERS])
+    await scheduler.start()
+    broker.scheduler = scheduler
+    yield
+    await scheduler.stop()
+    # stop() flushes everything acknowledged; the timers it may still use stop after it.
+    await broker.stop()
+
+
+async def _answer_long_polls(app: web.Application) -> None:
+    # on_shutdown runs before the server waits for in-flight requests: answer long polls now.
+    app[BROKER].begin_shutdown()
+
+
+def build_app(settings: Settings) -> web.Application:
+    """The application with all components constructed; nothing runs until the server starts."""
+    timers = TimerService()
+    broker = Broker(settings.broker_config(), timers=timers, scheduler=None)
+
+    async def broker_ready() -> str | None:
+        return broker.health()
+
+    readiness = Readiness()
+    readiness.add("broker", broker_ready)
+
+    app = web.Application(
+        client_max_size=settings.max_request_bytes, middlewares=[error_middleware]
+    )
+    app[SETTINGS] = settings
+    app[TIMERS] = timers
+    app[BROKER] = broker
+    app[READINESS] = readiness
+    # Started in this order, stopped in reverse.
+    app.cleanup_ctx.append(_run_timers)
+    app.cleanup_ctx.append(_run_broker)
+    app.on_shutdown.append(_answer_long_polls)
+    app.add_routes(service_routes)
+    app.add_routes(broker_routes)
+    return app
+
+
+def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
+    return web.AppRunner(
+        app,
+        # Per-request access lines would cost more than the request at broker rates; the
+        # middleware logs each request at debug level instead.
+        access_log=None,
+        shutdown_timeout=settings.shutdown_timeout_ms / 1000,
+        max_line_size=MAX_LINE_BYTES,
+        max_field_size=MAX_FIELD_BYTES,
+        max_headers=MAX_HEADERS,
+    )
+
+
+async def serve(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT, then drain and stop. Returns the process exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: signal.Signals) -> None:
+        log.info("stopping", signal=signum.name)
+        stop.set()
+        # A second signal during the drain takes the default action (exit at once).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    runner = make_runner(build_app(settings), settings)
+    try:
+        try:
+            await runner.setup()
+        except (OSError, TempoError) as exc:
+            log.error("startup failed", error=str(exc))
+            return 1
+        site = web.TCPSite(runner, settings.http.host, settings.http.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error("cannot listen", address=str(settings.http), error=str(exc))
+            return 1
+        for host, port, *_ in runner.addresses:
+            log.info("listening", url=f"http://{HostPort(host, port)}")
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        # Stops accepting, waits up to shutdown_timeout for in-flight requests, then runs the
+        # cleanup contexts: broker.stop() (flush) and timers.stop().
+        await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def run(settings: Settings) -> int:
+    return asyncio.run(serve(settings))

@@ -1,0 +1,417 @@
+"""Service settings: one option table feeds the CLI flags, the ``TEMPOMQ_*`` variables and checks.
+
+Every option is declared once in :data:`OPTIONS`. From that entry come the ``--flag`` (argparse),
+the environment variable (``TEMPOMQ_`` + flag upper-cased, dashes as underscores), the parser of
+its text, the default shown in ``--help`` (read from :class:`Settings`, never restated) and the
+name used in error messages. Precedence is flag > environment > default.
+
+Values are text in both sources, so both go through the same parser and fail the same way: a
+:class:`ConfigError` that names the flag *and* the variable, so the user finds the culprit
+whichever way they set it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Generic, Literal, NamedTuple, TypeVar, get_args
+
+from broker_core.config import BrokerConfig, FlushMode
+
+ENV_PREFIX = "TEMPOMQ_"
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
+
+T = TypeVar("T")
+
+#: Defaults shared with the broker core are read from it, so the two cannot drift apart.
+_BROKER = BrokerConfig()
+
+_KIB = 1024
+_MIB = 1024 * _KIB
+
+
+class ConfigError(Exception):
+    """A setting is missing, malformed or inconsistent; the message names the flag and env var."""
+
+
+class HostPort(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+# --------------------------------------------------------------------------------------------
+# Parsers and formatters. Parsers raise ValueError with the reason; the loader adds the names.
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": _KIB, "mib": _MIB, "gib": 1024 * _MIB, "tib": 1024**4}
+_DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_NUMBER_UNIT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _scaled(number: str, factor: int, what: str) -> int:
+    # Fraction keeps "1.5GiB" exact where a float would round.
+    value = Fraction(number) * factor
+    if value.denominator != 1:
+        raise ValueError(f"{number!r} does not come to a whole number of {what}")
+    return int(value)
+
+
+def parse_size(text: str) -> int:
+    """``64MiB``, ``1GiB``, ``512KiB`` or plain bytes (``4096``) to bytes."""
+    match = _NUMBER_UNIT_RE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        # Decimal units are refused rather than guessed: "64MB" is 64 000 000 to some readers
+        # and 64 MiB to others.
+        raise ValueError(f"{text!r} is not a size; use bytes or KiB, MiB, GiB, TiB (e.g. 64MiB)")
+    return _scaled(match.group(1), _SIZE_UNITS[unit], "bytes")
+
+
+def format_size(n_bytes: int) -> str:
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024 * _MIB), ("MiB", _MIB), ("KiB", _KIB)):
+        if n_bytes and n_bytes % factor == 0:
+            return f"{n_bytes // factor}{unit}"
+    return str(n_bytes)
+
+
+def parse_duration_ms(text: str) -> int:
+    """``500ms``, ``30s``, ``5m``, ``72h``, ``7d`` (also ``1.5s``) to milliseconds."""
+    match = _NUMBER_UNIT_RE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is not None and unit == "" and float(match.group(1)) == 0:
+        return 0
+    if match is None or unit not in _DURATION_UNITS_MS:
+        # A bare number is refused: "72" as retention could mean 72 ms or 72 h.
+        raise ValueError(f"{text!r} is not a duration; give a unit: 500ms, 30s, 5m, 72h, 7d")
+    return _scaled(match.group(1), _DURATION_UNITS_MS[unit], "milliseconds")
+
+
+def format_duration_ms(ms: int) -> str:
+    for unit in ("d", "h", "m", "s"):
+        factor = _DURATION_UNITS_MS[unit]
+        if ms and ms % factor == 0:
+            return f"{ms // factor}{unit}"
+    return f"{ms}ms"
+
+
+def parse_duration_list_ms(text: str) -> tuple[int, ...]:
+    """A comma-separated list of durations: ``10s,30s,1m``."""
+    items = tuple(parse_duration_ms(part) for part in text.split(",") if part.strip())
+    if not items:
+        raise ValueError("give at least one duration, e.g. 10s,30s,1m")
+    return items
+
+
+def format_duration_list_ms(values: tuple[int, ...]) -> str:
+    return ",".join(format_duration_ms(v) for v in values)
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"{text!r} is not a boolean; use true/false, 1/0, yes/no or on/off")
+
+
+def parse_host_port(text: str) -> HostPort:
+    """``host:port`` or ``[ipv6]:port``; port 0 asks the OS for a free one."""
+    host, sep, port_text = text.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:8080, 0.0.0.0:8080)")
+    return HostPort(host, int(port_text))
+
+
+def parse_redis_url(text: str) -> str:
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"{text!r} is not a Redis URL (redis://host:port/db, rediss://, unix://)")
+    return text
+
+
+def _bounded_int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = "" if maximum is None else f" and at most {maximum}"
+            raise ValueError(f"must be at least {minimum}{upper}, got {value}")
+        return value
+
+    return parse
+
+
+def _choice(values: Iterable[str]) -> Callable[[str], str]:
+    allowed = tuple(values)
+
+    def parse(text: str) -> str:
+        if text.strip().lower() not in allowed:
+            raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
+        return text.strip().lower()
+
+    return parse
+
+
+@dataclass(frozen=True, slots=True)
+class Kind(Generic[T]):
+    """How one type of option reads from text and shows its default."""
+
+    metavar: str
+    parse: Callable[[str], T]
+    format: Callable[[T], str] = str
+
+
+SIZE = Kind("SIZE", parse_size, format_size)
+DURATION = Kind("DURATION", parse_duration_ms, format_duration_ms)
+DURATIONS = Kind("DURATION,...", parse_duration_list_ms, format_duration_list_ms)
+BOOL: Kind[bool] = Kind("BOOL", parse_bool, lambda v: "true" if v else "false")
+PATH = Kind("PATH", Path)
+HOST_PORT = Kind("HOST:PORT", parse_host_port)
+REDIS_URL: Kind[str | None] = Kind("URL", parse_redis_url, lambda v: v or "none")
+
+
+def count(minimum: int, maximum: int | None = None) -> Kind[int]:
+    return Kind("N", _bounded_int(minimum, maximum))
+
+
+def choice(literal: object) -> Kind[str]:
+    """A kind for a ``Literal[...]`` type, so the allowed values are written once."""
+    values: tuple[str, ...] = get_args(literal)
+    return Kind("{" + ",".join(values) + "}", _choice(values))
+
+
+# --------------------------------------------------------------------------------------------
+# The settings.
+
+DEFAULT_HTTP = HostPort("127.0.0.1", 8080)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything the service is configured with. Build with :func:`load_settings`."""
+
+    http: HostPort = DEFAULT_HTTP
+    data_dir: Path = _BROKER.data_dir
+    flush: FlushMode = _BROKER.flush
+    flush_interval_ms: int = _BROKER.flush_interval_ms
+    segment_bytes: int = _BROKER.segment_bytes
+    max_body_bytes: int = _BROKER.max_body_bytes
+    #: Largest HTTP request body. Sized for a batch of ordinary messages, deliberately not for
+    #: 1000 maximal bodies (4 GiB), which would let one client pin that much memory.
+    max_request_bytes: int = 64 * _MIB
+    retention_ms: int = _BROKER.retention_ms
+    auto_create_topics: bool = _BROKER.auto_create_topics
+    default_queues: int = _BROKER.default_queues
+    max_queues: int = _BROKER.max_queues
+    default_invisible_ms: int = _BROKER.default_invisible_ms
+    max_attempts: int = _BROKER.max_attempts
+    backoff_ms: tuple[int, ...] = field(default=_BROKER.backoff_ms)
+    max_receive_batch: int = _BROKER.max_receive_batch
+    max_wait_ms: int = _BROKER.max_wait_ms
+    #: Accepted now so deployments can set it ahead of the Redis delay store; unused so far.
+    redis_url: str | None = None
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "auto"
+    shutdown_timeout_ms: int = 5000
+
+    def __post_init__(self) -> None:
+        for check in _CROSS_CHECKS:
+            check(self)
+
+    def broker_config(self) -> BrokerConfig:
+        return BrokerConfig(
+            data_dir=self.data_dir,
+            flush=self.flush,
+            flush_interval_ms=self.flush_interval_ms,
+            segment_bytes=self.segment_bytes,
+            max_body_bytes=self.max_body_bytes,
+            retention_ms=self.retention_ms,
+            auto_create_topics=self.auto_create_topics,
+            default_queues=self.default_queues,
+            max_queues=self.max_queues,
+            default_invisible_ms=self.default_invisible_ms,
+            max_attempts=self.max_attempts,
+            backoff_ms=self.backoff_ms,
+            max_receive_batch=self.max_receive_batch,
+            max_wait_ms=self.max_wait_ms,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its flag, the :class:`Settings` field it fills, how to parse it, its help."""
+
+    flag: str
+    field: str
+    kind: Kind[Any]
+    help: str
+
+    @property
+    def cli(self) -> str:
+        return f"--{self.flag}"
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.flag.upper().replace("-", "_")
+
+    @property
+    def dest(self) -> str:
+        return self.flag.replace("-", "_")
+
+    @property
+    def label(self) -> str:
+        return f"{self.cli} / {self.env}"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("http", "http", HOST_PORT, "address the HTTP API listens on"),
+    Option("data-dir", "data_dir", PATH, "directory for the CommitLog, queues and indexes"),
+    Option("flush", "flush", choice(FlushMode),
+           "async: acknowledge when written, fsync periodically; sync: acknowledge after fsync"),
+    Option("flush-interval", "flush_interval_ms", DURATION, "fsync period in async flush mode"),
+    Option("segment-bytes", "segment_bytes", SIZE, "size of one CommitLog segment file"),
+    Option("max-body-bytes", "max_body_bytes", SIZE, "largest message body"),
+    Option("max-request-bytes", "max_request_bytes", SIZE, "largest HTTP request body"),
+    Option("retention", "retention_ms", DURATION, "delete CommitLog segments older than this"),
+    Option("auto-create-topics", "auto_create_topics", BOOL,
+           "create a topic on its first send instead of answering 404 topic_not_found"),
+    Option("default-queues", "default_queues", count(1),
+           "queues of a topic created without a count"),
+    Option("max-queues", "max_queues", count(1, 65535), "most queues a topic may have"),
+    Option("default-invisible", "default_invisible_ms", DURATION,
+           "how long a received message stays invisible when the receive call does not say"),
+    Option("max-attempts", "max_attempts", count(1),
+           "deliveries before a message moves to the %DLQ%<group> topic"),
+    Option("backoff", "backoff_ms", DURATIONS, "redelivery delay after attempt 1, 2, ..."),
+    Option("max-receive-batch", "max_receive_batch", count(1), "most messages per receive call"),
+    Option("max-wait", "max_wait_ms", DURATION, "longest long-poll wait a receive may ask for"),
+    Option("redis-url", "redis_url", REDIS_URL,
+           "Redis for the delay store (accepted, not used yet)"),
+    Option("log-level", "log_level", choice(LogLevel), "lowest level that is logged"),
+    Option("log-format", "log_format", choice(LogFormat),
+           "auto: console on a terminal, JSON lines otherwise"),
+    Option("shutdown-timeout", "shutdown_timeout_ms", DURATION,
+           "how long in-flight requests may run after SIGTERM before they are cut off"),
+)
+
+_BY_FIELD = {opt.field: opt for opt in OPTIONS}
+
+
+def _fail(field_name: str, reason: str) -> ConfigError:
+    return ConfigError(f"{_BY_FIELD[field_name].label}: {reason}")
+
+
+# Checks that involve more than one value, or that a value parsed from text cannot state alone.
+# They run on every Settings, also one built directly in code.
+
+
+def _check_positive_times(s: Settings) -> None:
+    names = ("flush_interval_ms", "retention_ms", "default_invisible_ms", "shutdown_timeout_ms")
+    for name in names:
+        if getattr(s, name) <= 0:
+            raise _fail(name, f"must be longer than 0, got {getattr(s, name)} ms")
+
+
+def _check_sizes(s: Settings) -> None:
+    if s.max_body_bytes < 1:
+        raise _fail("max_body_bytes", "must be at least 1 byte")
+    # A record carries headers, keys and up to 32 KiB of properties besides its body.
+    if s.segment_bytes < s.max_body_bytes + _MIB:
+        raise _fail(
+            "segment_bytes",
+            f"{format_size(s.segment_bytes)} cannot hold the largest message; make it at least "
+            f"--max-body-bytes + 1MiB ({format_size(s.max_body_bytes + _MIB)})",
+        )
+    # One maximal message sent as body_b64 grows by 4/3, plus room for the JSON around it.
+    needed = s.max_body_bytes * 4 // 3 + 64 * _KIB
+    if s.max_request_bytes < needed:
+        raise _fail(
+            "max_request_bytes",
+            f"{format_size(s.max_request_bytes)} cannot carry one message of --max-body-bytes "
+            f"as base64; make it at least {needed} bytes",
+        )
+
+
+def _check_queues(s: Settings) -> None:
+    if not 1 <= s.default_queues <= s.max_queues:
+        raise _fail("default_queues", f"must be between 1 and --max-queues ({s.max_queues})")
+
+
+_CROSS_CHECKS: tuple[Callable[[Settings], None], ...] = (
+    _check_positive_times,
+    _check_sizes,
+    _check_queues,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Sources.
+
+
+def _help_text(opt: Option, defaults: Settings) -> str:
+    shown = opt.kind.format(getattr(defaults, opt.field))
+    # argparse %-formats help strings; a literal "%" (as in %DLQ%) must be doubled.
+    return f"{opt.help} [env {opt.env}; default {shown}]".replace("%", "%%")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per option. Defaults stay ``None`` so the loader can tell "not given"."""
+    defaults = Settings()
+    for opt in OPTIONS:
+        help_text = _help_text(opt, defaults)
+        if opt.kind is BOOL:
+            parser.add_argument(opt.cli, dest=opt.dest, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(opt.cli, dest=opt.dest, metavar=opt.kind.metavar, default=None,
+                                help=help_text)
+
+
+def load_settings(cli: Mapping[str, object], environ: Mapping[str, str]) -> Settings:
+    """Settings from parsed flags (``vars(namespace)``) over environment over defaults."""
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw = cli.get(opt.dest)
+        where = "the command line"
+        if raw is None:
+            # An empty variable counts as unset: compose files and shells often export "".
+            raw = environ.get(opt.env) or None
+            where = "the environment"
+        if raw is None:
+            continue
+        text = raw if isinstance(raw, str) else str(raw)
+        try:
+            values[opt.field] = opt.kind.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{opt.label}: {exc} (from {where})") from None
+    return Settings(**values)
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """``TEMPOMQ_*`` variables that set nothing, most likely misspelt; the CLI warns about them."""
+    known = {opt.env for opt in OPTIONS}
+    return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
+
+
+def _assert_table_covers_settings() -> None:
+    # Fails at import if a Settings field has no option (or an option names no field), so a
+    # new setting cannot be added without its flag and env var.
+    names = {f.name for f in fields(Settings)}
+    if names != set(_BY_FIELD):
+        raise RuntimeError(f"OPTIONS and Settings disagree: {sorted(names ^ set(_BY_FIELD))}")
+
+
+_assert_table_covers_settings()

@@ -1,0 +1,111 @@
+"""Spawn ``tempomq serve`` as a real process on a free port and talk to it over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, data_dir: Path, *extra: str) -> None:
+        self.data_dir = data_dir
+        self.extra = list(extra)
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"server-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        cmd = [
+            sys.executable, "-m", "tempomq", "serve",
+            "--http", f"127.0.0.1:{self.port}",
+            "--data-dir", str(self.data_dir),
+            "--log-format", "json",
+            *self.extra,
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPOMQ_")}
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process's lifetime
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server did not listen within {timeout_s}s: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout_s: float = 20.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def ensure_stopped(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+async def call(
+    session: aiohttp.ClientSession, method: str, url: str, body: Any = None
+) -> tuple[int, Any]:
+    async with session.request(method, url, json=body) as r:
+        return r.status, await r.json()
+
+
+async def drain(
+    session: aiohttp.ClientSession, base: str, topic: str, group: str, *, idle_polls: int = 2
+) -> list[dict[str, Any]]:
+    """Receive and ack until the group gets nothing ``idle_polls`` times in a row."""
+    got: list[dict[str, Any]] = []
+    idle = 0
+    while idle < idle_polls:
+        status, data = await call(
+            session, "POST", f"{base}/v1/topics/{topic}/groups/{group}/receive",
+            {"max_messages": 500, "wait_ms": 300},
+        )
+        assert status == 200, data
+        msgs = data["messages"]
+        if not msgs:
+            idle += 1
+            continue
+        idle = 0
+        got.extend(msgs)
+        status, data = await call(
+            session, "POST", f"{base}/v1/topics/{topic}/groups/{group}/ack",
+            {"receipts": [m["receipt"] for m in msgs]},
+        )
+        assert status == 200 and data["acked"] == len(msgs), data
+    return got
+
+
+def run(coro: Any) -> Any:
+    return asyncio.get_event_loop_policy().new_event_loop().run_until_complete(coro)

@@ -1,0 +1,33 @@
+"""Connection URLs of the real services the integration tests run against.
+
+Override with ``TEMPOMQ_TEST_REDIS_URL`` / ``TEMPOMQ_TEST_MYSQL_URL``; a service that does not
+answer skips the test locally and fails it under CI (see ``tests/services.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+import pytest
+from tests.services import require_service
+
+# Database 15 so that a developer's Redis data in db 0 is never touched by a flush in a test.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
+DEFAULT_MYSQL_URL = "mysql+aiomysql://root@127.0.0.1:3306/test"
+
+
+def _require(name: str, url: str, default_port: int) -> str:
+    parts = urlsplit(url)
+    require_service(name, parts.hostname or "127.0.0.1", parts.port or default_port)
+    return url
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return _require("Redis", os.environ.get("TEMPOMQ_TEST_REDIS_URL", DEFAULT_REDIS_URL), 6379)
+
+
+@pytest.fixture
+def mysql_url() -> str:
+    return _require("MariaDB", os.environ.get("TEMPOMQ_TEST_MYSQL_URL", DEFAULT_MYSQL_URL), 3306)

@@ -1,0 +1,89 @@
+"""The tempomq command line: help lists every option, bad values exit 2 with a clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from tempomq import cli
+from tempomq.config import OPTIONS, HostPort, Settings
+
+
+def test_serve_help_lists_every_option_and_its_env_var(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    # argparse wraps help text, which may split a long variable name across lines.
+    flat = " ".join(out.split())
+    for opt in OPTIONS:
+        assert opt.cli in flat
+        assert opt.env in flat
+
+
+def test_top_level_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert name in out
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+def test_invalid_flag_value_exits_2_naming_flag_and_env(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["serve", "--segment-bytes", "lots"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tempomq: error: --segment-bytes / TEMPOMQ_SEGMENT_BYTES:")
+    assert "'lots'" in err
+    assert "Traceback" not in err
+
+
+def test_invalid_env_value_exits_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEMPOMQ_HTTP", "nowhere")
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "--http / TEMPOMQ_HTTP" in err
+    assert "from the environment" in err
+
+
+def test_unknown_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve", "--data-directory", "x"]) == 2
+    assert "unrecognized arguments: --data-directory" in capsys.readouterr().err
+
+
+def test_serve_runs_the_app_with_loaded_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_data_dir: Path
+) -> None:
+    seen: list[Settings] = []
+
+    def fake_run(settings: Settings) -> int:
+        seen.append(settings)
+        return 0
+
+    # serve imports tempomq.app when it runs; a stand-in module keeps the server out of this test.
+    monkeypatch.setitem(sys.modules, "tempomq.app", types.SimpleNamespace(run=fake_run))
+    monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
+    monkeypatch.setenv("TEMPOMQ_FLUSH", "sync")
+    code = cli.main(["serve", "--http", "127.0.0.1:0", "--data-dir", str(tmp_data_dir)])
+    assert code == 0
+    assert seen[0].http == HostPort("127.0.0.1", 0)
+    assert seen[0].data_dir == tmp_data_dir
+    assert seen[0].flush == "sync"
+
+
+def test_python_dash_m_tempomq() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tempomq", "serve", "--help"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: tempomq serve")

@@ -1,0 +1,224 @@
+"""Settings from flags, TEMPOMQ_* variables and defaults; parsing of sizes and durations."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from broker_core.config import BrokerConfig
+from tempomq.config import (
+    OPTIONS,
+    ConfigError,
+    HostPort,
+    Settings,
+    add_arguments,
+    format_duration_ms,
+    format_size,
+    load_settings,
+    parse_duration_ms,
+    parse_host_port,
+    parse_size,
+    unknown_env_vars,
+)
+
+
+def load(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return load_settings(vars(parser.parse_args(argv or [])), env or {})
+
+
+# -- defaults ------------------------------------------------------------------------------------
+
+
+def test_defaults_match_design() -> None:
+    s = load()
+    assert s.http == HostPort("127.0.0.1", 8080)
+    assert s.data_dir == Path("./data")
+    assert s.flush == "async"
+    assert s.max_request_bytes == 64 * 1024 * 1024
+    assert s.retention_ms == 72 * 3600 * 1000
+    assert s.auto_create_topics is False
+    assert s.default_queues == 8
+    assert s.redis_url is None
+    assert (s.log_level, s.log_format) == ("info", "auto")
+
+
+def test_broker_config_defaults_are_the_broker_cores() -> None:
+    assert load().broker_config() == BrokerConfig()
+
+
+def test_broker_config_carries_settings() -> None:
+    s = load(["--data-dir", "/srv/q", "--flush", "sync", "--max-attempts", "3",
+              "--backoff", "1s,2s", "--auto-create-topics"])
+    cfg = s.broker_config()
+    assert cfg.data_dir == Path("/srv/q")
+    assert cfg.flush == "sync"
+    assert cfg.max_attempts == 3
+    assert cfg.backoff_ms == (1000, 2000)
+    assert cfg.auto_create_topics is True
+
+
+# -- sources and precedence ----------------------------------------------------------------------
+
+
+def test_every_option_has_flag_and_env_named_alike() -> None:
+    for opt in OPTIONS:
+        assert opt.env == "TEMPOMQ_" + opt.flag.upper().replace("-", "_")
+        assert opt.cli == "--" + opt.flag
+
+
+def test_env_sets_values() -> None:
+    s = load(env={"TEMPOMQ_DATA_DIR": "/var/lib/tq", "TEMPOMQ_HTTP": "0.0.0.0:9000",
+                  "TEMPOMQ_FLUSH_INTERVAL": "50ms", "TEMPOMQ_AUTO_CREATE_TOPICS": "yes",
+                  "TEMPOMQ_REDIS_URL": "redis://localhost:6379/0"})
+    assert s.data_dir == Path("/var/lib/tq")
+    assert s.http == HostPort("0.0.0.0", 9000)
+    assert s.flush_interval_ms == 50
+    assert s.auto_create_topics is True
+    assert s.redis_url == "redis://localhost:6379/0"
+
+
+def test_flag_beats_env_beats_default() -> None:
+    env = {"TEMPOMQ_DATA_DIR": "/from-env", "TEMPOMQ_DEFAULT_QUEUES": "4"}
+    s = load(["--data-dir", "/from-flag"], env)
+    assert s.data_dir == Path("/from-flag")  # flag over env
+    assert s.default_queues == 4  # env over default
+
+
+def test_bool_flag_overrides_env_both_ways() -> None:
+    env = {"TEMPOMQ_AUTO_CREATE_TOPICS": "true"}
+    assert load(["--no-auto-create-topics"], env).auto_create_topics is False
+    assert load(["--auto-create-topics"], {"TEMPOMQ_AUTO_CREATE_TOPICS": "0"}).auto_create_topics
+
+
+def test_empty_env_var_counts_as_unset() -> None:
+    assert load(env={"TEMPOMQ_REDIS_URL": "", "TEMPOMQ_HTTP": ""}).http.port == 8080
+
+
+def test_every_option_is_settable_from_env() -> None:
+    # One valid value per kind of option; each must land in its own field.
+    samples = {"http": "1.2.3.4:5", "data-dir": "/d", "flush": "sync", "redis-url": "redis://r",
+               "log-level": "debug", "log-format": "json", "backoff": "1s",
+               "auto-create-topics": "on", "max-queues": "16"}
+    sizes = {"segment-bytes": "2GiB", "max-body-bytes": "1MiB", "max-request-bytes": "32MiB"}
+    for opt in OPTIONS:
+        value = samples.get(opt.flag) or sizes.get(opt.flag)
+        if value is None:
+            value = "3s" if opt.kind.metavar == "DURATION" else "3"
+        s = load(env={opt.env: value})
+        assert getattr(s, opt.field) != getattr(Settings(), opt.field), opt.flag
+
+
+def test_unknown_env_vars_are_reported() -> None:
+    env = {"TEMPOMQ_DATADIR": "/x", "TEMPOMQ_DATA_DIR": "/y", "HOME": "/root"}
+    assert unknown_env_vars(env) == ["TEMPOMQ_DATADIR"]
+
+
+# -- parsing -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("4096", 4096), ("0", 0), ("512KiB", 512 * 1024), ("64MiB", 64 << 20), ("1GiB", 1 << 30),
+     ("1.5GiB", 3 << 29), ("2 tib", 2 << 40), ("100B", 100)],
+)
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "MiB", "64MB", "1.5", "-1", "12XB", "0.1KiB"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("500ms", 500), ("30s", 30_000), ("1.5s", 1500), ("5m", 300_000), ("72h", 259_200_000),
+     ("7d", 604_800_000), ("0", 0), ("10 S", 10_000)],
+)
+def test_parse_duration(text: str, expected: int) -> None:
+    assert parse_duration_ms(text) == expected
+
+
+@pytest.mark.parametrize("text", ["72", "5 minutes", "1w", "0.5ms", "s", "-3s"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration_ms(text)
+
+
+def test_formatters_round_trip() -> None:
+    for n in (1, 1000, 4 << 20, 3 << 29, 1 << 30):
+        assert parse_size(format_size(n)) == n
+    for ms in (1, 500, 1500, 30_000, 90_000, 3_600_000, 259_200_000):
+        assert parse_duration_ms(format_duration_ms(ms)) == ms
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("127.0.0.1:8080", HostPort("127.0.0.1", 8080)), ("localhost:0", HostPort("localhost", 0)),
+     ("[::1]:9000", HostPort("::1", 9000))],
+)
+def test_parse_host_port(text: str, expected: HostPort) -> None:
+    assert parse_host_port(text) == expected
+    assert parse_host_port(str(expected)) == expected
+
+
+@pytest.mark.parametrize("text", ["8080", ":8080", "host:", "host:http", "host:70000"])
+def test_parse_host_port_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_host_port(text)
+
+
+# -- errors name the flag and the variable -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "names", "hint"),
+    [
+        (["--segment-bytes", "1MB"], {}, "--segment-bytes / TEMPOMQ_SEGMENT_BYTES", "MiB"),
+        ([], {"TEMPOMQ_RETENTION": "72"}, "--retention / TEMPOMQ_RETENTION", "unit"),
+        ([], {"TEMPOMQ_HTTP": "8080"}, "--http / TEMPOMQ_HTTP", "host:port"),
+        (["--flush", "sometimes"], {}, "--flush / TEMPOMQ_FLUSH", "async, sync"),
+        ([], {"TEMPOMQ_AUTO_CREATE_TOPICS": "maybe"}, "TEMPOMQ_AUTO_CREATE_TOPICS", "true/false"),
+        (["--default-queues", "0"], {}, "--default-queues / TEMPOMQ_DEFAULT_QUEUES", "at least 1"),
+        ([], {"TEMPOMQ_REDIS_URL": "localhost"}, "TEMPOMQ_REDIS_URL", "redis://"),
+        ([], {"TEMPOMQ_LOG_FORMAT": "xml"}, "--log-format / TEMPOMQ_LOG_FORMAT", "json"),
+    ],
+)
+def test_bad_value_names_flag_and_env(
+    argv: list[str], env: dict[str, str], names: str, hint: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(argv, env)
+    assert names in str(err.value)
+    assert hint in str(err.value)
+
+
+def test_error_says_where_the_value_came_from() -> None:
+    with pytest.raises(ConfigError, match="from the environment"):
+        load(env={"TEMPOMQ_MAX_ATTEMPTS": "many"})
+    with pytest.raises(ConfigError, match="from the command line"):
+        load(["--max-attempts", "many"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["--segment-bytes", "2MiB"], "--segment-bytes / TEMPOMQ_SEGMENT_BYTES"),
+        (["--max-request-bytes", "1MiB"], "--max-request-bytes / TEMPOMQ_MAX_REQUEST_BYTES"),
+        (["--default-queues", "300"], "--default-queues / TEMPOMQ_DEFAULT_QUEUES"),
+        (["--flush-interval", "0"], "--flush-interval / TEMPOMQ_FLUSH_INTERVAL"),
+    ],
+)
+def test_inconsistent_values_are_refused(argv: list[str], names: str) -> None:
+    with pytest.raises(ConfigError, match=names):
+        load(argv)
+
+
+def test_checks_apply_to_settings_built_in_code() -> None:
+    with pytest.raises(ConfigError, match="--max-body-bytes"):
+        Settings(max_body_bytes=0)

@@ -1,0 +1,294 @@
+"""ConsumeQueue: entry arithmetic, puts and reads across files, reload, truncation, retention."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker_core.consumequeue import (
+    ENTRY_SIZE,
+    ConsumeQueue,
+    entry_position,
+    file_start,
+    tag_hash,
+)
+
+PER_FILE = 4
+
+
+def files(d: Path) -> list[int]:
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
+
+
+def entry(i: int) -> tuple[int, int, int]:
+    """A plausible entry for queue offset ``i``: records of 100 bytes laid end to end."""
+    return (i * 100, 100, tag_hash(f"t{i % 3}"))
+
+
+@pytest.fixture
+def qdir(tmp_path: Path) -> Path:
+    return tmp_path / "cq" / "orders" / "0"
+
+
+@pytest.fixture
+def opened() -> Iterator[list[ConsumeQueue]]:
+    """Queues opened by a test; closed at its end (mmaps and fds)."""
+    out: list[ConsumeQueue] = []
+    yield out
+    for cq in out:
+        cq.close()
+
+
+def open_cq(qdir: Path, opened: list[ConsumeQueue], per_file: int = PER_FILE) -> ConsumeQueue:
+    cq = ConsumeQueue(qdir, "orders", 0, per_file=per_file)
+    cq.load()
+    opened.append(cq)
+    return cq
+
+
+def fill(cq: ConsumeQueue, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        assert cq.put(i, *entry(i)) is True
+
+
+# -- arithmetic ----------------------------------------------------------------------------------
+
+
+def test_entry_is_20_bytes() -> None:
+    assert ENTRY_SIZE == 20
+
+
+@pytest.mark.parametrize(
+    ("index", "per_file", "start", "pos"),
+    [
+        (0, 4, 0, 0),
+        (3, 4, 0, 60),
+        (4, 4, 4, 0),
+        (9, 4, 8, 20),
+        (299_999, 300_000, 0, 299_999 * 20),
+        (300_000, 300_000, 300_000, 0),
+        (1_000_001, 300_000, 900_000, 100_001 * 20),
+    ],
+)
+def test_file_start_and_entry_position(index: int, per_file: int, start: int, pos: int) -> None:
+    assert file_start(index, per_file) == start
+    assert entry_position(index, per_file) == pos
+
+
+# -- put / get -----------------------------------------------------------------------------------
+
+
+def test_empty_queue(qdir: Path, opened: list[ConsumeQueue]) -> None:
+    cq = open_cq(qdir, opened)
+    assert (cq.min_offset, cq.max_offset) == (0, 0)
+    assert cq.last_phy_end() == 0
+
+
+def test_put_and_get_across_file_boundaries(qdir: Path, opened: list[ConsumeQueue]) -> None:
+    cq = open_cq(qdir, opened)
+    fill(cq, 11)
+    assert (cq.min_offset, cq.max_offset) == (0, 11)
+    for i in range(11):
+        assert cq.get(i) == entry(i)
+    assert files(qdir) == [0, 4, 8]
+    for start in files(qdir):
+        assert (qdir / f"{start:020d}").stat().st_size == PER_FILE * ENTRY_SIZE
+    assert cq.last_phy_end() == 10 * 100 + 100
+
+
+def test_reput_is_idempotent(qdir: Path, opened: list[ConsumeQueue]) -> None:
+    cq = open_cq(qdir, opened)
+    fill(cq, 6)
+    assert cq.put(2, 999_999, 1, 1) is False
+    assert cq.put(5, 999_999, 1, 1) is False
+    assert cq.get(2) == entry(2)
+    assert cq.get(5) == entry(5)
+    assert cq.max_offset == 6
+    assert cq.put(6, *entry(6)) is True
+
+
+# -- load ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 9, 12, 13, 31])
+def test_load_finds_max_offset_after_reopen(
+    qdir: Path, opened: list[ConsumeQueue], n: int
+) -> None:
+    cq = open_cq(qdir, opened)
+    fill(cq, n)
+    cq.close()
+    again = open_cq(qdir, opened)
+    assert (again.min_offset, again.max_offset) == (0, n)
+    for i in range(n):
+        assert again.get(i) == entry(i)
+    assert again.put(n - 1, 1, 1, 1) is False
+    assert again.put(n, *entry(n)) is True
+
+
+def test_load_with_a_large_file_binary_search(qdir: Path, opened: list[ConsumeQueue]) -> None:
+    cq = open_cq(qdir, opened, per_file=1000)
+    fill(cq, 1737)
+    cq.close()
+    again = open_cq(qdir, opened, per_file=1000)
+    assert (again.min_offset, again.max_offset) == (0, 1737)
+
+
+# -- truncation ----------------------------------------------------------------------------------
+
+
+def test_truncate_to_drops_entries_past_the_commitlog_end(
+    qdir: Path, opened: list[ConsumeQueue]
+) -> None:
+    cq = open_cq(qdir, opened)
+    fill(cq, 10)
+    # Records of 100 bytes: entry i ends at (i + 1) * 100. Cut the CommitLog inside entry 7.
+    cq.truncate_to(750)
+    assert cq.max_offset == 7
+    assert cq.last_phy_end() == 700
+    assert cq.put(7, 700, 50, 0) is True
+    assert cq.get(7) == (700, 50, 0)
+
+
+def test_truncate_to_at_or_past_the_end_changes_nothing(
+    qdir: Path, opened: list[ConsumeQueue]
+) -> None:
+    cq = open_cq(qdir, opened)
+    fill(cq, 5)
+    cq.truncate_to(500)
+    assert cq.max_offset == 5
+    cq.truncate_to(10_000)
+    assert cq.max_offset == 5
+
+
+def test_truncate_within_the_last_file_survives_reopen(
+    qdir: Path, opened: list[ConsumeQueue]
+) -> None:
+    cq = open_cq(qdir, opened)
+    fill(cq, 10)
+    cq.truncate_to(900)  # keeps entries 0..8
+    assert cq.max_offset == 9
+    cq.close()
+    again = open_cq(qdir, opened)
+    assert again.max_offset == 9
+
+
+def test_truncate_across_a_file_boundary_survives_reopen(
+    qdir: Path, opened: list[ConsumeQueue]
+) -> None:
+    cq = open_cq(qdir, opened)
+    fill(cq, 10)  # files 0, 4, 8
+    cq.truncate_to(600)  # keeps entries 0..5; file 8 is left holding only zeros
+    assert cq.max_offset == 6
+    cq.close()
+    again = open_cq(qdir, opened)
+    # Reopening must not resurrect zeroed entries 6 and 7 as (phy 0, size 0) pointers...
+    assert again.max_offset == 6
+    # ...and the re-dispatch of record 6 from the CommitLog must be able to write it again.
+    assert again.put(6, 600, 100, 0) is True
+    assert again.get(6) == (600, 100, 0)
+
+
+def test_truncate_everything_then_reopen(qdir: Path, opened: list[ConsumeQueue]) -> None:
+    cq = open_cq(qdir, opened)
+    fill(cq, 3)
+    cq.truncate_to(0)
+    assert cq.max_offset == 0
+    cq.close()
+    again = open_cq(qdir, opened)
+    assert again.max_offset == 0
+    assert again.put(0, 0, 100, 0) is True
+
+
+# -- retention -----------------------------------------------------------------------------------
+
+
+def test_drop_before_deletes_whole_files_and_advances_min(
+    qdir: Path, opened: list[ConsumeQueue]
+) -> None:
+    cq = open_cq(qdir, opened)
+    fill(cq, 11)  # files 0, 4, 8
+    cq.drop_before(250)  # records 0, 1, 2 are gone (they start before 250)
+    assert (cq.min_offset, cq.max_offset) == (3, 11)
+    assert files(qdir) == [0, 4, 8]  # file 0 still holds entry 3
+    cq.drop_before(900)
+    assert (cq.min_offset, cq.max_offset) == (9, 11)
+    assert files(qdir) == [8]
+    assert cq.get(9) == entry(9)
+    assert cq.get(10) == entry(10)
+
+
+def test_drop_before_then_reopen_finds_min_and_max(
+    qdir: Path, opened: list[ConsumeQueue]
+) -> None:
+    cq = open_cq(qdir, opened)
+    fill(cq, 11)
+    cq.drop_before(500)  # min 5; file 0 deleted
+    assert files(qdir) == [4, 8]
+    cq.close()
+    again = open_cq(qdir, opened)
+    assert again.max_offset == 11
+    # File 4 still holds entry 4 (whose record is gone): reload may start there or at 5, never
+    # earlier than the first kept file.
+    assert 4 <= again.min_offset <= 5
+    assert again.get(10) == entry(10)
+
+
+def test_drop_everything_keeps_the_queue_position(
+    qdir: Path, opened: list[ConsumeQueue]
+) -> None:
+    cq = open_cq(qdir, opened)
+    fill(cq, 8)
+    cq.drop_before(10_000)
+    assert cq.min_offset == cq.max_offset == 8
+    assert cq.put(8, *entry(8)) is True  # the queue continues where it was
+    assert cq.max_offset == 9
+
+
+def test_drop_everything_at_a_file_boundary_survives_reopen(
+    qdir: Path, opened: list[ConsumeQueue]
+) -> None:
+    # Retention expired every record of the queue and its last entry ended a file. Queue
+    # offsets must never go backwards: after a restart the next message is offset 8, not 0
+    # (consumers committed 8; an offset 0 again would be skipped or delivered twice).
+    cq = open_cq(qdir, opened)
+    fill(cq, 8)
+    cq.drop_before(10_000)
+    cq.close()
+    again = open_cq(qdir, opened)
+    assert again.max_offset >= 8
+
+
+# -- rebuilding ----------------------------------------------------------------------------------
+
+
+def test_rebuild_of_a_queue_whose_head_expired(qdir: Path, opened: list[ConsumeQueue]) -> None:
+    cq = open_cq(qdir, opened)
+    assert cq.put(10, *entry(10)) is True
+    assert (cq.min_offset, cq.max_offset) == (10, 11)
+    fill(cq, 3, start=11)
+    assert (cq.min_offset, cq.max_offset) == (10, 14)
+    assert files(qdir) == [8, 12]
+    cq.close()
+    again = open_cq(qdir, opened)
+    assert (again.min_offset, again.max_offset) == (10, 14)
+    assert again.get(10) == entry(10)
+    assert again.get(13) == entry(13)
+
+
+# -- tag hash ------------------------------------------------------------------------------------
+
+
+def test_tag_hash_is_stable_and_zero_for_no_tag() -> None:
+    assert tag_hash("") == 0
+    assert tag_hash("created") == tag_hash("created")
+    assert tag_hash("created") != tag_hash("paid")
+    # Stable across processes and versions: a persisted ConsumeQueue depends on it.
+    assert tag_hash("created") == 6421811856808018649
+    assert tag_hash("a") == 8384540466261131362
+    values = {tag_hash(f"tag-{i}") for i in range(2000)}
+    assert 0 not in values
+    assert len(values) == 2000
+    assert all(0 < v < 2**63 for v in values)
+    assert tag_hash("é") > 0
