@@ -36,8 +36,17 @@ class BenchServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPOMQ_")}
         env["TEMPOMQ_LOG_LEVEL"] = "warning"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tempomq", "serve", "--http", f"127.0.0.1:{self.port}",
-             "--data-dir", str(self.data_dir), *self.extra],
+            [
+                sys.executable,
+                "-m",
+                "tempomq",
+                "serve",
+                "--http",
+                f"127.0.0.1:{self.port}",
+                "--data-dir",
+                str(self.data_dir),
+                *self.extra,
+            ],
             env=env,
         )
         deadline = time.monotonic() + 30

@@ -23,7 +23,9 @@ async def fill(session: aiohttp.ClientSession, url: str, n: int) -> None:
     headers = {"Content-Type": "application/json"}
 
     async def one() -> None:
-        async with session.post(f"{url}/v1/topics/bench/messages", data=payload, headers=headers) as r:
+        async with session.post(
+            f"{url}/v1/topics/bench/messages", data=payload, headers=headers
+        ) as r:
             assert r.status == 201, await r.text()
 
     for _ in range(0, n, 4000):
@@ -65,8 +67,16 @@ def main() -> None:
     with BenchServer() as server:
         rate = asyncio.run(consume(server.url, args.messages, args.consumers, 32))
     print(f"receive+ack, batches of 32, {args.consumers} consumers: {rate:>10,.0f} msg/s")
-    print(json.dumps({"bench": "http_consume", "batch": 32, "consumers": args.consumers,
-                      "msg_per_s": round(rate)}))
+    print(
+        json.dumps(
+            {
+                "bench": "http_consume",
+                "batch": 32,
+                "consumers": args.consumers,
+                "msg_per_s": round(rate),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

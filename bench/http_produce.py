@@ -59,14 +59,20 @@ def main() -> None:
     out: dict[str, object] = {"bench": "http_produce"}
     with BenchServer() as server:
         rate, lat = asyncio.run(produce(server.url, args.clients, 100, args.seconds))
-        print(f"batches of 100, {args.clients} clients: {rate:>10,.0f} msg/s  "
-              f"p50 {percentile(lat, 50) * 1000:.2f} ms  p99 {percentile(lat, 99) * 1000:.2f} ms")
+        print(
+            f"batches of 100, {args.clients} clients: {rate:>10,.0f} msg/s  "
+            f"p50 {percentile(lat, 50) * 1000:.2f} ms  p99 {percentile(lat, 99) * 1000:.2f} ms"
+        )
         out["batch100_msg_per_s"] = round(rate)
     with BenchServer() as server:
         rate, lat = asyncio.run(produce(server.url, 32, 1, args.seconds))
         p50, p99 = percentile(lat, 50) * 1000, percentile(lat, 99) * 1000
-        print(f"single messages, 32 clients: {rate:>10,.0f} msg/s  p50 {p50:.2f} ms  p99 {p99:.2f} ms")
-        out.update(single_msg_per_s=round(rate), single_p50_ms=round(p50, 2), single_p99_ms=round(p99, 2))
+        print(
+            f"single messages, 32 clients: {rate:>10,.0f} msg/s  p50 {p50:.2f} ms  p99 {p99:.2f} ms"
+        )
+        out.update(
+            single_msg_per_s=round(rate), single_p50_ms=round(p50, 2), single_p99_ms=round(p99, 2)
+        )
     print(json.dumps(out))
 
 

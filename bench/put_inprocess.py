@@ -28,7 +28,9 @@ async def run(mode: str, n: int, producers: int, batch: int, flush: str, body: b
     data = Path(tempfile.mkdtemp(prefix="tempomq-bench-"))
     timers = TimerService()
     timers.start()
-    broker = Broker(BrokerConfig(data_dir=data, flush=flush, segment_bytes=256 << 20), timers=timers)  # type: ignore[arg-type]
+    broker = Broker(
+        BrokerConfig(data_dir=data, flush=flush, segment_bytes=256 << 20), timers=timers
+    )  # type: ignore[arg-type]
     await broker.start()
     await broker.create_topic("bench", 8)
     try:
@@ -46,7 +48,9 @@ async def run(mode: str, n: int, producers: int, batch: int, flush: str, body: b
         else:
             done = 0
             while done < n:
-                await broker.put([Message("bench", body) for _ in range(batch)], check_duplicate=False)
+                await broker.put(
+                    [Message("bench", body) for _ in range(batch)], check_duplicate=False
+                )
                 done += batch
         elapsed = time.perf_counter() - t0
     finally:
@@ -69,8 +73,18 @@ def main() -> None:
         rate = asyncio.run(run(mode, args.messages, args.producers, args.batch, args.flush, body))
         results[mode] = round(rate)
         print(f"put {mode:<6} flush={args.flush}: {rate:>10,.0f} msg/s")
-    print(json.dumps({"bench": "put_inprocess", "flush": args.flush, "msg_per_s": results,
-                      "messages": args.messages, "producers": args.producers, "batch": args.batch}))
+    print(
+        json.dumps(
+            {
+                "bench": "put_inprocess",
+                "flush": args.flush,
+                "msg_per_s": results,
+                "messages": args.messages,
+                "producers": args.producers,
+                "batch": args.batch,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

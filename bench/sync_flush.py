@@ -25,8 +25,16 @@ def main() -> None:
     print(f"sync flush, 1 writer:     {single:>10,.0f} msg/s (one fdatasync each)")
     print(f"sync flush, 64 producers: {many:>10,.0f} msg/s")
     print(f"ratio: {many / single:.1f}x (bar: >= 5x)")
-    print(json.dumps({"bench": "sync_flush", "single_writer_msg_per_s": round(single),
-                      "producers_64_msg_per_s": round(many), "ratio": round(many / single, 2)}))
+    print(
+        json.dumps(
+            {
+                "bench": "sync_flush",
+                "single_writer_msg_per_s": round(single),
+                "producers_64_msg_per_s": round(many),
+                "ratio": round(many / single, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ them durable (periodic flush and checkpoint, offsets, retention), started and st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import structlog
 
+from broker_core import metrics
 from broker_core.config import BrokerConfig
 from broker_core.errors import MessageNotFound, TopicNotFound
 from broker_core.groups import Delivery, GroupConfig, GroupManager
@@ -48,16 +50,17 @@ class Broker:
             asyncio.create_task(self._flusher(), name="tempomq-flusher"),
             asyncio.create_task(self._retention(), name="tempomq-retention"),
         ]
+        metrics.LAG.sources.append(self.groups.lag_by_group)
         log.info("broker.started", data_dir=str(self.config.data_dir), flush=self.config.flush)
 
     async def stop(self) -> None:
+        with contextlib.suppress(ValueError):  # never added: start() failed early
+            metrics.LAG.sources.remove(self.groups.lag_by_group)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         self._tasks = []
         await self.groups.stop()
         await self.store.stop()

@@ -24,6 +24,7 @@ record, and recovery truncates there.
 
 from __future__ import annotations
 
+import mmap
 import struct
 import zlib
 from collections.abc import Callable
@@ -32,6 +33,9 @@ from enum import Enum
 import orjson
 
 from broker_core.message import Message, StoredMessage
+
+#: What records are read from: a mapped segment or bytes.
+Buffer = bytes | bytearray | memoryview | mmap.mmap
 
 # RocketMQ's two magic codes: 17 bits apart, so no single corruption turns one into the other.
 RECORD_MAGIC = 0xDAA320A7
@@ -111,7 +115,7 @@ def encode_blank(size: int) -> bytes:
     return _BLANK.pack(size, BLANK_MAGIC)
 
 
-def scan(buf: bytes | memoryview, pos: int, limit: int) -> tuple[Scan, int]:
+def scan(buf: Buffer, pos: int, limit: int) -> tuple[Scan, int]:
     """Classify what starts at ``pos`` in ``buf[:limit]``; returns (kind, size)."""
     if pos + BLANK_SIZE > limit:
         return Scan.END, 0
@@ -131,7 +135,7 @@ def scan(buf: bytes | memoryview, pos: int, limit: int) -> tuple[Scan, int]:
     return Scan.RECORD, total
 
 
-def decode(buf: bytes | memoryview, pos: int = 0) -> StoredMessage:
+def decode(buf: Buffer, pos: int = 0) -> StoredMessage:
     """Decode the record at ``pos``. The caller has checked it (``scan``) or trusts it."""
     total, _magic, _crc = _PRE.unpack_from(buf, pos)
     (
@@ -180,7 +184,7 @@ def decode(buf: bytes | memoryview, pos: int = 0) -> StoredMessage:
     )
 
 
-def peek_topic_queue(buf: bytes | memoryview, pos: int) -> tuple[str, int, int]:
+def peek_topic_queue(buf: Buffer, pos: int) -> tuple[str, int, int]:
     """Topic, queue id and queue offset of the record at ``pos`` without decoding the rest."""
     queue_id = struct.unpack_from(">H", buf, pos + 14)[0]
     queue_offset = struct.unpack_from(">q", buf, pos + 18)[0]

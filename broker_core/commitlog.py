@@ -198,7 +198,7 @@ class CommitLog:
         """Write ``data`` at ``offset`` (it may span segments) and fdatasync when ``sync``."""
         view = memoryview(data)
         pos = 0
-        touched = []
+        touched: list[_Segment] = []
         while pos < len(data):
             at = offset + pos
             start = self.segment_start(at)

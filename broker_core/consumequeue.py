@@ -116,7 +116,8 @@ class ConsumeQueue:
     def get(self, index: int) -> tuple[int, int, int]:
         """(commitlog offset, size, tag hash) of entry ``index`` (min_offset <= index < max)."""
         start = index - index % self.per_file
-        return ENTRY.unpack_from(self._files[start][1], (index - start) * ENTRY_SIZE)  # type: ignore[return-value]
+        phy, size, th = ENTRY.unpack_from(self._files[start][1], (index - start) * ENTRY_SIZE)
+        return phy, size, th
 
     def last_phy_end(self) -> int:
         """CommitLog offset just past the last entry's record (0 for an empty queue)."""

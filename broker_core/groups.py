@@ -14,6 +14,7 @@ sharding key).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 from collections import deque
@@ -29,6 +30,7 @@ from broker_core.config import BrokerConfig
 from broker_core.consumequeue import tag_hash
 from broker_core.errors import (
     GroupExists,
+    GroupNotFound,
     InvalidGroup,
     InvalidRequest,
     ReceiptExpired,
@@ -203,12 +205,16 @@ class GroupManager:
         log.info("group.created", group=name, fifo=fifo, max_attempts=max_attempts)
         return group
 
-    async def _subscription(self, group: str, topic: str) -> Subscription:
+    async def _subscription(self, group: str, topic: str, *, create: bool = False) -> Subscription:
+        """The group's state on ``topic``. Only a receive creates an unknown group: reads and
+        acks must not leave a default-configured group behind."""
         sub = self._subs.get((group, topic))
         if sub is not None:
             return sub
         cfg = self.groups.get(group)
         if cfg is None:
+            if not create:
+                raise GroupNotFound(f"group {group!r} does not exist")
             cfg = self.create_group(group)
         topic_cfg = self.store.topic(topic)
         retry = retry_topic(group, topic)
@@ -246,7 +252,7 @@ class GroupManager:
         invisible_ms: int,
         tags: frozenset[str] | None,
     ) -> list[Delivery]:
-        sub = await self._subscription(group, topic)
+        sub = await self._subscription(group, topic, create=True)
         deadline = self.timers.now_ms() + wait_ms
         loop = asyncio.get_running_loop()
         while True:
@@ -547,10 +553,9 @@ class GroupManager:
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
-            try:
+            # Cancelled or failed: what was not stored is delivered again after a restart.
+            with contextlib.suppress(BaseException):
                 await task
-            except BaseException:
-                pass
         for waiters in self._waiters.values():
             for f in waiters:
                 if not f.done():

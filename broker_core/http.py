@@ -19,6 +19,7 @@ from broker_core.errors import (
     InvalidMessage,
     InvalidRequest,
     MessageNotFound,
+    MessageTooLarge,
     TempoError,
 )
 from broker_core.groups import Delivery, parse_tags
@@ -105,27 +106,7 @@ def parse_message(obj: object, topic: str, *, max_body: int, now_ms: int) -> tup
     deliver now. Raises :class:`InvalidMessage` or ``MessageTooLarge`` with the reason."""
     if not isinstance(obj, dict):
         raise InvalidMessage("a message is a JSON object")
-    has_text, has_b64 = "body" in obj, "body_b64" in obj
-    if has_text == has_b64:
-        raise InvalidMessage("a message needs exactly one of 'body' and 'body_b64'")
-    flags = 0
-    if has_text:
-        text = obj["body"]
-        if not isinstance(text, str):
-            raise InvalidMessage("'body' must be a string (use 'body_b64' for bytes)")
-        body = text.encode()
-    else:
-        b64 = obj["body_b64"]
-        if not isinstance(b64, str):
-            raise InvalidMessage("'body_b64' must be a base64 string")
-        if len(b64) > (max_body // 3 + 2) * 4:
-            body = b"\0" * (max_body + 1)  # too large whatever it decodes to
-        else:
-            try:
-                body = base64.b64decode(b64, validate=True)
-            except (binascii.Error, ValueError):
-                raise InvalidMessage("'body_b64' is not valid base64") from None
-        flags = FLAG_BODY_B64
+    body, flags = _parse_body(obj, max_body)
     tags = obj.get("tags") or ""
     if not isinstance(tags, str):
         raise InvalidMessage("'tags' must be a string")
@@ -155,6 +136,28 @@ def parse_message(obj: object, topic: str, *, max_body: int, now_ms: int) -> tup
     if sharding_key:
         msg.properties[PROP_SHARDING_KEY] = sharding_key
     return msg, deliver_at
+
+
+def _parse_body(obj: dict[str, Any], max_body: int) -> tuple[bytes, int]:
+    """The body bytes and their flag (text or base64), from exactly one of the two fields."""
+    has_text, has_b64 = "body" in obj, "body_b64" in obj
+    if has_text == has_b64:
+        raise InvalidMessage("a message needs exactly one of 'body' and 'body_b64'")
+    if has_text:
+        text = obj["body"]
+        if not isinstance(text, str):
+            raise InvalidMessage("'body' must be a string (use 'body_b64' for bytes)")
+        return text.encode(), 0
+    b64 = obj["body_b64"]
+    if not isinstance(b64, str):
+        raise InvalidMessage("'body_b64' must be a base64 string")
+    if len(b64) > (max_body // 3 + 2) * 4:
+        # Too large whatever it decodes to: say so without decoding megabytes first.
+        raise MessageTooLarge(f"body is over the limit of {max_body} bytes")
+    try:
+        return base64.b64decode(b64, validate=True), FLAG_BODY_B64
+    except (binascii.Error, ValueError):
+        raise InvalidMessage("'body_b64' is not valid base64") from None
 
 
 def _deliver_at(obj: dict[str, Any], now_ms: int) -> int:
@@ -194,7 +197,8 @@ async def send_messages(request: web.Request) -> web.Response:
     max_body = broker.config.max_body_bytes
     parsed = [parse_message(item, name, max_body=max_body, now_ms=now) for item in items]
     select = broker.store.select_queue
-    now_msgs, later = [], []
+    now_msgs: list[tuple[Message, int]] = []
+    later: list[tuple[Message, int]] = []
     for msg, at in parsed:
         msg.queue_id = select(topic, msg.properties.get(PROP_SHARDING_KEY))
         (later if at > now else now_msgs).append((msg, at))
@@ -202,7 +206,9 @@ async def send_messages(request: web.Request) -> web.Response:
         raise InvalidMessage("delayed delivery is not enabled on this server")
     check = any(m.msg_id for m, _ in parsed)
     if now_msgs:
-        await broker.put([m for m, _ in now_msgs], check_duplicate=check)
+        stored = await broker.put([m for m, _ in now_msgs], check_duplicate=check)
+        for (msg, _at), result in zip(now_msgs, stored, strict=True):
+            msg.queue_id = result.queue_id  # a resent id answers where the first one went
     if later:
         assert broker.scheduler is not None
         await broker.scheduler.schedule([m for m, _ in later], [at for _, at in later])

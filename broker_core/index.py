@@ -12,8 +12,8 @@ reads the record to confirm, so a hash collision costs a read, never a wrong ans
 is full the next one starts; files are searched newest first, and retention deletes files whose
 newest record is gone. A file left open by a crash may hold slots that point past its persisted
 count; loading such a file rebuilds its slots from the entries the count covers, and the
-CommitLog re-dispatch adds the rest again. The files are mapped shared, so memory stays with the page cache, not the
-Python heap, however many messages there are.
+CommitLog re-dispatch adds the rest again. The files are mapped shared, so memory stays with the
+page cache, not the Python heap, however many messages there are.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ class Index:
         """CommitLog offset of the newest indexed record (-1 when empty)."""
         for f in reversed(self._files):
             if f.max_phy >= 0:
-                return f.max_phy
+                return int(f.max_phy)
         return -1
 
     @property

@@ -18,8 +18,9 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 import structlog
@@ -298,7 +299,7 @@ class MessageStore:
             await fut
         return results
 
-    def _append(
+    def _append(  # noqa: C901 - the put hot path, one frame on purpose
         self, msgs: Iterable[Message], check_duplicate: bool
     ) -> tuple[list[PutResult], list[_CommitFuture]]:
         """Append ``msgs`` to the pending batch; returns their results and the writes to await
@@ -333,13 +334,7 @@ class MessageStore:
             if not m.msg_id:
                 m.msg_id = new_id(now)
             elif check_duplicate:
-                in_flight = self._pending_ids.get((m.msg_id, m.topic))
-                if in_flight is not None:
-                    results.append(in_flight[0]._replace(duplicate=True))
-                    if in_flight[1] not in waits:
-                        waits.append(in_flight[1])
-                    continue
-                prior = self.find_in_topic(m.msg_id, m.topic)
+                prior = self._prior_put(m, waits)
                 if prior is not None:
                     results.append(prior)
                     continue
@@ -375,6 +370,16 @@ class MessageStore:
                 waits.append(batch)
         return results, waits
 
+    def _prior_put(self, m: Message, waits: list[_CommitFuture]) -> PutResult | None:
+        """The earlier put of ``m.msg_id`` in ``m.topic``, if any. One still being written adds
+        its write to ``waits``: the duplicate is acknowledged only when the original is."""
+        in_flight = self._pending_ids.get((m.msg_id, m.topic))
+        if in_flight is not None:
+            if in_flight[1] not in waits:
+                waits.append(in_flight[1])
+            return in_flight[0]._replace(duplicate=True)
+        return self.find_in_topic(m.msg_id, m.topic)
+
     async def _writer(self) -> None:
         """The one task that moves pending batches to disk, in order."""
         assert self._wake_writer is not None
@@ -393,7 +398,7 @@ class MessageStore:
                 t0 = time.perf_counter()
                 try:
                     await loop.run_in_executor(
-                        self._write_pool, lambda: write(start, data, sync=self._sync)
+                        self._write_pool, partial(write, start, data, sync=self._sync)
                     )
                 except Exception as e:  # disk full, I/O error: stop taking writes
                     self._fail(f"commitlog write failed: {e}", fut)

@@ -3,6 +3,9 @@ name and field validation. No event loop, no files."""
 
 from __future__ import annotations
 
+import itertools
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -122,9 +125,7 @@ def test_decode_at_an_offset_inside_a_buffer() -> None:
 @given(
     body=st.binary(max_size=2048),
     tags=st.text(max_size=40).filter(lambda t: "|" not in t),
-    keys=st.lists(
-        st.text(min_size=1, max_size=20).filter(lambda k: "\x1f" not in k), max_size=5
-    ),
+    keys=st.lists(st.text(min_size=1, max_size=20).filter(lambda k: "\x1f" not in k), max_size=5),
     props=st.dictionaries(st.text(max_size=10), st.text(max_size=20), max_size=4),
     qoff=st.integers(0, 2**62),
     phy=st.integers(0, 2**62),
@@ -270,9 +271,9 @@ def test_msg_ids_strictly_increase_within_a_process() -> None:
     gen = MsgIdGenerator()
     ids = [gen.next() for _ in range(5000)]
     assert all(len(i) == 16 for i in ids)
-    assert all(a < b for a, b in zip(ids, ids[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(ids))
     same_ms = [gen.next(NOW) for _ in range(100)]
-    assert all(a < b for a, b in zip(same_ms, same_ms[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(same_ms))
 
 
 def test_msg_ids_still_increase_when_the_clock_steps_back() -> None:
@@ -295,8 +296,6 @@ def test_msg_id_is_time_prefixed() -> None:
 
 
 def test_msg_id_default_clock_is_now() -> None:
-    import time
-
     before = time.time_ns() // 1_000_000
     mid = MsgIdGenerator().next()
     after = time.time_ns() // 1_000_000

@@ -113,9 +113,7 @@ def test_reput_is_idempotent(qdir: Path, opened: list[ConsumeQueue]) -> None:
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 9, 12, 13, 31])
-def test_load_finds_max_offset_after_reopen(
-    qdir: Path, opened: list[ConsumeQueue], n: int
-) -> None:
+def test_load_finds_max_offset_after_reopen(qdir: Path, opened: list[ConsumeQueue], n: int) -> None:
     cq = open_cq(qdir, opened)
     fill(cq, n)
     cq.close()
@@ -219,9 +217,7 @@ def test_drop_before_deletes_whole_files_and_advances_min(
     assert cq.get(10) == entry(10)
 
 
-def test_drop_before_then_reopen_finds_min_and_max(
-    qdir: Path, opened: list[ConsumeQueue]
-) -> None:
+def test_drop_before_then_reopen_finds_min_and_max(qdir: Path, opened: list[ConsumeQueue]) -> None:
     cq = open_cq(qdir, opened)
     fill(cq, 11)
     cq.drop_before(500)  # min 5; file 0 deleted
@@ -235,9 +231,7 @@ def test_drop_before_then_reopen_finds_min_and_max(
     assert again.get(10) == entry(10)
 
 
-def test_drop_everything_keeps_the_queue_position(
-    qdir: Path, opened: list[ConsumeQueue]
-) -> None:
+def test_drop_everything_keeps_the_queue_position(qdir: Path, opened: list[ConsumeQueue]) -> None:
     cq = open_cq(qdir, opened)
     fill(cq, 8)
     cq.drop_before(10_000)
