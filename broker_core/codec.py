@@ -47,6 +47,9 @@ PRE_SIZE = _PRE.size
 HEADER_SIZE = _PRE.size + _REST.size
 BLANK_SIZE = 8  # total_len + magic is all a reader needs to skip the filler
 _BLANK = struct.Struct(">II")
+#: Most a record can add to its body: header, longest topic and tags, 32 keys of 128 UTF-8
+#: characters and their separators, 32 KiB of properties as JSON (escaping may double them).
+MAX_OVERHEAD = HEADER_SIZE + 255 + 4 * 255 + 32 * (4 * 128 + 1) + 2 * 6 * 32 * 1024
 _LEN = struct.Struct(">I")
 _rest_pack = _REST.pack
 _pre_pack = _PRE.pack
@@ -64,6 +67,18 @@ class Scan(Enum):
 
 def encode_properties(properties: dict[str, str]) -> bytes:
     return orjson.dumps(properties) if properties else b""
+
+
+def record_size(msg: Message, props: bytes) -> int:
+    keys = "\x1f".join(msg.keys).encode() if msg.keys else b""
+    return (
+        HEADER_SIZE
+        + len(msg.topic.encode())
+        + len(msg.tags.encode())
+        + len(keys)
+        + len(props)
+        + len(msg.body)
+    )
 
 
 def encode_record(

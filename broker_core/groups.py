@@ -317,7 +317,9 @@ class GroupManager:
             while len(out) < max_n and cur.next < cq.max_offset:
                 offset = cur.next
                 cur.next = offset + 1
-                phy, _size, th = cq.get(offset)
+                phy, size, th = cq.get(offset)
+                if size == 0:
+                    continue  # a hole (never written): nothing to deliver
                 if tag_hashes is not None and th not in tag_hashes:
                     continue  # filtered out: consumed for this group, as in RocketMQ
                 msg = store.read(phy)

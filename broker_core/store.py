@@ -29,7 +29,13 @@ from broker_core import codec, metrics
 from broker_core.commitlog import CommitLog
 from broker_core.config import BrokerConfig
 from broker_core.consumequeue import ConsumeQueue, tag_hash
-from broker_core.errors import InvalidTopic, StoreUnavailable, TopicExists, TopicNotFound
+from broker_core.errors import (
+    InvalidTopic,
+    MessageTooLarge,
+    StoreUnavailable,
+    TopicExists,
+    TopicNotFound,
+)
 from broker_core.index import Index
 from broker_core.message import (
     DLQ_PREFIX,
@@ -117,6 +123,8 @@ class MessageStore:
         self._write_pool = ThreadPoolExecutor(1, thread_name_prefix="tempomq-write")
         self._flush_pool = ThreadPoolExecutor(1, thread_name_prefix="tempomq-flush")
         self._failure: str | None = None
+        #: A body up to this size fits a segment whatever the rest of the record holds.
+        self._body_fits = config.segment_bytes - codec.MAX_OVERHEAD
         self._closing = False
         #: Called after each dispatched batch with the topics that got new messages.
         self.on_dispatch: Callable[[set[str]], None] | None = None
@@ -311,9 +319,11 @@ class MessageStore:
         topics = self.topics
         next_qoff = self._next_qoff
         results: list[PutResult] = []
-        for m in msgs:  # all or nothing: check every topic before appending anything
+        for m in msgs:  # all or nothing: check every message before appending anything
             if m.topic not in topics:
                 raise TopicNotFound(f"topic {m.topic!r} does not exist")
+            if len(m.body) > self._body_fits:
+                self._check_fits(m)
         rr = self._rr
         encode_record, dumps = codec.encode_record, orjson.dumps
         waits: list[_CommitFuture] = []
@@ -369,6 +379,15 @@ class MessageStore:
             if batch not in waits:
                 waits.append(batch)
         return results, waits
+
+    def _check_fits(self, m: Message) -> None:
+        """Exact size check for a body large enough that the record might not fit a segment."""
+        size = codec.record_size(m, codec.encode_properties(m.properties))
+        if size > self.commitlog.segment_bytes:
+            raise MessageTooLarge(
+                f"a record of {size} bytes does not fit a CommitLog segment "
+                f"({self.commitlog.segment_bytes} bytes)"
+            )
 
     def _prior_put(self, m: Message, waits: list[_CommitFuture]) -> PutResult | None:
         """The earlier put of ``m.msg_id`` in ``m.topic``, if any. One still being written adds

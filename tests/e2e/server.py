@@ -35,10 +35,16 @@ class Server:
 
     def start(self, timeout_s: float = 30.0) -> None:
         cmd = [
-            sys.executable, "-m", "tempomq", "serve",
-            "--http", f"127.0.0.1:{self.port}",
-            "--data-dir", str(self.data_dir),
-            "--log-format", "json",
+            sys.executable,
+            "-m",
+            "tempomq",
+            "serve",
+            "--http",
+            f"127.0.0.1:{self.port}",
+            "--data-dir",
+            str(self.data_dir),
+            "--log-format",
+            "json",
             *self.extra,
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPOMQ_")}
@@ -89,7 +95,9 @@ async def drain(
     idle = 0
     while idle < idle_polls:
         status, data = await call(
-            session, "POST", f"{base}/v1/topics/{topic}/groups/{group}/receive",
+            session,
+            "POST",
+            f"{base}/v1/topics/{topic}/groups/{group}/receive",
             {"max_messages": 500, "wait_ms": 300},
         )
         assert status == 200, data
@@ -100,7 +108,9 @@ async def drain(
         idle = 0
         got.extend(msgs)
         status, data = await call(
-            session, "POST", f"{base}/v1/topics/{topic}/groups/{group}/ack",
+            session,
+            "POST",
+            f"{base}/v1/topics/{topic}/groups/{group}/ack",
             {"receipts": [m["receipt"] for m in msgs]},
         )
         assert status == 200 and data["acked"] == len(msgs), data

@@ -23,7 +23,10 @@ def test_readme_walkthrough(tmp_path: Path) -> None:
     try:
         out = subprocess.run(
             ["bash", str(ROOT / "docs" / "walkthrough.sh"), server.url],
-            capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
         )
     finally:
         server.ensure_stopped()
@@ -31,7 +34,9 @@ def test_readme_walkthrough(tmp_path: Path) -> None:
     blocks = out.stdout.split("\n$ ")
     received = json.loads(blocks[3].splitlines()[1])
     assert sorted(m["body"] for m in received["messages"]) == [
-        "order 17 created", "order 18 created", "order 19 created"
+        "order 17 created",
+        "order 18 created",
+        "order 19 created",
     ]
     assert json.loads(blocks[4].splitlines()[1]) == {"acked": 3}
     lag = json.loads(blocks[5].splitlines()[1])

@@ -10,6 +10,7 @@ import os
 from urllib.parse import urlsplit
 
 import pytest
+
 from tests.services import require_service
 
 # Database 15 so that a developer's Redis data in db 0 is never touched by a flush in a test.

@@ -630,3 +630,9 @@ async def test_dead_letters_are_readable_by_id_as_the_original(
     assert (got["topic"], got["body"]) == ("orders", "doomed")
     found = (await (await client.get("/v1/topics/orders/messages?key=k-dead")).json())["messages"]
     assert [x["msg_id"] for x in found] == [a["msg_id"]]
+    # The dead-letter topic is readable like any topic, by a group of its own.
+    resp = await client.post("/v1/topics/%25DLQ%25once/groups/dlq-reader/receive", json={})
+    assert resp.status == 200
+    [dead] = (await resp.json())["messages"]
+    assert (dead["msg_id"], dead["body"], dead["topic"]) == (a["msg_id"], "doomed", "%DLQ%once")
+    assert dead["properties"]["DLQ_ORIGIN_TOPIC"] == "orders"

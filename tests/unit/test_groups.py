@@ -686,6 +686,18 @@ async def test_retries_are_not_redelivered_from_the_original_after_restart(env: 
     assert (again.message.origin_msg_id, again.attempt) == (sent.hex(), 2)
 
 
+async def test_acked_retries_stay_acked_after_a_restart(env: Env) -> None:
+    await env.send("orders", "a", "b")
+    got = await env.recv()
+    await env.nack(got[0], retry_after_ms=0)
+    await env.ack(got[1])
+    [retry] = await env.recv()
+    assert retry.attempt == 2
+    await env.ack(retry)
+    await env.restart()
+    assert await env.recv() == []
+
+
 async def test_groups_survive_a_restart(env: Env) -> None:
     env.b.create_group("f", fifo=True, max_attempts=5)
     await env.restart()

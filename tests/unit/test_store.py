@@ -18,7 +18,7 @@ import pytest
 
 from broker_core import codec
 from broker_core.commitlog import CommitLog
-from broker_core.errors import StoreUnavailable, TopicExists, TopicNotFound
+from broker_core.errors import MessageTooLarge, StoreUnavailable, TopicExists, TopicNotFound
 from broker_core.message import Message, MsgIdGenerator
 from broker_core.store import MessageStore, PutResult
 from tests.unit.broker_helpers import T0_MS, msg, no_hang, small_config
@@ -228,11 +228,23 @@ async def test_record_exactly_filling_a_segment_tail(stores: Stores, tmp_path: P
     ]
 
 
-async def test_record_larger_than_a_segment_is_refused(stores: Stores, tmp_path: Path) -> None:
+async def test_record_larger_than_a_segment_is_refused_without_a_trace(
+    stores: Stores, tmp_path: Path
+) -> None:
     store = await stores.start(tmp_path)
+    await store.create_topic("other", 1)
     await store.create_topic("t", 1)
-    with pytest.raises(ValueError):
+    await store.put(msg("other", "first record of the log"))
+    await store.put(msg("t", "a"))
+    with pytest.raises(MessageTooLarge):
         await store.put(msg("t", b"x" * (SEG + 1)))
+    with pytest.raises(MessageTooLarge):
+        await store.put_many([msg("t", "b"), msg("t", b"x" * (SEG + 1))])
+    r = await store.put(msg("t", "c"))
+    # A refused put takes no queue offset: a hole would read as entry (0, 0) and hand the
+    # group whatever record starts the CommitLog (here another topic's message).
+    assert r.queue_offset == 1
+    assert all_in_queues(store, "t") == [b"a", b"c"]
 
 
 # -- idempotency ---------------------------------------------------------------------------------
