@@ -13,8 +13,7 @@ import time
 
 import aiohttp
 import orjson
-
-from bench._server import BenchServer
+from _server import BenchServer
 
 
 async def fill(session: aiohttp.ClientSession, url: str, n: int) -> None:

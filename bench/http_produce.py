@@ -16,8 +16,7 @@ import time
 
 import aiohttp
 import orjson
-
-from bench._server import BenchServer, percentile
+from _server import BenchServer, percentile
 
 
 async def produce(url: str, clients: int, batch: int, seconds: float) -> tuple[float, list[float]]:

@@ -3,7 +3,8 @@
 Two shapes, both through ``Broker.put`` on one event loop with no HTTP:
 - ``single``: ``--producers`` coroutines, each awaiting one put at a time (group commit batches
   whatever is in flight);
-- ``batch``: one coroutine putting lists of ``--batch`` messages.
+- ``batch``: four coroutines putting lists of ``--batch`` messages (so one batch is being
+  encoded while the previous one is written).
 
 Prints a table and one JSON line. Usage: python bench/put_inprocess.py [--messages N]
 """
@@ -46,12 +47,15 @@ async def run(mode: str, n: int, producers: int, batch: int, flush: str, body: b
             await asyncio.gather(*(producer() for _ in range(producers)))
             done = per * producers
         else:
-            done = 0
-            while done < n:
-                await broker.put(
-                    [Message("bench", body) for _ in range(batch)], check_duplicate=False
-                )
-                done += batch
+            per = n // (4 * batch)
+
+            async def batch_producer() -> None:
+                put = broker.put
+                for _ in range(per):
+                    await put([Message("bench", body) for _ in range(batch)], check_duplicate=False)
+
+            await asyncio.gather(*(batch_producer() for _ in range(4)))
+            done = per * 4 * batch
         elapsed = time.perf_counter() - t0
     finally:
         await broker.stop()

@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import json
 
-from bench.put_inprocess import run
+from put_inprocess import run
 
 
 def main() -> None:

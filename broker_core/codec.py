@@ -91,7 +91,14 @@ def encode_record(
     tags = msg.tags.encode()
     keys = "\x1f".join(msg.keys).encode() if msg.keys else b""
     body = msg.body
-    total = HEADER_SIZE + len(topic) + len(tags) + len(keys) + len(props) + len(body)
+    n_topic, n_tags, n_keys, n_props, n_body = (
+        len(topic),
+        len(tags),
+        len(keys),
+        len(props),
+        len(body),
+    )
+    total = HEADER_SIZE + n_topic + n_tags + n_keys + n_props + n_body
     head = _rest_pack(
         msg.flags,
         msg.queue_id,
@@ -101,21 +108,15 @@ def encode_record(
         msg.born_at,
         stored_at,
         msg.msg_id,
-        len(topic),
-        len(tags),
-        len(keys),
-        len(props),
-        len(body),
+        n_topic,
+        n_tags,
+        n_keys,
+        n_props,
+        n_body,
     )
-    crc = _crc32(topic, _crc32(head))
-    if tags:
-        crc = _crc32(tags, crc)
-    if keys:
-        crc = _crc32(keys, crc)
-    if props:
-        crc = _crc32(props, crc)
-    crc = _crc32(body, crc)
-    return b"".join((_pre_pack(total, RECORD_MAGIC, crc), head, topic, tags, keys, props, body))
+    # One join and one CRC pass beat a CRC call per field for the small records that dominate.
+    rest = b"".join((head, topic, tags, keys, props, body))
+    return _pre_pack(total, RECORD_MAGIC, _crc32(rest)) + rest
 
 
 def encode(msg: Message, queue_offset: int, phy_offset: int, stored_at: int) -> bytes:

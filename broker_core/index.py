@@ -187,7 +187,20 @@ class Index:
     def add(self, phy: int, msg_id: bytes, topic: str, keys: tuple[str, ...]) -> None:
         files = self._files
         f = files[-1] if files and files[-1].count < files[-1].capacity else self._active()
-        f.add(int.from_bytes(msg_id[:8], "big") ^ int.from_bytes(msg_id[8:], "big"), phy)
+        # _IndexFile.add inlined for the id entry every message has (the put path).
+        h = int.from_bytes(msg_id[:8], "big") ^ int.from_bytes(msg_id[8:], "big")
+        view = f.view
+        slot_pos = _HEADER_SIZE + (h % f.slots) * 4
+        prev = _slot_unpack(view, slot_pos)[0]
+        n = f.count
+        if prev > n:
+            prev = 0
+        _entry_pack(view, f.entries_at + n * _ENTRY_SIZE, h, phy, prev)
+        f.count = n + 1
+        _slot_pack(view, slot_pos, n + 1)
+        if f.min_phy < 0:
+            f.min_phy = phy
+        f.max_phy = phy
         for key in keys:
             if f.count >= f.capacity:
                 f = self._active()
