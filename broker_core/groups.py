@@ -81,6 +81,8 @@ class Cursor:
     topic: str
     queue_id: int
     next: int
+    #: Position in its subscription's cursor list (what a receipt names).
+    index: int = 0
     pending: dict[int, Pending] = field(default_factory=dict)
     #: Offsets handed out, in order; the head is the committed offset once finished ones go.
     order: deque[int] = field(default_factory=deque)
@@ -234,7 +236,7 @@ class GroupManager:
             # first receive is missed; a known one where it committed (never before what
             # retention kept). Replay elsewhere with reset.
             nxt = lo if start is None else min(max(int(start), lo), hi)
-            cursors.append(Cursor(t, q, nxt))
+            cursors.append(Cursor(t, q, nxt, len(cursors)))
         sub = Subscription(cfg, topic, cursors, retry)
         self._subs[(group, topic)] = sub
         self._dirty = True
@@ -367,7 +369,7 @@ class GroupManager:
         issued.append((cur, again))
 
     def _receipt(self, sub: Subscription, cur: Cursor, p: Pending) -> str:
-        return f"{self._epoch:x}-{sub.cursors.index(cur)}-{p.offset}-{p.token:x}"
+        return f"{self._epoch:x}-{cur.index}-{p.offset}-{p.token:x}"
 
     def _resolve(self, sub: Subscription, receipt: object) -> tuple[Cursor, Pending]:
         if not isinstance(receipt, str):
