@@ -131,7 +131,7 @@ def parse_message(obj: object, topic: str, *, max_body: int, now_ms: int) -> tup
     ):
         raise InvalidMessage(f"'sharding_key' must be a string of 1-{MAX_KEY_LEN} characters")
     msg_id = parse_msg_id(obj["msg_id"]) if obj.get("msg_id") is not None else b""
-    deliver_at = _deliver_at(obj, now_ms)
+    deliver_at = parse_deliver_at(obj, now_ms)
     msg = Message(topic, body, tags, keys, props, msg_id, flags)
     if sharding_key:
         msg.properties[PROP_SHARDING_KEY] = sharding_key
@@ -160,7 +160,9 @@ def _parse_body(obj: dict[str, Any], max_body: int) -> tuple[bytes, int]:
         raise InvalidMessage("'body_b64' is not valid base64") from None
 
 
-def _deliver_at(obj: dict[str, Any], now_ms: int) -> int:
+def parse_deliver_at(obj: dict[str, Any], now_ms: int) -> int:
+    """``delay_ms`` or ``deliver_at`` (at most one; neither means now) as epoch ms. A time in
+    the past is kept as it is: it means now, and the message is released at once."""
     delay = obj.get("delay_ms")
     at = obj.get("deliver_at")
     if delay is not None and at is not None:

@@ -285,6 +285,9 @@ class MessageStore:
 
     # -- put -------------------------------------------------------------------------------------
 
+    def new_msg_id(self) -> bytes:
+        return self._ids.next(self.clock())
+
     def select_queue(self, topic: TopicConfig, sharding_key: str | None) -> int:
         if sharding_key:
             return zlib.crc32(sharding_key.encode()) % topic.queues

@@ -34,7 +34,11 @@ from broker_core.broker import Broker
 from broker_core.errors import TempoError
 from broker_core.http import BROKER
 from broker_core.http import routes as broker_routes
-from delayserver.scheduler import DelayScheduler
+from delayserver.embedded import EmbeddedDelayStore
+from delayserver.http import DELAY
+from delayserver.http import routes as delay_routes
+from delayserver.service import DelayService
+from delayserver.store import DelayStore
 from delayserver.timers import TimerService
 from tempomq.config import HostPort, Settings
 from tempomq.logs import bound, get_logger
@@ -234,12 +238,13 @@ async def _run_timers(app: web.Application) -> AsyncIterator[None]:
 async def _run_broker(app: web.Application) -> AsyncIterator[None]:
     broker = app[BROKER]
     await broker.start()
-    # The scheduler stores on the started broker; consumer retries with a backoff go through it.
-    scheduler = DelayScheduler(broker.store, app[TIMERS])
-    await scheduler.start()
-    broker.scheduler = scheduler
+    # The delay service releases into the started broker; consumer retries with a backoff and
+    # every delayed send go through it.
+    delay = app[DELAY]
+    await delay.start()
+    broker.scheduler = delay
     yield
-    await scheduler.stop()
+    await delay.stop()
     # stop() flushes everything acknowledged; the timers it may still use stop after it.
     await broker.stop()
 
@@ -249,16 +254,29 @@ async def _answer_long_polls(app: web.Application) -> None:
     app[BROKER].begin_shutdown()
 
 
+def make_delay_store(settings: Settings) -> DelayStore:
+    """Redis when ``--redis-url`` is given, else the embedded store in the data directory."""
+    if settings.redis_url:
+        from delayserver.redis_store import RedisDelayStore
+
+        return RedisDelayStore(settings.redis_url)
+    return EmbeddedDelayStore(
+        settings.data_dir / "delay" / "delay.db", sync=settings.flush == "sync"
+    )
+
+
 def build_app(settings: Settings) -> web.Application:
     """The application with all components constructed; nothing runs until the server starts."""
     timers = TimerService()
     broker = Broker(settings.broker_config(), timers=timers, scheduler=None)
+    delay = DelayService(make_delay_store(settings), broker.store, timers)
 
     async def broker_ready() -> str | None:
         return broker.health()
 
     readiness = Readiness()
     readiness.add("broker", broker_ready)
+    readiness.add("delay_store", delay.health)
 
     app = web.Application(
         client_max_size=settings.max_request_bytes, middlewares=[error_middleware]
@@ -273,6 +291,8 @@ def build_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_answer_long_polls)
     app.add_routes(service_routes)
     app.add_routes(broker_routes)
+    app.add_routes(delay_routes)
+    app[DELAY] = delay
     return app
 
 

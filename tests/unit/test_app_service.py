@@ -48,15 +48,18 @@ class FakeTimers:
         self.events.append("timers.stop")
 
 
-class FakeScheduler:
-    def __init__(self, store: object, timers: FakeTimers) -> None:
+class FakeDelay:
+    def __init__(self, store: object, broker_store: object, timers: FakeTimers) -> None:
         self.events = timers.events
 
     async def start(self) -> None:
-        self.events.append("scheduler.start")
+        self.events.append("delay.start")
 
     async def stop(self) -> None:
-        self.events.append("scheduler.stop")
+        self.events.append("delay.stop")
+
+    async def health(self) -> str | None:
+        return None
 
 
 class FakeBroker:
@@ -139,7 +142,8 @@ def app_module(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> Iterator[t
     module = importlib.import_module("tempomq.app")
     monkeypatch.setattr(module, "TimerService", lambda: FakeTimers(events))
     monkeypatch.setattr(module, "Broker", FakeBroker)
-    monkeypatch.setattr(module, "DelayScheduler", FakeScheduler)
+    monkeypatch.setattr(module, "DelayService", FakeDelay)
+    monkeypatch.setattr(module, "make_delay_store", lambda settings: None)
     monkeypatch.setattr(module, "broker_routes", stand_in_routes)
     yield module
     if used_placeholder:
@@ -371,8 +375,8 @@ async def test_huge_header_is_400_and_server_keeps_serving(
 
 
 LIFECYCLE = [
-    "timers.start", "broker.start", "scheduler.start",
-    "broker.begin_shutdown", "scheduler.stop", "broker.stop", "timers.stop",
+    "timers.start", "broker.start", "delay.start",
+    "broker.begin_shutdown", "delay.stop", "broker.stop", "timers.stop",
 ]
 
 

@@ -1,0 +1,114 @@
+"""The DelayStore protocol: where delayed messages wait, durably, until their time.
+
+A store keeps each scheduled message whole (its encoded record) with its delivery time and a
+state: ``scheduled`` until released or cancelled, then ``delivered`` or ``cancelled`` (kept for
+queries for ``history_ms``, then forgotten). The delay service keeps only the next window of
+messages in memory (in the timing wheel) and asks the store for the following window ahead of
+time, so memory does not grow with the number pending.
+
+Every implementation passes the same contract suite (``tests/unit/test_delay_store_contract.py``).
+All methods are coroutines; implementations never block the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Protocol
+
+from broker_core import codec
+from broker_core.message import Message
+
+
+class DelayState(StrEnum):
+    SCHEDULED = "scheduled"
+    DELIVERED = "delivered"
+    CANCELLED = "cancelled"
+
+
+@dataclass(slots=True, frozen=True)
+class DelayedInfo:
+    """What a state query answers."""
+
+    msg_id: bytes
+    topic: str
+    deliver_at_ms: int
+    state: DelayState
+
+
+@dataclass(slots=True, frozen=True)
+class Due:
+    """A scheduled message handed to the service for its window: enough to release it."""
+
+    msg_id: bytes
+    deliver_at_ms: int
+    record: bytes  # encode_message(...) of the message, real topic and all
+
+
+class DelayStoreUnavailable(Exception):
+    """The backing service cannot be reached; nothing was changed by the failed call."""
+
+
+class DelayStore(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def schedule(self, items: Sequence[tuple[Message, int]]) -> list[bool]:
+        """Store each (message with ``msg_id`` set, deliver_at_ms) durably before returning.
+        Idempotent by ``msg_id``: an id already known (any state) is left as it is and its entry
+        in the result is False; True where it was stored now."""
+        ...
+
+    async def window(self, from_ms: int, to_ms: int, limit: int) -> list[Due]:
+        """Scheduled messages with ``from_ms <= deliver_at_ms < to_ms``, ordered by time, at
+        most ``limit`` (the caller asks again from the last time it got)."""
+        ...
+
+    async def mark_delivered(self, msg_ids: Sequence[bytes], released_at_ms: int) -> None:
+        """The messages are in their topics: scheduled → delivered. Unknown or already
+        finished ids are ignored (a release may be retried after a crash)."""
+        ...
+
+    async def cancel(self, msg_id: bytes, now_ms: int) -> DelayedInfo | None:
+        """scheduled → cancelled, atomically. Returns the info after the call (a delivered
+        message stays delivered: the caller answers 409), None when the id is unknown."""
+        ...
+
+    async def reschedule(self, msg_id: bytes, deliver_at_ms: int) -> DelayedInfo | None:
+        """Move a scheduled message to a new time, atomically. Returns the info after the
+        call (unchanged when it is no longer scheduled), None when the id is unknown."""
+        ...
+
+    async def get(self, msg_id: bytes) -> DelayedInfo | None: ...
+
+    async def pending(self) -> int:
+        """How many messages are scheduled."""
+        ...
+
+    async def purge(self, finished_before_ms: int) -> int:
+        """Forget delivered and cancelled messages finished before the given time."""
+        ...
+
+    async def health(self) -> str | None:
+        """None when usable, else why not (for /readyz)."""
+        ...
+
+
+_NO_QUEUE = 0xFFFF  # "the broker picks the queue at release"
+
+
+def encode_message(msg: Message) -> bytes:
+    """A message as a store keeps it: a CommitLog-format record (length, magic, CRC)."""
+    if msg.queue_id < 0:
+        msg = replace(msg, queue_id=_NO_QUEUE)
+    return codec.encode(msg, 0, 0, 0)
+
+
+def decode_message(record: bytes) -> Message:
+    m = codec.decode(record)
+    return Message(
+        m.topic, m.body, m.tags, m.keys, m.properties, m.msg_id, m.flags,
+        -1 if m.queue_id == _NO_QUEUE else m.queue_id, m.born_at, m.reconsume_count,
+    )

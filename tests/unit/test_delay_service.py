@@ -1,0 +1,263 @@
+"""DelayService on the embedded store: release on time into the real topic with the same id,
+never early, exactly once across restarts and lost bookkeeping; cancel and reschedule inside and
+beyond the loaded window; consumer retries through it."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from broker_core.broker import Broker
+from broker_core.config import BrokerConfig
+from broker_core.message import PROP_DELIVER_AT, PROP_RELEASED_AT, Message
+from delayserver.embedded import EmbeddedDelayStore
+from delayserver.service import DelayService
+from delayserver.store import DelayState
+from delayserver.timers import TimerService
+
+
+class Node:
+    """One broker + timers + delay service over a data directory, as the app wires them."""
+
+    def __init__(self, data: Path, *, window_ms: int = 60_000, window_limit: int = 100_000) -> None:
+        self.timers = TimerService(max_sleep_ms=None)
+        self.broker = Broker(
+            BrokerConfig(data_dir=data, segment_bytes=1 << 20, backoff_ms=(60_000,)),
+            timers=self.timers,
+        )
+        self.delay = DelayService(
+            EmbeddedDelayStore(data / "delay.db"),
+            self.broker.store,
+            self.timers,
+            window_ms=window_ms,
+            window_limit=window_limit,
+        )
+
+    async def start(self) -> Node:
+        self.timers.start()
+        await self.broker.start()
+        await self.delay.start()
+        self.broker.scheduler = self.delay
+        return self
+
+    async def stop(self) -> None:
+        await self.delay.stop()
+        await self.broker.stop()
+        await self.timers.stop()
+
+    def released(self, topic: str) -> list[tuple[bytes, int, int]]:
+        """(body, deliver_at, released_at) of what is in ``topic``, in release order."""
+        store = self.broker.store
+        out = []
+        for q in range(store.topic(topic).queues):
+            lo, hi = store.queue_bounds(topic, q)
+            cq = store.consume_queue(topic, q)
+            for i in range(lo, hi):
+                m = store.read(cq.get(i)[0])
+                assert m is not None
+                out.append(
+                    (m.body, int(m.properties[PROP_DELIVER_AT]), int(m.properties[PROP_RELEASED_AT]))
+                )
+        return sorted(out, key=lambda r: r[2])
+
+    def bodies(self, topic: str) -> list[bytes]:
+        return sorted(b for b, _, _ in self.released(topic))
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[list[Node]]:
+    running: list[Node] = []
+    yield running
+    for n in running:
+        await n.stop()
+
+
+async def _node(nodes: list[Node], data: Path, **kw: int) -> Node:
+    node = await Node(data, **kw).start()
+    nodes.append(node)
+    return node
+
+
+async def _stop(nodes: list[Node], node: Node) -> None:
+    nodes.remove(node)
+    await node.stop()
+
+
+async def _wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_released_on_time_into_the_real_topic_with_the_same_id(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    node = await _node(nodes, tmp_path / "d")
+    await node.broker.create_topic("orders", 2)
+    msg = Message("orders", b"later", keys=("k1",))
+    at = node.timers.now_ms() + 300
+    await node.delay.schedule([msg], [at])
+    assert msg.msg_id, "the service assigns the id the client gets back"
+    info = await node.delay.get(msg.msg_id)
+    assert info is not None and info.state is DelayState.SCHEDULED and info.deliver_at_ms == at
+    assert node.bodies("orders") == []
+    await _wait_for(lambda: node.bodies("orders") == [b"later"])
+    released = node.broker.get_message(msg.msg_id)
+    assert released.topic == "orders" and released.keys == ("k1",)
+    assert int(released.properties[PROP_DELIVER_AT]) == at
+    assert int(released.properties[PROP_RELEASED_AT]) >= at  # never early
+    for _ in range(200):  # the mark lands just after the put
+        info = await node.delay.get(msg.msg_id)
+        if info is not None and info.state is DelayState.DELIVERED:
+            break
+        await asyncio.sleep(0.01)
+    assert info is not None and info.state is DelayState.DELIVERED
+    await asyncio.sleep(0.05)
+    assert await node.delay.store.pending() == 0
+
+
+async def test_windows_load_ahead_and_release_in_order_never_early(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    # A tiny window and page: most messages start outside the wheel and come in by loads.
+    node = await _node(nodes, tmp_path / "d", window_ms=200, window_limit=3)
+    await node.broker.create_topic("t", 1)
+    now = node.timers.now_ms()
+    times = [now + 100 + 40 * i for i in range(25)]
+    await node.delay.schedule([Message("t", str(i).encode()) for i in range(25)], times)
+    assert node.delay.in_window < 25
+    await _wait_for(lambda: len(node.bodies("t")) == 25)
+    for _body, deliver_at, released_at in node.released("t"):
+        assert released_at >= deliver_at
+
+
+async def test_cancel_inside_and_beyond_the_window(nodes: list[Node], tmp_path: Path) -> None:
+    node = await _node(nodes, tmp_path / "d", window_ms=1000)
+    await node.broker.create_topic("t", 1)
+    now = node.timers.now_ms()
+    near, far, kept = Message("t", b"near"), Message("t", b"far"), Message("t", b"kept")
+    await node.delay.schedule([near, far, kept], [now + 300, now + 1800, now + 400])
+    for m in (near, far):
+        info = await node.delay.cancel(m.msg_id)
+        assert info is not None and info.state is DelayState.CANCELLED
+    again = await node.delay.cancel(near.msg_id)  # idempotent
+    assert again is not None and again.state is DelayState.CANCELLED
+    await _wait_for(lambda: node.bodies("t") == [b"kept"])
+    await asyncio.sleep(2.0)  # past the far one's time, through a window load
+    assert node.bodies("t") == [b"kept"]
+    late = await node.delay.cancel(kept.msg_id)
+    assert late is not None and late.state is DelayState.DELIVERED
+    assert await node.delay.cancel(b"\x01" * 16) is None
+
+
+async def test_reschedule_earlier_and_later(nodes: list[Node], tmp_path: Path) -> None:
+    node = await _node(nodes, tmp_path / "d", window_ms=1000)
+    await node.broker.create_topic("t", 1)
+    now = node.timers.now_ms()
+    sooner, later = Message("t", b"sooner"), Message("t", b"later")
+    await node.delay.schedule([sooner, later], [now + 5_000, now + 200])
+    new_sooner, new_later = now + 300, now + 1200
+    info = await node.delay.reschedule(sooner.msg_id, new_sooner)
+    assert info is not None and info.deliver_at_ms == new_sooner
+    await node.delay.reschedule(later.msg_id, new_later)
+    await _wait_for(lambda: node.bodies("t") == [b"sooner"])
+    assert node.timers.now_ms() < new_later
+    await _wait_for(lambda: node.bodies("t") == [b"later", b"sooner"])
+    by_body = {b: (d, r) for b, d, r in node.released("t")}
+    assert by_body[b"sooner"][0] == new_sooner and by_body[b"later"][0] == new_later
+    assert all(r >= d for d, r in by_body.values())
+    done = await node.delay.reschedule(sooner.msg_id, now + 10_000)
+    assert done is not None and done.state is DelayState.DELIVERED
+
+
+async def test_pending_messages_survive_a_restart(nodes: list[Node], tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    node = await _node(nodes, data)
+    await node.broker.create_topic("orders", 1)
+    now = node.timers.now_ms()
+    await node.delay.schedule(
+        [Message("orders", b"a"), Message("orders", b"b")], [now + 200, now + 900]
+    )
+    await _wait_for(lambda: node.bodies("orders") == [b"a"])
+    await _stop(nodes, node)
+
+    again = await _node(nodes, data)
+    assert await again.delay.store.pending() == 1
+    assert again.bodies("orders") == [b"a"]
+    await _wait_for(lambda: again.bodies("orders") == [b"a", b"b"])
+    await asyncio.sleep(0.2)
+    assert again.bodies("orders") == [b"a", b"b"]
+
+
+async def test_a_release_whose_bookkeeping_was_lost_is_not_delivered_twice(
+    nodes: list[Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "d"
+    node = await _node(nodes, data)
+    await node.broker.create_topic("orders", 1)
+
+    async def lost(msg_ids: object, released_at_ms: int) -> None:
+        return None  # the process "dies" before the store hears of the release
+
+    monkeypatch.setattr(node.delay.store, "mark_delivered", lost)
+    [msg] = [Message("orders", b"once")]
+    await node.delay.schedule([msg], [node.timers.now_ms() + 100])
+    await _wait_for(lambda: node.bodies("orders") == [b"once"])
+    await _stop(nodes, node)
+
+    again = await _node(nodes, data)
+    await _wait_for(lambda: again.delay.in_window == 0)
+    info = await again.delay.get(msg.msg_id)
+    assert info is not None and info.state is DelayState.DELIVERED
+    assert again.bodies("orders") == [b"once"]
+
+
+async def test_consumer_retry_with_a_backoff_survives_a_restart(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    data = tmp_path / "d"
+    node = await _node(nodes, data)
+    await node.broker.create_topic("orders", 1)
+    [put] = await node.broker.put([Message("orders", b"job")], check_duplicate=False)
+    [d] = await node.broker.receive(
+        "orders", "workers", max_messages=1, wait_ms=0, invisible_ms=30_000, tags=None
+    )
+    await node.broker.nack("orders", "workers", d.receipt, retry_after_ms=700)
+    await _stop(nodes, node)
+
+    again = await _node(nodes, data)
+    early = await again.broker.receive(
+        "orders", "workers", max_messages=1, wait_ms=0, invisible_ms=30_000, tags=None
+    )
+    assert early == []
+    [d2] = await again.broker.receive(
+        "orders", "workers", max_messages=1, wait_ms=3000, invisible_ms=30_000, tags=None
+    )
+    assert d2.message.origin_msg_id == put.msg_id.hex()
+    assert d2.attempt == 2
+    assert await again.broker.ack("orders", "workers", [d2.receipt]) == 1
+
+
+async def test_copying_a_live_data_dir_keeps_scheduled_messages(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    """What kill -9 leaves: files as written, no clean-stop marker."""
+    live = tmp_path / "live"
+    node = await _node(nodes, live)
+    await node.broker.create_topic("orders", 1)
+    now = node.timers.now_ms()
+    await node.delay.schedule(
+        [Message("orders", str(i).encode()) for i in range(50)], [now + 600 + i for i in range(50)]
+    )
+    crash = tmp_path / "crash"
+    shutil.copytree(live, crash)
+    (crash / "commitlog" / "clean_shutdown").unlink(missing_ok=True)
+    again = await _node(nodes, crash)
+    await _wait_for(lambda: len(again.bodies("orders")) == 50)
+    assert again.bodies("orders") == sorted(str(i).encode() for i in range(50))
