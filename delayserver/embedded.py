@@ -178,15 +178,27 @@ class EmbeddedDelayStore:
         self._pending += sum(result)
         return result
 
-    async def window(self, from_ms: int, to_ms: int, limit: int) -> list[Due]:
+    async def window(
+        self, from_ms: int, to_ms: int, limit: int, *, after_msg_id: bytes = b""
+    ) -> list[Due]:
         def run(db: sqlite3.Connection) -> list[Due]:
+            # A row value comparison: one range scan of the (deliver_at, msg_id) index.
             cur = db.execute(
                 "SELECT msg_id, deliver_at, record FROM delayed INDEXED BY delayed_due "
-                "WHERE state = 0 AND deliver_at >= ? AND deliver_at < ? "
+                "WHERE state = 0 AND (deliver_at, msg_id) > (?, ?) AND deliver_at < ? "
                 "ORDER BY deliver_at, msg_id LIMIT ?",
-                (from_ms, to_ms, limit),
+                (from_ms, after_msg_id, to_ms, limit),
             )
             return [Due(bytes(m), at, bytes(r)) for m, at, r in cur]
+
+        return await self._read(run)
+
+    async def due(self, msg_id: bytes) -> Due | None:
+        def run(db: sqlite3.Connection) -> Due | None:
+            row = db.execute(
+                "SELECT deliver_at, record FROM delayed WHERE msg_id = ? AND state = 0", (msg_id,)
+            ).fetchone()
+            return None if row is None else Due(msg_id, row[0], bytes(row[1]))
 
         return await self._read(run)
 

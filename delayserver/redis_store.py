@@ -19,8 +19,12 @@ Round trips: a batch is grouped by shard and sent as one pipeline with one scrip
 touched. Writes to several shards go in one MULTI/EXEC, so on a single Redis server a failed call
 changes nothing (a lost reply after EXEC is the one case where the outcome is unknown; every
 step is idempotent, so the caller may simply retry). ``window`` costs two pipelined reads: the
-earliest ids of every shard (about twice its share of ``limit``), then the records of the
-``limit`` earliest overall.
+earliest ids of every shard after the ``(deliver_at_ms, msg_id)`` cursor (about twice its share
+of ``limit``, one script call per shard), then the records of the ``limit`` earliest overall.
+Redis orders equal scores by member bytes, which is ``msg_id`` order, so a shard's ``due`` ZSET
+is in the window's key order; the script finds the cursor's rank in O(log n) however many
+messages share its millisecond (ZRANK when the cursor's id is in that shard at that time, else
+a binary search over that time's ranks), so paging through ties is not quadratic.
 
 Scripts are loaded at ``open`` and called by SHA. A single call reloads a missing script by
 itself (redis-py's ``AsyncScript``); a pipeline is retried once after reloading, which is safe
@@ -148,6 +152,52 @@ return #ids
 )
 
 
+_WINDOW_LUA = (
+    _KEYS_DOC
+    + """-- ARGV: from_ms, after_msg_id, to_ms, count
+-- Returns (msg_id, deliver_at_ms) flattened, at most count, by (time, id): those with
+-- time < to_ms and (time, id) > (from_ms, after_msg_id). Ranks, not BYLEX (undefined across
+-- scores); ids compared bytewise here, since Lua compares strings by the server's locale.
+local function le(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a <= #b
+end
+local from, after = ARGV[1], ARGV[2]
+local start = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. from)
+local stop = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. ARGV[3])
+if after ~= '' then
+  local score = redis.call('ZSCORE', KEYS[1], after)
+  if score and tonumber(score) == tonumber(from) then
+    start = redis.call('ZRANK', KEYS[1], after) + 1
+  else
+    -- The first rank at this time whose id sorts after the cursor's.
+    local hi = start + redis.call('ZCOUNT', KEYS[1], from, from)
+    while start < hi do
+      local mid = math.floor((start + hi) / 2)
+      if le(redis.call('ZRANGE', KEYS[1], mid, mid)[1], after) then
+        start = mid + 1
+      else
+        hi = mid
+      end
+    end
+  end
+end
+stop = math.min(stop, start + tonumber(ARGV[4])) - 1
+local out = {}
+if stop < start then return out end
+local got = redis.call('ZRANGE', KEYS[1], start, stop, 'WITHSCORES')
+for i = 1, #got, 2 do
+  out[i] = got[i]
+  out[i + 1] = tonumber(got[i + 1])
+end
+return out
+"""
+)
+
+
 class RedisDelayStore:
     """Implements :class:`delayserver.store.DelayStore` on Redis (see the module docstring).
 
@@ -195,6 +245,7 @@ class RedisDelayStore:
             "cancel": client.register_script(_CANCEL_LUA),
             "reschedule": client.register_script(_RESCHEDULE_LUA),
             "purge": client.register_script(_PURGE_LUA),
+            "window": client.register_script(_WINDOW_LUA),
         }
         await self._load_scripts()
 
@@ -247,11 +298,13 @@ class RedisDelayStore:
                 out[pos] = bool(flag)
         return out
 
-    async def window(self, from_ms: int, to_ms: int, limit: int) -> list[Due]:
+    async def window(
+        self, from_ms: int, to_ms: int, limit: int, *, after_msg_id: bytes = b""
+    ) -> list[Due]:
         if limit <= 0 or from_ms >= to_ms:
             return []
         async with self._available():
-            chosen = await self._earliest(from_ms, to_ms, limit)
+            chosen = await self._earliest(from_ms, after_msg_id, to_ms, limit)
             by_shard: dict[int, list[bytes]] = {}
             for msg_id, _at in chosen:
                 by_shard.setdefault(self._shard(msg_id), []).append(msg_id)
@@ -271,35 +324,33 @@ class RedisDelayStore:
             if (record := records.get(msg_id)) is not None
         ]
 
-    async def _earliest(self, from_ms: int, to_ms: int, limit: int) -> list[tuple[bytes, int]]:
-        """The first ``limit`` (msg_id, deliver_at_ms) of all shards, by (time, id).
+    async def _earliest(
+        self, from_ms: int, after_msg_id: bytes, to_ms: int, limit: int
+    ) -> list[tuple[bytes, int]]:
+        """The first ``limit`` (msg_id, deliver_at_ms) of all shards after the cursor
+        ``(from_ms, after_msg_id)``, by (time, id).
 
         Asking every shard for ``limit`` would read ``shards`` times more than needed. Ids
         spread evenly over shards, so each is first asked for about twice its share. A shard
         that returned all it was asked for may hold more, so the merge is only complete up to
         the smallest last (time, id) among such shards; when that yields fewer than ``limit``,
-        those shards are asked again for four times as many (at most ``limit``, which is always
-        complete). Usually one round trip; a few at most.
+        those shards are asked for more, continuing after the last (time, id) each returned,
+        up to four times as many in all (at most ``limit``, which is always complete). Usually
+        one round trip; a few at most.
         """
         ask = min(limit, -(-2 * limit // self.shards) + 16)
-        got: dict[int, list[tuple[bytes, int]]] = {}
+        got: dict[int, list[tuple[bytes, int]]] = {s: [] for s in range(self.shards)}
         todo = list(range(self.shards))
         while True:
-            pipe = self._redis().pipeline(transaction=False)
+            args: dict[int, list[bytes | int]] = {}
             for s in todo:
-                pipe.zrangebyscore(
-                    self._keys[s][0],
-                    from_ms,
-                    f"({to_ms}",
-                    start=0,
-                    num=ask,
-                    withscores=True,
-                    score_cast_func=int,
-                )
-            got.update(zip(todo, await pipe.execute(), strict=True))
+                last_id, last_at = got[s][-1] if got[s] else (after_msg_id, from_ms)
+                args[s] = [last_at, last_id, to_ms, ask - len(got[s])]
+            replies = await self._run_per_shard("window", args, transaction=False)
+            for s, flat in zip(todo, replies, strict=True):
+                got[s].extend(zip(flat[::2], map(int, flat[1::2]), strict=True))
+            # A short reply means the shard has no more: only full ones may hold more.
             todo = [s for s in todo if len(got[s]) == ask] if ask < limit else []
-            # Redis orders equal scores by member, so each list is by (time, id) already, the
-            # same order as the embedded store's.
             bound = min((_by_time(got[s][-1]) for s in todo), default=None)
             chosen: list[tuple[bytes, int]] = []
             for pair in heapq.merge(*got.values(), key=_by_time):
@@ -309,6 +360,19 @@ class RedisDelayStore:
             if len(chosen) == limit or not todo:
                 return chosen
             ask = min(limit, ask * 4)
+
+    async def due(self, msg_id: bytes) -> Due | None:
+        keys = self._keys[self._shard(msg_id)]
+        async with self._available():
+            # MULTI/EXEC (one slot): the state and the record are read at one instant.
+            pipe = self._redis().pipeline(transaction=True)
+            pipe.hget(keys[2], msg_id)
+            pipe.hget(keys[1], msg_id)
+            meta, record = await pipe.execute()
+        info = _info(msg_id, meta)
+        if info is None or info.state is not DelayState.SCHEDULED or record is None:
+            return None
+        return Due(msg_id, info.deliver_at_ms, record)
 
     async def mark_delivered(self, msg_ids: Sequence[bytes], released_at_ms: int) -> None:
         args: dict[int, list[bytes | int]] = {}

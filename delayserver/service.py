@@ -127,16 +127,14 @@ class DelayService:
     async def _load(self, from_ms: int, to_ms: int) -> None:
         """Put everything scheduled in ``[from_ms, to_ms)`` into the wheel, page by page."""
         self._loading_to_ms = to_ms
+        after = b""
         while True:
-            page = await self.store.window(from_ms, to_ms, self.window_limit)
+            page = await self.store.window(from_ms, to_ms, self.window_limit, after_msg_id=after)
             for due in page:
                 self._arm(due)
             if len(page) < self.window_limit:
                 break
-            # A full page: continue from its last time (ids at that time already armed are
-            # skipped by _arm), but never spin on one time holding more than a page.
-            last = page[-1].deliver_at_ms
-            from_ms = last if last > from_ms else last + 1
+            from_ms, after = page[-1].deliver_at_ms, page[-1].msg_id  # the next page follows it
         self._horizon_ms = to_ms
 
     def _arm(self, due: Due) -> None:
@@ -267,10 +265,9 @@ class DelayService:
             if armed is not None:
                 self._arm(Due(msg_id, deliver_at_ms, armed.record))
             else:  # it was beyond the window: read its record back from the store
-                at = deliver_at_ms
-                for due in await self.store.window(at, at + 1, self.window_limit):
-                    if due.msg_id == msg_id:
-                        self._arm(due)
+                due = await self.store.due(msg_id)
+                if due is not None:
+                    self._arm(due)
         return info
 
     async def _housekeeper(self, every_s: float = 60.0) -> None:

@@ -47,7 +47,9 @@ class Due:
 
 
 class DelayStoreUnavailable(Exception):
-    """The backing service cannot be reached; nothing was changed by the failed call."""
+    """The backing service cannot be reached. A call that failed before reaching it changed
+    nothing; one whose reply was lost may have run. Every operation is safe to retry (a retried
+    ``schedule`` reports False for ids the failed call stored)."""
 
 
 class DelayStore(Protocol):
@@ -61,9 +63,17 @@ class DelayStore(Protocol):
         in the result is False; True where it was stored now."""
         ...
 
-    async def window(self, from_ms: int, to_ms: int, limit: int) -> list[Due]:
-        """Scheduled messages with ``from_ms <= deliver_at_ms < to_ms``, ordered by time, at
-        most ``limit`` (the caller asks again from the last time it got)."""
+    async def window(
+        self, from_ms: int, to_ms: int, limit: int, *, after_msg_id: bytes = b""
+    ) -> list[Due]:
+        """Scheduled messages with ``deliver_at_ms < to_ms`` whose ``(deliver_at_ms, msg_id)``
+        comes after ``(from_ms, after_msg_id)`` (so ``b""`` includes ``from_ms`` itself), in
+        ``(deliver_at_ms, msg_id)`` order, at most ``limit``. The next page starts after the
+        last item: paging never loses or repeats one, however many share a millisecond."""
+        ...
+
+    async def due(self, msg_id: bytes) -> Due | None:
+        """One scheduled message with its record; None when unknown or no longer scheduled."""
         ...
 
     async def mark_delivered(self, msg_ids: Sequence[bytes], released_at_ms: int) -> None:

@@ -32,4 +32,13 @@ curl -sf "$BASE/v1/topics/$TOPIC/groups/billing"
 
 say "find by key"
 curl -sf "$BASE/v1/topics/$TOPIC/messages?key=order-17"
+
+say "delayed: send, look up, move, cancel"
+delayed=$(curl -sf -X POST "$BASE/v1/topics/$TOPIC/messages" \
+     -d '{"body": "cancel order 17 if unpaid", "delay_ms": 1800000}')
+echo "$delayed"
+id=$(echo "$delayed" | json_get 'd["msg_id"]')
+curl -sf "$BASE/v1/delayed/$id"
+curl -sf -X PATCH "$BASE/v1/delayed/$id" -d '{"delay_ms": 5000}'
+curl -sf -X DELETE "$BASE/v1/delayed/$id"
 echo

@@ -221,7 +221,7 @@ class Settings:
     backoff_ms: tuple[int, ...] = field(default=_BROKER.backoff_ms)
     max_receive_batch: int = _BROKER.max_receive_batch
     max_wait_ms: int = _BROKER.max_wait_ms
-    #: Accepted now so deployments can set it ahead of the Redis delay store; unused so far.
+    #: Delayed messages wait in Redis when set, else in the embedded store under data_dir.
     redis_url: str | None = None
     log_level: LogLevel = "info"
     log_format: LogFormat = "auto"
@@ -299,7 +299,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-receive-batch", "max_receive_batch", count(1), "most messages per receive call"),
     Option("max-wait", "max_wait_ms", DURATION, "longest long-poll wait a receive may ask for"),
     Option("redis-url", "redis_url", REDIS_URL,
-           "Redis for the delay store (accepted, not used yet)"),
+           "keep delayed messages in this Redis instead of the embedded store"),
     Option("log-level", "log_level", choice(LogLevel), "lowest level that is logged"),
     Option("log-format", "log_format", choice(LogFormat),
            "auto: console on a terminal, JSON lines otherwise"),

@@ -7,12 +7,11 @@ at ``TEMPOMQ_TEST_REDIS_URL`` (default db 15; skipped locally when Redis is down
 Each case gets a :class:`Backend`: it opens stores on one backing dataset (a fakeredis server, a
 key prefix, a file), so "reopen" means a new store instance on the same data.
 
-Paging a window: the caller asks again *from the last time it got* (inclusive), because more
-messages may share that time. The messages at that time it already has come back again, and the
-service drops them by ``msg_id``. That makes progress as long as fewer than ``limit`` messages
-share one time; see ``test_window_pages_through_more_equal_times_than_limit`` for the case the
-protocol cannot page through. The suite pins the order within one time too: by ``msg_id``
-(bytewise), which every store gives and which makes pages deterministic.
+Paging a window: ``window`` pages by the key ``(deliver_at_ms, msg_id)``. The caller passes
+the last item's time and id as ``from_ms`` and ``after_msg_id`` and gets what comes strictly
+after it, so pages never lose or repeat a message however many share one millisecond (see
+``test_window_pages_by_time_and_id_*``). With the default ``after_msg_id=b""`` the window starts
+at ``from_ms`` inclusive. Within one time the order is by ``msg_id`` (bytewise).
 """
 
 from __future__ import annotations
@@ -154,6 +153,21 @@ async def all_due(store: DelayStore) -> list[Due]:
     return await store.window(0, FAR_MS, 1_000_000)
 
 
+async def page_through(
+    store: DelayStore, limit: int, from_ms: int = T0_MS, to_ms: int = FAR_MS
+) -> list[list[Due]]:
+    """Every page of ``[from_ms, to_ms)``, each starting after the last item of the one before."""
+    pages: list[list[Due]] = []
+    after = b""
+    while True:
+        page = await store.window(from_ms, to_ms, limit, after_msg_id=after)
+        assert len(page) <= limit
+        pages.append(page)
+        if len(page) < limit:
+            return pages
+        from_ms, after = page[-1].deliver_at_ms, page[-1].msg_id
+
+
 # -- schedule and get ------------------------------------------------------------------------------
 
 
@@ -247,22 +261,67 @@ async def test_window_pages_without_loss_when_times_repeat(store: DelayStore) ->
     assert [(t, i) for i, t in seen.items()] == want  # first seen in time order
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol gap: window(from_ms, to_ms, limit) has no tie-breaker after the last "
-    "msg_id, so more than `limit` messages at one time cannot be paged through",
-)
 async def test_window_pages_through_more_equal_times_than_limit(store: DelayStore) -> None:
     msgs = await schedule_at(store, *[T0_MS] * 10)
-    seen: set[bytes] = set()
-    from_ms = T0_MS
-    for _page in range(10):
-        page = await store.window(from_ms, FAR_MS, 4)
-        seen.update(ids(page))
-        if len(page) < 4:
-            break
-        from_ms = page[-1].deliver_at_ms
-    assert seen == {m.msg_id for m in msgs}
+
+    pages = await page_through(store, 4)
+
+    assert [len(p) for p in pages] == [4, 4, 2]
+    assert [i for p in pages for i in ids(p)] == sorted(m.msg_id for m in msgs)
+
+
+async def test_window_pages_by_time_and_id_through_10000_at_one_ms(store: DelayStore) -> None:
+    msgs = [message(body=b"%d" % i) for i in range(10_000)]
+    await store.schedule([(m, T0_MS) for m in reversed(msgs)])
+
+    pages = await page_through(store, 1_000, T0_MS, T0_MS + 1)
+
+    assert [len(p) for p in pages] == [1_000] * 10 + [0]
+    got = [d for p in pages for d in p]
+    assert ids(got) == sorted(m.msg_id for m in msgs)  # every id once, in id order
+    assert {d.deliver_at_ms for d in got} == {T0_MS}
+    by_id = {m.msg_id: m for m in msgs}
+    assert all(decode_message(d.record) == by_id[d.msg_id] for d in got[::997])
+
+
+async def test_window_pages_by_time_and_id_with_mixed_times(store: DelayStore) -> None:
+    """Ties of many sizes among single times, with the range's ends and a time beyond it."""
+    times = [T0_MS + t for t in (5, 1, 5, 5, 2, 5, 1, 9, 5, 3, 3, 3, 3, 7, 5, 20, 0, 8, 5, 2)]
+    times += [T0_MS + 4] * 7 + [T0_MS + 10] * 4  # T0+10 is past the end
+    msgs = await schedule_at(store, *times)
+    want = sorted(
+        (t, m.msg_id) for t, m in zip(times, msgs, strict=True) if T0_MS + 1 <= t < T0_MS + 10
+    )
+
+    for limit in (1, 3, 4, 50):
+        pages = await page_through(store, limit, T0_MS + 1, T0_MS + 10)
+        got = [(d.deliver_at_ms, d.msg_id) for p in pages for d in p]
+        assert got == want, limit
+        assert all(len(p) == limit for p in pages[:-1])
+
+    # A cursor in the middle of a tie, and one between times: strictly after it.
+    for k in (3, 9, 14):
+        at, after = want[k]
+        page = await store.window(at, T0_MS + 10, 3, after_msg_id=after)
+        assert [(d.deliver_at_ms, d.msg_id) for d in page] == want[k + 1 : k + 4], k
+
+
+async def test_window_pages_on_after_the_cursor_message_is_gone(store: DelayStore) -> None:
+    """The last message of a page may be released, cancelled or moved before the next call:
+    the next page still starts right after its (time, id)."""
+    times = [T0_MS + t for t in (1, 2, 2, 2, 2, 2, 2, 3, 3)]
+    msgs = await schedule_at(store, *times)
+    want = sorted((t, m.msg_id) for t, m in zip(times, msgs, strict=True))
+
+    first = await store.window(T0_MS, FAR_MS, 3)
+    assert [(d.deliver_at_ms, d.msg_id) for d in first] == want[:3]
+    await store.cancel(first[-1].msg_id, T0_MS)
+    second = await store.window(T0_MS + 2, FAR_MS, 3, after_msg_id=first[-1].msg_id)
+    assert [(d.deliver_at_ms, d.msg_id) for d in second] == want[3:6]
+    await store.mark_delivered([second[-1].msg_id], T0_MS)
+    await store.reschedule(want[7][1], T0_MS)  # moved before the cursor: not seen again
+    third = await store.window(T0_MS + 2, FAR_MS, 3, after_msg_id=second[-1].msg_id)
+    assert [(d.deliver_at_ms, d.msg_id) for d in third] == [want[6], want[8]]
 
 
 async def test_window_is_exact_when_ids_crowd_one_shard(store: DelayStore) -> None:
@@ -305,6 +364,33 @@ async def test_record_round_trips(store: DelayStore) -> None:
 
     assert due == Due(m.msg_id, T0_MS, encode_message(m))
     assert decode_message(due.record) == m
+
+
+async def test_due_is_one_scheduled_message_with_its_record(store: DelayStore) -> None:
+    m = message("payments", b"pay \x00\xff", tags="vip", properties={"k": "v|w"}, queue_id=2)
+    other = message()
+    await store.schedule([(m, T0_MS + 5), (other, T0_MS + 6)])
+
+    due = await store.due(m.msg_id)
+
+    assert due == Due(m.msg_id, T0_MS + 5, encode_message(m))
+    assert decode_message(due.record) == m
+    await store.reschedule(m.msg_id, T0_MS + 99)
+    assert await store.due(m.msg_id) == Due(m.msg_id, T0_MS + 99, encode_message(m))
+    assert await store.due(_ids.next()) is None
+
+
+async def test_due_is_none_once_finished(store: DelayStore) -> None:
+    delivered, cancelled, waiting = await schedule_at(store, T0_MS, T0_MS + 1, T0_MS + 2)
+    await store.mark_delivered([delivered.msg_id], T0_MS + 3)
+    await store.cancel(cancelled.msg_id, T0_MS + 3)
+
+    assert await store.due(delivered.msg_id) is None
+    assert await store.due(cancelled.msg_id) is None
+    due = await store.due(waiting.msg_id)
+    assert due is not None and decode_message(due.record) == waiting
+    await store.purge(T0_MS + 4)
+    assert await store.due(delivered.msg_id) is None
 
 
 async def test_bodies_with_every_byte_value(store: DelayStore) -> None:
