@@ -204,11 +204,13 @@ def main() -> None:
             out = asyncio.run(bench(args, data))
             print(f"preload: {args.pending:,} pending at {out['preload_msg_per_s']:,} msg/s")
             print(
-                f"lateness at {args.rate}/s with {args.pending:,} pending: p50 "
-                f"{out['lateness_p50_ms']} ms, p99 {out['lateness_p99_ms']} ms, max {out['lateness_max_ms']} ms"
+                f"lateness at {args.rate}/s with {args.pending:,} pending: "
+                f"p50 {out['lateness_p50_ms']} ms, p99 {out['lateness_p99_ms']} ms, "
+                f"max {out['lateness_max_ms']} ms"
             )
             print(
-                f"burst: {args.burst:,} due in one ms, all in topic after {out['burst_all_in_topic_s']} s"
+                f"burst: {args.burst:,} due in one ms, "
+                f"all in topic after {out['burst_all_in_topic_s']} s"
             )
             print(
                 f"restart with {out['restart_pending']:,} pending: serving after "

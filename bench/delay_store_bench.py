@@ -60,14 +60,14 @@ async def _concurrently(
 
 async def _read_all(store: DelayStore, page: int) -> tuple[int, float]:
     seen: set[bytes] = set()
-    from_ms = T0_MS
+    from_ms, after = T0_MS, b""
     t0 = time.perf_counter()
     while True:
-        got = await store.window(from_ms, T0_MS + SPREAD_MS + 1, page)
+        got = await store.window(from_ms, T0_MS + SPREAD_MS + 1, page, after_msg_id=after)
         seen.update(d.msg_id for d in got)
         if len(got) < page:
             break
-        from_ms = got[-1].deliver_at_ms
+        from_ms, after = got[-1].deliver_at_ms, got[-1].msg_id  # the next page follows it
     return len(seen), time.perf_counter() - t0
 
 

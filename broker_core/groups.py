@@ -228,7 +228,7 @@ class GroupManager:
         if sub is not None:  # created by a concurrent receive while we awaited
             return sub
         saved = self._saved_offsets.get(group, {})
-        cursors = []
+        cursors: list[Cursor] = []
         for t, q in names:
             lo, hi = self.store.queue_bounds(t, q)
             start = saved.get(t, {}).get(str(q))

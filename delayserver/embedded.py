@@ -49,9 +49,7 @@ _IN_CHUNK = 500  # ids per "IN (...)" query, under SQLite's variable limit
 
 
 class EmbeddedDelayStore:
-    def __init__(
-        self, path: Path, *, sync: bool = False, history_ms: int = 72 * 3600_000
-    ) -> None:
+    def __init__(self, path: Path, *, sync: bool = False, history_ms: int = 72 * 3600_000) -> None:
         self.path = path
         self.sync = sync
         self.history_ms = history_ms
@@ -138,7 +136,9 @@ class EmbeddedDelayStore:
         finally:
             self._writer = None
 
-    def _transaction(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any]]) -> list[Any]:
+    def _transaction(
+        self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any]]
+    ) -> list[Any]:
         db = self._db
         assert db is not None
         db.execute("BEGIN IMMEDIATE")
@@ -153,9 +153,7 @@ class EmbeddedDelayStore:
     # -- operations ------------------------------------------------------------------------------
 
     async def schedule(self, items: Sequence[tuple[Message, int]]) -> list[bool]:
-        rows = [
-            (m.msg_id, at, m.topic, encode_message(m)) for m, at in items
-        ]
+        rows = [(m.msg_id, at, m.topic, encode_message(m)) for m, at in items]
 
         def run(db: sqlite3.Connection) -> list[bool]:
             known = _existing(db, [r[0] for r in rows])

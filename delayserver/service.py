@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Protocol
 
@@ -61,7 +61,7 @@ class DelayUnavailable(StoreUnavailable):
 class WheelTimers(Protocol):
     def now_ms(self) -> int: ...
 
-    def call_at(self, when_ms: int, callback: object) -> TimerEntry: ...
+    def call_at(self, when_ms: int, callback: Callable[[], None]) -> TimerEntry: ...
 
 
 class DelayService:
@@ -94,12 +94,16 @@ class DelayService:
         self._wake_releaser = asyncio.Event()
         self._wake_loader = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        #: A message can already be in its topic only if an earlier run released it (and died
+        #: before marking it delivered): its time is then before this run started.
+        self._started_at_ms = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.store.open()
-        await self._load(0, self.timers.now_ms() + self.window_ms)
+        self._started_at_ms = self.timers.now_ms()
+        await self._load(0, self._started_at_ms + self.window_ms)
         self._tasks = [
             asyncio.create_task(self._releaser(), name="tempomq-delay-releaser"),
             asyncio.create_task(self._loader(), name="tempomq-delay-loader"),
@@ -171,18 +175,24 @@ class DelayService:
         while True:
             await self._wake_releaser.wait()
             self._wake_releaser.clear()
+            retry = False
             while self._due:
                 batch, self._due = self._due, []
                 try:
-                    await self._release(batch)
+                    await self._release(batch, retry=retry)
+                    retry = False
                 except (StoreUnavailable, DelayStoreUnavailable) as e:
                     # Nothing is lost: these stay scheduled in the store; try again shortly.
+                    # The put may have landed: the next attempt checks for copies.
                     log.error("delay.release_failed", error=str(e), count=len(batch))
                     self._due[:0] = batch
+                    retry = True
                     await asyncio.sleep(0.5)
 
-    async def _release(self, batch: list[Due]) -> None:
+    async def _release(self, batch: list[Due], *, retry: bool = False) -> None:
         now = self.timers.now_ms()
+        started = self._started_at_ms
+        check = retry or any(due.deliver_at_ms <= started for due in batch)
         released = str(now)
         msgs = []
         topics = self.broker_store.topics
@@ -193,7 +203,7 @@ class DelayService:
             if msg.topic not in topics:
                 await self.broker_store.ensure_topic(msg.topic, 1)
             msgs.append(msg)
-        await self.broker_store.put_many(msgs, check_duplicate=True)
+        await self.broker_store.put_many(msgs, check_duplicate=check)
         ids = [d.msg_id for d in batch]
         await self.store.mark_delivered(ids, now)
         self._releasing.difference_update(ids)
@@ -284,4 +294,3 @@ class DelayService:
     @property
     def in_window(self) -> int:
         return len(self._entries)
-

@@ -13,7 +13,7 @@ All methods are coroutines; implementations never block the event loop.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
@@ -111,14 +111,27 @@ _NO_QUEUE = 0xFFFF  # "the broker picks the queue at release"
 
 def encode_message(msg: Message) -> bytes:
     """A message as a store keeps it: a CommitLog-format record (length, magic, CRC)."""
-    if msg.queue_id < 0:
-        msg = replace(msg, queue_id=_NO_QUEUE)
-    return codec.encode(msg, 0, 0, 0)
+    queue_id = msg.queue_id
+    if queue_id >= 0:
+        return codec.encode(msg, 0, 0, 0)
+    msg.queue_id = _NO_QUEUE  # set and restored in place: a copy per message costs more
+    try:
+        return codec.encode(msg, 0, 0, 0)
+    finally:
+        msg.queue_id = queue_id
 
 
 def decode_message(record: bytes) -> Message:
     m = codec.decode(record)
     return Message(
-        m.topic, m.body, m.tags, m.keys, m.properties, m.msg_id, m.flags,
-        -1 if m.queue_id == _NO_QUEUE else m.queue_id, m.born_at, m.reconsume_count,
+        m.topic,
+        m.body,
+        m.tags,
+        m.keys,
+        m.properties,
+        m.msg_id,
+        m.flags,
+        -1 if m.queue_id == _NO_QUEUE else m.queue_id,
+        m.born_at,
+        m.reconsume_count,
     )

@@ -14,8 +14,8 @@ traceback.
 from __future__ import annotations
 
 import asyncio
-import gc
 import functools
+import gc
 import re
 import secrets
 import signal
@@ -194,9 +194,7 @@ async def readyz(request: web.Request) -> web.Response:
     if not failures:
         return json_response({"status": "ready"})
     message = "; ".join(f"{name}: {reason}" for name, reason in failures.items())
-    return json_response(
-        {"error": "not_ready", "message": message, "checks": failures}, status=503
-    )
+    return json_response({"error": "not_ready", "message": message, "checks": failures}, status=503)
 
 
 @service_routes.get("/metrics")

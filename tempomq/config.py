@@ -279,32 +279,61 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("http", "http", HOST_PORT, "address the HTTP API listens on"),
     Option("data-dir", "data_dir", PATH, "directory for the CommitLog, queues and indexes"),
-    Option("flush", "flush", choice(FlushMode),
-           "async: acknowledge when written, fsync periodically; sync: acknowledge after fsync"),
+    Option(
+        "flush",
+        "flush",
+        choice(FlushMode),
+        "async: acknowledge when written, fsync periodically; sync: acknowledge after fsync",
+    ),
     Option("flush-interval", "flush_interval_ms", DURATION, "fsync period in async flush mode"),
     Option("segment-bytes", "segment_bytes", SIZE, "size of one CommitLog segment file"),
     Option("max-body-bytes", "max_body_bytes", SIZE, "largest message body"),
     Option("max-request-bytes", "max_request_bytes", SIZE, "largest HTTP request body"),
     Option("retention", "retention_ms", DURATION, "delete CommitLog segments older than this"),
-    Option("auto-create-topics", "auto_create_topics", BOOL,
-           "create a topic on its first send instead of answering 404 topic_not_found"),
-    Option("default-queues", "default_queues", count(1),
-           "queues of a topic created without a count"),
+    Option(
+        "auto-create-topics",
+        "auto_create_topics",
+        BOOL,
+        "create a topic on its first send instead of answering 404 topic_not_found",
+    ),
+    Option(
+        "default-queues", "default_queues", count(1), "queues of a topic created without a count"
+    ),
     Option("max-queues", "max_queues", count(1, 65535), "most queues a topic may have"),
-    Option("default-invisible", "default_invisible_ms", DURATION,
-           "how long a received message stays invisible when the receive call does not say"),
-    Option("max-attempts", "max_attempts", count(1),
-           "deliveries before a message moves to the %DLQ%<group> topic"),
+    Option(
+        "default-invisible",
+        "default_invisible_ms",
+        DURATION,
+        "how long a received message stays invisible when the receive call does not say",
+    ),
+    Option(
+        "max-attempts",
+        "max_attempts",
+        count(1),
+        "deliveries before a message moves to the %DLQ%<group> topic",
+    ),
     Option("backoff", "backoff_ms", DURATIONS, "redelivery delay after attempt 1, 2, ..."),
     Option("max-receive-batch", "max_receive_batch", count(1), "most messages per receive call"),
     Option("max-wait", "max_wait_ms", DURATION, "longest long-poll wait a receive may ask for"),
-    Option("redis-url", "redis_url", REDIS_URL,
-           "keep delayed messages in this Redis instead of the embedded store"),
+    Option(
+        "redis-url",
+        "redis_url",
+        REDIS_URL,
+        "keep delayed messages in this Redis instead of the embedded store",
+    ),
     Option("log-level", "log_level", choice(LogLevel), "lowest level that is logged"),
-    Option("log-format", "log_format", choice(LogFormat),
-           "auto: console on a terminal, JSON lines otherwise"),
-    Option("shutdown-timeout", "shutdown_timeout_ms", DURATION,
-           "how long in-flight requests may run after SIGTERM before they are cut off"),
+    Option(
+        "log-format",
+        "log_format",
+        choice(LogFormat),
+        "auto: console on a terminal, JSON lines otherwise",
+    ),
+    Option(
+        "shutdown-timeout",
+        "shutdown_timeout_ms",
+        DURATION,
+        "how long in-flight requests may run after SIGTERM before they are cut off",
+    ),
 )
 
 _BY_FIELD = {opt.field: opt for opt in OPTIONS}
@@ -373,11 +402,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for opt in OPTIONS:
         help_text = _help_text(opt, defaults)
         if opt.kind is BOOL:
-            parser.add_argument(opt.cli, dest=opt.dest, action=argparse.BooleanOptionalAction,
-                                default=None, help=help_text)
+            parser.add_argument(
+                opt.cli,
+                dest=opt.dest,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
         else:
-            parser.add_argument(opt.cli, dest=opt.dest, metavar=opt.kind.metavar, default=None,
-                                help=help_text)
+            parser.add_argument(
+                opt.cli, dest=opt.dest, metavar=opt.kind.metavar, default=None, help=help_text
+            )
 
 
 def load_settings(cli: Mapping[str, object], environ: Mapping[str, str]) -> Settings:

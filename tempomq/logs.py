@@ -64,8 +64,10 @@ def configure_logging(
     ]
     # The console renderer draws exceptions itself; JSON needs them as a string field.
     renderer: list[Processor] = (
-        [structlog.processors.format_exc_info,
-         structlog.processors.JSONRenderer(serializer=_orjson_dumps)]
+        [
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=_orjson_dumps),
+        ]
         if as_json
         else [structlog.dev.ConsoleRenderer(colors=out.isatty())]
     )

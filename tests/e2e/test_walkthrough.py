@@ -46,12 +46,21 @@ def test_readme_walkthrough(tmp_path: Path) -> None:
     answers = "".join(blocks[7].splitlines()[1:]).replace("}{", "}\n{")
     delayed = [json.loads(x) for x in answers.splitlines()]
     sent, state, moved, cancelled = delayed
-    assert state == {"msg_id": sent["msg_id"], "topic": "orders",
-                     "deliver_at": sent["deliver_at"], "state": "scheduled"}
+    assert state == {
+        "msg_id": sent["msg_id"],
+        "topic": "orders",
+        "deliver_at": sent["deliver_at"],
+        "state": "scheduled",
+    }
     assert moved["deliver_at"] < sent["deliver_at"] and moved["state"] == "scheduled"
     assert cancelled["state"] == "cancelled"
     # And the README shows the same commands.
     readme = (ROOT / "README.md").read_text()
-    for path in ("/v1/topics", "/messages", "/groups/billing/receive", "/groups/billing/ack",
-                 "/v1/delayed/"):
+    for path in (
+        "/v1/topics",
+        "/messages",
+        "/groups/billing/receive",
+        "/groups/billing/ack",
+        "/v1/delayed/",
+    ):
         assert path in readme

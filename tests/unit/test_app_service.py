@@ -375,8 +375,13 @@ async def test_huge_header_is_400_and_server_keeps_serving(
 
 
 LIFECYCLE = [
-    "timers.start", "broker.start", "delay.start",
-    "broker.begin_shutdown", "delay.stop", "broker.stop", "timers.stop",
+    "timers.start",
+    "broker.start",
+    "delay.start",
+    "broker.begin_shutdown",
+    "delay.stop",
+    "broker.stop",
+    "timers.stop",
 ]
 
 
@@ -407,9 +412,9 @@ async def test_sigterm_drains_in_flight_requests_then_stops(
         await asyncio.sleep(0.02)
         if any(x["event"] == "listening" for x in log_lines(json_log)):
             break
-    slow = asyncio.create_task(_raw_request(
-        port, b"GET /v1/slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    ))
+    slow = asyncio.create_task(
+        _raw_request(port, b"GET /v1/slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    )
     await asyncio.sleep(0.1)  # the slow request is in its handler now
     os.kill(os.getpid(), signal.SIGTERM)
     assert await asyncio.wait_for(server, 10) == 0

@@ -83,7 +83,10 @@ def test_serve_runs_the_app_with_loaded_settings(
 def test_python_dash_m_tempomq() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tempomq", "serve", "--help"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: tempomq serve")

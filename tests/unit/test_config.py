@@ -51,8 +51,19 @@ def test_broker_config_defaults_are_the_broker_cores() -> None:
 
 
 def test_broker_config_carries_settings() -> None:
-    s = load(["--data-dir", "/srv/q", "--flush", "sync", "--max-attempts", "3",
-              "--backoff", "1s,2s", "--auto-create-topics"])
+    s = load(
+        [
+            "--data-dir",
+            "/srv/q",
+            "--flush",
+            "sync",
+            "--max-attempts",
+            "3",
+            "--backoff",
+            "1s,2s",
+            "--auto-create-topics",
+        ]
+    )
     cfg = s.broker_config()
     assert cfg.data_dir == Path("/srv/q")
     assert cfg.flush == "sync"
@@ -71,9 +82,15 @@ def test_every_option_has_flag_and_env_named_alike() -> None:
 
 
 def test_env_sets_values() -> None:
-    s = load(env={"TEMPOMQ_DATA_DIR": "/var/lib/tq", "TEMPOMQ_HTTP": "0.0.0.0:9000",
-                  "TEMPOMQ_FLUSH_INTERVAL": "50ms", "TEMPOMQ_AUTO_CREATE_TOPICS": "yes",
-                  "TEMPOMQ_REDIS_URL": "redis://localhost:6379/0"})
+    s = load(
+        env={
+            "TEMPOMQ_DATA_DIR": "/var/lib/tq",
+            "TEMPOMQ_HTTP": "0.0.0.0:9000",
+            "TEMPOMQ_FLUSH_INTERVAL": "50ms",
+            "TEMPOMQ_AUTO_CREATE_TOPICS": "yes",
+            "TEMPOMQ_REDIS_URL": "redis://localhost:6379/0",
+        }
+    )
     assert s.data_dir == Path("/var/lib/tq")
     assert s.http == HostPort("0.0.0.0", 9000)
     assert s.flush_interval_ms == 50
@@ -100,9 +117,17 @@ def test_empty_env_var_counts_as_unset() -> None:
 
 def test_every_option_is_settable_from_env() -> None:
     # One valid value per kind of option; each must land in its own field.
-    samples = {"http": "1.2.3.4:5", "data-dir": "/d", "flush": "sync", "redis-url": "redis://r",
-               "log-level": "debug", "log-format": "json", "backoff": "1s",
-               "auto-create-topics": "on", "max-queues": "16"}
+    samples = {
+        "http": "1.2.3.4:5",
+        "data-dir": "/d",
+        "flush": "sync",
+        "redis-url": "redis://r",
+        "log-level": "debug",
+        "log-format": "json",
+        "backoff": "1s",
+        "auto-create-topics": "on",
+        "max-queues": "16",
+    }
     sizes = {"segment-bytes": "2GiB", "max-body-bytes": "1MiB", "max-request-bytes": "32MiB"}
     for opt in OPTIONS:
         value = samples.get(opt.flag) or sizes.get(opt.flag)
@@ -122,8 +147,16 @@ def test_unknown_env_vars_are_reported() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("4096", 4096), ("0", 0), ("512KiB", 512 * 1024), ("64MiB", 64 << 20), ("1GiB", 1 << 30),
-     ("1.5GiB", 3 << 29), ("2 tib", 2 << 40), ("100B", 100)],
+    [
+        ("4096", 4096),
+        ("0", 0),
+        ("512KiB", 512 * 1024),
+        ("64MiB", 64 << 20),
+        ("1GiB", 1 << 30),
+        ("1.5GiB", 3 << 29),
+        ("2 tib", 2 << 40),
+        ("100B", 100),
+    ],
 )
 def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
@@ -137,8 +170,16 @@ def test_parse_size_rejects(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("500ms", 500), ("30s", 30_000), ("1.5s", 1500), ("5m", 300_000), ("72h", 259_200_000),
-     ("7d", 604_800_000), ("0", 0), ("10 S", 10_000)],
+    [
+        ("500ms", 500),
+        ("30s", 30_000),
+        ("1.5s", 1500),
+        ("5m", 300_000),
+        ("72h", 259_200_000),
+        ("7d", 604_800_000),
+        ("0", 0),
+        ("10 S", 10_000),
+    ],
 )
 def test_parse_duration(text: str, expected: int) -> None:
     assert parse_duration_ms(text) == expected
@@ -159,8 +200,11 @@ def test_formatters_round_trip() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("127.0.0.1:8080", HostPort("127.0.0.1", 8080)), ("localhost:0", HostPort("localhost", 0)),
-     ("[::1]:9000", HostPort("::1", 9000))],
+    [
+        ("127.0.0.1:8080", HostPort("127.0.0.1", 8080)),
+        ("localhost:0", HostPort("localhost", 0)),
+        ("[::1]:9000", HostPort("::1", 9000)),
+    ],
 )
 def test_parse_host_port(text: str, expected: HostPort) -> None:
     assert parse_host_port(text) == expected

@@ -60,7 +60,11 @@ class Node:
                 m = store.read(cq.get(i)[0])
                 assert m is not None
                 out.append(
-                    (m.body, int(m.properties[PROP_DELIVER_AT]), int(m.properties[PROP_RELEASED_AT]))
+                    (
+                        m.body,
+                        int(m.properties[PROP_DELIVER_AT]),
+                        int(m.properties[PROP_RELEASED_AT]),
+                    )
                 )
         return sorted(out, key=lambda r: r[2])
 
