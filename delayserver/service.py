@@ -52,6 +52,11 @@ LATENESS = Histogram(
 )
 
 
+#: Timers armed per turn of the event loop while a window loads: a page of ten thousand armed in
+#: one go would hold the loop for tens of milliseconds and make what is due meanwhile late.
+_ARM_CHUNK = 1000
+
+
 class DelayUnavailable(StoreUnavailable):
     """The delay store cannot be reached: nothing was scheduled, changed or lost."""
 
@@ -74,7 +79,7 @@ class DelayService:
         timers: WheelTimers,
         *,
         window_ms: int = 60_000,
-        window_limit: int = 100_000,
+        window_limit: int = 10_000,
         history_ms: int = 72 * 3600_000,
     ) -> None:
         self.store = store
@@ -134,8 +139,10 @@ class DelayService:
         after = b""
         while True:
             page = await self.store.window(from_ms, to_ms, self.window_limit, after_msg_id=after)
-            for due in page:
-                self._arm(due)
+            for i in range(0, len(page), _ARM_CHUNK):
+                for due in page[i : i + _ARM_CHUNK]:
+                    self._arm(due)
+                await asyncio.sleep(0)  # let due releases run between chunks
             if len(page) < self.window_limit:
                 break
             from_ms, after = page[-1].deliver_at_ms, page[-1].msg_id  # the next page follows it

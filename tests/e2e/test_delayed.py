@@ -153,9 +153,10 @@ async def test_sigkill_with_thousands_pending_releases_each_exactly_once(tmp_pat
                     acked[m["body"]] = r["deliver_at"]
             await asyncio.sleep(1.0)
             server.kill()  # some are released, most pending, some fall due while down
-            await asyncio.sleep(2.0)
-            restarted_at = _now_ms()
-            server.start()
+        await asyncio.sleep(2.0)
+        restarted_at = _now_ms()
+        server.start()
+        async with aiohttp.ClientSession() as session:  # the old connections died with it
             got = await _collect(session, base, "d", "g", len(acked), 30)
     finally:
         server.ensure_stopped()

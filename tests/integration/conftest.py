@@ -7,11 +7,15 @@ answer skips the test locally and fails it under CI (see ``tests/services.py``).
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.services import require_service
+from tests.integration.redis_process import RedisProcess
+from tests.services import require_service, services_required
 
 # Database 15 so that a developer's Redis data in db 0 is never touched by a flush in a test.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -32,3 +36,18 @@ def redis_url() -> str:
 @pytest.fixture
 def mysql_url() -> str:
     return _require("MariaDB", os.environ.get("TEMPOMQ_TEST_MYSQL_URL", DEFAULT_MYSQL_URL), 3306)
+
+
+@pytest.fixture
+def redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if services_required():
+            pytest.fail("redis-server is not installed (required because CI=true)")
+        pytest.skip("redis-server is not installed")
+    server = RedisProcess(binary, tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -8,20 +8,14 @@ Every wait is bounded: an operation that hangs fails the test through ``asyncio.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import signal
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 
 from broker_core.message import Message, MsgIdGenerator
 from delayserver.redis_store import OP_TIMEOUT_S, RedisDelayStore
 from delayserver.store import DelayState, DelayStoreUnavailable
-from tests.services import reachable, services_required
+from tests.integration.redis_process import RedisProcess
 
 pytestmark = pytest.mark.integration
 
@@ -32,85 +26,6 @@ START_WAIT_S = 10.0
 NO_HANG_S = OP_TIMEOUT_S + 5.0
 
 _ids = MsgIdGenerator()
-
-
-class RedisProcess:
-    """One redis-server on a fixed port that can be killed, frozen and started again."""
-
-    def __init__(self, binary: str, workdir: Path) -> None:
-        self.binary = binary
-        self.workdir = workdir
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        log = (self.workdir / "redis.log").open("ab")
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        deadline = time.monotonic() + START_WAIT_S
-        while not reachable("127.0.0.1", self.port, timeout_s=0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                output = (self.workdir / "redis.log").read_text(errors="replace")
-                pytest.fail(f"redis-server did not start on port {self.port}:\n{output}")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGCONT)  # a frozen process must run to die
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    def freeze(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@pytest.fixture
-def redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if services_required():
-            pytest.fail("redis-server is not installed (required because CI=true)")
-        pytest.skip("redis-server is not installed")
-    server = RedisProcess(binary, tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture
