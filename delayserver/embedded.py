@@ -3,9 +3,8 @@ no server needed).
 
 One table holds every message with its time and state; a partial index over the scheduled ones,
 by time, makes a window query one index range scan however many are pending, and keeps memory
-with SQLite's page cache rather than the Python heap. All SQL runs on one dedicated thread (the
-event loop never waits on SQLite or fsync). Writes that arrive while a transaction is running
-are queued and committed together in the next one, so concurrent schedules share commits.
+with SQLite's page cache rather than the Python heap. All SQL runs on the database's own thread
+(:class:`~delayserver.sqlite.SqliteRunner`), and concurrent schedules share commits.
 
 Durability: WAL journal; ``sync=False`` (the broker's async flush mode) commits without fsync,
 which survives ``kill -9`` but may lose the last transactions on power loss; ``sync=True``
@@ -14,16 +13,15 @@ fsyncs every commit.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import structlog
 
 from broker_core.message import Message
+from delayserver.sqlite import SqliteRunner
 from delayserver.store import DelayedInfo, DelayState, DelayStoreUnavailable, Due, encode_message
 
 log = structlog.get_logger(__name__)
@@ -51,104 +49,28 @@ _IN_CHUNK = 500  # ids per "IN (...)" query, under SQLite's variable limit
 class EmbeddedDelayStore:
     def __init__(self, path: Path, *, sync: bool = False, history_ms: int = 72 * 3600_000) -> None:
         self.path = path
-        self.sync = sync
         self.history_ms = history_ms
-        self._db: sqlite3.Connection | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tempomq-delaydb")
+        self._db = SqliteRunner(
+            path, schema=_SCHEMA, sync=sync, name="delay-store", unavailable=DelayStoreUnavailable
+        )
+        self._read = self._db.read
+        self._write = self._db.write
         self._pending = 0
-        # Queued write operations and the future of the transaction that will run them.
-        self._queued: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._writer: asyncio.Task[None] | None = None
-        self._failure: str | None = None
-
-    # -- lifecycle -------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._open)
-
-    def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={'FULL' if self.sync else 'NORMAL'}")
-        db.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages; the heap stays small
-        db.execute("PRAGMA temp_store=MEMORY")
-        db.executescript(_SCHEMA)
-        self._pending = db.execute(
-            "SELECT count(*) FROM delayed INDEXED BY delayed_due WHERE state = 0"
-        ).fetchone()[0]
-        self._db = db
+        await self._db.open()
+        self._pending = await self._read(
+            lambda db: db.execute(
+                "SELECT count(*) FROM delayed INDEXED BY delayed_due WHERE state = 0"
+            ).fetchone()[0]
+        )
         log.info("delay_store.opened", path=str(self.path), pending=self._pending)
 
     async def close(self) -> None:
-        if self._writer is not None:
-            await self._writer
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._close)
-        self._pool.shutdown(wait=True)
-
-    def _close(self) -> None:
-        if self._db is not None:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._db.close()
-            self._db = None
+        await self._db.close()
 
     async def health(self) -> str | None:
-        if self._db is None:
-            return "delay store is not open"
-        return self._failure
-
-    # -- plumbing ----------------------------------------------------------------------------------
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        db = self._db
-        if db is None:
-            raise DelayStoreUnavailable("delay store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, db)
-
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in the next write transaction (shared with other queued writes)."""
-        if self._db is None:
-            raise DelayStoreUnavailable("delay store is not open")
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queued.append((fn, fut))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._drain(), name="tempomq-delaydb-writer")
-        return await fut
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._queued:
-                batch, self._queued = self._queued, []
-                try:
-                    results = await loop.run_in_executor(self._pool, self._transaction, batch)
-                except sqlite3.Error as e:
-                    self._failure = f"delay store write failed: {e}"
-                    log.error("delay_store.write_failed", error=str(e))
-                    for _fn, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(DelayStoreUnavailable(self._failure))
-                    continue
-                self._failure = None
-                for (_fn, fut), result in zip(batch, results, strict=True):
-                    if not fut.done():
-                        fut.set_result(result)
-        finally:
-            self._writer = None
-
-    def _transaction(
-        self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any]]
-    ) -> list[Any]:
-        db = self._db
-        assert db is not None
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            results = [fn(db) for fn, _fut in batch]
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return results
+        return self._db.health()
 
     # -- operations ------------------------------------------------------------------------------
 

@@ -1,0 +1,126 @@
+"""A SQLite database run on one dedicated thread, with group commit.
+
+The event loop never waits on SQLite or fsync: reads and writes are functions of the connection
+run on the database's own thread. Writes that queue up while a transaction runs are committed
+together in the next one (one commit, one fsync in ``sync`` mode, for all of them). Used by the
+embedded delay store and by the transaction coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+
+
+class SqliteRunner:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        schema: str,
+        sync: bool,
+        name: str,
+        unavailable: type[Exception],
+    ) -> None:
+        self.path = path
+        self.schema = schema
+        self.sync = sync
+        self.name = name
+        self.unavailable = unavailable
+        self._db: sqlite3.Connection | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tempomq-{name}")
+        self._queued: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.failure: str | None = None
+
+    async def open(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: a commit survives kill -9 (it is in the WAL) but not a power loss until the
+        # next checkpoint; FULL fsyncs every commit.
+        db.execute(f"PRAGMA synchronous={'FULL' if self.sync else 'NORMAL'}")
+        db.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages; the heap stays small
+        db.execute("PRAGMA temp_store=MEMORY")
+        db.executescript(self.schema)
+        self._db = db
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._close)
+        self._pool.shutdown(wait=True)
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.close()
+            self._db = None
+
+    def health(self) -> str | None:
+        if self._db is None:
+            return f"{self.name} is not open"
+        return self.failure
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        db = self._db
+        if db is None:
+            raise self.unavailable(f"{self.name} is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, db)
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in the next write transaction (shared with other queued writes)."""
+        if self._db is None:
+            raise self.unavailable(f"{self.name} is not open")
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queued.append((fn, fut))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._drain(), name=f"tempomq-{self.name}-writer")
+        return await fut
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                try:
+                    results = await loop.run_in_executor(self._pool, self._transaction, batch)
+                except sqlite3.Error as e:
+                    self.failure = f"{self.name} write failed: {e}"
+                    log.error("sqlite.write_failed", db=self.name, error=str(e))
+                    for _fn, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(self.unavailable(self.failure))
+                    continue
+                self.failure = None
+                for (_fn, fut), result in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+        finally:
+            self._writer = None
+
+    def _transaction(self, batch: list[tuple[Op, Any]]) -> list[Any]:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            results = [fn(db) for fn, _fut in batch]
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return results
