@@ -106,19 +106,41 @@ class SqliteRunner:
                         if not fut.done():
                             fut.set_exception(self.unavailable(self.failure))
                     continue
+                except Exception as e:  # a bug outside any one operation: fail the batch
+                    log.exception("sqlite.batch_failed", db=self.name)
+                    for _fn, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
                 self.failure = None
-                for (_fn, fut), result in zip(batch, results, strict=True):
-                    if not fut.done():
+                for (_fn, fut), (ok, result) in zip(batch, results, strict=True):
+                    if fut.done():
+                        continue
+                    if ok:
                         fut.set_result(result)
+                    else:
+                        fut.set_exception(result)
         finally:
             self._writer = None
 
-    def _transaction(self, batch: list[tuple[Op, Any]]) -> list[Any]:
+    def _transaction(self, batch: list[tuple[Op, Any]]) -> list[tuple[bool, Any]]:
+        """One transaction for the batch; each operation in its own savepoint, so one that
+        raises (a domain error such as "not found") is undone alone and fails alone."""
         db = self._db
         assert db is not None
+        results: list[tuple[bool, Any]] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            results = [fn(db) for fn, _fut in batch]
+            for fn, _fut in batch:
+                db.execute("SAVEPOINT op")
+                try:
+                    results.append((True, fn(db)))
+                except sqlite3.Error:
+                    raise  # the database itself failed: the whole batch fails
+                except Exception as e:
+                    db.execute("ROLLBACK TO op")
+                    results.append((False, e))
+                db.execute("RELEASE op")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

@@ -43,6 +43,9 @@ from delayserver.store import DelayStore
 from delayserver.timers import TimerService
 from tempomq.config import HostPort, Settings
 from tempomq.logs import bound, get_logger
+from txcoord.coordinator import Coordinator, TxSettings
+from txcoord.http import TX
+from txcoord.http import routes as tx_routes
 
 log = get_logger(__name__)
 
@@ -242,11 +245,14 @@ async def _run_broker(app: web.Application) -> AsyncIterator[None]:
     delay = app[DELAY]
     await delay.start()
     broker.scheduler = delay
+    tx = app[TX]
+    await tx.start()
     # What start-up loaded lives as long as the process: keep it out of the collector's scans,
     # whose full passes over a large heap would otherwise show as release lateness.
     gc.collect()
     gc.freeze()
     yield
+    await tx.stop()
     await delay.stop()
     # stop() flushes everything acknowledged; the timers it may still use stop after it.
     await broker.stop()
@@ -273,6 +279,19 @@ def build_app(settings: Settings) -> web.Application:
     timers = TimerService()
     broker = Broker(settings.broker_config(), timers=timers, scheduler=None)
     delay = DelayService(make_delay_store(settings), broker.store, timers)
+    tx = Coordinator(
+        settings.data_dir / "tx" / "tx.db",
+        broker.store,
+        delay,
+        timers,
+        settings=TxSettings(
+            check_immunity_ms=settings.tx_check_immunity_ms,
+            check_interval_ms=settings.tx_check_interval_ms,
+            check_max=settings.tx_check_max,
+            check_timeout_ms=settings.tx_check_timeout_ms,
+        ),
+        sync=settings.flush == "sync",
+    )
 
     async def broker_ready() -> str | None:
         return broker.health()
@@ -280,6 +299,11 @@ def build_app(settings: Settings) -> web.Application:
     readiness = Readiness()
     readiness.add("broker", broker_ready)
     readiness.add("delay_store", delay.health)
+
+    async def tx_ready() -> str | None:
+        return tx.health()
+
+    readiness.add("transactions", tx_ready)
 
     app = web.Application(
         client_max_size=settings.max_request_bytes, middlewares=[error_middleware]
@@ -295,7 +319,9 @@ def build_app(settings: Settings) -> web.Application:
     app.add_routes(service_routes)
     app.add_routes(broker_routes)
     app.add_routes(delay_routes)
+    app.add_routes(tx_routes)
     app[DELAY] = delay
+    app[TX] = tx
     return app
 
 

@@ -226,6 +226,10 @@ class Settings:
     log_level: LogLevel = "info"
     log_format: LogFormat = "auto"
     shutdown_timeout_ms: int = 5000
+    tx_check_immunity_ms: int = 6_000
+    tx_check_interval_ms: int = 30_000
+    tx_check_max: int = 15
+    tx_check_timeout_ms: int = 5_000
 
     def __post_init__(self) -> None:
         for check in _CROSS_CHECKS:
@@ -333,6 +337,26 @@ OPTIONS: tuple[Option, ...] = (
         "shutdown_timeout_ms",
         DURATION,
         "how long in-flight requests may run after SIGTERM before they are cut off",
+    ),
+    Option(
+        "tx-check-immunity",
+        "tx_check_immunity_ms",
+        DURATION,
+        "how long a transaction may stay open before the producer is first asked (default of a "
+        "transaction that does not say)",
+    ),
+    Option("tx-check-interval", "tx_check_interval_ms", DURATION, "wait between two check-backs"),
+    Option(
+        "tx-check-max",
+        "tx_check_max",
+        count(1),
+        "check-backs without an answer before a transaction is parked as check_max",
+    ),
+    Option(
+        "tx-check-timeout",
+        "tx_check_timeout_ms",
+        DURATION,
+        "how long a producer has to answer one check-back",
     ),
 )
 

@@ -62,6 +62,22 @@ class FakeDelay:
         return None
 
 
+class FakeTx:
+    def __init__(
+        self, path: object, broker_store: object, delay: object, timers: FakeTimers, **kw: object
+    ) -> None:
+        self.events = timers.events
+
+    async def start(self) -> None:
+        self.events.append("tx.start")
+
+    async def stop(self) -> None:
+        self.events.append("tx.stop")
+
+    def health(self) -> str | None:
+        return None
+
+
 class FakeBroker:
     def __init__(self, config: BrokerConfig, *, timers: FakeTimers, scheduler: object) -> None:
         self.config = config
@@ -143,6 +159,7 @@ def app_module(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> Iterator[t
     monkeypatch.setattr(module, "TimerService", lambda: FakeTimers(events))
     monkeypatch.setattr(module, "Broker", FakeBroker)
     monkeypatch.setattr(module, "DelayService", FakeDelay)
+    monkeypatch.setattr(module, "Coordinator", FakeTx)
     monkeypatch.setattr(module, "make_delay_store", lambda settings: None)
     monkeypatch.setattr(module, "broker_routes", stand_in_routes)
     yield module
@@ -378,7 +395,9 @@ LIFECYCLE = [
     "timers.start",
     "broker.start",
     "delay.start",
+    "tx.start",
     "broker.begin_shutdown",
+    "tx.stop",
     "delay.stop",
     "broker.stop",
     "timers.stop",
@@ -390,7 +409,7 @@ async def test_components_start_in_order_and_stop_in_reverse(
 ) -> None:
     runner = app_module.make_runner(app_module.build_app(settings), settings)
     await runner.setup()
-    assert events == LIFECYCLE[:3]
+    assert events == LIFECYCLE[:4]
     await runner.cleanup()
     assert events == LIFECYCLE
 

@@ -1,0 +1,340 @@
+"""The tempomq HTTP client: topics, sends, queries, delayed messages, consuming, transactions.
+
+Which calls are repeated after a failure that may have reached the server (see ``transport``):
+
+=====================================  ========  ==============================================
+call                                   repeated  why
+=====================================  ========  ==============================================
+GETs (message, key, delayed, stats)    yes       reading twice changes nothing
+``send`` / ``send_batch``              yes       the client picks ``msg_id``; a resent id is
+                                                 stored once and answers the first result
+``cancel_delayed``                     yes       cancelling again answers the same
+``reschedule_delayed``                 yes       same time again (``delay_ms`` counts from the
+                                                 repeat, so it can land later by the retry time)
+``reset_group``                        yes       resetting to the same timestamp again is the same
+commit / rollback of a transaction     yes       the coordinator answers a repeat the same
+``create_topic`` / ``create_group``    no        a repeat answers 409 exists after a success
+``receive``                            no        a lost answer hid messages for ``invisible_ms``;
+                                                 repeating would hide more, not recover those
+``ack``                                no        a repeat of a successful ack answers 409
+                                                 ``receipt_expired`` for every receipt
+``nack``                               no        same; and the message is redelivered anyway
+prepare (``POST /v1/transactions``)    no        a repeat would prepare a second half message
+=====================================  ========  ==============================================
+
+Calls that are not repeated still move to the next endpoint when the connection never opened.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from tempomq.client.ids import new_msg_id
+from tempomq.client.models import (
+    CheckAnswer,
+    CheckRequest,
+    DelayedState,
+    GroupStats,
+    Message,
+    OutgoingMessage,
+    ReceivedMessage,
+    SendResult,
+    Topic,
+    Transaction,
+    TransactionStatus,
+)
+from tempomq.client.transport import Transport
+
+MAX_BATCH = 1000  # messages per send request, and receipts per ack request (API.md)
+
+
+def _seg(value: str) -> str:
+    """One path segment; topic names may hold ``%`` and ``|`` (``%DLQ%group``)."""
+    return quote(value, safe="")
+
+
+class Client:
+    """Talks to one tempomq service over HTTP; use ``async with Client(...) as client``.
+
+    ``endpoints`` is one URL or several (a list, or comma-separated); calls go to the one that
+    last answered. ``timeout_s`` bounds each request (long polls get their wait on top);
+    ``retries`` is how many more attempts a call may make (see the module docstring for which).
+    Pass ``session`` to share your own :class:`aiohttp.ClientSession`; it is then yours to close.
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        timeout_s: float = 10.0,
+        retries: int = 3,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self._http = Transport(endpoints, timeout_s=timeout_s, retries=retries, session=session)
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return self._http.endpoints
+
+    @property
+    def current_endpoint(self) -> str:
+        return self._http.current
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.close()
+
+    async def _call(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
+        return (await self._http.call(method, path, body, **kw))[1]
+
+    # -- topics and groups ------------------------------------------------------------------
+
+    async def create_topic(self, name: str, queues: int = 8) -> Topic:
+        body = {"name": name, "queues": queues}
+        return Topic.from_json(await self._call("POST", "/v1/topics", body, idempotent=False))
+
+    async def get_topic(self, name: str) -> Topic:
+        return Topic.from_json(await self._call("GET", f"/v1/topics/{_seg(name)}", idempotent=True))
+
+    async def create_group(self, name: str, *, fifo: bool = False, max_attempts: int = 16) -> None:
+        body = {"name": name, "fifo": fifo, "max_attempts": max_attempts}
+        await self._call("POST", "/v1/groups", body, idempotent=False)
+
+    # -- sending ----------------------------------------------------------------------------
+
+    async def send(
+        self,
+        topic: str,
+        body: str | bytes,
+        *,
+        tags: str | None = None,
+        keys: Sequence[str] = (),
+        properties: dict[str, str] | None = None,
+        sharding_key: str | None = None,
+        delay_ms: int | None = None,
+        deliver_at: int | None = None,
+        msg_id: str | None = None,
+    ) -> SendResult:
+        """Send one message; returns its id and queue (and ``deliver_at`` when delayed)."""
+        msg = OutgoingMessage(
+            body,
+            tags=tags,
+            keys=keys,
+            properties=properties,
+            sharding_key=sharding_key,
+            delay_ms=delay_ms,
+            deliver_at=deliver_at,
+            msg_id=msg_id,
+        )
+        return await self.send_message(topic, msg)
+
+    async def send_message(self, topic: str, message: OutgoingMessage) -> SendResult:
+        path = f"/v1/topics/{_seg(topic)}/messages"
+        answer = await self._call("POST", path, message.to_json(new_msg_id()), idempotent=True)
+        return SendResult.from_json(answer)
+
+    async def send_batch(self, topic: str, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """Send many; results in order. More than 1000 go as several requests, one after the
+        other: if one fails, the ones before it are stored (their results are lost with the
+        exception, so give messages a ``msg_id`` to resend the whole list safely)."""
+        path = f"/v1/topics/{_seg(topic)}/messages"
+        results: list[SendResult] = []
+        for start in range(0, len(messages), MAX_BATCH):
+            chunk = [m.to_json(new_msg_id()) for m in messages[start : start + MAX_BATCH]]
+            answer = await self._call("POST", path, {"messages": chunk}, idempotent=True)
+            results.extend(SendResult.from_json(r) for r in answer["results"])
+        return results
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def get_message(self, msg_id: str) -> Message:
+        return Message.from_json(
+            await self._call("GET", f"/v1/messages/{_seg(msg_id)}", idempotent=True)
+        )
+
+    async def query_by_key(self, topic: str, key: str) -> list[Message]:
+        path = f"/v1/topics/{_seg(topic)}/messages"
+        answer = await self._call("GET", path, params={"key": key}, idempotent=True)
+        return [Message.from_json(m) for m in answer["messages"]]
+
+    # -- delayed messages -------------------------------------------------------------------
+
+    async def get_delayed(self, msg_id: str) -> DelayedState:
+        path = f"/v1/delayed/{_seg(msg_id)}"
+        return DelayedState.from_json(await self._call("GET", path, idempotent=True))
+
+    async def cancel_delayed(self, msg_id: str) -> DelayedState:
+        """Cancel; raises ``AlreadyDelivered`` when it was released first."""
+        path = f"/v1/delayed/{_seg(msg_id)}"
+        return DelayedState.from_json(await self._call("DELETE", path, idempotent=True))
+
+    async def reschedule_delayed(
+        self, msg_id: str, *, deliver_at: int | None = None, delay_ms: int | None = None
+    ) -> DelayedState:
+        if (deliver_at is None) == (delay_ms is None):
+            raise ValueError("give exactly one of deliver_at and delay_ms")
+        body = {"deliver_at": deliver_at} if deliver_at is not None else {"delay_ms": delay_ms}
+        path = f"/v1/delayed/{_seg(msg_id)}"
+        return DelayedState.from_json(await self._call("PATCH", path, body, idempotent=True))
+
+    # -- consuming --------------------------------------------------------------------------
+
+    def _group_path(self, topic: str, group: str, action: str = "") -> str:
+        return f"/v1/topics/{_seg(topic)}/groups/{_seg(group)}" + (f"/{action}" if action else "")
+
+    async def receive(
+        self,
+        topic: str,
+        group: str,
+        *,
+        max_messages: int = 32,
+        wait_ms: int = 20000,
+        invisible_ms: int = 30000,
+        tags: str | None = None,
+    ) -> list[ReceivedMessage]:
+        """Long-poll for up to ``max_messages``; an empty list when none came in ``wait_ms``."""
+        body: dict[str, Any] = {
+            "max_messages": max_messages,
+            "wait_ms": wait_ms,
+            "invisible_ms": invisible_ms,
+        }
+        if tags is not None:
+            body["tags"] = tags
+        endpoint, answer = await self._http.call(
+            "POST",
+            self._group_path(topic, group, "receive"),
+            body,
+            idempotent=False,
+            extra_timeout_s=wait_ms / 1000,
+        )
+        return [ReceivedMessage.from_delivery(m, endpoint) for m in answer["messages"]]
+
+    async def ack(self, topic: str, group: str, receipts: Sequence[ReceivedMessage | str]) -> int:
+        """Acknowledge; returns how many were. Pass the messages themselves so each ack goes to
+        the server that issued it (plain receipt strings go to the current endpoint). The
+        server acks all of a request or none: one expired receipt fails the whole request
+        with ``ReceiptExpired``."""
+        by_endpoint: dict[str | None, list[str]] = defaultdict(list)
+        for r in receipts:
+            if isinstance(r, ReceivedMessage):
+                by_endpoint[r.endpoint].append(r.receipt)
+            else:
+                by_endpoint[None].append(r)
+        path = self._group_path(topic, group, "ack")
+        acked = 0
+        for endpoint, items in by_endpoint.items():
+            for start in range(0, len(items), MAX_BATCH):
+                body = {"receipts": items[start : start + MAX_BATCH]}
+                _, answer = await self._http.call(
+                    "POST", path, body, idempotent=False, endpoint=endpoint
+                )
+                acked += int(answer["acked"])
+        return acked
+
+    async def nack(
+        self,
+        topic: str,
+        group: str,
+        receipt: ReceivedMessage | str,
+        retry_after_ms: int | None = None,
+    ) -> None:
+        """Give a delivery back: redelivered after ``retry_after_ms`` or the group's backoff."""
+        endpoint = receipt.endpoint if isinstance(receipt, ReceivedMessage) else None
+        token = receipt.receipt if isinstance(receipt, ReceivedMessage) else receipt
+        body: dict[str, Any] = {"receipt": token}
+        if retry_after_ms is not None:
+            body["retry_after_ms"] = retry_after_ms
+        path = self._group_path(topic, group, "nack")
+        await self._http.call("POST", path, body, idempotent=False, endpoint=endpoint)
+
+    async def group_stats(self, topic: str, group: str) -> GroupStats:
+        path = self._group_path(topic, group)
+        return GroupStats.from_json(await self._call("GET", path, idempotent=True))
+
+    async def reset_group(self, topic: str, group: str, timestamp_ms: int) -> dict[int, int]:
+        """Replay from ``timestamp_ms``; returns the new offset of each queue."""
+        path = self._group_path(topic, group, "reset")
+        answer = await self._call("POST", path, {"timestamp": timestamp_ms}, idempotent=True)
+        return {int(q["queue_id"]): int(q["offset"]) for q in answer["queues"]}
+
+    # -- transactions (TransactionalProducer builds on these) -------------------------------
+
+    async def prepare_transaction(
+        self,
+        topic: str,
+        message: OutgoingMessage,
+        *,
+        producer_group: str,
+        check_url: str | None = None,
+        check_immunity_ms: int | None = None,
+    ) -> Transaction:
+        """Store a half message, invisible until :meth:`commit_transaction`."""
+        body: dict[str, Any] = {
+            "topic": topic,
+            "message": message.to_json(new_msg_id()),
+            "producer_group": producer_group,
+        }
+        if check_url is not None:
+            body["check_url"] = check_url
+        if check_immunity_ms is not None:
+            body["check_immunity_ms"] = check_immunity_ms
+        endpoint, answer = await self._http.call("POST", "/v1/transactions", body, idempotent=False)
+        return Transaction(str(answer["tx_id"]), str(answer["msg_id"]), topic, endpoint)
+
+    async def _end(self, tx: Transaction | str, action: str) -> str:
+        tx_id, endpoint = (tx.tx_id, tx.endpoint) if isinstance(tx, Transaction) else (tx, None)
+        path = f"/v1/transactions/{_seg(tx_id)}/{action}"
+        _, answer = await self._http.call("POST", path, idempotent=True, endpoint=endpoint)
+        return str(answer["state"])
+
+    async def commit_transaction(self, tx: Transaction | str) -> None:
+        """Make the message visible; raises ``AlreadyRolledBack`` if it was rolled back."""
+        await self._end(tx, "commit")
+
+    async def rollback_transaction(self, tx: Transaction | str) -> None:
+        """Discard the message; raises ``AlreadyCommitted`` if it was committed."""
+        await self._end(tx, "rollback")
+
+    async def get_transaction(self, tx_id: str) -> TransactionStatus:
+        path = f"/v1/transactions/{_seg(tx_id)}"
+        return TransactionStatus.from_json(await self._call("GET", path, idempotent=True))
+
+    async def poll_checks(
+        self, endpoint: str, producer_group: str, *, wait_ms: int = 20000, max_checks: int = 100
+    ) -> list[CheckRequest]:
+        """Long-poll ``endpoint`` for check-backs addressed to ``producer_group``. Not
+        repeated: the caller polls again anyway, and a lost answer is asked again later."""
+        _, answer = await self._http.call(
+            "GET",
+            f"/v1/producers/{_seg(producer_group)}/checks",
+            params={"wait_ms": str(wait_ms), "max": str(max_checks)},
+            idempotent=False,
+            endpoint=endpoint,
+            extra_timeout_s=wait_ms / 1000,
+            retries=0,
+        )
+        return [CheckRequest.from_json(c) for c in answer["checks"]]
+
+    async def answer_check(self, endpoint: str, tx_id: str, answer: CheckAnswer) -> str:
+        """Tell ``endpoint`` how ``tx_id`` ended locally; returns the transaction's state after."""
+        path = f"/v1/transactions/{_seg(tx_id)}/check"
+        _, reply = await self._http.call(
+            "POST", path, {"state": answer}, idempotent=True, endpoint=endpoint
+        )
+        return str(reply["state"])

@@ -1,0 +1,197 @@
+"""A long-polling consumer: runs a handler per message with bounded concurrency, acks in batches.
+
+One receive loop asks for as many messages as there are free handler slots (never more, so no
+message waits out its invisibility in a local buffer), starts a task per message, and goes back
+to the long poll. A handler that returns acks its message; one that raises nacks it (the server
+redelivers after the group's backoff). Acks are sent by one flusher: whatever finished while the
+previous ack request was out goes in the next, so batches grow with load and add no latency.
+
+``stop()`` stops receiving (a receive cut off mid-poll may have handed out messages: they come
+back after ``invisible_ms``), waits for running handlers up to the drain timeout, cancels the
+rest (unacked, so redelivered), and sends the acks of everything that finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+from tempomq.client.client import MAX_BATCH, Client
+from tempomq.client.errors import ReceiptExpired
+from tempomq.client.models import ReceivedMessage
+
+log = logging.getLogger("tempomq.client.consumer")
+
+Handler = Callable[[ReceivedMessage], Awaitable[None]]
+RECEIVE_BACKOFF_MAX_S = 5.0
+
+
+class Consumer:
+    def __init__(
+        self,
+        client: Client,
+        topic: str,
+        group: str,
+        handler: Handler,
+        *,
+        concurrency: int = 16,
+        batch: int = 32,
+        invisible_ms: int = 30000,
+        wait_ms: int = 20000,
+        tags: str | None = None,
+    ) -> None:
+        if concurrency < 1 or batch < 1:
+            raise ValueError("concurrency and batch must be >= 1")
+        self.client = client
+        self.topic = topic
+        self.group = group
+        self._handler = handler
+        self._concurrency = concurrency
+        self._batch = min(batch, MAX_BATCH)
+        self._invisible_ms = invisible_ms
+        self._wait_ms = wait_ms
+        self._tags = tags
+        self._slots = asyncio.Semaphore(concurrency)
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._to_ack: list[ReceivedMessage] = []
+        self._ack_wanted = asyncio.Event()
+        self._drained = False  # set by stop() once no handler runs: the flusher may end
+        self._receiver: asyncio.Task[None] | None = None
+        self._acker: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._receiver is not None
+
+    def start(self) -> None:
+        """Start receiving (call from within the event loop)."""
+        if self._receiver is not None:
+            raise RuntimeError("the consumer is already running")
+        self._drained = False
+        self._receiver = asyncio.create_task(self._receive_loop(), name=f"consume {self.topic}")
+        self._acker = asyncio.create_task(self._ack_loop(), name=f"ack {self.topic}")
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop receiving, let handlers finish for up to ``drain_timeout_s``, send their acks."""
+        receiver, acker = self._receiver, self._acker
+        if receiver is None or acker is None:
+            return
+        receiver.cancel()
+        await asyncio.gather(receiver, return_exceptions=True)
+        if self._handlers:
+            _, late = await asyncio.wait(self._handlers, timeout=drain_timeout_s)
+            if late:
+                log.warning(
+                    "%d handlers still running after %ss: cancelled", len(late), drain_timeout_s
+                )
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
+        self._drained = True
+        self._ack_wanted.set()  # the flusher sends what is left, then returns
+        await acker
+        self._receiver = self._acker = None
+
+    async def __aenter__(self) -> Consumer:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    async def _free_slots(self) -> int:
+        """Wait for one free handler slot, then take every other free one, up to a batch."""
+        await self._slots.acquire()
+        taken = 1
+        while taken < self._batch and not self._slots.locked():
+            await self._slots.acquire()  # free: returns at once
+            taken += 1
+        return taken
+
+    async def _receive_loop(self) -> None:
+        failures = 0
+        while True:
+            slots = await self._free_slots()
+            messages: list[ReceivedMessage] = []
+            try:
+                messages = await self.client.receive(
+                    self.topic,
+                    self.group,
+                    max_messages=slots,
+                    wait_ms=self._wait_ms,
+                    invisible_ms=self._invisible_ms,
+                    tags=self._tags,
+                )
+            except Exception as e:  # the loop must outlive any one failure; it backs off
+                failures += 1
+                pause_s = min(RECEIVE_BACKOFF_MAX_S, 0.1 * 2 ** min(failures, 10))
+                log.warning("receive from %s/%s failed: %r", self.topic, self.group, e)
+            else:
+                failures, pause_s = 0, 0.0
+            finally:
+                # Cancelled or not, the slots no message arrived for go back.
+                for _ in range(slots - len(messages)):
+                    self._slots.release()
+            # No await from here to the end of the loop body: stop() cannot cut in between a
+            # received message and the start of its handler.
+            for msg in messages:
+                task = asyncio.create_task(self._run(msg), name=f"handle {msg.msg_id}")
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+            if pause_s:
+                await asyncio.sleep(pause_s)
+
+    async def _run(self, msg: ReceivedMessage) -> None:
+        try:
+            await self._handler(msg)
+        except Exception:
+            log.exception(
+                "handler failed for message %s (attempt %d): nack", msg.msg_id, msg.delivery_attempt
+            )
+            await self._nack(msg)
+        else:
+            self._to_ack.append(msg)
+            self._ack_wanted.set()
+        finally:
+            self._slots.release()
+
+    async def _nack(self, msg: ReceivedMessage) -> None:
+        try:
+            await self.client.nack(self.topic, self.group, msg)
+        except Exception as e:  # it comes back after invisible_ms anyway
+            log.warning("nack of %s failed: %r", msg.msg_id, e)
+
+    # -- acking -------------------------------------------------------------------------------
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted.clear()
+            while self._to_ack:
+                # At most a receive batch per request: the server caps both alike.
+                done, self._to_ack = self._to_ack[: self._batch], self._to_ack[self._batch :]
+                await self._ack(done)
+            if self._drained:
+                return
+
+    async def _ack(self, messages: list[ReceivedMessage]) -> None:
+        try:
+            await self.client.ack(self.topic, self.group, messages)
+        except ReceiptExpired:
+            # The server acks all of a request or nothing; ack one by one to save the rest.
+            for msg in messages:
+                try:
+                    await self.client.ack(self.topic, self.group, [msg])
+                except Exception as e:
+                    log.warning("ack of %s failed, it will be redelivered: %r", msg.msg_id, e)
+        except Exception as e:  # the flusher must outlive any one failure
+            log.warning("ack of %d messages failed, they will be redelivered: %r", len(messages), e)

@@ -1,0 +1,125 @@
+"""HTTP routes of the transaction coordinator (API.md: Transactions), and the check-back
+channel SDK producers hold open (``GET /v1/producers/{group}/checks``)."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from broker_core.errors import InvalidRequest
+from broker_core.http import json_response, parse_message, read_json
+from broker_core.message import PROP_SHARDING_KEY, validate_topic_name
+from txcoord.coordinator import Coordinator
+from txcoord.states import TxEvent, TxState
+
+TX = web.AppKey("tx", Coordinator)
+routes = web.RouteTableDef()
+
+_GROUP_RE = re.compile(r"[A-Za-z0-9_\-]{1,100}")
+MAX_CHECK_WAIT_MS = 60_000
+
+
+def _int(body: dict[str, object], name: str, lo: int, hi: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidRequest(f"'{name}' must be an integer from {lo} to {hi}")
+    return value
+
+
+def _group(value: object) -> str:
+    if not isinstance(value, str) or not _GROUP_RE.fullmatch(value):
+        raise InvalidRequest("'producer_group' must be 1-100 letters, digits, '_' or '-'")
+    return value
+
+
+def _check_url(value: object) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidRequest("'check_url' must be an http:// or https:// URL")
+    return str(value)
+
+
+@routes.post("/v1/transactions")
+async def prepare(request: web.Request) -> web.Response:
+    coordinator = request.app[TX]
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise InvalidRequest("expected a JSON object with 'topic', 'message', 'producer_group'")
+    topic_name = validate_topic_name(body.get("topic"), client=True)
+    group = _group(body.get("producer_group"))
+    check_url = _check_url(body.get("check_url"))
+    immunity = _int(body, "check_immunity_ms", 0, 24 * 3600_000)
+    store = coordinator.broker_store
+    topic = store.topic(topic_name)
+    now = coordinator.timers.now_ms()
+    msg, deliver_at = parse_message(
+        body.get("message"), topic_name, max_body=store.config.max_body_bytes, now_ms=now
+    )
+    msg.queue_id = store.select_queue(topic, msg.properties.get(PROP_SHARDING_KEY))
+    row = await coordinator.prepare(
+        msg,
+        deliver_at_ms=deliver_at,
+        producer_group=group,
+        check_url=check_url,
+        check_immunity_ms=immunity,
+    )
+    return json_response({"tx_id": row.tx_id, "msg_id": row.msg_id.hex()}, status=201)
+
+
+@routes.post("/v1/transactions/{tx_id}/commit")
+async def commit(request: web.Request) -> web.Response:
+    row = await request.app[TX].commit(request.match_info["tx_id"])
+    return json_response({"state": row.state.value})
+
+
+@routes.post("/v1/transactions/{tx_id}/rollback")
+async def rollback(request: web.Request) -> web.Response:
+    row = await request.app[TX].rollback(request.match_info["tx_id"])
+    return json_response({"state": row.state.value})
+
+
+@routes.get("/v1/transactions/{tx_id}")
+async def get_transaction(request: web.Request) -> web.Response:
+    row = await request.app[TX].get(request.match_info["tx_id"])
+    return json_response(row.to_json())
+
+
+@routes.get("/v1/transactions")
+async def list_transactions(request: web.Request) -> web.Response:
+    try:
+        state = TxState(request.query.get("state", "check_max"))
+    except ValueError:
+        raise InvalidRequest(f"state must be one of {[s.value for s in TxState]}") from None
+    rows = await request.app[TX].list_state(state)
+    return json_response({"transactions": [r.to_json() for r in rows]})
+
+
+@routes.post("/v1/transactions/{tx_id}/check")
+async def answer_check(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    try:
+        event = TxEvent(str(body.get("state") if isinstance(body, dict) else None))
+    except ValueError:
+        raise InvalidRequest("'state' must be 'commit', 'rollback' or 'unknown'") from None
+    row = await request.app[TX].answer(request.match_info["tx_id"], event)
+    return json_response({"state": row.state.value})
+
+
+@routes.get("/v1/producers/{group}/checks")
+async def poll_checks(request: web.Request) -> web.Response:
+    group = _group(request.match_info["group"])
+    try:
+        wait_ms = int(request.query.get("wait_ms", "20000"))
+        max_n = int(request.query.get("max", "100"))
+    except ValueError:
+        raise InvalidRequest("wait_ms and max must be integers") from None
+    if not 0 <= wait_ms <= MAX_CHECK_WAIT_MS or not 1 <= max_n <= 1000:
+        raise InvalidRequest(f"wait_ms must be 0-{MAX_CHECK_WAIT_MS} and max 1-1000")
+    checks = await request.app[TX].poll_checks(group, max_n=max_n, wait_ms=wait_ms)
+    return json_response({"checks": checks})
