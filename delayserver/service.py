@@ -3,8 +3,8 @@
 Data flow. ``schedule`` writes messages to the :class:`DelayStore` (durable before it returns)
 and, when due inside the current window, also puts them in the timing wheel. A loader keeps the
 wheel filled ``window_ms`` ahead: when the horizon comes within half a window of now, it reads
-the next window from the store. So the wheel, and memory, hold only what falls due soon, however
-many messages are pending. When a bucket of the wheel expires, its messages are released as one
+the next quarter window from the store, in small pages. So the wheel, and memory, hold only what
+falls due soon, however many messages are pending. When a bucket of the wheel expires, its messages are released as one
 batch: switched back to their real topic with ``DELIVER_AT`` and ``RELEASED_AT`` properties, put
 into the broker core idempotently by ``(topic, msg_id)``, then marked delivered in the store. A
 crash between the put and the mark re-releases after restart, and the idempotent put drops the
@@ -79,7 +79,7 @@ class DelayService:
         timers: WheelTimers,
         *,
         window_ms: int = 60_000,
-        window_limit: int = 10_000,
+        window_limit: int = 2_000,
         history_ms: int = 72 * 3600_000,
     ) -> None:
         self.store = store
@@ -170,7 +170,10 @@ class DelayService:
                 self._wake_loader.clear()
                 continue
             try:
-                await self._load(self._horizon_ms, self._horizon_ms + self.window_ms)
+                # A quarter window at a time, as soon as the horizon is within half a window:
+                # the reads come often and small rather than rarely and large, so no single
+                # load competes with due releases for long.
+                await self._load(self._horizon_ms, self._horizon_ms + self.window_ms // 4)
                 PENDING.set(await self.store.pending())
             except DelayStoreUnavailable as e:
                 log.error("delay.load_failed", error=str(e))

@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS tx (
     updated_at     INTEGER NOT NULL,
     record         BLOB
 );
+CREATE UNIQUE INDEX IF NOT EXISTS tx_msg_id ON tx (msg_id);
 CREATE INDEX IF NOT EXISTS tx_open ON tx (state) WHERE state IN ('prepared', 'check_max');
 CREATE INDEX IF NOT EXISTS tx_undelivered ON tx (delivered) WHERE delivered = 0;
 CREATE INDEX IF NOT EXISTS tx_finished ON tx (updated_at)
@@ -245,7 +246,8 @@ class Coordinator:
         check_url: str | None,
         check_immunity_ms: int | None,
     ) -> TxRow:
-        """Store the half message durably; returns its transaction."""
+        """Store the half message durably; returns its transaction. Idempotent by the message's
+        ``msg_id``: a prepare resent with the same id (a client retry) returns the first one."""
         if not msg.msg_id:
             msg.msg_id = self.broker_store.new_msg_id()
         now = self.timers.now_ms()
@@ -282,11 +284,18 @@ class Coordinator:
             now,
             row.record,
         )
-        await self.db.write(
-            lambda db: db.execute(
-                f"INSERT INTO tx ({_COLUMNS}) VALUES ({','.join('?' * 13)})", values
-            )
-        )
+
+        def run(db: sqlite3.Connection) -> TxRow | None:
+            prior = db.execute(f"SELECT {_COLUMNS} FROM tx WHERE msg_id = ?", (row.msg_id,))
+            found = prior.fetchone()
+            if found is not None:
+                return TxRow.from_sql(found)
+            db.execute(f"INSERT INTO tx ({_COLUMNS}) VALUES ({','.join('?' * 13)})", values)
+            return None
+
+        first = await self.db.write(run)
+        if first is not None:
+            return first
         self._arm(row.tx_id, row.next_check_at)
         return row
 

@@ -135,6 +135,28 @@ async def test_half_message_is_invisible_until_commit_and_outcomes_are_final(
         await node.tx.commit("no-such-tx")
 
 
+async def test_a_resent_prepare_returns_the_first_transaction(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    node = await _node(nodes, tmp_path / "d", TxSettings(check_immunity_ms=60_000))
+    msg_id = node.broker.store.new_msg_id()
+
+    async def prepare() -> str:
+        row = await node.tx.prepare(
+            Message("orders", b"once", msg_id=msg_id),
+            deliver_at_ms=node.timers.now_ms(),
+            producer_group="svc",
+            check_url=None,
+            check_immunity_ms=None,
+        )
+        return row.tx_id
+
+    first, second = await prepare(), await prepare()
+    assert first == second
+    await node.tx.commit(first)
+    assert node.bodies("orders") == [b"once"]
+
+
 async def test_concurrent_commits_deliver_once(nodes: list[Node], tmp_path: Path) -> None:
     node = await _node(nodes, tmp_path / "d", TxSettings(check_immunity_ms=60_000))
     tx_id = await node.prepare(b"once")
