@@ -17,6 +17,7 @@ from broker_core.groups import Delivery, GroupConfig, GroupManager
 from broker_core.message import Message, StoredMessage, is_system_topic
 from broker_core.protocols import Scheduler, Timers
 from broker_core.store import MessageStore, PutResult, TopicConfig
+from broker_core.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -56,11 +57,7 @@ class Broker:
     async def stop(self) -> None:
         with contextlib.suppress(ValueError):  # never added: start() failed early
             metrics.LAG.sources.remove(self.groups.lag_by_group)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         await self.groups.stop()
         await self.store.stop()

@@ -14,7 +14,6 @@ sharding key).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 from collections import deque
@@ -40,6 +39,7 @@ from broker_core.message import StoredMessage
 from broker_core.protocols import Scheduler, Timers
 from broker_core.retry import delivery_attempt, dlq_topic, plan_redelivery, retry_topic
 from broker_core.store import MessageStore, write_json_atomic
+from broker_core.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -554,12 +554,8 @@ class GroupManager:
         return out
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            # Cancelled or failed: what was not stored is delivered again after a restart.
-            with contextlib.suppress(BaseException):
-                await task
+        # Cancelled or failed: what was not stored is delivered again after a restart.
+        await cancel_and_wait(self._tasks)
         for waiters in self._waiters.values():
             for f in waiters:
                 if not f.done():

@@ -1,17 +1,17 @@
 """The delay service: stores delayed messages and releases each into its topic on time.
 
-Data flow. ``schedule`` writes messages to the :class:`DelayStore` (durable before it returns)
-and, when due inside the current window, also puts them in the timing wheel. A loader keeps the
-wheel filled ``window_ms`` ahead: when the horizon comes within half a window of now, it reads
-the next quarter window from the store, in small pages. So the wheel, and memory, hold only what
-falls due soon, however many messages are pending. When a bucket of the wheel expires, its messages are released as one
-batch: switched back to their real topic with ``DELIVER_AT`` and ``RELEASED_AT`` properties, put
-into the broker core idempotently by ``(topic, msg_id)``, then marked delivered in the store. A
-crash between the put and the mark re-releases after restart, and the idempotent put drops the
-copy: a message is never in its topic twice.
+Data flow. ``schedule`` writes messages to the :class:`DelayStore` (durable before it returns) and,
+when due inside the current window, also puts them in the timing wheel. A loader keeps the wheel
+filled ``window_ms`` ahead: when the horizon comes within half a window of now, it reads the next
+quarter window from the store, in small pages. So the wheel, and memory, hold only what falls due
+soon, however many messages are pending. When a bucket of the wheel expires, its messages are
+released as one batch: switched back to their real topic with ``DELIVER_AT`` and ``RELEASED_AT``
+properties, put into the broker core idempotently by ``(topic, msg_id)``, then marked delivered in
+the store. A crash between the put and the mark re-releases after restart, and the idempotent put
+drops the copy: a message is never in its topic twice.
 
-Restart: the window loads from time 0, so whatever fell due while the server was down is
-released right after start, and nothing before its time.
+Restart: the window loads from time 0, so whatever fell due while the server was down is released
+right after start, and nothing before its time.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from broker_core.errors import StoreUnavailable
 from broker_core.message import PROP_DELIVER_AT, PROP_RELEASED_AT, Message
 from broker_core.store import MessageStore
+from broker_core.tasks import cancel_and_wait
 from delayserver.store import (
     DelayedInfo,
     DelayState,
@@ -117,11 +118,7 @@ class DelayService:
         log.info("delay.started", in_window=len(self._entries), pending=await self.store.pending())
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         for entry, _due in self._entries.values():
             entry.cancel()

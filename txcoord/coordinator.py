@@ -24,7 +24,6 @@ open transaction's timer from the database.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -42,6 +41,7 @@ from broker_core.errors import StoreUnavailable, TempoError
 from broker_core.message import Message
 from broker_core.protocols import Scheduler
 from broker_core.store import MessageStore
+from broker_core.tasks import cancel_and_wait
 from delayserver.sqlite import SqliteRunner
 from delayserver.store import decode_message, encode_message
 from txcoord.states import Step, TxEvent, TxState, step
@@ -204,11 +204,7 @@ class Coordinator:
             for f in waiters:
                 if not f.done():
                     f.set_result(None)
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(self._tasks)
         if self._http is not None:
             await self._http.close()
         await self.db.close()
