@@ -32,11 +32,19 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# Each bench/*.py script prints its own figures; files starting with "_" are helpers.
+# Each bench/*.py script prints its own figures and a JSON line, kept in docs/bench-results/;
+# files starting with "_" are helpers. The delay bench also saves its lateness histogram, and
+# bench/plots.py draws docs/img/*.png from the results.
+RESULTS := docs/bench-results
+
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@mkdir -p $(RESULTS)
 	@set -e; for script in bench/*.py; do \
-		[ -e "$$script" ] || { echo "no benchmarks in bench/"; break; }; \
-		case "$$(basename "$$script")" in _*) continue ;; esac; \
+		name=$$(basename "$$script" .py); \
+		case "$$name" in _*|plots|delay_release) continue ;; esac; \
 		echo "== $$script"; \
-		$(BIN)/python "$$script"; \
+		$(BIN)/python "$$script" | tee $(RESULTS)/$$name.json; \
 	done
+	$(BIN)/python bench/delay_release.py --save $(RESULTS)/delay_release.json
+	$(BIN)/python bench/plots.py $(RESULTS)/*.json

@@ -19,6 +19,7 @@ import asyncio
 import gc
 import json
 import random
+from collections import Counter
 import shutil
 import tempfile
 import time
@@ -120,6 +121,7 @@ async def bench(args: argparse.Namespace, data: Path) -> dict[str, object]:
     await schedule_many(node, "lateness", [start + i * 1000 // args.rate for i in range(n)])
     await wait_in_topic(node, "lateness", n, args.seconds + 30)
     late = node.lateness_ms("lateness")
+    out["lateness_histogram_ms"] = {str(k): v for k, v in sorted(Counter(late).items())}
     out.update(
         lateness_p50_ms=pct(late, 50),
         lateness_p99_ms=pct(late, 99),
@@ -193,6 +195,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--burst", type=int, default=200_000)
     ap.add_argument("--memory", type=int, default=0, help="only measure RSS with N pending")
+    ap.add_argument(
+        "--save",
+        type=Path,
+        help="also write the JSON result (with the lateness "
+        "histogram) to this file, for bench/plots.py",
+    )
     args = ap.parse_args()
     data = Path(tempfile.mkdtemp(prefix="tempomq-delay-bench-"))
     try:
@@ -221,7 +229,11 @@ def main() -> None:
             )
     finally:
         shutil.rmtree(data, ignore_errors=True)
-    print(json.dumps({"bench": "delay_release", **out}))
+    result = {"bench": "delay_release", **out}
+    if args.save:
+        args.save.write_text(json.dumps(result) + "\n")
+    result.pop("lateness_histogram_ms", None)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
