@@ -19,10 +19,10 @@ import asyncio
 import gc
 import json
 import random
-from collections import Counter
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from broker_core.broker import Broker
