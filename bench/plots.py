@@ -63,7 +63,7 @@ def plot_lateness(result: dict[str, object]) -> Path:
     ax.axvline(10, color="tab:orange", linestyle="--", label="p99 bar (10 ms)")
     ax.axvline(50, color="tab:red", linestyle=":", label="max bar (50 ms)")
     ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlabel("release lateness: RELEASED_AT − DELIVER_AT (ms)")
+    ax.set_xlabel("release lateness: RELEASED_AT - DELIVER_AT (ms)")
     ax.set_ylabel("messages released within (%)")
     ax.set_title(
         f"{total:,} releases at {result['rate_per_s']:,}/s with {result['pending']:,} pending"
