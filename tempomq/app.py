@@ -43,6 +43,7 @@ from delayserver.store import DelayStore
 from delayserver.timers import TimerService
 from tempomq.config import HostPort, Settings
 from tempomq.logs import bound, get_logger
+from tempomq.probe import ProbeSchedule
 from txcoord.coordinator import Coordinator, TxSettings
 from txcoord.http import TX
 from txcoord.http import routes as tx_routes
@@ -261,6 +262,7 @@ async def _run_broker(app: web.Application) -> AsyncIterator[None]:
 async def _answer_long_polls(app: web.Application) -> None:
     # on_shutdown runs before the server waits for in-flight requests: answer long polls now.
     app[BROKER].begin_shutdown()
+    app[TX].begin_shutdown()
 
 
 def make_delay_store(settings: Settings) -> DelayStore:
@@ -335,6 +337,9 @@ def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
         max_line_size=MAX_LINE_BYTES,
         max_field_size=MAX_FIELD_BYTES,
         max_headers=MAX_HEADERS,
+        # A client that hangs up cancels its request: a long poll it abandoned must not go on
+        # to take messages (and hide them for invisible_ms) with nobody to hand them to.
+        handler_cancellation=True,
     )
 
 
@@ -354,6 +359,7 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
 
     runner = make_runner(build_app(settings), settings)
+    probe: ProbeSchedule | None = None
     try:
         try:
             await runner.setup()
@@ -368,8 +374,13 @@ async def serve(settings: Settings) -> int:
             return 1
         for host, port, *_ in runner.addresses:
             log.info("listening", url=f"http://{HostPort(host, port)}")
+        # The probe goes through HTTP like any client, so it starts once the port listens and
+        # stops before the server does.
+        probe = start_probe(settings, runner)
         await stop.wait()
     finally:
+        if probe is not None:
+            await probe.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         # Stops accepting, waits up to shutdown_timeout for in-flight requests, then runs the
@@ -377,6 +388,22 @@ async def serve(settings: Settings) -> int:
         await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+def start_probe(settings: Settings, runner: web.AppRunner) -> ProbeSchedule | None:
+    """The in-server reconciliation probe, when ``--probe-interval`` asks for one."""
+    if settings.probe_interval_ms <= 0:
+        return None
+    host, port = runner.addresses[0][:2]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    probe = ProbeSchedule(
+        f"http://{HostPort(host, port)}",
+        interval_s=settings.probe_interval_ms / 1000,
+        duration_s=settings.probe_duration_ms / 1000,
+        rate=settings.probe_rate,
+    )
+    probe.start()
+    return probe
 
 
 def run(settings: Settings) -> int:

@@ -1,8 +1,11 @@
 """The ``tempomq`` command line: one subcommand per entry in :data:`COMMANDS`.
 
-``serve`` runs the service. Client commands (topic, send, receive, ...) are meant to join the
-registry later; they will speak HTTP through the SDK, which is why ``serve`` imports the server
-only when it runs.
+``serve`` runs the service. The operator commands (topic, send, receive, ..., probe) are defined
+as data in :mod:`tempomq.ops` and joined into the same registry here; they speak HTTP through
+the SDK, which is why ``serve`` imports the server only when it runs.
+
+Exit codes: 0 ok, 1 runtime or server failure, 2 usage error, 3 not found, 4 conflict, 5 the
+probe found a problem, 130 interrupted (:mod:`tempomq.ops` has the details).
 """
 
 from __future__ import annotations
@@ -10,20 +13,33 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
-from tempomq import config
+from tempomq import config, ops
 from tempomq.logs import configure_logging, get_logger
 
 PROG = "tempomq"
 
+EPILOG = """\
+exit codes: 0 ok; 1 server failure or unreachable; 2 usage error; 3 not found;
+4 conflict; 5 the probe found lost, duplicated or unexpected messages; 130 interrupted.
+Client commands talk to --url (env TEMPOMQ_URL, default http://127.0.0.1:8080).
+"""
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
 
 @dataclass(frozen=True, slots=True)
 class Command:
+    """A leaf (``run``) or a noun with commands under it (``subcommands``)."""
+
     help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    add_arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
+    run: Callable[[argparse.Namespace], int] | None = None
+    subcommands: Mapping[str, Command] = field(default_factory=dict)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -31,10 +47,17 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     log = get_logger("tempomq.cli")
     for name in config.unknown_env_vars(os.environ):
-        log.warning("environment variable sets no option; misspelt?", variable=name)
+        if name not in ops.CLIENT_ENV_VARS:
+            log.warning("environment variable sets no option; misspelt?", variable=name)
     from tempomq.app import run
 
     return run(settings)
+
+
+def _from_op(entry: ops.Op | ops.OpGroup) -> Command:
+    if isinstance(entry, ops.OpGroup):
+        return Command(entry.help, subcommands={n: _from_op(e) for n, e in entry.ops.items()})
+    return Command(entry.help, add_arguments=entry.add_arguments, run=entry.run)
 
 
 COMMANDS: dict[str, Command] = {
@@ -43,23 +66,38 @@ COMMANDS: dict[str, Command] = {
         add_arguments=config.add_arguments,
         run=_serve,
     ),
+    **{name: _from_op(entry) for name, entry in ops.OPERATIONS.items()},
 }
+
+
+def _add_commands(
+    parser: argparse.ArgumentParser, commands: Mapping[str, Command], dest: str
+) -> None:
+    metavar = "COMMAND" if dest == "command" else "ACTION"
+    subparsers = parser.add_subparsers(dest=dest, metavar=metavar, required=True)
+    for name, command in commands.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        if command.subcommands:
+            _add_commands(sub, command.subcommands, f"{dest}_{name}")
+        else:
+            sub.set_defaults(_run=command.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Delayed and transactional messages on a durable embedded broker core.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, command in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=command.help, description=command.help)
-        command.add_arguments(sub)
+    _add_commands(parser, COMMANDS, "command")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 1 runtime failure, 2 usage error)."""
+    """Run the command line; returns the exit code (0 ok, 1 runtime failure, 2 usage error,
+    3-5 and 130 as listed in :mod:`tempomq.ops`)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -67,8 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # argparse exits on --help (0) and on usage errors (2); return the code instead, so
         # callers and tests get an int from main() whatever happened.
         return exc.code if isinstance(exc.code, int) else 2
+    run: Callable[[argparse.Namespace], int] = args._run
     try:
-        return COMMANDS[args.command].run(args)
+        return run(args)
     except config.ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

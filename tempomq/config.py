@@ -230,6 +230,10 @@ class Settings:
     tx_check_interval_ms: int = 30_000
     tx_check_max: int = 15
     tx_check_timeout_ms: int = 5_000
+    #: Run the reconciliation probe inside the server this often (0: never).
+    probe_interval_ms: int = 0
+    probe_duration_ms: int = 10_000
+    probe_rate: int = 20
 
     def __post_init__(self) -> None:
         for check in _CROSS_CHECKS:
@@ -358,6 +362,15 @@ OPTIONS: tuple[Option, ...] = (
         DURATION,
         "how long a producer has to answer one check-back",
     ),
+    Option(
+        "probe-interval",
+        "probe_interval_ms",
+        DURATION,
+        "run the reconciliation probe in the server this often and export its results as "
+        "tempomq_probe_* metrics (0: never)",
+    ),
+    Option("probe-duration", "probe_duration_ms", DURATION, "how long one in-server probe sends"),
+    Option("probe-rate", "probe_rate", count(1), "probe messages per second during a run"),
 )
 
 _BY_FIELD = {opt.field: opt for opt in OPTIONS}
@@ -403,10 +416,21 @@ def _check_queues(s: Settings) -> None:
         raise _fail("default_queues", f"must be between 1 and --max-queues ({s.max_queues})")
 
 
+def _check_probe(s: Settings) -> None:
+    if s.probe_interval_ms <= 0:
+        return
+    if s.probe_duration_ms <= 0:
+        raise _fail("probe_duration_ms", "must be longer than 0")
+    # Same bound as the probe's own (tempomq.probe.MAX_MESSAGES), without importing the client.
+    if s.probe_rate * s.probe_duration_ms // 1000 > 500_000:
+        raise _fail("probe_rate", "rate x duration must stay within 500,000 messages a run")
+
+
 _CROSS_CHECKS: tuple[Callable[[Settings], None], ...] = (
     _check_positive_times,
     _check_sizes,
     _check_queues,
+    _check_probe,
 )
 
 

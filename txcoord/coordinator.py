@@ -198,12 +198,14 @@ class Coordinator:
         self._spawn(self._housekeeper())
         log.info("tx.started", open=sum(r.state is TxState.PREPARED for r in rows))
 
-    async def stop(self) -> None:
+    def begin_shutdown(self) -> None:
+        """Answer every producer's long poll now (empty): the server is stopping."""
         self._closing = True
-        for waiters in self._waiters.values():
-            for f in waiters:
-                if not f.done():
-                    f.set_result(None)
+        for group in list(self._waiters):
+            self.wake(group)
+
+    async def stop(self) -> None:
+        self.begin_shutdown()
         await cancel_and_wait(self._tasks)
         if self._http is not None:
             await self._http.close()

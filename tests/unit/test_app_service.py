@@ -77,6 +77,9 @@ class FakeTx:
     def health(self) -> str | None:
         return None
 
+    def begin_shutdown(self) -> None:
+        self.events.append("tx.begin_shutdown")
+
 
 class FakeBroker:
     def __init__(self, config: BrokerConfig, *, timers: FakeTimers, scheduler: object) -> None:
@@ -397,6 +400,7 @@ LIFECYCLE = [
     "delay.start",
     "tx.start",
     "broker.begin_shutdown",
+    "tx.begin_shutdown",
     "tx.stop",
     "delay.stop",
     "broker.stop",
