@@ -50,7 +50,7 @@ def dig(data: dict[str, object], keys: tuple[str, ...]) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def plot_lateness(result: dict[str, object]) -> Path:
+def plot_lateness(result: dict[str, object], out: Path) -> Path:
     hist = {int(k): v for k, v in result["lateness_histogram_ms"].items()}  # type: ignore[union-attr]
     total = sum(hist.values())
     xs, ys, seen = [], [], 0
@@ -70,13 +70,13 @@ def plot_lateness(result: dict[str, object]) -> Path:
     )
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
-    path = OUT / "lateness.png"
+    path = out / "lateness.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
 
 
-def plot_throughput(results: dict[str, dict[str, object]]) -> Path:
+def plot_throughput(results: dict[str, dict[str, object]], out: Path) -> Path:
     labels, values, bars = [], [], []
     for bench, keys, label, bar in THROUGHPUT:
         value = dig(results.get(bench, {}), keys)
@@ -93,7 +93,7 @@ def plot_throughput(results: dict[str, dict[str, object]]) -> Path:
     ax.set_title("throughput against its bar (2 vCPUs)")
     ax.legend()
     ax.grid(True, axis="y", alpha=0.3)
-    path = OUT / "throughput.png"
+    path = out / "throughput.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
@@ -102,12 +102,13 @@ def plot_throughput(results: dict[str, dict[str, object]]) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=OUT, help="where the PNG files go")
     args = ap.parse_args()
     results = load(args.results)
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     if "delay_release" in results and "lateness_histogram_ms" in results["delay_release"]:
-        print(plot_lateness(results["delay_release"]))
-    print(plot_throughput(results))
+        print(plot_lateness(results["delay_release"], args.out))
+    print(plot_throughput(results, args.out))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""Every benchmark script runs to its end and prints its figures as a JSON line.
+
+Tiny sizes, and nothing about the figures themselves is asserted: speed is measured by running
+the scripts (see docs/benchmarks.md), never by a test. This only keeps the scripts working.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.services import reachable, services_required
+
+pytestmark = pytest.mark.e2e
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+SMALL = {
+    "put_inprocess": ["--messages", "4000"],
+    "sync_flush": ["--single-messages", "20", "--concurrent-messages", "640"],
+    "http_produce": ["--seconds", "0.5"],
+    "http_consume": ["--messages", "2000"],
+    "delay_release": ["--pending", "2000", "--rate", "200", "--seconds", "1", "--burst", "2000"],
+    "wheel_bench": ["--max-pending", "10000", "--ops", "2000"],
+}
+NEEDS_REDIS = {
+    "http_schedule": ["--seconds", "0.5"],
+    "delay_store_bench": ["--messages", "2000"],
+}
+NEEDS_MYSQL = {"tx_bench": ["--seconds", "0.5", "--warmup", "0.2", "--producers", "4"]}
+
+
+def _run(name: str, args: list[str], tmp_path: Path) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, str(BENCH / f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"{name} printed no JSON line:\n{out.stdout[-2000:]}"
+    result: dict[str, object] = json.loads(lines[-1])
+    return result
+
+
+def _require(name: str, host: str, port: int) -> None:
+    if not reachable(host, port):
+        if services_required():
+            pytest.fail(f"{name} at {host}:{port} is required (CI=true) but unreachable")
+        pytest.skip(f"{name} at {host}:{port} is not reachable")
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_bench_script_runs(name: str, tmp_path: Path) -> None:
+    assert _run(name, SMALL[name], tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_REDIS))
+def test_bench_script_with_redis_runs(name: str, tmp_path: Path) -> None:
+    _require("Redis", "127.0.0.1", 6379)
+    assert _run(name, NEEDS_REDIS[name], tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_MYSQL))
+def test_bench_script_with_mysql_runs(name: str, tmp_path: Path) -> None:
+    _require("MariaDB", "127.0.0.1", 3306)
+    assert _run(name, NEEDS_MYSQL[name], tmp_path)
+
+
+def test_plots_are_drawn_from_results(tmp_path: Path) -> None:
+    result = _run("delay_release", [*SMALL["delay_release"], "--save", "r.json"], tmp_path)
+    assert result["bench"] == "delay_release"
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "plots.py"), str(tmp_path / "r.json"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "lateness.png").stat().st_size > 0
+    assert (tmp_path / "throughput.png").stat().st_size > 0
