@@ -24,6 +24,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from types import TracebackType
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -66,7 +67,9 @@ class TransactionalProducer:
         self._check = check
         self._check_immunity_ms = check_immunity_ms
         self._pollers: list[asyncio.Task[None]] = []
-        self._answering = asyncio.Semaphore(CHECK_CONCURRENCY)
+        #: Check-backs being answered, by tx_id: one stuck on a database lock (its local
+        #: transaction still open) must not keep the others waiting.
+        self._answers: dict[str, asyncio.Task[None]] = {}
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -141,9 +144,10 @@ class TransactionalProducer:
     async def stop(self) -> None:
         """Stop answering; a check-back cut off here is asked again by the coordinator."""
         pollers, self._pollers = self._pollers, []
-        for task in pollers:
+        tasks = pollers + list(self._answers.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*pollers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def __aenter__(self) -> TransactionalProducer:
         self.start()
@@ -160,9 +164,15 @@ class TransactionalProducer:
     async def _poll(self, endpoint: str) -> None:
         failures = 0
         while True:
+            free = CHECK_CONCURRENCY - len(self._answers)
+            if free <= 0:  # as many answers under way as allowed: wait for one to finish
+                await asyncio.wait(
+                    list(self._answers.values()), return_when=asyncio.FIRST_COMPLETED
+                )
+                continue
             try:
                 checks = await self.client.poll_checks(
-                    endpoint, self.group, wait_ms=POLL_WAIT_MS, max_checks=POLL_MAX
+                    endpoint, self.group, wait_ms=POLL_WAIT_MS, max_checks=min(POLL_MAX, free)
                 )
             except Exception as e:  # the listener must outlive any one failure; it backs off
                 failures += 1
@@ -170,10 +180,16 @@ class TransactionalProducer:
                 await asyncio.sleep(min(POLL_BACKOFF_MAX_S, 0.1 * 2 ** min(failures, 10)))
                 continue
             failures = 0
-            if checks:
-                async with asyncio.TaskGroup() as group:
-                    for request in checks:
-                        group.create_task(self._answer(endpoint, request))
+            for request in checks:
+                if request.tx_id in self._answers:
+                    continue  # asked again while the first answer is still being worked out
+                task = asyncio.create_task(self._answer(endpoint, request))
+                self._answers[request.tx_id] = task
+                task.add_done_callback(partial(self._answered, request.tx_id))
+
+    def _answered(self, tx_id: str, task: asyncio.Task[None]) -> None:
+        if self._answers.get(tx_id) is task:
+            del self._answers[tx_id]
 
     async def decide(self, request: CheckRequest) -> CheckAnswer:
         """The answer to one check-back; ``unknown`` when it cannot be decided now (the
@@ -188,9 +204,8 @@ class TransactionalProducer:
             return "unknown"
 
     async def _answer(self, endpoint: str, request: CheckRequest) -> None:
-        async with self._answering:
-            answer = await self.decide(request)
-            try:
-                await self.client.answer_check(endpoint, request.tx_id, answer)
-            except Exception as e:  # asked again later; the poller must go on
-                log.warning("answer %s to check of %s failed: %r", answer, request.tx_id, e)
+        answer = await self.decide(request)
+        try:
+            await self.client.answer_check(endpoint, request.tx_id, answer)
+        except Exception as e:  # asked again later; the poller must go on
+            log.warning("answer %s to check of %s failed: %r", answer, request.tx_id, e)
