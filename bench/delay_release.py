@@ -36,13 +36,16 @@ BODY = b"x" * 256
 
 
 class Node:
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, window_ms: int = 10_000) -> None:
         self.timers = TimerService()
         self.broker = Broker(BrokerConfig(data_dir=data), timers=self.timers)
         # A 10 s window (the server's is 60 s): the loader brings every measured message in,
         # several times during the run, as it would for messages scheduled long before.
         self.delay = DelayService(
-            EmbeddedDelayStore(data / "delay.db"), self.broker.store, self.timers, window_ms=10_000
+            EmbeddedDelayStore(data / "delay.db"),
+            self.broker.store,
+            self.timers,
+            window_ms=window_ms,
         )
 
     async def start(self) -> None:
@@ -99,7 +102,7 @@ def pct(values: list[int], p: float) -> int:
 
 async def bench(args: argparse.Namespace, data: Path) -> dict[str, object]:
     out: dict[str, object] = {"pending": args.pending}
-    node = Node(data)
+    node = Node(data, args.window_ms)
     await node.start()
     for t in ("lateness", "burst", "restart"):
         await node.broker.create_topic(t, 8)
@@ -117,7 +120,8 @@ async def bench(args: argparse.Namespace, data: Path) -> dict[str, object]:
 
     # 1. lateness at a steady release rate
     n = args.rate * args.seconds
-    start = node.timers.now_ms() + 12_000  # beyond the first window: the loader brings them
+    # Beyond the first window: the loader brings them in.
+    start = node.timers.now_ms() + args.window_ms + 2000
     await schedule_many(node, "lateness", [start + i * 1000 // args.rate for i in range(n)])
     await wait_in_topic(node, "lateness", n, args.seconds + 30)
     late = node.lateness_ms("lateness")
@@ -140,7 +144,7 @@ async def bench(args: argparse.Namespace, data: Path) -> dict[str, object]:
     await node.stop()
 
     # 3. restart with everything still pending
-    node = Node(data)
+    node = Node(data, args.window_ms)
     t0 = time.perf_counter()
     await node.start()
     out["restart_serving_s"] = round(time.perf_counter() - t0, 3)
@@ -195,6 +199,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--burst", type=int, default=200_000)
     ap.add_argument("--memory", type=int, default=0, help="only measure RSS with N pending")
+    ap.add_argument("--window-ms", type=int, default=10_000, help="the delay service's window")
     ap.add_argument(
         "--save",
         type=Path,
