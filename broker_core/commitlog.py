@@ -119,10 +119,13 @@ class CommitLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         starts = sorted(int(p.name) for p in self.dir.iterdir() if p.name.isdigit())
         for start in starts:
-            if start % self.segment_bytes:
+            size = (self.dir / f"{start:0{_NAME_DIGITS}d}").stat().st_size
+            if start % self.segment_bytes or size != self.segment_bytes:
+                # Never resize: shrinking a segment would cut off its records.
                 raise RuntimeError(
-                    f"segment {start} does not match segment_bytes={self.segment_bytes}; "
-                    "the segment size of an existing data directory cannot change"
+                    f"CommitLog segment {start} is {size} bytes but --segment-bytes is "
+                    f"{self.segment_bytes}; the segment size of an existing data directory "
+                    "cannot change"
                 )
             self._open_segment(start, create=False)
         marker = self.dir / _CLEAN_MARKER

@@ -363,7 +363,7 @@ async def serve(settings: Settings) -> int:
     try:
         try:
             await runner.setup()
-        except (OSError, TempoError) as exc:
+        except (OSError, RuntimeError, TempoError) as exc:
             log.error("startup failed", error=str(exc))
             return 1
         site = web.TCPSite(runner, settings.http.host, settings.http.port)

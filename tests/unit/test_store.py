@@ -767,3 +767,20 @@ async def test_puts_after_stop_are_refused(stores: Stores, tmp_path: Path) -> No
     await stores.stop(store)
     with pytest.raises(StoreUnavailable):
         await store.put(msg("orders", "late"))
+
+
+async def test_a_different_segment_size_is_refused_not_applied(
+    stores: Stores, tmp_path: Path
+) -> None:
+    """Opening a data directory with another segment size must not resize (cut) segments."""
+    store = await stores.start(tmp_path)
+    await store.create_topic("t", 1)
+    await store.put(msg("t", "kept"))
+    await stores.stop(store)
+    segment = next((tmp_path / "commitlog").glob("0*"))
+    size = segment.stat().st_size
+    with pytest.raises(RuntimeError, match="cannot change"):
+        await stores.start(tmp_path, segment_bytes=size * 2)
+    assert segment.stat().st_size == size
+    again = await stores.start(tmp_path)
+    assert all_in_queues(again, "t") == [b"kept"]
