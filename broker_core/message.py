@@ -77,10 +77,6 @@ class StoredMessage:
     size: int
 
     @property
-    def msg_id_hex(self) -> str:
-        return self.msg_id.hex()
-
-    @property
     def origin_msg_id(self) -> str:
         """The id the client knows: retries and dead letters keep the first message's id."""
         return self.properties.get(PROP_ORIGIN_MSG_ID) or self.msg_id.hex()

@@ -38,8 +38,6 @@ from broker_core.errors import (
 )
 from broker_core.index import Index
 from broker_core.message import (
-    DLQ_PREFIX,
-    RETRY_PREFIX,
     Message,
     MsgIdGenerator,
     StoredMessage,
@@ -578,7 +576,3 @@ class MessageStore:
             cq.drop_before(floor)
         self.index.drop_before(floor)
         return len(expired)
-
-
-def is_internal_topic(name: str) -> bool:
-    return name.startswith((RETRY_PREFIX, DLQ_PREFIX, "SYS_"))

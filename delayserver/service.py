@@ -17,7 +17,6 @@ right after start, and nothing before its time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -98,7 +97,6 @@ class DelayService:
         self._releasing: set[bytes] = set()
         self._due: list[Due] = []
         self._wake_releaser = asyncio.Event()
-        self._wake_loader = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         #: A message can already be in its topic only if an earlier run released it (and died
         #: before marking it delivered): its time is then before this run started.
@@ -162,9 +160,7 @@ class DelayService:
         while True:
             wait_s = (self._horizon_ms - self.window_ms // 2 - self.timers.now_ms()) / 1000
             if wait_s > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake_loader.wait(), wait_s)
-                self._wake_loader.clear()
+                await asyncio.sleep(wait_s)
                 continue
             try:
                 # A quarter window at a time, as soon as the horizon is within half a window:
@@ -221,15 +217,12 @@ class DelayService:
 
     # -- operations --------------------------------------------------------------------------------
 
-    def new_id(self, msg: Message) -> None:
-        if not msg.msg_id:
-            msg.msg_id = self.broker_store.new_msg_id()
-
     async def schedule(self, messages: Sequence[Message], deliver_at_ms: Sequence[int]) -> None:
         """Store ``messages`` durably for release at their times (the broker's Scheduler
         protocol). Assigns ``msg_id`` where a message has none."""
         for msg in messages:
-            self.new_id(msg)
+            if not msg.msg_id:
+                msg.msg_id = self.broker_store.new_msg_id()
         items = list(zip(messages, deliver_at_ms, strict=True))
         try:
             fresh = await self.store.schedule(items)
