@@ -6,14 +6,27 @@ Layout, for shard ``s`` of ``shards`` (a message's shard is ``crc32(msg_id) % sh
     {prefix}:{d<s>}:msg    HASH  msg_id -> encoded record          scheduled only
     {prefix}:{d<s>}:meta   HASH  msg_id -> "state|topic|deliver_at_ms|finished_at_ms"   all
     {prefix}:{d<s>}:done   ZSET  msg_id -> finished_at_ms          delivered and cancelled
+    {prefix}:{d<s>}:lease  STRING  owner id of the delay server releasing this shard (PX ttl)
+    {prefix}:{d<s>}:inbox  LIST  ids changed by another server, for the lease holder to re-read
+    {prefix}:servers       ZSET  owner id -> expiry_ms                live delay servers
 
-The ``{d<s>}`` hash tag puts one shard's four keys in one Redis Cluster slot, so every step on a
-shard is a single Lua script on a single node, and a shard can later be leased whole to one of
-several delay servers. ``meta`` is the source of truth for a message's state and makes
-``schedule`` idempotent (HSETNX); it outlives the record so that a finished message can still be
-queried until ``purge`` forgets it. The state is one letter (``s``, ``d``, ``c``) and the
-finished time is empty while scheduled; the topic sits between the first and the last two ``|``,
-so a topic containing ``|`` would still parse.
+The ``{d<s>}`` hash tag puts one shard's keys in one Redis Cluster slot, so every step on a
+shard is a single Lua script on a single node, and a shard is leased whole to one of several
+delay servers (:mod:`delayserver.leases`). ``meta`` is the source of truth for a message's state
+and makes ``schedule`` idempotent (HSETNX); it outlives the record so that a finished message can
+still be queried until ``purge`` forgets it. The state is one letter (``s`` scheduled, ``r``
+being released, ``d`` delivered, ``c`` cancelled) and the finished time is empty until
+finished; the topic sits between the first and the last two ``|``, so a topic containing ``|``
+would still parse.
+
+Several servers. A store made with an ``owner`` id tells the lease holder of a shard about every
+change it makes there while not holding that shard itself: scheduling a message due before
+``near_until_ms``, a cancel, a reschedule push the id onto the shard's ``inbox`` in the same
+script, atomically with the change and the check of the lease, so a change never slips between a
+lease moving and the new holder's first read. ``claim`` moves due messages from ``s`` to ``r``
+just before their release, so a cancel racing a release on another server either wins (the
+release skips the message) or answers "delivered"; an ``r`` message stays in ``due`` until it
+is marked delivered, so a holder that dies mid-release leaves it for the next one.
 
 Round trips: a batch is grouped by shard and sent as one pipeline with one script call per shard
 touched. Writes to several shards go in one MULTI/EXEC, so on a single Redis server a failed call
@@ -42,12 +55,13 @@ from __future__ import annotations
 import asyncio
 import heapq
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
@@ -55,6 +69,8 @@ from redis.commands.core import AsyncScript
 from broker_core.message import Message
 from delayserver.store import DelayedInfo, DelayState, DelayStoreUnavailable, Due, encode_message
 
+#: URL schemes that mean a Redis Cluster (any node's address; the client discovers the rest).
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 CONNECT_TIMEOUT_S = 2.0
 OP_TIMEOUT_S = 5.0
 HEALTH_TIMEOUT_S = 1.0
@@ -70,20 +86,40 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.exceptions.OutOfMemoryError,
 )
 
-_STATE_OF = {b"s": DelayState.SCHEDULED, b"d": DelayState.DELIVERED, b"c": DelayState.CANCELLED}
+#: "r" (being released) answers as delivered: it is past cancelling and will be in its topic.
+_STATE_OF = {
+    b"s": DelayState.SCHEDULED,
+    b"r": DelayState.DELIVERED,
+    b"d": DelayState.DELIVERED,
+    b"c": DelayState.CANCELLED,
+}
 
 # Every script gets the shard's keys in this order.
-_KEYS_DOC = "-- KEYS: 1 due, 2 msg, 3 meta, 4 done\n"
+_KEYS_DOC = "-- KEYS: 1 due, 2 msg, 3 meta, 4 done, 5 lease, 6 inbox\n"
+_NKEYS = 6
+
+# Tell the lease holder, unless that is the caller (owner '' never tells: a single server).
+_NOTIFY_FN = """local function others_hold(owner)
+  return owner ~= '' and redis.call('GET', KEYS[5]) ~= owner
+end
+"""
 
 _SCHEDULE_LUA = (
     _KEYS_DOC
-    + """-- ARGV: (msg_id, deliver_at_ms, meta, record) per message; returns 1 = stored, 0 = known
+    + _NOTIFY_FN
+    + """-- ARGV: owner, near_until_ms, then (msg_id, deliver_at_ms, meta, record) per message;
+-- returns 1 = stored, 0 = known
 local out = {}
-for i = 1, #ARGV, 4 do
+local notify = others_hold(ARGV[1])
+local near = tonumber(ARGV[2])
+for i = 3, #ARGV, 4 do
   local id = ARGV[i]
   if redis.call('HSETNX', KEYS[3], id, ARGV[i + 2]) == 1 then
     redis.call('ZADD', KEYS[1], ARGV[i + 1], id)
     redis.call('HSET', KEYS[2], id, ARGV[i + 3])
+    if notify and tonumber(ARGV[i + 1]) < near then
+      redis.call('RPUSH', KEYS[6], id)
+    end
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -93,11 +129,13 @@ return out
 """
 )
 
-# scheduled -> delivered or cancelled; returns the meta after the call (false when unknown).
-_FINISH_FN = """local function finish(id, state, at)
+# Scheduled (or, with releasing, being released) -> state; returns the meta after the call
+# (false when unknown).
+_FINISH_FN = """local function finish(id, state, at, releasing)
   local meta = redis.call('HGET', KEYS[3], id)
-  if meta and string.sub(meta, 1, 2) == 's|' then
-    meta = state .. '|' .. string.match(meta, '^s|(.*)|[^|]*$') .. '|' .. at
+  local from = meta and string.sub(meta, 1, 2)
+  if from == 's|' or (releasing and from == 'r|') then
+    meta = state .. '|' .. string.match(meta, '^.|(.*)|[^|]*$') .. '|' .. at
     redis.call('HSET', KEYS[3], id, meta)
     redis.call('ZREM', KEYS[1], id)
     redis.call('HDEL', KEYS[2], id)
@@ -112,7 +150,7 @@ _MARK_DELIVERED_LUA = (
     + _FINISH_FN
     + """-- ARGV: released_at_ms, msg_id...
 for i = 2, #ARGV do
-  finish(ARGV[i], 'd', ARGV[1])
+  finish(ARGV[i], 'd', ARGV[1], true)
 end
 return 0
 """
@@ -120,22 +158,78 @@ return 0
 
 _CANCEL_LUA = (
     _KEYS_DOC
+    + _NOTIFY_FN
     + _FINISH_FN
-    + """-- ARGV: msg_id, now_ms
-return finish(ARGV[1], 'c', ARGV[2])
+    + """-- ARGV: msg_id, now_ms, owner
+local before = redis.call('HGET', KEYS[3], ARGV[1])
+local meta = finish(ARGV[1], 'c', ARGV[2], false)
+if meta ~= before and others_hold(ARGV[3]) then
+  redis.call('RPUSH', KEYS[6], ARGV[1])
+end
+return meta
 """
 )
 
 _RESCHEDULE_LUA = (
     _KEYS_DOC
-    + """-- ARGV: msg_id, deliver_at_ms; moves it only while scheduled; returns the meta after
+    + _NOTIFY_FN
+    + """-- ARGV: msg_id, deliver_at_ms, owner; moves it only while scheduled;
+-- returns the meta after
 local meta = redis.call('HGET', KEYS[3], ARGV[1])
 if meta and string.sub(meta, 1, 2) == 's|' then
   meta = 's|' .. string.match(meta, '^s|(.*)|[^|]*|[^|]*$') .. '|' .. ARGV[2] .. '|'
   redis.call('HSET', KEYS[3], ARGV[1], meta)
   redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+  if others_hold(ARGV[3]) then
+    redis.call('RPUSH', KEYS[6], ARGV[1])
+  end
 end
 return meta
+"""
+)
+
+_CLAIM_LUA = (
+    _KEYS_DOC
+    + """-- ARGV: now_ms, msg_id...; returns per id 1 when it may be released now (scheduled
+-- and due, now marked being released; or already being released after a crash), else 0
+local out = {}
+local now = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local meta = redis.call('HGET', KEYS[3], id)
+  local from = meta and string.sub(meta, 1, 2)
+  local ok = 0
+  if from == 'r|' then
+    ok = 1
+  elseif from == 's|' and tonumber(string.match(meta, '|(%d+)|[^|]*$')) <= now then
+    redis.call('HSET', KEYS[3], id, 'r' .. string.sub(meta, 2))
+    ok = 1
+  end
+  out[#out + 1] = ok
+end
+return out
+"""
+)
+
+_RENEW_LUA = (
+    _KEYS_DOC
+    + """-- ARGV: owner, ttl_ms; 1 when the caller held the lease and it is extended, else 0
+if redis.call('GET', KEYS[5]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[5], ARGV[2])
+  return 1
+end
+return 0
+"""
+)
+
+_GIVE_UP_LUA = (
+    _KEYS_DOC
+    + """-- ARGV: owner; drops the lease if the caller holds it
+if redis.call('GET', KEYS[5]) == ARGV[1] then
+  redis.call('DEL', KEYS[5])
+  return 1
+end
+return 0
 """
 )
 
@@ -212,7 +306,8 @@ class RedisDelayStore:
         shards: int = 16,
         prefix: str = "tempomq",
         history_ms: int = 72 * 3600_000,
-        client: redis.asyncio.Redis | None = None,
+        client: redis.asyncio.Redis | RedisCluster | None = None,
+        owner: str = "",
     ) -> None:
         if shards < 1:
             raise ValueError("shards must be at least 1")
@@ -222,12 +317,23 @@ class RedisDelayStore:
         self.shards = shards
         self.prefix = prefix
         self.history_ms = history_ms
+        #: This server's id when several share the store (see the module docstring), else "".
+        self.owner = owner
+        #: Changes to messages due before this go to the lease holder's inbox (set by the
+        #: delay service to the end of its window, a little ahead).
+        self.near_until_ms = 0
         self._injected = client
-        self._client: redis.asyncio.Redis | None = None  # set while open
+        self._client: redis.asyncio.Redis | RedisCluster | None = None  # set while open
+        #: Redis Cluster: no MULTI/EXEC across shards (slots); each shard's step stays atomic.
+        self.cluster = isinstance(client, RedisCluster) or url.startswith(CLUSTER_SCHEMES)
         self._keys = [
-            [f"{prefix}:{{d{s}}}:{name}" for name in ("due", "msg", "meta", "done")]
+            [
+                f"{prefix}:{{d{s}}}:{name}"
+                for name in ("due", "msg", "meta", "done", "lease", "inbox")
+            ]
             for s in range(shards)
         ]
+        self._servers_key = f"{prefix}:servers"
         self._scripts: dict[str, AsyncScript] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -237,7 +343,11 @@ class RedisDelayStore:
         if self._client is None:
             self._client = self._injected if self._injected is not None else self._connect()
         client = self._client
-        if client.connection_pool.connection_kwargs.get("decode_responses"):
+        if isinstance(client, RedisCluster):
+            decodes = client.get_encoder().decode_responses
+        else:
+            decodes = client.connection_pool.connection_kwargs.get("decode_responses")
+        if decodes:
             raise ValueError("the Redis client must not decode responses (records are bytes)")
         self._scripts = {
             "schedule": client.register_script(_SCHEDULE_LUA),
@@ -246,10 +356,21 @@ class RedisDelayStore:
             "reschedule": client.register_script(_RESCHEDULE_LUA),
             "purge": client.register_script(_PURGE_LUA),
             "window": client.register_script(_WINDOW_LUA),
+            "claim": client.register_script(_CLAIM_LUA),
+            "renew": client.register_script(_RENEW_LUA),
+            "give_up": client.register_script(_GIVE_UP_LUA),
         }
         await self._load_scripts()
 
-    def _connect(self) -> redis.asyncio.Redis:
+    def _connect(self) -> redis.asyncio.Redis | RedisCluster:
+        if self.cluster:
+            # redis+cluster://host:port: any node of the cluster; the client finds the rest.
+            return RedisCluster.from_url(
+                self.url.replace("+cluster://", "://", 1),
+                socket_connect_timeout=CONNECT_TIMEOUT_S,
+                socket_timeout=OP_TIMEOUT_S,
+                health_check_interval=HEALTH_CHECK_INTERVAL_S,
+            )
         return redis.asyncio.Redis.from_url(
             self.url,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
@@ -283,31 +404,40 @@ class RedisDelayStore:
 
     async def schedule(self, items: Sequence[tuple[Message, int]]) -> list[bool]:
         by_shard: dict[int, list[int]] = {}  # shard -> positions in items
-        args: dict[int, list[bytes | int]] = {}
+        args: dict[int, list[bytes | int | str]] = {}
         for pos, (msg, deliver_at_ms) in enumerate(items):
             if not msg.msg_id:
                 raise ValueError("a message must have its msg_id before it is scheduled")
-            s = self._shard(msg.msg_id)
+            s = self.shard_of(msg.msg_id)
             by_shard.setdefault(s, []).append(pos)
             meta = b"s|%s|%d|" % (msg.topic.encode(), deliver_at_ms)
-            args.setdefault(s, []).extend((msg.msg_id, deliver_at_ms, meta, encode_message(msg)))
+            shard_args = args.get(s)
+            if shard_args is None:
+                shard_args = args[s] = [self.owner, self.near_until_ms]
+            shard_args.extend((msg.msg_id, deliver_at_ms, meta, encode_message(msg)))
         results = await self._run_per_shard("schedule", args, transaction=True)
-        out = [False] * len(items)
-        for s, flags in zip(args, results, strict=True):
-            for pos, flag in zip(by_shard[s], flags, strict=True):
-                out[pos] = bool(flag)
-        return out
+        return _in_order(len(items), by_shard, results)
 
     async def window(
-        self, from_ms: int, to_ms: int, limit: int, *, after_msg_id: bytes = b""
+        self,
+        from_ms: int,
+        to_ms: int,
+        limit: int,
+        *,
+        after_msg_id: bytes = b"",
+        shards: Collection[int] | None = None,
     ) -> list[Due]:
+        """As the protocol says; ``shards`` restricts it to those shards (None: all)."""
         if limit <= 0 or from_ms >= to_ms:
             return []
+        wanted = sorted(set(range(self.shards) if shards is None else shards))
+        if not wanted:
+            return []
         async with self._available():
-            chosen = await self._earliest(from_ms, after_msg_id, to_ms, limit)
+            chosen = await self._earliest(from_ms, after_msg_id, to_ms, limit, wanted)
             by_shard: dict[int, list[bytes]] = {}
             for msg_id, _at in chosen:
-                by_shard.setdefault(self._shard(msg_id), []).append(msg_id)
+                by_shard.setdefault(self.shard_of(msg_id), []).append(msg_id)
             pipe = self._redis().pipeline(transaction=False)
             for s, ids in by_shard.items():
                 pipe.hmget(self._keys[s][1], ids)
@@ -325,7 +455,7 @@ class RedisDelayStore:
         ]
 
     async def _earliest(
-        self, from_ms: int, after_msg_id: bytes, to_ms: int, limit: int
+        self, from_ms: int, after_msg_id: bytes, to_ms: int, limit: int, shards: list[int]
     ) -> list[tuple[bytes, int]]:
         """The first ``limit`` (msg_id, deliver_at_ms) of all shards after the cursor
         ``(from_ms, after_msg_id)``, by (time, id).
@@ -338,11 +468,11 @@ class RedisDelayStore:
         up to four times as many in all (at most ``limit``, which is always complete). Usually
         one round trip; a few at most.
         """
-        ask = min(limit, -(-2 * limit // self.shards) + 16)
-        got: dict[int, list[tuple[bytes, int]]] = {s: [] for s in range(self.shards)}
-        todo = list(range(self.shards))
+        ask = min(limit, -(-2 * limit // len(shards)) + 16)
+        got: dict[int, list[tuple[bytes, int]]] = {s: [] for s in shards}
+        todo = list(shards)
         while True:
-            args: dict[int, list[bytes | int]] = {}
+            args: dict[int, list[bytes | int | str]] = {}
             for s in todo:
                 last_id, last_at = got[s][-1] if got[s] else (after_msg_id, from_ms)
                 args[s] = [last_at, last_id, to_ms, ask - len(got[s])]
@@ -362,10 +492,10 @@ class RedisDelayStore:
             ask = min(limit, ask * 4)
 
     async def due(self, msg_id: bytes) -> Due | None:
-        keys = self._keys[self._shard(msg_id)]
+        keys = self._keys[self.shard_of(msg_id)]
         async with self._available():
             # MULTI/EXEC (one slot): the state and the record are read at one instant.
-            pipe = self._redis().pipeline(transaction=True)
+            pipe = self._redis().pipeline(transaction=not self.cluster)
             pipe.hget(keys[2], msg_id)
             pipe.hget(keys[1], msg_id)
             meta, record = await pipe.execute()
@@ -375,9 +505,9 @@ class RedisDelayStore:
         return Due(msg_id, info.deliver_at_ms, record)
 
     async def mark_delivered(self, msg_ids: Sequence[bytes], released_at_ms: int) -> None:
-        args: dict[int, list[bytes | int]] = {}
+        args: dict[int, list[bytes | int | str]] = {}
         for msg_id in msg_ids:
-            args.setdefault(self._shard(msg_id), [released_at_ms]).append(msg_id)
+            args.setdefault(self.shard_of(msg_id), [released_at_ms]).append(msg_id)
         await self._run_per_shard("mark_delivered", args, transaction=True)
 
     async def cancel(self, msg_id: bytes, now_ms: int) -> DelayedInfo | None:
@@ -386,9 +516,89 @@ class RedisDelayStore:
     async def reschedule(self, msg_id: bytes, deliver_at_ms: int) -> DelayedInfo | None:
         return await self._one_shard_step("reschedule", msg_id, deliver_at_ms)
 
+    # -- several servers (delayserver.leases, DelayService) ----------------------------------------
+
+    def shard_of(self, msg_id: bytes) -> int:
+        return zlib.crc32(msg_id) % self.shards
+
+    async def claim(self, msg_ids: Sequence[bytes], now_ms: int) -> list[bool]:
+        """Mark due messages as being released, just before their release; False for those
+        cancelled, rescheduled later or delivered meanwhile (possibly by another server)."""
+        by_shard: dict[int, list[int]] = {}
+        args: dict[int, list[bytes | int | str]] = {}
+        for pos, msg_id in enumerate(msg_ids):
+            s = self.shard_of(msg_id)
+            by_shard.setdefault(s, []).append(pos)
+            args.setdefault(s, [now_ms]).append(msg_id)
+        results = await self._run_per_shard("claim", args, transaction=True)
+        return _in_order(len(msg_ids), by_shard, results)
+
+    async def heartbeat(self, ttl_ms: int, now_ms: int) -> list[str]:
+        """Says this server is alive for ``ttl_ms``; returns the ids of the live servers."""
+        key = self._servers_key
+        async with self._available():
+            pipe = self._redis().pipeline(transaction=False)
+            pipe.zadd(key, {self.owner: now_ms + ttl_ms})
+            pipe.zremrangebyscore(key, "-inf", now_ms)
+            pipe.zrange(key, 0, -1)
+            pipe.pexpire(key, ttl_ms * 10)  # a store nobody uses any more forgets them
+            replies = await pipe.execute()
+        return sorted(member.decode() for member in replies[2])
+
+    async def leave(self) -> None:
+        async with self._available():
+            await self._redis().zrem(self._servers_key, self.owner)
+
+    async def lease_holders(self) -> list[str | None]:
+        """The holder of each shard's lease (None when free)."""
+        async with self._available():
+            pipe = self._redis().pipeline(transaction=False)
+            for keys in self._keys:
+                pipe.get(keys[4])
+            replies: list[bytes | None] = await pipe.execute()
+        return [None if r is None else r.decode() for r in replies]
+
+    async def acquire(self, shards: Sequence[int], ttl_ms: int) -> list[bool]:
+        """Take the free leases among ``shards`` (SET NX PX)."""
+        if not shards:
+            return []
+        async with self._available():
+            pipe = self._redis().pipeline(transaction=False)
+            for s in shards:
+                pipe.set(self._keys[s][4], self.owner, nx=True, px=ttl_ms)
+            replies = await pipe.execute()
+        return [bool(r) for r in replies]
+
+    async def renew(self, shards: Sequence[int], ttl_ms: int) -> list[bool]:
+        """Extend the leases held; False for each one this server no longer holds."""
+        args: dict[int, list[bytes | int | str]] = {s: [self.owner, ttl_ms] for s in shards}
+        return [bool(r) for r in await self._run_per_shard("renew", args, transaction=False)]
+
+    async def give_up(self, shards: Sequence[int]) -> None:
+        args: dict[int, list[bytes | int | str]] = {s: [self.owner] for s in shards}
+        await self._run_per_shard("give_up", args, transaction=False)
+
+    async def clear_inbox(self, shards: Sequence[int]) -> None:
+        if not shards:
+            return
+        async with self._available():
+            await self._redis().delete(*[self._keys[s][5] for s in shards])
+
+    async def inbox(self, shards: Sequence[int], max_ids: int = 1000) -> list[bytes]:
+        """Takes the ids other servers changed in ``shards`` (up to ``max_ids`` per shard), in
+        one round trip."""
+        if not shards:
+            return []
+        async with self._available():
+            pipe = self._redis().pipeline(transaction=False)
+            for s in shards:
+                pipe.lpop(self._keys[s][5], max_ids)
+            replies: list[list[bytes] | None] = await pipe.execute()
+        return [msg_id for ids in replies if ids for msg_id in ids]
+
     async def get(self, msg_id: bytes) -> DelayedInfo | None:
         async with self._available():
-            meta = await self._redis().hget(self._keys[self._shard(msg_id)][2], msg_id)
+            meta = await self._redis().hget(self._keys[self.shard_of(msg_id)][2], msg_id)
         return _info(msg_id, meta)
 
     async def pending(self) -> int:
@@ -405,7 +615,7 @@ class RedisDelayStore:
         total = 0
         shards = list(range(self.shards))
         while shards:
-            args: dict[int, list[bytes | int]] = {
+            args: dict[int, list[bytes | int | str]] = {
                 s: [finished_before_ms, PURGE_CHUNK] for s in shards
             }
             counts = await self._run_per_shard("purge", args, transaction=False)
@@ -415,10 +625,7 @@ class RedisDelayStore:
 
     # -- plumbing --------------------------------------------------------------------------------
 
-    def _shard(self, msg_id: bytes) -> int:
-        return zlib.crc32(msg_id) % self.shards
-
-    def _redis(self) -> redis.asyncio.Redis:
+    def _redis(self) -> redis.asyncio.Redis | RedisCluster:
         if self._client is None:
             raise DelayStoreUnavailable("delay store is not open")
         return self._client
@@ -438,11 +645,13 @@ class RedisDelayStore:
     async def _one_shard_step(self, name: str, msg_id: bytes, arg: int) -> DelayedInfo | None:
         script = self._scripts[name]
         async with self._available():
-            meta = await script(keys=self._keys[self._shard(msg_id)], args=(msg_id, arg))
+            meta = await script(
+                keys=self._keys[self.shard_of(msg_id)], args=(msg_id, arg, self.owner)
+            )
         return _info(msg_id, meta)
 
     async def _run_per_shard(
-        self, name: str, args: dict[int, list[bytes | int]], *, transaction: bool
+        self, name: str, args: dict[int, list[bytes | int | str]], *, transaction: bool
     ) -> list[Any]:
         """One call of script ``name`` per shard in ``args``, all in one pipeline; results in
         the order of ``args``."""
@@ -459,15 +668,36 @@ class RedisDelayStore:
                 return await self._pipeline_call(name, args, transaction=transaction)
 
     async def _pipeline_call(
-        self, name: str, args: dict[int, list[bytes | int]], *, transaction: bool
+        self, name: str, args: dict[int, list[bytes | int | str]], *, transaction: bool
     ) -> list[Any]:
         sha = self._scripts[name].sha
-        pipe = self._redis().pipeline(transaction=transaction)
+        client = self._redis()
+        if self.cluster:
+            # Cluster pipelines refuse EVALSHA: one call per shard, all in flight at once (the
+            # client sends each to the node of its slot).
+            return list(
+                await asyncio.gather(
+                    *(
+                        client.evalsha(sha, _NKEYS, *self._keys[s], *shard_args)
+                        for s, shard_args in args.items()
+                    )
+                )
+            )
+        pipe = client.pipeline(transaction=transaction)
         for s, shard_args in args.items():
             # evalsha directly, not through AsyncScript, which would add a SCRIPT EXISTS round
             # trip to every pipeline.
-            pipe.evalsha(sha, 4, *self._keys[s], *shard_args)
+            pipe.evalsha(sha, _NKEYS, *self._keys[s], *shard_args)
         return list(await pipe.execute())
+
+
+def _in_order(n: int, by_shard: dict[int, list[int]], results: list[Any]) -> list[bool]:
+    """Per-shard lists of flags (in the order of ``by_shard``) back in the callers' order."""
+    out = [False] * n
+    for positions, flags in zip(by_shard.values(), results, strict=True):
+        for pos, flag in zip(positions, flags, strict=True):
+            out[pos] = bool(flag)
+    return out
 
 
 def _by_time(pair: tuple[bytes, int]) -> tuple[int, bytes]:

@@ -12,15 +12,25 @@ drops the copy: a message is never in its topic twice.
 
 Restart: the window loads from time 0, so whatever fell due while the server was down is released
 right after start, and nothing before its time.
+
+Several servers on one Redis store (``leases``, :mod:`delayserver.leases`): this server loads and
+releases only the shards whose lease it holds, into its own broker. Ids it generates fall in a
+shard it holds, so what a server accepted is normally released by that server. A change another
+server makes in a shard held here (a message due soon scheduled with a client's own id, a cancel,
+a reschedule) arrives through the shard's inbox and is re-read from the store; each release first
+claims its messages in the store, so a cancel made elsewhere a moment before wins. When a shard
+is gained (a server died or left) its messages are loaded from time 0, so what fell due meanwhile
+is released at once. A sweep every few seconds arms anything overdue that was missed, as a last
+resort.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
-from typing import Protocol
+from typing import Protocol, cast
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
@@ -29,6 +39,7 @@ from broker_core.errors import StoreUnavailable
 from broker_core.message import PROP_DELIVER_AT, PROP_RELEASED_AT, Message
 from broker_core.store import MessageStore
 from broker_core.tasks import cancel_and_wait
+from delayserver.leases import ShardLeases
 from delayserver.store import (
     DelayedInfo,
     DelayState,
@@ -55,12 +66,45 @@ LATENESS = Histogram(
 #: Timers armed per turn of the event loop while a window loads: a page of ten thousand armed in
 #: one go would hold the loop for tens of milliseconds and make what is due meanwhile late.
 _ARM_CHUNK = 1000
+#: With leases: how often the last-resort sweep looks for overdue messages nobody armed, and how
+#: overdue they must be (a burst being released is overdue too, but armed).
+_SWEEP_EVERY_S = 2.0
+_SWEEP_GRACE_MS = 1000
+#: With leases: how often the inboxes of the shards held are read (one round trip for all).
+_INBOX_EVERY_S = 0.01
+#: Writers tell a shard's holder about messages due before the end of its window plus this
+#: (the servers' clocks may differ by up to this much).
+_NEAR_SLACK_MS = 5000
 
 
 class DelayUnavailable(StoreUnavailable):
     """The delay store cannot be reached: nothing was scheduled, changed or lost."""
 
     code = "delay_store_unavailable"
+
+
+class ShardedStore(Protocol):
+    """What the service needs of a store shared by several servers (the Redis store)."""
+
+    near_until_ms: int
+
+    def shard_of(self, msg_id: bytes) -> int: ...
+
+    async def window(
+        self,
+        from_ms: int,
+        to_ms: int,
+        limit: int,
+        *,
+        after_msg_id: bytes = b"",
+        shards: Collection[int] | None = None,
+    ) -> list[Due]: ...
+
+    async def claim(self, msg_ids: Sequence[bytes], now_ms: int) -> list[bool]: ...
+
+    async def inbox(self, shards: Sequence[int], max_ids: int = 1000) -> list[bytes]: ...
+
+    async def clear_inbox(self, shards: Sequence[int]) -> None: ...
 
 
 class WheelTimers(Protocol):
@@ -81,8 +125,12 @@ class DelayService:
         window_ms: int = 60_000,
         window_limit: int = 2_000,
         history_ms: int = 72 * 3600_000,
+        leases: ShardLeases | None = None,
     ) -> None:
         self.store = store
+        self.leases = leases
+        #: The store as several servers share it; set with ``leases``.
+        self._sharded = cast(ShardedStore, store) if leases is not None else None
         self.broker_store = broker_store
         self.timers = timers
         self.window_ms = window_ms
@@ -99,25 +147,70 @@ class DelayService:
         self._wake_releaser = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         #: A message can already be in its topic only if an earlier run released it (and died
-        #: before marking it delivered): its time is then before this run started.
+        #: before marking it delivered): its time is then before this run started, or, with
+        #: leases, before this server last took a shard.
         self._started_at_ms = 0
+        self._running = False
+        #: Set at stop: the loops that talk to the store (with leases) end between two calls
+        #: rather than being cancelled in the middle of one.
+        self._stopping = asyncio.Event()
+        self._polls: list[asyncio.Task[None]] = []
+        self._releaser_task: asyncio.Task[None] | None = None
+        self._takeovers: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.store.open()
         self._started_at_ms = self.timers.now_ms()
+        leases, sharded = self.leases, self._sharded
+        if leases is not None and sharded is not None:
+            leases.on_gained = self._gained
+            leases.on_lost = self._lost
+            self._note_near()
+            await leases.start()
+            # Whatever was told before now is in the store and loads below.
+            await sharded.clear_inbox(sorted(leases.owned))
         await self._load(0, self._started_at_ms + self.window_ms)
+        self._running = True
+        self._releaser_task = asyncio.create_task(self._releaser(), name="tempomq-delay-releaser")
         self._tasks = [
-            asyncio.create_task(self._releaser(), name="tempomq-delay-releaser"),
             asyncio.create_task(self._loader(), name="tempomq-delay-loader"),
             asyncio.create_task(self._housekeeper(), name="tempomq-delay-housekeeper"),
         ]
-        log.info("delay.started", in_window=len(self._entries), pending=await self.store.pending())
+        if leases is not None:
+            self._stopping.clear()
+            self._polls = [
+                asyncio.create_task(self._sweeper(), name="tempomq-delay-sweeper"),
+                asyncio.create_task(self._inbox(), name="tempomq-delay-inbox"),
+            ]
+        log.info(
+            "delay.started",
+            in_window=len(self._entries),
+            pending=await self.store.pending(),
+            shards=None if leases is None else sorted(leases.owned),
+        )
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._tasks)
-        self._tasks = []
+        """Stop loading, finish the release under way (so no other server repeats it), hand
+        the shards on, close the store."""
+        self._running = False
+        self._stopping.set()
+        if self._polls:
+            await asyncio.wait(self._polls, timeout=2.0)
+        await cancel_and_wait([*self._polls, *self._tasks, *self._takeovers])
+        self._tasks, self._polls = [], []
+        releaser, self._releaser_task = self._releaser_task, None
+        if releaser is not None:
+            self._wake_releaser.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(releaser), timeout=5.0)
+            except TimeoutError:
+                log.warning("delay.release_interrupted", waiting=len(self._due))
+            finally:
+                await cancel_and_wait([releaser])
+        if self.leases is not None:
+            await self.leases.stop()
         for entry, _due in self._entries.values():
             entry.cancel()
         self._entries.clear()
@@ -131,21 +224,47 @@ class DelayService:
     async def _load(self, from_ms: int, to_ms: int) -> None:
         """Put everything scheduled in ``[from_ms, to_ms)`` into the wheel, page by page."""
         self._loading_to_ms = to_ms
+        await self._load_range(from_ms, to_ms, None if self.leases is None else self.leases.owned)
+        self._horizon_ms = to_ms
+        self._note_near()
+
+    async def _load_range(
+        self, from_ms: int, to_ms: int, shards: Collection[int] | None, *, one_page: bool = False
+    ) -> None:
+        """Arm what is scheduled in ``[from_ms, to_ms)`` (in ``shards``, None meaning the whole
+        store), page by page, or only the first page."""
         after = b""
+        page_size = self.window_limit
         while True:
-            page = await self.store.window(from_ms, to_ms, self.window_limit, after_msg_id=after)
+            if shards is None:
+                page = await self.store.window(from_ms, to_ms, page_size, after_msg_id=after)
+            elif not shards:
+                return
+            else:
+                assert self._sharded is not None
+                page = await self._sharded.window(
+                    from_ms, to_ms, page_size, after_msg_id=after, shards=shards
+                )
             for i in range(0, len(page), _ARM_CHUNK):
                 for due in page[i : i + _ARM_CHUNK]:
                     self._arm(due)
                 await asyncio.sleep(0)  # let due releases run between chunks
-            if len(page) < self.window_limit:
-                break
+            if len(page) < page_size or one_page:
+                return
             from_ms, after = page[-1].deliver_at_ms, page[-1].msg_id  # the next page follows it
-        self._horizon_ms = to_ms
+
+    def _note_near(self) -> None:
+        """Tell the store up to when other servers' changes are near enough to pass on."""
+        if self._sharded is not None:
+            self._sharded.near_until_ms = self.timers.now_ms() + self.window_ms + _NEAR_SLACK_MS
 
     def _arm(self, due: Due) -> None:
         if due.msg_id in self._entries or due.msg_id in self._releasing:
             return
+        if self._sharded is not None:
+            assert self.leases is not None
+            if self._sharded.shard_of(due.msg_id) not in self.leases.owned:
+                return  # another server's to release
         entry = self.timers.call_at(due.deliver_at_ms, partial(self._fire, due))
         self._entries[due.msg_id] = (entry, due)
 
@@ -175,11 +294,11 @@ class DelayService:
     # -- release -----------------------------------------------------------------------------------
 
     async def _releaser(self) -> None:
-        while True:
+        while self._running:
             await self._wake_releaser.wait()
             self._wake_releaser.clear()
             retry = False
-            while self._due:
+            while self._due and self._running:
                 batch, self._due = self._due, []
                 try:
                     await self._release(batch, retry=retry)
@@ -194,6 +313,10 @@ class DelayService:
 
     async def _release(self, batch: list[Due], *, retry: bool = False) -> None:
         now = self.timers.now_ms()
+        if self.leases is not None:
+            batch = await self._claim(batch, now)
+            if not batch:
+                return
         started = self._started_at_ms
         check = retry or any(due.deliver_at_ms <= started for due in batch)
         released = str(now)
@@ -215,6 +338,115 @@ class DelayService:
         for due in batch:
             observe(max(now - due.deliver_at_ms, 0) / 1000)
 
+    async def _claim(self, batch: list[Due], now: int) -> list[Due]:
+        """With leases: keep the messages of shards still held that the store lets this server
+        release now; forget the others (another server's now, or changed meanwhile)."""
+        assert self.leases is not None and self._sharded is not None
+        holds, shard_of = self.leases.holds, self._sharded.shard_of
+        mine = [due for due in batch if holds(shard_of(due.msg_id))]
+        flags = await self._sharded.claim([due.msg_id for due in mine], now) if mine else []
+        claimed = [due for due, ok in zip(mine, flags, strict=True) if ok]
+        if len(claimed) < len(batch):
+            kept = {due.msg_id for due in claimed}
+            dropped = [due.msg_id for due in batch if due.msg_id not in kept]
+            self._releasing.difference_update(dropped)
+            for msg_id in dropped:  # rescheduled later, say: arm it at its new time
+                if holds(shard_of(msg_id)):
+                    await self._refresh(msg_id)
+        return claimed
+
+    # -- several servers ---------------------------------------------------------------------------
+
+    async def _gained(self, shards: frozenset[int]) -> None:
+        """Shards taken over: load each from time 0 (what fell due meanwhile goes at once), in
+        the background, so lease renewals never wait for a load."""
+        if not self._running:
+            return  # start() loads them
+        task = asyncio.create_task(self._take_over(shards), name="tempomq-delay-takeover")
+        self._takeovers.add(task)
+        task.add_done_callback(self._takeovers.discard)
+
+    async def _take_over(self, shards: frozenset[int]) -> None:
+        assert self._sharded is not None
+        self._started_at_ms = self.timers.now_ms()  # their messages may be released already
+        while True:
+            try:
+                await self._sharded.clear_inbox(sorted(shards))
+                to = max(self._horizon_ms, self._loading_to_ms)
+                await self._load_range(0, to, shards)
+                return
+            except DelayStoreUnavailable as e:
+                log.error("delay.takeover_failed", error=str(e), shards=sorted(shards))
+                await asyncio.sleep(1.0)
+
+    async def _lost(self, shards: frozenset[int]) -> None:
+        """Shards lost or given up: their timers go; their releases are refused from now on."""
+        assert self._sharded is not None
+        shard_of = self._sharded.shard_of
+        for msg_id in [m for m in self._entries if shard_of(m) in shards]:
+            self._disarm(msg_id)
+
+    async def _inbox(self) -> None:
+        """Re-read what other servers changed in the shards held."""
+        assert self.leases is not None and self._sharded is not None
+        while await self._pause(_INBOX_EVERY_S):
+            try:
+                ids = await self._sharded.inbox(sorted(self.leases.owned))
+                for msg_id in dict.fromkeys(ids):
+                    await self._refresh(msg_id)
+            except DelayStoreUnavailable as e:
+                log.warning("delay.inbox_failed", error=str(e))
+                await self._pause(1.0)
+
+    async def _refresh(self, msg_id: bytes) -> None:
+        """Make the wheel agree with the store about one message changed elsewhere."""
+        if msg_id in self._releasing:
+            return  # its claim decides, and re-reads it if it is not released
+        due = await self.store.due(msg_id)
+        if msg_id in self._releasing:
+            return
+        self._disarm(msg_id)
+        if due is not None and due.deliver_at_ms < max(self._horizon_ms, self._loading_to_ms):
+            self._arm(due)
+
+    async def _sweeper(self) -> None:
+        """The last resort: arm messages overdue by more than a second that are neither armed
+        nor being released (a change whose notice was lost, say). Normally finds nothing."""
+        assert self.leases is not None
+        while await self._pause(_SWEEP_EVERY_S):
+            try:
+                before = len(self._entries)
+                await self._load_range(
+                    0, self.timers.now_ms() - _SWEEP_GRACE_MS, self.leases.owned, one_page=True
+                )
+                if len(self._entries) > before:
+                    log.warning("delay.sweep_found", armed=len(self._entries) - before)
+            except DelayStoreUnavailable as e:
+                log.warning("delay.sweep_failed", error=str(e))
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep; False, at once, when the service is stopping."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        except TimeoutError:
+            return True
+        return False
+
+    def new_msg_id(self) -> bytes:
+        """A fresh id; with leases, one in a shard this server holds, so that this server
+        releases what it accepted into its own topics."""
+        make = self.broker_store.new_msg_id
+        leases, sharded = self.leases, self._sharded
+        if leases is None or sharded is None or not (owned := leases.owned):
+            return make()
+        shard_of = sharded.shard_of
+        for _ in range(64):
+            msg_id = make()
+            if shard_of(msg_id) in owned:
+                break
+        return msg_id
+
     # -- operations --------------------------------------------------------------------------------
 
     async def schedule(self, messages: Sequence[Message], deliver_at_ms: Sequence[int]) -> None:
@@ -222,8 +454,9 @@ class DelayService:
         protocol). Assigns ``msg_id`` where a message has none."""
         for msg in messages:
             if not msg.msg_id:
-                msg.msg_id = self.broker_store.new_msg_id()
+                msg.msg_id = self.new_msg_id()
         items = list(zip(messages, deliver_at_ms, strict=True))
+        self._note_near()
         try:
             fresh = await self.store.schedule(items)
         except DelayStoreUnavailable as e:
@@ -246,6 +479,7 @@ class DelayService:
         if msg_id in self._releasing:
             return await self.get(msg_id)  # being released: it is delivered, or about to be
         armed = self._disarm(msg_id)
+        self._note_near()
         try:
             return await self.store.cancel(msg_id, self.timers.now_ms())
         except DelayStoreUnavailable as e:
@@ -264,6 +498,7 @@ class DelayService:
         if msg_id in self._releasing:
             return await self.get(msg_id)
         armed = self._disarm(msg_id)
+        self._note_near()
         try:
             info = await self.store.reschedule(msg_id, deliver_at_ms)
         except DelayStoreUnavailable as e:

@@ -39,7 +39,6 @@ from delayserver.embedded import EmbeddedDelayStore
 from delayserver.http import DELAY
 from delayserver.http import routes as delay_routes
 from delayserver.service import DelayService
-from delayserver.store import DelayStore
 from delayserver.timers import TimerService
 from tempomq.config import HostPort, Settings
 from tempomq.logs import bound, get_logger
@@ -265,27 +264,33 @@ async def _answer_long_polls(app: web.Application) -> None:
     app[TX].begin_shutdown()
 
 
-def make_delay_store(settings: Settings) -> DelayStore:
-    """Redis when ``--redis-url`` is given, else the embedded store in the data directory."""
+def make_delay_service(settings: Settings, broker: Broker, timers: TimerService) -> DelayService:
+    """Redis when ``--redis-url`` is given (shared with any other servers on it through shard
+    leases), else the embedded store in the data directory."""
     if settings.redis_url:
+        from delayserver.leases import ShardLeases, new_owner_id
         from delayserver.redis_store import RedisDelayStore
 
-        return RedisDelayStore(settings.redis_url)
-    return EmbeddedDelayStore(
+        store = RedisDelayStore(settings.redis_url, owner=new_owner_id())
+        leases = ShardLeases(store, ttl_ms=settings.delay_lease_ttl_ms)
+        return DelayService(store, broker.store, timers, leases=leases)
+    embedded = EmbeddedDelayStore(
         settings.data_dir / "delay" / "delay.db", sync=settings.flush == "sync"
     )
+    return DelayService(embedded, broker.store, timers)
 
 
 def build_app(settings: Settings) -> web.Application:
     """The application with all components constructed; nothing runs until the server starts."""
     timers = TimerService()
     broker = Broker(settings.broker_config(), timers=timers, scheduler=None)
-    delay = DelayService(make_delay_store(settings), broker.store, timers)
+    delay = make_delay_service(settings, broker, timers)
     tx = Coordinator(
         settings.data_dir / "tx" / "tx.db",
         broker.store,
         delay,
         timers,
+        new_msg_id=delay.new_msg_id,
         settings=TxSettings(
             check_immunity_ms=settings.tx_check_immunity_ms,
             check_interval_ms=settings.tx_check_interval_ms,

@@ -135,8 +135,12 @@ def parse_host_port(text: str) -> HostPort:
 
 
 def parse_redis_url(text: str) -> str:
-    if not text.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"{text!r} is not a Redis URL (redis://host:port/db, rediss://, unix://)")
+    schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+    if not text.startswith(schemes):
+        raise ValueError(
+            f"{text!r} is not a Redis URL (redis://host:port/db, rediss://, unix://, or "
+            "redis+cluster://host:port for any node of a Redis Cluster)"
+        )
     return text
 
 
@@ -223,6 +227,8 @@ class Settings:
     max_wait_ms: int = _BROKER.max_wait_ms
     #: Delayed messages wait in Redis when set, else in the embedded store under data_dir.
     redis_url: str | None = None
+    #: With Redis: how long a delay server's hold on a shard lasts without renewal.
+    delay_lease_ttl_ms: int = 10_000
     log_level: LogLevel = "info"
     log_format: LogFormat = "auto"
     shutdown_timeout_ms: int = 5000
@@ -327,7 +333,15 @@ OPTIONS: tuple[Option, ...] = (
         "redis-url",
         "redis_url",
         REDIS_URL,
-        "keep delayed messages in this Redis instead of the embedded store",
+        "keep delayed messages in this Redis (redis+cluster://host:port: a Redis Cluster) "
+        "instead of the embedded store",
+    ),
+    Option(
+        "delay-lease-ttl",
+        "delay_lease_ttl_ms",
+        DURATION,
+        "with --redis-url: how long a server's lease on a delay shard lasts unrenewed; "
+        "a dead server's shards move to the others within this time",
     ),
     Option("log-level", "log_level", choice(LogLevel), "lowest level that is logged"),
     Option(
@@ -416,6 +430,11 @@ def _check_queues(s: Settings) -> None:
         raise _fail("default_queues", f"must be between 1 and --max-queues ({s.max_queues})")
 
 
+def _check_leases(s: Settings) -> None:
+    if s.delay_lease_ttl_ms < 300:
+        raise _fail("delay_lease_ttl_ms", "must be at least 300ms (it is renewed every third)")
+
+
 def _check_probe(s: Settings) -> None:
     if s.probe_interval_ms <= 0:
         return
@@ -430,6 +449,7 @@ _CROSS_CHECKS: tuple[Callable[[Settings], None], ...] = (
     _check_positive_times,
     _check_sizes,
     _check_queues,
+    _check_leases,
     _check_probe,
 )
 

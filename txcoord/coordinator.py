@@ -158,11 +158,14 @@ class Coordinator:
         *,
         settings: TxSettings = TxSettings(),
         sync: bool = False,
+        new_msg_id: Callable[[], bytes] | None = None,
     ) -> None:
         self.db = SqliteRunner(
             path, schema=_SCHEMA, sync=sync, name="tx-store", unavailable=TxStoreUnavailable
         )
         self.broker_store = broker_store
+        #: Ids for half messages; the delay service's, so a delayed one stays on this server.
+        self.new_msg_id = broker_store.new_msg_id if new_msg_id is None else new_msg_id
         self.scheduler = scheduler
         self.timers = timers
         self.settings = settings
@@ -247,7 +250,7 @@ class Coordinator:
         """Store the half message durably; returns its transaction. Idempotent by the message's
         ``msg_id``: a prepare resent with the same id (a client retry) returns the first one."""
         if not msg.msg_id:
-            msg.msg_id = self.broker_store.new_msg_id()
+            msg.msg_id = self.new_msg_id()
         now = self.timers.now_ms()
         immunity = (
             self.settings.check_immunity_ms if check_immunity_ms is None else check_immunity_ms

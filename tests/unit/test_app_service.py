@@ -61,6 +61,9 @@ class FakeDelay:
     async def health(self) -> str | None:
         return None
 
+    def new_msg_id(self) -> bytes:
+        return b"\x00" * 16
+
 
 class FakeTx:
     def __init__(
@@ -163,7 +166,11 @@ def app_module(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> Iterator[t
     monkeypatch.setattr(module, "Broker", FakeBroker)
     monkeypatch.setattr(module, "DelayService", FakeDelay)
     monkeypatch.setattr(module, "Coordinator", FakeTx)
-    monkeypatch.setattr(module, "make_delay_store", lambda settings: None)
+    monkeypatch.setattr(
+        module,
+        "make_delay_service",
+        lambda settings, broker, timers: FakeDelay(None, broker.store, timers),
+    )
     monkeypatch.setattr(module, "broker_routes", stand_in_routes)
     yield module
     if used_placeholder:

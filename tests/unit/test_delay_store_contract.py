@@ -2,7 +2,8 @@
 
 Stores under test: RedisDelayStore on fakeredis (always runs), RedisDelayStore on the real Redis
 at ``TEMPOMQ_TEST_REDIS_URL`` (default db 15; skipped locally when Redis is down, failed under
-``CI=true``) with a unique key prefix per test, and the embedded SQLite store.
+``CI=true``) with a unique key prefix per test, RedisDelayStore on a throwaway three-node Redis
+Cluster, and the embedded SQLite store.
 
 Each case gets a :class:`Backend`: it opens stores on one backing dataset (a fakeredis server, a
 key prefix, a file), so "reopen" means a new store instance on the same data.
@@ -104,6 +105,14 @@ async def _redis_backend(_tmp_path: Path) -> AsyncIterator[Backend]:
         await client.aclose()
 
 
+async def _cluster_backend(url: str) -> AsyncIterator[Backend]:
+    # A throwaway cluster for the session: a unique prefix per test is cleanup enough.
+    prefix = f"tempomq-test-{uuid.uuid4().hex[:12]}"
+    backend = Backend(lambda: RedisDelayStore(url, prefix=prefix))
+    yield backend
+    await backend.close()
+
+
 async def _embedded_backend(tmp_path: Path) -> AsyncIterator[Backend]:
     try:
         embedded = importlib.import_module("delayserver.embedded")
@@ -124,9 +133,13 @@ BACKENDS = {
 }
 
 
-@pytest.fixture(params=list(BACKENDS))
+@pytest.fixture(params=[*BACKENDS, "redis-cluster"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    async for b in BACKENDS[request.param](tmp_path):
+    if request.param == "redis-cluster":
+        stores = _cluster_backend(request.getfixturevalue("redis_cluster_url"))
+    else:
+        stores = BACKENDS[request.param](tmp_path)
+    async for b in stores:
         yield b
 
 

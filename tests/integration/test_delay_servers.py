@@ -1,0 +1,139 @@
+"""Two real tempomq servers on one real Redis, and on a Redis Cluster: they split the delay
+shards, each releases what it accepted into its own topics, a cancel made on one server reaches
+the other's message, and when one is SIGKILLed the survivor takes its shards and releases its
+messages, exactly once and never early."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.e2e.server import Server, call
+from tests.integration.redis_process import RedisProcess
+
+pytestmark = pytest.mark.e2e
+
+LEASE = "1s"
+
+
+async def _owned(session: aiohttp.ClientSession, base: str) -> int:
+    async with session.get(f"{base}/metrics") as r:
+        text = await r.text()
+    m = re.search(r"^tempomq_delay_shards_owned ([0-9.]+)$", text, re.M)
+    assert m is not None, "the metric is missing"
+    return int(float(m.group(1)))
+
+
+async def _wait_owned(
+    session: aiohttp.ClientSession, expect: dict[str, int], timeout_s: float = 15.0
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = {base: await _owned(session, base) for base in expect}
+        if got == expect:
+            return
+        assert time.monotonic() < deadline, f"shards held {got}, expected {expect}"
+        await asyncio.sleep(0.1)
+
+
+async def _send(session: aiohttp.ClientSession, base: str, msgs: list[dict[str, Any]]) -> list[str]:
+    status, data = await call(session, "POST", f"{base}/v1/topics/d/messages", {"messages": msgs})
+    assert status == 201, data
+    return [r["msg_id"] for r in data["results"]]
+
+
+async def _receive_all(
+    session: aiohttp.ClientSession, base: str, want: int, timeout_s: float
+) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, data = await call(
+            session,
+            "POST",
+            f"{base}/v1/topics/d/groups/g/receive",
+            {"max_messages": 500, "wait_ms": 300},
+        )
+        assert status == 200, data
+        got.extend(data["messages"])
+        if data["messages"]:
+            await call(
+                session,
+                "POST",
+                f"{base}/v1/topics/d/groups/g/ack",
+                {"receipts": [m["receipt"] for m in data["messages"]]},
+            )
+        elif len(got) >= want:
+            return got
+    return got
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def shared_redis(request: pytest.FixtureRequest) -> str:
+    if request.param == "cluster":
+        return str(request.getfixturevalue("redis_cluster_url"))
+    process: RedisProcess = request.getfixturevalue("redis_process")
+    return process.url
+
+
+async def test_two_servers_share_one_redis_and_survive_a_sigkill(
+    shared_redis: str, tmp_path: Path
+) -> None:
+    a = Server(tmp_path / "a", "--redis-url", shared_redis, "--delay-lease-ttl", LEASE)
+    b = Server(tmp_path / "b", "--redis-url", shared_redis, "--delay-lease-ttl", LEASE)
+    a.start()
+    try:
+        b.start()
+        async with aiohttp.ClientSession() as session:
+            await _wait_owned(session, {a.url: 8, b.url: 8})
+            for s in (a, b):
+                await call(session, "POST", f"{s.url}/v1/topics", {"name": "d", "queues": 2})
+                await _receive_all(session, s.url, 0, 0)  # the group exists before releases
+
+            # Each server releases what it accepted, into its own topic.
+            soon = [{"body": f"soon-{s}-{i}", "delay_ms": 300} for s in "ab" for i in range(50)]
+            await _send(session, a.url, soon[:50])
+            await _send(session, b.url, soon[50:])
+            got_a = await _receive_all(session, a.url, 50, 10)
+            got_b = await _receive_all(session, b.url, 50, 10)
+            assert sorted(m["body"] for m in got_a) == sorted(m["body"] for m in soon[:50])
+            assert sorted(m["body"] for m in got_b) == sorted(m["body"] for m in soon[50:])
+
+            # A cancel sent to a, of a message b holds and has in its wheel.
+            (doomed,) = await _send(session, b.url, [{"body": "doomed", "delay_ms": 1500}])
+            status, info = await call(session, "DELETE", f"{a.url}/v1/delayed/{doomed}")
+            assert status == 200 and info["state"] == "cancelled", info
+
+            # Pending on b when it dies: due before a can take over, and after.
+            later = [{"body": f"b-{i}", "delay_ms": 200 + 20 * i} for i in range(150)]
+            later_ids = await _send(session, b.url, later)
+            mine = [{"body": f"a-{i}", "delay_ms": 1000 + 10 * i} for i in range(50)]
+            await _send(session, a.url, mine)
+            b.kill()
+            killed_at = time.monotonic()
+            await _wait_owned(session, {a.url: 16})
+            took_over_s = time.monotonic() - killed_at
+
+            got = await _receive_all(session, a.url, 200, 20)
+            counts = Counter(m["body"] for m in got)
+            assert sorted(counts) == sorted(m["body"] for m in later + mine), "lost or extra"
+            assert max(counts.values()) == 1, "released twice"
+            assert "doomed" not in counts
+            for m in got:
+                props = m["properties"]
+                assert int(props["RELEASED_AT"]) >= int(props["DELIVER_AT"]), "released early"
+            for msg_id in later_ids[:3]:
+                status, info = await call(session, "GET", f"{a.url}/v1/delayed/{msg_id}")
+                assert status == 200 and info["state"] == "delivered", info
+            # The lease (1 s) bounds the takeover, plus a renewal round or two.
+            assert took_over_s < 4.0, took_over_s
+    finally:
+        a.ensure_stopped()
+        b.ensure_stopped()
