@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 # Touched after a successful install; pyproject.toml newer than it means reinstall.
 STAMP := $(VENV)/.tempomq-installed
 PYTEST_ARGS ?=
+# Test files run on this many workers (pytest-xdist), each file whole on one worker.
+PYTEST_WORKERS ?= 2
 RUN_ARGS ?=
 
 .PHONY: install run test lint bench
@@ -26,7 +28,7 @@ run: $(STAMP)
 	$(BIN)/tempomq serve $(RUN_ARGS)
 
 test: $(STAMP)
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -103,7 +103,8 @@ class ShardLeases:
         self.interval_s = ttl_ms / 3000
         self._monotonic = monotonic
         self._wall_ms = wall_ms
-        self._owned: set[int] = set()
+        #: Replaced, never changed in place: ``owned`` hands it out as it is.
+        self._owned: frozenset[int] = frozenset()
         self._valid_until = 0.0
         self.servers = 0
         self.on_gained: ShardsCallback = _nothing
@@ -116,7 +117,7 @@ class ShardLeases:
     @property
     def owned(self) -> frozenset[int]:
         """The shards held, valid or not (for loading: ``holds`` decides releases)."""
-        return frozenset(self._owned)
+        return self._owned
 
     def holds(self, shard: int) -> bool:
         """True while this server may release the shard's messages."""
@@ -139,7 +140,7 @@ class ShardLeases:
             await asyncio.wait([self._task], timeout=2.0)
             await cancel_and_wait([self._task])
             self._task = None
-        held, self._owned = sorted(self._owned), set()
+        held, self._owned = sorted(self._owned), frozenset()
         OWNED.set(0)
         try:
             await self.store.give_up(held)
@@ -160,8 +161,7 @@ class ShardLeases:
             except DelayStoreUnavailable as e:
                 log.error("delay.lease_renewal_failed", error=str(e))
                 if self._owned and self._monotonic() >= self._valid_until:
-                    lost = frozenset(self._owned)
-                    self._owned.clear()
+                    lost, self._owned = self._owned, frozenset()
                     OWNED.set(0)
                     log.error("delay.leases_expired", shards=sorted(lost))
                     await self.on_lost(lost)

@@ -72,6 +72,9 @@ _SWEEP_EVERY_S = 2.0
 _SWEEP_GRACE_MS = 1000
 #: With leases: how often the inboxes of the shards held are read (one round trip for all).
 _INBOX_EVERY_S = 0.01
+#: ... and while this server is the only one (nobody else writes to its shards' inboxes; a
+#: server joining shows up at the next lease round, and its first shards only after that).
+_INBOX_ALONE_S = 0.5
 #: Writers tell a shard's holder about messages due before the end of its window plus this
 #: (the servers' clocks may differ by up to this much).
 _NEAR_SLACK_MS = 5000
@@ -389,7 +392,7 @@ class DelayService:
     async def _inbox(self) -> None:
         """Re-read what other servers changed in the shards held."""
         assert self.leases is not None and self._sharded is not None
-        while await self._pause(_INBOX_EVERY_S):
+        while await self._pause(_INBOX_EVERY_S if self.leases.servers > 1 else _INBOX_ALONE_S):
             try:
                 ids = await self._sharded.inbox(sorted(self.leases.owned))
                 for msg_id in dict.fromkeys(ids):

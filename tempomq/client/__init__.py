@@ -6,7 +6,8 @@ See ``docs/sdk.md``.
 
 from __future__ import annotations
 
-from tempomq.client.barrier import Barrier
+from typing import TYPE_CHECKING, Any
+
 from tempomq.client.client import Client
 from tempomq.client.consumer import Consumer
 from tempomq.client.errors import (
@@ -56,7 +57,28 @@ from tempomq.client.models import (
     Transaction,
     TransactionStatus,
 )
-from tempomq.client.transactions import TransactionalProducer
+
+if TYPE_CHECKING:
+    from tempomq.client.barrier import Barrier
+    from tempomq.client.transactions import TransactionalProducer
+
+#: Imported on first use: they need SQLAlchemy, which plain clients (and the CLI) do not.
+_LAZY = {
+    "Barrier": "tempomq.client.barrier",
+    "TransactionalProducer": "tempomq.client.transactions",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AlreadyCancelled",

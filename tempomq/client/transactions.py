@@ -26,13 +26,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from tempomq.client.barrier import Barrier
 from tempomq.client.client import Client
 from tempomq.client.errors import AlreadyRolledBack
 from tempomq.client.models import CheckAnswer, CheckRequest, OutgoingMessage, Transaction
+
+if TYPE_CHECKING:  # SQLAlchemy only when the caller uses a barrier, never for a check callback
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from tempomq.client.barrier import Barrier
 
 log = logging.getLogger("tempomq.client.transactions")
 

@@ -502,3 +502,22 @@ def test_the_sdk_imports_no_server_code() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_sqlalchemy_loads_only_for_a_barrier() -> None:
+    """Plain clients, the CLI and the probe start without SQLAlchemy (a third of a second);
+    asking for the barrier brings it in, and both names stay importable from the package."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import tempomq.cli
+        from tempomq.client import TransactionalProducer
+        before = "sqlalchemy" in sys.modules
+        from tempomq.client import Barrier
+        print(before, "sqlalchemy" in sys.modules, Barrier.__module__)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.split() == ["False", "True", "tempomq.client.barrier"], out.stdout
