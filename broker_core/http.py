@@ -211,14 +211,16 @@ async def send_messages(request: web.Request) -> web.Response:
         stored = await broker.put([m for m, _ in now_msgs], check_duplicate=check)
         for (msg, _at), result in zip(now_msgs, stored, strict=True):
             msg.queue_id = result.queue_id  # a resent id answers where the first one went
+    stored_at: dict[int, int] = {}  # id(message) -> its delivery time as scheduled
     if later:
         assert broker.scheduler is not None
-        await broker.scheduler.schedule([m for m, _ in later], [at for _, at in later])
+        times = await broker.scheduler.schedule([m for m, _ in later], [at for _, at in later])
+        stored_at = {id(m): t for (m, _), t in zip(later, times, strict=True)}
     results = []
     for msg, at in parsed:
         r: dict[str, object] = {"msg_id": msg.msg_id.hex(), "queue_id": msg.queue_id}
         if at > now:
-            r["deliver_at"] = at
+            r["deliver_at"] = stored_at[id(msg)]  # a resent id answers its first time
         results.append(r)
     return json_response({"results": results} if batch else results[0], status=201)
 

@@ -31,8 +31,12 @@ class Timers(Protocol):
 class Scheduler(Protocol):
     """Durably keeps messages and puts each into its topic at its time.
 
-    ``schedule`` returns once the messages are stored durably; release must be idempotent by
-    ``(topic, msg_id)`` so a crash between release and bookkeeping never delivers twice.
+    ``schedule`` returns once the messages are stored durably, with the delivery time each one
+    has: the one given, or for an id already scheduled (a resend), the one it was stored with.
+    Release must be idempotent by ``(topic, msg_id)`` so a crash between release and
+    bookkeeping never delivers twice.
     """
 
-    async def schedule(self, messages: Sequence[Message], deliver_at_ms: Sequence[int]) -> None: ...
+    async def schedule(
+        self, messages: Sequence[Message], deliver_at_ms: Sequence[int]
+    ) -> list[int]: ...

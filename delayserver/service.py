@@ -452,9 +452,12 @@ class DelayService:
 
     # -- operations --------------------------------------------------------------------------------
 
-    async def schedule(self, messages: Sequence[Message], deliver_at_ms: Sequence[int]) -> None:
+    async def schedule(
+        self, messages: Sequence[Message], deliver_at_ms: Sequence[int]
+    ) -> list[int]:
         """Store ``messages`` durably for release at their times (the broker's Scheduler
-        protocol). Assigns ``msg_id`` where a message has none."""
+        protocol). Assigns ``msg_id`` where a message has none. Returns each one's delivery
+        time: as given, or for an id already known (a resend) the time it was stored with."""
         for msg in messages:
             if not msg.msg_id:
                 msg.msg_id = self.new_msg_id()
@@ -466,9 +469,14 @@ class DelayService:
             raise DelayUnavailable(f"delayed messages cannot be stored now: {e}") from None
         SCHEDULED.inc(sum(fresh))
         horizon = max(self._horizon_ms, self._loading_to_ms)
-        for (msg, at), new in zip(items, fresh, strict=True):
-            if new and at < horizon:
-                self._arm(Due(msg.msg_id, at, encode_message(msg)))
+        times = list(deliver_at_ms)
+        for pos, ((msg, at), new) in enumerate(zip(items, fresh, strict=True)):
+            if new:
+                if at < horizon:
+                    self._arm(Due(msg.msg_id, at, encode_message(msg)))
+            elif (known := await self.get(msg.msg_id)) is not None:
+                times[pos] = known.deliver_at_ms
+        return times
 
     async def get(self, msg_id: bytes) -> DelayedInfo | None:
         try:

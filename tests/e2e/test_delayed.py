@@ -75,6 +75,14 @@ async def test_on_time_never_early_cancel_and_reschedule(server: Server) -> None
         ids = [r["msg_id"] for r in sent["results"]]
         status, info = await call(session, "GET", f"{base}/v1/delayed/{ids[0]}")
         assert status == 200 and info["state"] == "scheduled" and info["topic"] == "d"
+        # Sent again with the same id and another delay: stored once, answered with its time.
+        status, again = await call(
+            session,
+            "POST",
+            f"{base}/v1/topics/d/messages",
+            {"body": "m0", "msg_id": ids[0], "delay_ms": 600_000},
+        )
+        assert status == 201 and again["deliver_at"] == sent["results"][0]["deliver_at"]
 
         # Cancel two, move one later and one earlier.
         for i in (5, 30):

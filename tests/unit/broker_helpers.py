@@ -86,8 +86,11 @@ class FakeScheduler:
 
     scheduled: list[tuple[Message, int]] = field(default_factory=list)
 
-    async def schedule(self, messages: Sequence[Message], deliver_at_ms: Sequence[int]) -> None:
+    async def schedule(
+        self, messages: Sequence[Message], deliver_at_ms: Sequence[int]
+    ) -> list[int]:
         self.scheduled.extend(zip(messages, deliver_at_ms, strict=True))
+        return list(deliver_at_ms)
 
     async def release(self, store: MessageStore, now_ms: int | None = None) -> int:
         """Put every scheduled message (due by ``now_ms`` if given) into its topic."""

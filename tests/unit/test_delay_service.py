@@ -268,3 +268,18 @@ async def test_copying_a_live_data_dir_keeps_scheduled_messages(
     again = await _node(nodes, crash)
     await _wait_for(lambda: len(again.bodies("orders")) == 50)
     assert again.bodies("orders") == sorted(str(i).encode() for i in range(50))
+
+
+async def test_a_resend_answers_the_time_it_was_first_scheduled_for(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    node = await _node(nodes, tmp_path / "d")
+    now = node.timers.now_ms()
+    first = Message("orders", b"once", msg_id=b"client-chosen-id")
+    assert await node.delay.schedule([first], [now + 60_000]) == [now + 60_000]
+    again = Message("orders", b"once", msg_id=b"client-chosen-id")
+    fresh = Message("orders", b"other")
+    times = await node.delay.schedule([again, fresh], [now + 90_000, now + 70_000])
+    assert times == [now + 60_000, now + 70_000]  # the resend keeps its first time
+    info = await node.delay.get(b"client-chosen-id")
+    assert info is not None and info.deliver_at_ms == now + 60_000
