@@ -69,7 +69,8 @@ async def reschedule_delayed(request: web.Request) -> web.Response:
     if not isinstance(body, dict) or ("deliver_at" not in body and "delay_ms" not in body):
         raise InvalidMessage("give the new time as 'deliver_at' or 'delay_ms'")
     service = request.app[DELAY]
-    at = parse_deliver_at(body, service.timers.now_ms())
+    now = service.timers.now_ms()
+    at = max(parse_deliver_at(body, now), now)  # a time in the past means now
     info = _found(await service.reschedule(msg_id, at), msg_id)
     if info.state is DelayState.DELIVERED:
         raise AlreadyDelivered(f"message {msg_id.hex()} was already delivered")

@@ -158,7 +158,9 @@ class ShardLeases:
                 pass
             try:
                 await self.step()
-            except DelayStoreUnavailable as e:
+            except Exception as e:  # unavailable, or a bug: never stop renewing for good
+                if not isinstance(e, DelayStoreUnavailable):
+                    log.exception("delay.lease_round_failed")
                 log.error("delay.lease_renewal_failed", error=str(e))
                 if self._owned and self._monotonic() >= self._valid_until:
                     lost, self._owned = self._owned, frozenset()

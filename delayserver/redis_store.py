@@ -84,6 +84,10 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.exceptions.TimeoutError,
     redis.exceptions.ReadOnlyError,  # a replica after failover
     redis.exceptions.OutOfMemoryError,
+    # A Redis Cluster in failover, once the client's own retries are spent.
+    redis.exceptions.ClusterDownError,  # includes MasterDownError
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
 )
 
 #: "r" (being released) answers as delivered: it is past cancelling and will be in its topic.
@@ -201,7 +205,7 @@ for i = 2, #ARGV do
   local ok = 0
   if from == 'r|' then
     ok = 1
-  elseif from == 's|' and tonumber(string.match(meta, '|(%d+)|[^|]*$')) <= now then
+  elseif from == 's|' and tonumber(string.match(meta, '|(-?%d+)|[^|]*$')) <= now then
     redis.call('HSET', KEYS[3], id, 'r' .. string.sub(meta, 2))
     ok = 1
   end

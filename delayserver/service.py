@@ -75,6 +75,8 @@ _INBOX_EVERY_S = 0.01
 #: ... and while this server is the only one (nobody else writes to its shards' inboxes; a
 #: server joining shows up at the next lease round, and its first shards only after that).
 _INBOX_ALONE_S = 0.5
+#: Ids changed elsewhere re-read at once (their reads in flight together).
+_REFRESH_CHUNK = 256
 #: Writers tell a shard's holder about messages due before the end of its window plus this
 #: (the servers' clocks may differ by up to this much).
 _NEAR_SLACK_MS = 5000
@@ -160,6 +162,10 @@ class DelayService:
         self._polls: list[asyncio.Task[None]] = []
         self._releaser_task: asyncio.Task[None] | None = None
         self._takeovers: set[asyncio.Task[None]] = set()
+        #: Held from claim to mark: a shard given up waits for the release under way.
+        self._release_lock = asyncio.Lock()
+        #: Ids changed elsewhere still to re-read (kept across a failed inbox round).
+        self._to_refresh: dict[bytes, None] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -174,8 +180,11 @@ class DelayService:
             await leases.start()
             # Whatever was told before now is in the store and loads below.
             await sharded.clear_inbox(sorted(leases.owned))
+        loaded = None if leases is None else leases.owned
         await self._load(0, self._started_at_ms + self.window_ms)
         self._running = True
+        if leases is not None and loaded is not None and (missed := leases.owned - loaded):
+            await self._gained(missed)  # taken by the lease task while the first load ran
         self._releaser_task = asyncio.create_task(self._releaser(), name="tempomq-delay-releaser")
         self._tasks = [
             asyncio.create_task(self._loader(), name="tempomq-delay-loader"),
@@ -262,8 +271,16 @@ class DelayService:
             self._sharded.near_until_ms = self.timers.now_ms() + self.window_ms + _NEAR_SLACK_MS
 
     def _arm(self, due: Due) -> None:
-        if due.msg_id in self._entries or due.msg_id in self._releasing:
+        if due.msg_id in self._releasing:
             return
+        armed = self._entries.get(due.msg_id)
+        if armed is not None:
+            if due.deliver_at_ms >= armed[1].deliver_at_ms:
+                return
+            # Armed later than this (a stale read): the earlier time wins; if the store's time
+            # is the later one after all, the claim at release finds it not due and re-reads.
+            armed[0].cancel()
+            del self._entries[due.msg_id]
         if self._sharded is not None:
             assert self.leases is not None
             if self._sharded.shard_of(due.msg_id) not in self.leases.owned:
@@ -293,6 +310,9 @@ class DelayService:
             except DelayStoreUnavailable as e:
                 log.error("delay.load_failed", error=str(e))
                 await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("delay.load_failed")
+                await asyncio.sleep(1.0)
 
     # -- release -----------------------------------------------------------------------------------
 
@@ -313,8 +333,18 @@ class DelayService:
                     self._due[:0] = batch
                     retry = True
                     await asyncio.sleep(0.5)
+                except Exception:
+                    # A bug must not end releases for good: log it, keep the batch, go on.
+                    log.exception("delay.release_failed", count=len(batch))
+                    self._due[:0] = batch
+                    retry = True
+                    await asyncio.sleep(1.0)
 
     async def _release(self, batch: list[Due], *, retry: bool = False) -> None:
+        async with self._release_lock:
+            await self._release_locked(batch, retry=retry)
+
+    async def _release_locked(self, batch: list[Due], *, retry: bool) -> None:
         now = self.timers.now_ms()
         if self.leases is not None:
             batch = await self._claim(batch, now)
@@ -345,8 +375,13 @@ class DelayService:
         """With leases: keep the messages of shards still held that the store lets this server
         release now; forget the others (another server's now, or changed meanwhile)."""
         assert self.leases is not None and self._sharded is not None
-        holds, shard_of = self.leases.holds, self._sharded.shard_of
+        holds, shard_of, owned = self.leases.holds, self._sharded.shard_of, self.leases.owned
         mine = [due for due in batch if holds(shard_of(due.msg_id))]
+        # Held but not valid just now (a renewal under way took long): try again shortly.
+        later = [d for d in batch if shard_of(d.msg_id) in owned and not holds(shard_of(d.msg_id))]
+        if later:
+            asyncio.get_running_loop().call_later(0.2, self._retry_release, later)
+            batch = [d for d in batch if d not in later]
         flags = await self._sharded.claim([due.msg_id for due in mine], now) if mine else []
         claimed = [due for due, ok in zip(mine, flags, strict=True) if ok]
         if len(claimed) < len(batch):
@@ -357,6 +392,10 @@ class DelayService:
                 if holds(shard_of(msg_id)):
                     await self._refresh(msg_id)
         return claimed
+
+    def _retry_release(self, dues: list[Due]) -> None:
+        self._due.extend(dues)  # still in _releasing
+        self._wake_releaser.set()
 
     # -- several servers ---------------------------------------------------------------------------
 
@@ -381,6 +420,9 @@ class DelayService:
             except DelayStoreUnavailable as e:
                 log.error("delay.takeover_failed", error=str(e), shards=sorted(shards))
                 await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("delay.takeover_failed", shards=sorted(shards))
+                await asyncio.sleep(1.0)
 
     async def _lost(self, shards: frozenset[int]) -> None:
         """Shards lost or given up: their timers go; their releases are refused from now on."""
@@ -388,6 +430,10 @@ class DelayService:
         shard_of = self._sharded.shard_of
         for msg_id in [m for m in self._entries if shard_of(m) in shards]:
             self._disarm(msg_id)
+        # A release under way may hold some of their messages: let it finish before anyone else
+        # can take the shards (those not yet claimed are dropped: the shards are not held).
+        async with self._release_lock:
+            pass
 
     async def _inbox(self) -> None:
         """Re-read what other servers changed in the shards held."""
@@ -395,22 +441,35 @@ class DelayService:
         while await self._pause(_INBOX_EVERY_S if self.leases.servers > 1 else _INBOX_ALONE_S):
             try:
                 ids = await self._sharded.inbox(sorted(self.leases.owned))
-                for msg_id in dict.fromkeys(ids):
-                    await self._refresh(msg_id)
+                self._to_refresh.update(dict.fromkeys(ids))
+                while self._to_refresh:
+                    chunk = list(self._to_refresh)[:_REFRESH_CHUNK]
+                    await self._refresh_many(chunk)
+                    for msg_id in chunk:
+                        self._to_refresh.pop(msg_id, None)
             except DelayStoreUnavailable as e:
                 log.warning("delay.inbox_failed", error=str(e))
                 await self._pause(1.0)
+            except Exception:
+                log.exception("delay.inbox_failed")
+                await self._pause(1.0)
 
     async def _refresh(self, msg_id: bytes) -> None:
-        """Make the wheel agree with the store about one message changed elsewhere."""
-        if msg_id in self._releasing:
-            return  # its claim decides, and re-reads it if it is not released
-        due = await self.store.due(msg_id)
-        if msg_id in self._releasing:
-            return
-        self._disarm(msg_id)
-        if due is not None and due.deliver_at_ms < max(self._horizon_ms, self._loading_to_ms):
-            self._arm(due)
+        await self._refresh_many([msg_id])
+
+    async def _refresh_many(self, msg_ids: Sequence[bytes]) -> None:
+        """Make the wheel agree with the store about messages changed elsewhere (their reads
+        all in flight at once)."""
+        # Those being released: their claim decides, and re-reads them if not released.
+        ids = [m for m in msg_ids if m not in self._releasing]
+        dues = await asyncio.gather(*(self.store.due(m) for m in ids))
+        horizon = max(self._horizon_ms, self._loading_to_ms)
+        for msg_id, due in zip(ids, dues, strict=True):
+            if msg_id in self._releasing:
+                continue
+            self._disarm(msg_id)
+            if due is not None and due.deliver_at_ms < horizon:
+                self._arm(due)
 
     async def _sweeper(self) -> None:
         """The last resort: arm messages overdue by more than a second that are neither armed
@@ -426,6 +485,8 @@ class DelayService:
                     log.warning("delay.sweep_found", armed=len(self._entries) - before)
             except DelayStoreUnavailable as e:
                 log.warning("delay.sweep_failed", error=str(e))
+            except Exception:
+                log.exception("delay.sweep_failed")
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep; False, at once, when the service is stopping."""
@@ -470,13 +531,31 @@ class DelayService:
         SCHEDULED.inc(sum(fresh))
         horizon = max(self._horizon_ms, self._loading_to_ms)
         times = list(deliver_at_ms)
+        resent = []
         for pos, ((msg, at), new) in enumerate(zip(items, fresh, strict=True)):
-            if new:
-                if at < horizon:
-                    self._arm(Due(msg.msg_id, at, encode_message(msg)))
-            elif (known := await self.get(msg.msg_id)) is not None:
-                times[pos] = known.deliver_at_ms
+            if not new:
+                resent.append(pos)
+            elif at < horizon:
+                self._arm(Due(msg.msg_id, at, encode_message(msg)))
+        if resent:  # answer their stored times, and arm them (the first reply was lost?)
+            known = await asyncio.gather(
+                *(self._known(items[pos][0].msg_id, times[pos], horizon) for pos in resent)
+            )
+            for pos, at in zip(resent, known, strict=True):
+                times[pos] = at
         return times
+
+    async def _known(self, msg_id: bytes, asked_ms: int, horizon: int) -> int:
+        try:
+            due = await self.store.due(msg_id)
+            if due is not None:
+                if due.deliver_at_ms < horizon:
+                    self._arm(due)
+                return due.deliver_at_ms
+            info = await self.store.get(msg_id)
+        except DelayStoreUnavailable as e:
+            raise DelayUnavailable(str(e)) from None
+        return asked_ms if info is None else info.deliver_at_ms
 
     async def get(self, msg_id: bytes) -> DelayedInfo | None:
         try:

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
@@ -374,3 +375,99 @@ def test_leases_refuse_a_store_without_owner_and_a_tiny_ttl() -> None:
     store.owner = ""
     with pytest.raises(ValueError, match="owner"):
         ShardLeases(store)
+
+
+# -- what a review of the design found, kept fixed -------------------------------------------------
+
+
+async def test_a_time_in_the_past_is_released_at_once_and_breaks_nothing(
+    cluster: Callable[[], Node],
+) -> None:
+    a = await cluster().start()
+    now = a.timers.now_ms()
+    past, other = await _schedule(a, [b"past", b"other"], now + 60_000)
+    # Stored as asked: the Lua steps must read a negative time too.
+    info = await a.delay.reschedule(past, -1)
+    assert info is not None and info.deliver_at_ms == -1
+    await a.delay.reschedule(other, now + 300)
+    await _wait_for(lambda: set(a.released("t")) == {b"past", b"other"})
+
+
+async def test_the_releaser_outlives_an_unexpected_error(
+    cluster: Callable[[], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await cluster().start()
+    real_claim = a.store.claim
+    failures = [RuntimeError("boom")]
+
+    async def claim(msg_ids: Sequence[bytes], now_ms: int) -> list[bool]:
+        if failures:
+            raise failures.pop()
+        return await real_claim(msg_ids, now_ms)
+
+    monkeypatch.setattr(a.store, "claim", claim)
+    await _schedule(a, [b"m"], a.timers.now_ms() + 100)
+    await _wait_for(lambda: b"m" in a.released("t"))
+    assert failures == []
+
+
+async def test_shards_given_up_mid_release_are_not_released_twice(
+    cluster: Callable[[], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await cluster().start()
+    real_put = a.broker.store.put_many
+    putting = asyncio.Event()
+
+    async def slow_put(msgs: Sequence[Message], *, check_duplicate: bool = False) -> Any:
+        putting.set()
+        await asyncio.sleep(0.5)  # b joins and a gives shards up meanwhile
+        return await real_put(msgs, check_duplicate=check_duplicate)
+
+    monkeypatch.setattr(a.broker.store, "put_many", slow_put)
+    await _schedule(a, [b"m%d" % i for i in range(100)], a.timers.now_ms() + 100)
+    await asyncio.wait_for(putting.wait(), 5)
+    b = await cluster().start()
+    await _split(a, b)
+    await _wait_for(lambda: len(a.released("t")) + len(b.released("t")) >= 100)
+    await asyncio.sleep(0.5)
+    assert not set(a.released("t")) & set(b.released("t")), "released by both"
+    assert len(a.released("t")) + len(b.released("t")) == 100
+
+
+async def test_a_reschedule_from_elsewhere_survives_a_failed_read(
+    cluster: Callable[[], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await cluster().start()
+    b = await cluster().start()
+    await _split(a, b)
+    msg = Message("t", b"moved", msg_id=_id_in(b))
+    now = b.timers.now_ms()
+    await b.delay.schedule([msg], [now + 8000])
+    real_due = b.store.due
+    failures = [DelayStoreUnavailable("redis unavailable: once")]
+
+    async def due(msg_id: bytes) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real_due(msg_id)
+
+    monkeypatch.setattr(b.store, "due", due)
+    at = now + 500
+    await a.delay.reschedule(msg.msg_id, at)
+    await _wait_for(lambda: b"moved" in b.released("t"), timeout_s=4.0)
+    assert failures == []
+    assert b.released("t")[b"moved"][0] == at and b.released("t")[b"moved"][1] < at + 2000
+
+
+async def test_a_resend_whose_first_reply_was_lost_is_released_on_time(
+    cluster: Callable[[], Node],
+) -> None:
+    a = await cluster().start()
+    msg_id = _id_in(a)
+    at = a.timers.now_ms() + 300
+    # The first attempt reached Redis but its answer never came back: stored, not armed.
+    await a.store.schedule([(Message("t", b"retried", msg_id=msg_id), at)])
+    assert await a.delay.schedule([Message("t", b"retried", msg_id=msg_id)], [at]) == [at]
+    await _wait_for(lambda: b"retried" in a.released("t"))
+    released_at = a.released("t")[b"retried"][1]
+    assert at <= released_at < at + 900  # armed by the resend, not found by the sweeper
