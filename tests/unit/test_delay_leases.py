@@ -190,7 +190,8 @@ async def test_a_client_id_in_another_servers_shard_is_released_on_time_by_its_h
     await a.delay.schedule([msg], [at])  # sent to a, due inside b's loaded window
     await _wait_for(lambda: b"handed-over" in b.released("t"))
     deliver_at, released_at = b.released("t")[b"handed-over"]
-    assert deliver_at == at and at <= released_at < at + 500  # through the inbox, not the sweep
+    # Through the inbox: the sweep only arms what is more than a second overdue.
+    assert deliver_at == at and at <= released_at < at + 1000
     assert a.released("t") == {}
     # Sent again to either server (a client retry): still stored once, released once.
     again = Message("t", b"handed-over", msg_id=msg.msg_id)
@@ -253,8 +254,8 @@ async def test_a_server_that_stops_hands_its_shards_on_at_once(
     ids = await _schedule(b, [b"m%d" % i for i in range(20)], b.timers.now_ms() + 1500)
     await b.stop()
     assert set(await a.store.lease_holders()) <= {a.store.owner, None}
-    # Well before b's leases could have expired, a holds them: b gave them up.
-    await _wait_for(lambda: len(a.leases.owned) == a.store.shards, timeout_s=TTL_MS / 1000)
+    # b gave them up (none is b's in Redis any more, before they could expire); a takes them.
+    await _wait_for(lambda: len(a.leases.owned) == a.store.shards)
     await _wait_for(lambda: len(a.released("t")) == 20)
     assert len(ids) == 20
 
