@@ -376,21 +376,26 @@ class DelayService:
         release now; forget the others (another server's now, or changed meanwhile)."""
         assert self.leases is not None and self._sharded is not None
         holds, shard_of, owned = self.leases.holds, self._sharded.shard_of, self.leases.owned
-        mine = [due for due in batch if holds(shard_of(due.msg_id))]
-        # Held but not valid just now (a renewal under way took long): try again shortly.
-        later = [d for d in batch if shard_of(d.msg_id) in owned and not holds(shard_of(d.msg_id))]
+        mine: list[Due] = []
+        later: list[Due] = []  # held, but not valid just now (a slow renewal): retry shortly
+        gone: list[bytes] = []  # another server's now
+        for due in batch:
+            shard = shard_of(due.msg_id)
+            if holds(shard):
+                mine.append(due)
+            elif shard in owned:
+                later.append(due)
+            else:
+                gone.append(due.msg_id)
         if later:
             asyncio.get_running_loop().call_later(0.2, self._retry_release, later)
-            batch = [d for d in batch if d not in later]
         flags = await self._sharded.claim([due.msg_id for due in mine], now) if mine else []
         claimed = [due for due, ok in zip(mine, flags, strict=True) if ok]
-        if len(claimed) < len(batch):
-            kept = {due.msg_id for due in claimed}
-            dropped = [due.msg_id for due in batch if due.msg_id not in kept]
-            self._releasing.difference_update(dropped)
-            for msg_id in dropped:  # rescheduled later, say: arm it at its new time
-                if holds(shard_of(msg_id)):
-                    await self._refresh(msg_id)
+        unclaimed = [due.msg_id for due, ok in zip(mine, flags, strict=True) if not ok]
+        self._releasing.difference_update(gone)
+        if unclaimed:  # cancelled, or rescheduled later: arm it at its new time
+            self._releasing.difference_update(unclaimed)
+            await self._refresh_many(unclaimed)
         return claimed
 
     def _retry_release(self, dues: list[Due]) -> None:
@@ -453,9 +458,6 @@ class DelayService:
             except Exception:
                 log.exception("delay.inbox_failed")
                 await self._pause(1.0)
-
-    async def _refresh(self, msg_id: bytes) -> None:
-        await self._refresh_many([msg_id])
 
     async def _refresh_many(self, msg_ids: Sequence[bytes]) -> None:
         """Make the wheel agree with the store about messages changed elsewhere (their reads
