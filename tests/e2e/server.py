@@ -88,12 +88,21 @@ async def call(
 
 
 async def drain(
-    session: aiohttp.ClientSession, base: str, topic: str, group: str, *, idle_polls: int = 2
+    session: aiohttp.ClientSession,
+    base: str,
+    topic: str,
+    group: str,
+    *,
+    idle_polls: int = 2,
+    at_least: int = 0,
+    timeout_s: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Receive and ack until the group gets nothing ``idle_polls`` times in a row."""
+    """Receive and ack until the group gets nothing ``idle_polls`` times in a row once it has
+    ``at_least`` messages, or until ``timeout_s`` has passed (None: no limit)."""
     got: list[dict[str, Any]] = []
     idle = 0
-    while idle < idle_polls:
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while idle < idle_polls and (deadline is None or time.monotonic() < deadline):
         status, data = await call(
             session,
             "POST",
@@ -103,7 +112,7 @@ async def drain(
         assert status == 200, data
         msgs = data["messages"]
         if not msgs:
-            idle += 1
+            idle += len(got) >= at_least
             continue
         idle = 0
         got.extend(msgs)

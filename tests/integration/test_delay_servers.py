@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.e2e.server import Server, call
+from tests.e2e.server import Server, call, drain
 from tests.integration.redis_process import RedisProcess
 
 pytestmark = pytest.mark.e2e
@@ -49,30 +49,10 @@ async def _send(session: aiohttp.ClientSession, base: str, msgs: list[dict[str, 
     return [r["msg_id"] for r in data["results"]]
 
 
-async def _receive_all(
+async def _receive(
     session: aiohttp.ClientSession, base: str, want: int, timeout_s: float
 ) -> list[dict[str, Any]]:
-    got: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status, data = await call(
-            session,
-            "POST",
-            f"{base}/v1/topics/d/groups/g/receive",
-            {"max_messages": 500, "wait_ms": 300},
-        )
-        assert status == 200, data
-        got.extend(data["messages"])
-        if data["messages"]:
-            await call(
-                session,
-                "POST",
-                f"{base}/v1/topics/d/groups/g/ack",
-                {"receipts": [m["receipt"] for m in data["messages"]]},
-            )
-        elif len(got) >= want:
-            return got
-    return got
+    return await drain(session, base, "d", "g", idle_polls=1, at_least=want, timeout_s=timeout_s)
 
 
 @pytest.fixture(params=["redis", "cluster"])
@@ -95,14 +75,16 @@ async def test_two_servers_share_one_redis_and_survive_a_sigkill(
             await _wait_owned(session, {a.url: 8, b.url: 8})
             for s in (a, b):
                 await call(session, "POST", f"{s.url}/v1/topics", {"name": "d", "queues": 2})
-                await _receive_all(session, s.url, 0, 0)  # the group exists before releases
+                await drain(
+                    session, s.url, "d", "g", idle_polls=1
+                )  # the group exists before releases
 
             # Each server releases what it accepted, into its own topic.
             soon = [{"body": f"soon-{s}-{i}", "delay_ms": 300} for s in "ab" for i in range(50)]
             await _send(session, a.url, soon[:50])
             await _send(session, b.url, soon[50:])
-            got_a = await _receive_all(session, a.url, 50, 10)
-            got_b = await _receive_all(session, b.url, 50, 10)
+            got_a = await _receive(session, a.url, 50, 10)
+            got_b = await _receive(session, b.url, 50, 10)
             assert sorted(m["body"] for m in got_a) == sorted(m["body"] for m in soon[:50])
             assert sorted(m["body"] for m in got_b) == sorted(m["body"] for m in soon[50:])
 
@@ -121,7 +103,7 @@ async def test_two_servers_share_one_redis_and_survive_a_sigkill(
             await _wait_owned(session, {a.url: 16})
             took_over_s = time.monotonic() - killed_at
 
-            got = await _receive_all(session, a.url, 200, 20)
+            got = await _receive(session, a.url, 200, 20)
             counts = Counter(m["body"] for m in got)
             assert sorted(counts) == sorted(m["body"] for m in later + mine), "lost or extra"
             assert max(counts.values()) == 1, "released twice"

@@ -6,7 +6,7 @@ loses no half message and no outcome."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from broker_core.message import Message
 from delayserver.embedded import EmbeddedDelayStore
 from delayserver.service import DelayService
 from delayserver.timers import TimerService
+from tests.unit.broker_helpers import wait_for
 from txcoord.coordinator import Coordinator, TxNotFound, TxSettings
 from txcoord.states import AlreadyCommitted, AlreadyRolledBack, TxEvent, TxState
 
@@ -93,14 +94,6 @@ async def _node(nodes: list[Node], data: Path, settings: TxSettings = FAST) -> N
     ) if "orders" not in node.broker.store.topics else None
     nodes.append(node)
     return node
-
-
-async def _wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def _state(node: Node, tx_id: str) -> TxState:
@@ -182,8 +175,8 @@ async def test_check_url_answers_decide(nodes: list[Node], tmp_path: Path) -> No
         yes = await node.prepare(b"yes", check_url=url, keys=("k",))
         no = await node.prepare(b"no", check_url=url)
         answers.update({yes: "commit", no: "rollback"})
-        await _wait_for(lambda: len(asked) >= 2)
-        await _wait_for(lambda: node.bodies("orders") == [b"yes"])
+        await wait_for(lambda: len(asked) >= 2)
+        await wait_for(lambda: node.bodies("orders") == [b"yes"])
         for _ in range(100):
             if await _state(node, no) is TxState.ROLLED_BACK:
                 break
@@ -241,7 +234,7 @@ async def test_transactional_and_delayed(nodes: list[Node], tmp_path: Path) -> N
     tx_id = await node.prepare(b"later", deliver_at_ms=at)
     await node.tx.commit(tx_id)
     assert node.bodies("orders") == []
-    await _wait_for(lambda: node.bodies("orders") == [b"later"])
+    await wait_for(lambda: node.bodies("orders") == [b"later"])
     assert node.timers.now_ms() >= at
 
 
@@ -285,4 +278,4 @@ async def test_a_committed_but_undelivered_transaction_is_delivered_at_start(
     await node.stop()
 
     again = await _node(nodes, data, TxSettings(check_immunity_ms=60_000))
-    await _wait_for(lambda: again.bodies("orders") == [b"decided"])
+    await wait_for(lambda: again.bodies("orders") == [b"decided"])

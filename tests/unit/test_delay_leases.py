@@ -25,6 +25,7 @@ from delayserver.redis_store import RedisDelayStore
 from delayserver.service import DelayService
 from delayserver.store import DelayState, DelayStoreUnavailable
 from delayserver.timers import TimerService
+from tests.unit.broker_helpers import wait_for
 
 TTL_MS = 600
 
@@ -110,14 +111,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Callable[[], Node]]:
         await node.stop()
 
 
-async def _wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 async def _split(*nodes: Node) -> None:
     """Until the nodes hold their fair shares of the shards, disjoint and covering all."""
     total = nodes[0].store.shards
@@ -127,7 +120,7 @@ async def _split(*nodes: Node) -> None:
         owned = [n.leases.owned for n in nodes]
         return sum(map(len, owned)) == total and all(share - 1 <= len(o) <= share for o in owned)
 
-    await _wait_for(settled, timeout_s=10 * TTL_MS / 1000)
+    await wait_for(settled, timeout_s=10 * TTL_MS / 1000)
     union: set[int] = set()
     for node in nodes:
         assert not union & node.leases.owned, "a shard held by two servers"
@@ -169,7 +162,7 @@ async def test_two_servers_split_the_shards_and_release_what_each_accepted(
     # Ids the servers made fall in their own shards.
     assert {a.store.shard_of(i) for i in ids_a} <= a.leases.owned
     assert {b.store.shard_of(i) for i in ids_b} <= b.leases.owned
-    await _wait_for(lambda: len(a.released("t")) == 40 and len(b.released("t")) == 40)
+    await wait_for(lambda: len(a.released("t")) == 40 and len(b.released("t")) == 40)
     assert set(a.released("t")) == {b"a%d" % i for i in range(40)}
     assert set(b.released("t")) == {b"b%d" % i for i in range(40)}
     for node in (a, b):
@@ -188,7 +181,7 @@ async def test_a_client_id_in_another_servers_shard_is_released_on_time_by_its_h
     msg = Message("t", b"handed-over", msg_id=_id_in(b))
     at = a.timers.now_ms() + 250
     await a.delay.schedule([msg], [at])  # sent to a, due inside b's loaded window
-    await _wait_for(lambda: b"handed-over" in b.released("t"))
+    await wait_for(lambda: b"handed-over" in b.released("t"))
     deliver_at, released_at = b.released("t")[b"handed-over"]
     # Through the inbox: the sweep only arms what is more than a second overdue.
     assert deliver_at == at and at <= released_at < at + 1000
@@ -214,7 +207,7 @@ async def test_cancel_and_reschedule_on_another_server_reach_the_holder(
     later = now + 900
     info = await a.delay.reschedule(moved, later)
     assert info is not None and info.deliver_at_ms == later
-    await _wait_for(lambda: b"moved" in b.released("t"))
+    await wait_for(lambda: b"moved" in b.released("t"))
     assert b.released("t")[b"moved"][1] >= later  # not at its old time
     assert set(b.released("t")) == {b"moved"}
     assert a.released("t") == {}
@@ -234,9 +227,9 @@ async def test_a_dead_servers_shards_and_messages_move_to_the_survivor(
     late = await _schedule(b, [b"late%d" % i for i in range(30)], now + 3000)
     b_shards = b.leases.owned
     await b.crash()
-    await _wait_for(lambda: len(a.leases.owned) == a.store.shards, timeout_s=5 * TTL_MS / 1000)
+    await wait_for(lambda: len(a.leases.owned) == a.store.shards, timeout_s=5 * TTL_MS / 1000)
     assert b_shards <= a.leases.owned
-    await _wait_for(lambda: len(a.released("t")) == 60, timeout_s=6.0)
+    await wait_for(lambda: len(a.released("t")) == 60, timeout_s=6.0)
     released = a.released("t")
     assert set(released) == {b"early%d" % i for i in range(30)} | {b"late%d" % i for i in range(30)}
     assert all(rel >= due for due, rel in released.values())  # never early
@@ -255,8 +248,8 @@ async def test_a_server_that_stops_hands_its_shards_on_at_once(
     await b.stop()
     assert set(await a.store.lease_holders()) <= {a.store.owner, None}
     # b gave them up (none is b's in Redis any more, before they could expire); a takes them.
-    await _wait_for(lambda: len(a.leases.owned) == a.store.shards)
-    await _wait_for(lambda: len(a.released("t")) == 20)
+    await wait_for(lambda: len(a.leases.owned) == a.store.shards)
+    await wait_for(lambda: len(a.released("t")) == 20)
     assert len(ids) == 20
 
 
@@ -391,7 +384,7 @@ async def test_a_time_in_the_past_is_released_at_once_and_breaks_nothing(
     info = await a.delay.reschedule(past, -1)
     assert info is not None and info.deliver_at_ms == -1
     await a.delay.reschedule(other, now + 300)
-    await _wait_for(lambda: set(a.released("t")) == {b"past", b"other"})
+    await wait_for(lambda: set(a.released("t")) == {b"past", b"other"})
 
 
 async def test_the_releaser_outlives_an_unexpected_error(
@@ -408,7 +401,7 @@ async def test_the_releaser_outlives_an_unexpected_error(
 
     monkeypatch.setattr(a.store, "claim", claim)
     await _schedule(a, [b"m"], a.timers.now_ms() + 100)
-    await _wait_for(lambda: b"m" in a.released("t"))
+    await wait_for(lambda: b"m" in a.released("t"))
     assert failures == []
 
 
@@ -429,7 +422,7 @@ async def test_shards_given_up_mid_release_are_not_released_twice(
     await asyncio.wait_for(putting.wait(), 5)
     b = await cluster().start()
     await _split(a, b)
-    await _wait_for(lambda: len(a.released("t")) + len(b.released("t")) >= 100)
+    await wait_for(lambda: len(a.released("t")) + len(b.released("t")) >= 100)
     await asyncio.sleep(0.5)
     assert not set(a.released("t")) & set(b.released("t")), "released by both"
     assert len(a.released("t")) + len(b.released("t")) == 100
@@ -455,7 +448,7 @@ async def test_a_reschedule_from_elsewhere_survives_a_failed_read(
     monkeypatch.setattr(b.store, "due", due)
     at = now + 500
     await a.delay.reschedule(msg.msg_id, at)
-    await _wait_for(lambda: b"moved" in b.released("t"), timeout_s=4.0)
+    await wait_for(lambda: b"moved" in b.released("t"), timeout_s=4.0)
     assert failures == []
     assert b.released("t")[b"moved"][0] == at and b.released("t")[b"moved"][1] < at + 2000
 
@@ -469,6 +462,6 @@ async def test_a_resend_whose_first_reply_was_lost_is_released_on_time(
     # The first attempt reached Redis but its answer never came back: stored, not armed.
     await a.store.schedule([(Message("t", b"retried", msg_id=msg_id), at)])
     assert await a.delay.schedule([Message("t", b"retried", msg_id=msg_id)], [at]) == [at]
-    await _wait_for(lambda: b"retried" in a.released("t"))
+    await wait_for(lambda: b"retried" in a.released("t"))
     released_at = a.released("t")[b"retried"][1]
     assert at <= released_at < at + 900  # armed by the resend, not found by the sweeper

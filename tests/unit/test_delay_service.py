@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from delayserver.embedded import EmbeddedDelayStore
 from delayserver.service import DelayService
 from delayserver.store import DelayState
 from delayserver.timers import TimerService
+from tests.unit.broker_helpers import wait_for
 
 
 class Node:
@@ -91,14 +92,6 @@ async def _stop(nodes: list[Node], node: Node) -> None:
     await node.stop()
 
 
-async def _wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_released_on_time_into_the_real_topic_with_the_same_id(
     nodes: list[Node], tmp_path: Path
 ) -> None:
@@ -111,7 +104,7 @@ async def test_released_on_time_into_the_real_topic_with_the_same_id(
     info = await node.delay.get(msg.msg_id)
     assert info is not None and info.state is DelayState.SCHEDULED and info.deliver_at_ms == at
     assert node.bodies("orders") == []
-    await _wait_for(lambda: node.bodies("orders") == [b"later"])
+    await wait_for(lambda: node.bodies("orders") == [b"later"])
     released = node.broker.get_message(msg.msg_id)
     assert released.topic == "orders" and released.keys == ("k1",)
     assert int(released.properties[PROP_DELIVER_AT]) == at
@@ -136,7 +129,7 @@ async def test_windows_load_ahead_and_release_in_order_never_early(
     times = [now + 100 + 40 * i for i in range(25)]
     await node.delay.schedule([Message("t", str(i).encode()) for i in range(25)], times)
     assert node.delay.in_window < 25
-    await _wait_for(lambda: len(node.bodies("t")) == 25)
+    await wait_for(lambda: len(node.bodies("t")) == 25)
     for _body, deliver_at, released_at in node.released("t"):
         assert released_at >= deliver_at
 
@@ -152,7 +145,7 @@ async def test_cancel_inside_and_beyond_the_window(nodes: list[Node], tmp_path: 
         assert info is not None and info.state is DelayState.CANCELLED
     again = await node.delay.cancel(near.msg_id)  # idempotent
     assert again is not None and again.state is DelayState.CANCELLED
-    await _wait_for(lambda: node.bodies("t") == [b"kept"])
+    await wait_for(lambda: node.bodies("t") == [b"kept"])
     await asyncio.sleep(2.0)  # past the far one's time, through a window load
     assert node.bodies("t") == [b"kept"]
     late = await node.delay.cancel(kept.msg_id)
@@ -170,9 +163,9 @@ async def test_reschedule_earlier_and_later(nodes: list[Node], tmp_path: Path) -
     info = await node.delay.reschedule(sooner.msg_id, new_sooner)
     assert info is not None and info.deliver_at_ms == new_sooner
     await node.delay.reschedule(later.msg_id, new_later)
-    await _wait_for(lambda: node.bodies("t") == [b"sooner"])
+    await wait_for(lambda: node.bodies("t") == [b"sooner"])
     assert node.timers.now_ms() < new_later
-    await _wait_for(lambda: node.bodies("t") == [b"later", b"sooner"])
+    await wait_for(lambda: node.bodies("t") == [b"later", b"sooner"])
     by_body = {b: (d, r) for b, d, r in node.released("t")}
     assert by_body[b"sooner"][0] == new_sooner and by_body[b"later"][0] == new_later
     assert all(r >= d for d, r in by_body.values())
@@ -188,13 +181,13 @@ async def test_pending_messages_survive_a_restart(nodes: list[Node], tmp_path: P
     await node.delay.schedule(
         [Message("orders", b"a"), Message("orders", b"b")], [now + 200, now + 900]
     )
-    await _wait_for(lambda: node.bodies("orders") == [b"a"])
+    await wait_for(lambda: node.bodies("orders") == [b"a"])
     await _stop(nodes, node)
 
     again = await _node(nodes, data)
     assert await again.delay.store.pending() == 1
     assert again.bodies("orders") == [b"a"]
-    await _wait_for(lambda: again.bodies("orders") == [b"a", b"b"])
+    await wait_for(lambda: again.bodies("orders") == [b"a", b"b"])
     await asyncio.sleep(0.2)
     assert again.bodies("orders") == [b"a", b"b"]
 
@@ -212,7 +205,7 @@ async def test_a_release_whose_bookkeeping_was_lost_is_not_delivered_twice(
     monkeypatch.setattr(node.delay.store, "mark_delivered", lost)
     [msg] = [Message("orders", b"once")]
     await node.delay.schedule([msg], [node.timers.now_ms() + 100])
-    await _wait_for(lambda: node.bodies("orders") == [b"once"])
+    await wait_for(lambda: node.bodies("orders") == [b"once"])
     await _stop(nodes, node)
 
     again = await _node(nodes, data)
@@ -266,7 +259,7 @@ async def test_copying_a_live_data_dir_keeps_scheduled_messages(
     shutil.copytree(live, crash)
     (crash / "commitlog" / "clean_shutdown").unlink(missing_ok=True)
     again = await _node(nodes, crash)
-    await _wait_for(lambda: len(again.bodies("orders")) == 50)
+    await wait_for(lambda: len(again.bodies("orders")) == 50)
     assert again.bodies("orders") == sorted(str(i).encode() for i in range(50))
 
 
