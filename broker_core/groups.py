@@ -356,7 +356,11 @@ class GroupManager:
     ) -> GroupConfig:
         """Create a group durably (its record is written before this returns)."""
         group, fut = self._new_group(name, fifo=fifo, max_attempts=max_attempts)
-        await fut
+        try:
+            await fut
+        except StoreUnavailable:
+            self.groups.pop(group.name, None)  # not durable: it does not exist
+            raise
         return group
 
     def _new_group(

@@ -31,7 +31,6 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -64,6 +63,11 @@ _TOPICS = "topics.json"
 #: Topic name carried by consumer-state records (never a real topic, never dispatched).
 STATE_TOPIC = "SYS_CONSUMER_STATE"
 _HEAL_PROBE_S = 1.0
+
+
+#: What dispatch needs of a written record: topic, queue, queue offset, CommitLog offset, size,
+#: tag hash, msg_id, keys.
+_Dispatch = tuple[str, int, int, int, int, int, bytes, tuple[str, ...]]
 
 
 def _is_message(view: codec.Buffer, pos: int) -> bool:
@@ -144,7 +148,7 @@ class MessageStore:
         # the one future all their puts await.
         self._buf: list[bytes] = []
         self._buf_start = 0
-        self._buf_dispatch: list[tuple[str, int, int, int, int, int, bytes, tuple[str, ...]]] = []
+        self._buf_dispatch: list[_Dispatch] = []
         self._buf_future: _CommitFuture | None = None
         self._buf_records = 0
         #: Client-supplied ids of records not yet written, with the write their puts await.
@@ -275,11 +279,15 @@ class MessageStore:
             raise TopicExists(f"topic {name!r} already exists")
         topic = TopicConfig(name, queues, self.clock())
         self.topics[name] = topic
-        for q in range(queues):
-            self._next_qoff[(name, q)] = self._cq(name, q).max_offset
-        await asyncio.get_running_loop().run_in_executor(
-            self._flush_pool, write_json_atomic, self.root / _TOPICS, self._topics_json()
-        )
+        try:
+            for q in range(queues):
+                self._next_qoff[(name, q)] = self._cq(name, q).max_offset
+            await asyncio.get_running_loop().run_in_executor(
+                self._flush_pool, write_json_atomic, self.root / _TOPICS, self._topics_json()
+            )
+        except OSError as e:  # disk full: the topic does not exist (it could not be saved)
+            del self.topics[name]
+            raise StoreUnavailable(f"cannot save topic {name!r}: {e.strerror or e}") from e
         log.info("topic.created", topic=name, queues=queues)
         return topic
 
@@ -474,7 +482,7 @@ class MessageStore:
         """The one task that moves pending batches to disk, in order."""
         assert self._wake_writer is not None
         loop = asyncio.get_running_loop()
-        write = self.commitlog.write
+        write = self._prepare_and_write
         while True:
             if self._failure is None:
                 await self._wake_writer.wait()
@@ -498,9 +506,7 @@ class MessageStore:
                 self._buf_start = start + len(data)
                 t0 = time.perf_counter()
                 try:
-                    await loop.run_in_executor(
-                        self._write_pool, partial(write, start, data, sync=self._sync)
-                    )
+                    await loop.run_in_executor(self._write_pool, write, start, data, dispatch)
                 except OSError as e:  # disk full, I/O error: fail this write, keep going
                     await self._write_failed(e, fut, start, marker_at)
                     continue
@@ -512,6 +518,22 @@ class MessageStore:
                     fut.set_result(None)
             if self._closing:
                 return
+
+    def _prepare_and_write(self, start: int, data: bytes, dispatch: list[_Dispatch]) -> None:
+        """On the writer thread: allocate the ConsumeQueue and index space the write's records
+        will take (a full disk fails the write here, before anything is written, rather than
+        with SIGBUS in a mapping later), then write."""
+        last: dict[tuple[str, int], int] = {}
+        n_index = 0
+        for topic, qid, qoff, _p, _s, _t, _id, keys in dispatch:
+            last[(topic, qid)] = qoff
+            n_index += 1 + len(keys)
+        cqs = self._cqs
+        for key, qoff in last.items():
+            cqs[key].preallocate(qoff)
+        if n_index:
+            self.index.preallocate(n_index)
+        self.commitlog.write(start, data, sync=self._sync)
 
     async def _write_failed(
         self, e: OSError, fut: _CommitFuture | None, start: int, marker_at: int
@@ -562,7 +584,7 @@ class MessageStore:
         return True
 
     def _dispatch(
-        self, batch: list[tuple[str, int, int, int, int, int, bytes, tuple[str, ...]]]
+        self, batch: list[_Dispatch]
     ) -> None:
         cqs = self._cqs
         index_add = self.index.add

@@ -315,3 +315,31 @@ async def test_a_failed_batch_is_not_there_after_a_restart(
     await stores.stop(store)
     store = await stores.start(live)
     assert sorted(bodies(store, "t")) == sorted([*(body_for(i, 100) for i in range(5)), b"next"])
+
+
+async def test_derived_file_space_is_allocated_before_the_write(
+    stores: Stores, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ConsumeQueue and index entries are written through mappings: on a full disk a page that
+    # was never allocated would kill the process with SIGBUS. Their space is allocated before
+    # the CommitLog write, so a full disk fails the put cleanly instead.
+    store = await stores.start(tmp_path)
+    await store.create_topic("t", 1)
+    await put_numbered(store, "t", 2)
+    real = os.posix_fallocate
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    # Enough puts to need new ConsumeQueue files and index entries beyond the first chunk.
+    with pytest.raises(StoreUnavailable, match="No space left"):
+        for i in range(5000):
+            await store.put(msg("t", f"m{i}", keys=[f"key{i}"]))
+    monkeypatch.setattr(os, "posix_fallocate", real)
+    await store.put(msg("t", "after"))
+    got = bodies(store, "t")
+    assert got[:2] == [body_for(0), body_for(1)] and got[-1] == b"after"
+    await stores.stop(store)
+    store = await stores.start(tmp_path)
+    assert bodies(store, "t") == got
