@@ -70,6 +70,22 @@ class FileIO:
         os.posix_fallocate(fd, offset, length)
 
 
+@dataclass(slots=True, frozen=True)
+class LogScan:
+    """What :meth:`CommitLog.walk` found."""
+
+    #: End of the last committed write: where valid data ends and the next write goes.
+    end: int
+    #: Valid records in committed writes (from where the walk began).
+    records: int
+    #: Committed writes (unit markers) seen.
+    units: int
+    #: Damaged ranges ``(start, end)`` before ``end``, stepped over.
+    damage: list[tuple[int, int]]
+    #: The last write had lost records: a write torn by a crash, dropped whole.
+    torn_last_write: bool
+
+
 @dataclass(slots=True)
 class _Segment:
     start: int
@@ -109,9 +125,7 @@ class DamageLog:
     def known(self, offset: int) -> bool:
         return offset in self._seen or any(lo <= offset < hi for lo, hi in self._ranges)
 
-    def report(
-        self, *, segment: int, offset: int, length: int, found_by: str, reason: str
-    ) -> bool:
+    def report(self, *, segment: int, offset: int, length: int, found_by: str, reason: str) -> bool:
         """Record damage at ``offset`` once (a read inside a range already reported is not
         reported again); True when it was new. Logs it as an ERROR."""
         metrics.CORRUPT_RECORDS.labels(found_by).inc()
@@ -140,9 +154,7 @@ class CommitLog:
     """Segment files, the write position, recovery and retention. Thread-safe where it must be:
     :meth:`write` and :meth:`sync` run on worker threads, everything else on the loop."""
 
-    def __init__(
-        self, directory: Path, *, segment_bytes: int, io: FileIO | None = None
-    ) -> None:
+    def __init__(self, directory: Path, *, segment_bytes: int, io: FileIO | None = None) -> None:
         if segment_bytes < 64 * 1024:
             raise ValueError("segment_bytes must be at least 64 KiB")
         self.dir = directory
@@ -189,6 +201,10 @@ class CommitLog:
     def rewind(self) -> None:
         """Give back everything reserved but not written (after a failed write)."""
         self.reserved_end = self.written_end
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
 
     @property
     def min_offset(self) -> int:
@@ -239,8 +255,10 @@ class CommitLog:
         for start in starts:
             size = sizes[start]
             short_tail = start == starts[-1] and size < self.segment_bytes
-            if recorded != self.segment_bytes or start % self.segment_bytes or (
-                size != self.segment_bytes and not short_tail
+            if (
+                recorded != self.segment_bytes
+                or start % self.segment_bytes
+                or (size != self.segment_bytes and not short_tail)
             ):
                 raise RuntimeError(
                     f"CommitLog segment {start} is {size} bytes but --segment-bytes is "
@@ -288,7 +306,7 @@ class CommitLog:
                 log.warning("commitlog.clean_marker_mismatch", marker_end=end)
                 end = None
         if end is None:
-            end = self._recover(starts, scan_from)
+            end = self._recover(scan_from)
         self.written_end = self.reserved_end = end
         if self.units_from == _NO_UNITS:
             self.units_from = end
@@ -296,6 +314,38 @@ class CommitLog:
         if not self._segments:
             self._open_segment(0, create=True)
         return end
+
+    def open_readonly(self) -> list[str]:
+        """Map the segments read-only for an offline check (``tempomq verify``), changing
+        nothing on disk; returns problems with the files themselves (sizes, format)."""
+        problems = []
+        fmt_path = self.dir / _FORMAT
+        if fmt_path.exists():
+            try:
+                fmt = orjson.loads(fmt_path.read_bytes())
+                self.segment_bytes = int(fmt["segment_bytes"])
+                self.units_from = int(fmt.get("units_from", 0))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                problems.append(f"{fmt_path}: unreadable ({e})")
+        else:
+            self.units_from = _NO_UNITS
+        starts = sorted(int(p.name) for p in self.dir.iterdir() if p.name.isdigit())
+        if starts and not fmt_path.exists():
+            self.segment_bytes = self._path(starts[0]).stat().st_size
+        for start in starts:
+            path = self._path(start)
+            size = path.stat().st_size
+            if size != self.segment_bytes or start % self.segment_bytes:
+                problems.append(
+                    f"segment {start} is {size} bytes, expected {self.segment_bytes}"
+                    + (" (its end is lost: a torn tail)" if start == starts[-1] else "")
+                )
+            if size == 0:
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            view = mmap.mmap(fd, min(size, self.segment_bytes), access=mmap.ACCESS_READ)
+            self._segments[start] = _Segment(start, path, fd, view)
+        return problems
 
     def _is_end(self, offset: int) -> bool:
         start = self.segment_start(offset)
@@ -311,27 +361,31 @@ class CommitLog:
         pos = offset - start
         for s in sorted(x for x in self._segments if x >= start):
             seg = self._segments[s]
+            limit = len(seg.view)
             if s > start:
                 pos = -1  # from the segment's first byte
-                kind, _ = codec.scan(seg.view, 0, self.segment_bytes)
+                kind, _ = codec.scan(seg.view, 0, limit)
                 if kind is Scan.UNIT or (
                     kind is Scan.RECORD and codec.record_phy_offset(seg.view, 0) == s
                 ):
                     return s
-            found = codec.find_next_frame(seg.view, max(pos, 0), self.segment_bytes, s)
+            found = codec.find_next_frame(seg.view, max(pos, 0), limit, s)
             if found is not None:
                 return s + found
         return None
 
-    def _recover(self, starts: list[int], scan_from: int | None) -> int:
-        """Walk the frames from ``scan_from``; return the end of the last committed write."""
+    def walk(self, scan_from: int | None = None) -> LogScan:
+        """Walk every frame from the start of ``scan_from``'s segment (None: from the first
+        segment) and tell where the committed data ends, what damage lies before that end and
+        whether the last write was torn. Reads only."""
+        starts = sorted(self._segments)
         if not starts:
-            return 0
+            return LogScan(0, 0, 0, [], False)
         # From the start of the checkpoint's segment: a segment cut short since the checkpoint
         # ends the data before the checkpoint's offset.
         pos = starts[0] if scan_from is None else max(self.segment_start(scan_from), starts[0])
         good = pos  # end of the last committed write
-        unit_records = 0  # valid records since ``good``
+        records = units = unit_records = 0  # unit_records: valid records since ``good``
         damaged: list[tuple[int, int]] = []  # damage since ``good``
         committed_damage: list[tuple[int, int]] = []
         last_unit_damaged = False
@@ -340,13 +394,14 @@ class CommitLog:
             seg = self._segments.get(self.segment_start(pos))
             if seg is None:
                 break
-            rel = pos - seg.start
-            kind, size = codec.scan(seg.view, rel, self.segment_bytes)
+            rel, limit = pos - seg.start, len(seg.view)
+            kind, size = codec.scan(seg.view, rel, limit)
             if kind is Scan.RECORD:
                 pos += size
                 unit_records += 1
-                if pos <= self.units_from:
-                    good, unit_records, last_unit_start = pos, 0, pos
+                if pos <= self.units_from:  # written before unit markers: commits itself
+                    good, last_unit_start = pos, pos
+                    records, unit_records = records + 1, 0
                 continue
             if kind is Scan.UNIT:
                 ustart = codec.unit_start(seg.view, rel)
@@ -355,13 +410,12 @@ class CommitLog:
                     last_unit_damaged = bool(damaged) or count != unit_records
                     last_unit_start = good
                     committed_damage += damaged
+                    records, units = records + unit_records, units + 1
                     damaged, unit_records = [], 0
                     good = pos + size
                 pos += size
                 continue
-            if kind is Scan.BLANK or (
-                kind is Scan.END and rel + codec.BLANK_SIZE > self.segment_bytes
-            ):
+            if kind is Scan.BLANK or (kind is Scan.END and rel + codec.BLANK_SIZE > limit):
                 pos = seg.start + self.segment_bytes  # segment full; data continues after it
                 if pos <= self.units_from:
                     good, last_unit_start = pos, pos
@@ -373,14 +427,22 @@ class CommitLog:
                 break
             damaged.append((pos, nxt))
             pos = nxt
-        if last_unit_damaged and good > last_unit_start:
-            # The last write lost some of its records: a write torn by the crash, never
-            # acknowledged whole. Cut it off whole rather than keep part of it.
-            log.warning("commitlog.torn_last_write", start=last_unit_start, end=good)
+        torn = last_unit_damaged and good > last_unit_start
+        if torn:
+            # The last write lost some of its records: a write torn by a crash, never
+            # acknowledged whole. It ends the data, whole, rather than keep part of it.
             good = last_unit_start
-        self._report_skipped([d for d in committed_damage if d[1] <= good])
-        self._cut_tail(good)
-        return good
+        return LogScan(good, records, units, [d for d in committed_damage if d[1] <= good], torn)
+
+    def _recover(self, scan_from: int | None) -> int:
+        """Walk the frames after ``scan_from``; report damage, cut the torn tail, return the
+        end of the last committed write."""
+        found = self.walk(scan_from)
+        if found.torn_last_write:
+            log.warning("commitlog.torn_last_write", end=found.end)
+        self._report_skipped(found.damage)
+        self._cut_tail(found.end)
+        return found.end
 
     def _report_skipped(self, ranges: list[tuple[int, int]]) -> None:
         for lo, hi in ranges:

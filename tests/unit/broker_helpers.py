@@ -16,7 +16,7 @@ from typing import Any
 
 from broker_core.broker import Broker
 from broker_core.config import BrokerConfig
-from broker_core.message import MsgIdGenerator, Message
+from broker_core.message import Message, MsgIdGenerator
 from broker_core.store import MessageStore
 
 #: A fixed, realistic epoch-ms start for manual clocks (2025-01-01T00:00:00Z).

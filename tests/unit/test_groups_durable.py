@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from broker_core.errors import GroupNotFound
-from tests.unit.test_groups import INVISIBLE_MS, S, Env, _no_hang, bodies  # noqa: F401
+from tests.unit.test_groups import INVISIBLE_MS, Env, S, _no_hang, bodies  # noqa: F401
 
 
 class CrashableEnv(Env):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -15,19 +16,22 @@ from broker_core import codec
 from broker_core.commitlog import FileIO
 from broker_core.errors import StoreUnavailable
 from broker_core.store import MessageStore
-from tests.unit.broker_helpers import msg
-from tests.unit.test_store import (  # noqa: F401 - the fixtures
+from tests.unit.broker_helpers import msg, no_hang
+from tests.unit.store_helpers import (
     SEG,
     Stores,
-    _no_hang,
-    all_in_queues,
     body_for,
     crash_copy,
     put_numbered,
     segments,
-    stores,
     write_at,
 )
+
+
+@pytest.fixture(autouse=True)
+def _no_hang() -> Iterator[None]:
+    with no_hang(10):
+        yield
 
 
 class FaultyIO(FileIO):
@@ -143,9 +147,7 @@ async def test_recovery_checks_every_segment_since_the_checkpoint(
     assert len(bodies(recovered, "t")) == 99
 
 
-async def test_crc_checked_on_every_read_after_a_clean_stop(
-    stores: Stores, tmp_path: Path
-) -> None:
+async def test_crc_checked_on_every_read_after_a_clean_stop(stores: Stores, tmp_path: Path) -> None:
     store = await stores.start(tmp_path)
     await store.create_topic("t", 1)
     rs = await put_numbered(store, "t", 10, size=200)
