@@ -207,16 +207,19 @@ def check_record(buf: Buffer, pos: int, limit: int, phy_offset: int) -> bool:
     return kind is Scan.RECORD and record_phy_offset(buf, pos) == phy_offset
 
 
-def find_next_frame(buf: Buffer, pos: int, limit: int, base: int) -> int | None:
-    """The first position after ``pos`` in ``buf[:limit]`` where a valid frame starts: a record
-    whose header names its own offset (``base`` + position), or a unit marker. None if there is
-    none. Used to step over damage: a frame that checks is never mistaken, since both its CRC
-    and its self-reference must match."""
+def find_next_frame(
+    buf: Buffer, first: int, end: int, limit: int, base: int
+) -> int | None:
+    """The first position in ``[first, end)`` of ``buf[:limit]`` where a valid frame starts: a
+    record whose header names its own offset (``base`` + position), or a unit marker. None if
+    there is none. Used to step over damage: a frame that checks is never mistaken, since both
+    its CRC and its self-reference must match."""
     view = buf if isinstance(buf, mmap.mmap | bytes | bytearray) else bytes(buf)
-    at = pos + 1
-    while at + BLANK_SIZE <= limit:
-        r = view.find(_RECORD_MAGIC_BYTES, at + 4, limit)
-        u = view.find(_UNIT_MAGIC_BYTES, at + 4, limit)
+    at = first
+    stop = min(end + PRE_SIZE, limit)  # a magic is 4 bytes in, at most 8 bytes past ``end``
+    while at < end and at + BLANK_SIZE <= limit:
+        r = view.find(_RECORD_MAGIC_BYTES, at + 4, stop)
+        u = view.find(_UNIT_MAGIC_BYTES, at + 4, stop)
         hits = [h for h in (r, u) if h >= 0]
         if not hits:
             return None

@@ -56,6 +56,25 @@ _NO_UNITS = 1 << 62
 _PROBE_BYTES = 1 << 20
 
 
+def _data_ranges(fd: int, pos: int, limit: int) -> list[tuple[int, int]]:
+    """The ranges of ``[pos, limit)`` of a sparse file that hold data (``SEEK_DATA`` /
+    ``SEEK_HOLE``); the whole range where the file system cannot tell."""
+    out = []
+    while pos < limit:
+        try:
+            lo = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but holes from here
+                break
+            return [(pos, limit)]
+        if lo >= limit:
+            break
+        hi = min(os.lseek(fd, lo, os.SEEK_HOLE), limit)
+        out.append((lo, hi))
+        pos = hi
+    return out
+
+
 class FileIO:
     """The file operations the writer uses: the seam through which tests inject a full disk,
     short writes or I/O errors without a real device."""
@@ -169,6 +188,8 @@ class CommitLog:
         self._dirty: set[int] = set()
         #: Offsets below this commit record by record (written before unit markers existed).
         self.units_from = 0
+        #: The last segment when it was found shorter than its size (cut) at open.
+        self._short_segment: int | None = None
         self.damage = DamageLog(directory / _DAMAGE)
 
     # -- layout arithmetic (pure) ------------------------------------------------------------
@@ -266,6 +287,7 @@ class CommitLog:
                     f"{recorded}); the segment size of an existing data directory cannot change"
                 )
             if short_tail:
+                self._short_segment = start
                 log.error(
                     "commitlog.short_segment",
                     segment=start,
@@ -356,34 +378,27 @@ class CommitLog:
         return kind is Scan.END and not any(s > start for s in self._segments)
 
     def next_frame(self, offset: int) -> int | None:
-        """The first valid frame after ``offset`` in this or a later segment, or None."""
+        """The first valid frame after ``offset`` in this or a later segment, or None. Only the
+        parts of the files that hold data are searched: sparse holes (the unwritten end of a
+        segment) are skipped without being read."""
         start = self.segment_start(offset)
-        pos = offset - start
         for s in sorted(x for x in self._segments if x >= start):
             seg = self._segments[s]
-            limit = len(seg.view)
-            if s > start:
-                pos = -1  # from the segment's first byte
-                kind, _ = codec.scan(seg.view, 0, limit)
-                if kind is Scan.UNIT or (
-                    kind is Scan.RECORD and codec.record_phy_offset(seg.view, 0) == s
-                ):
-                    return s
-            found = codec.find_next_frame(seg.view, max(pos, 0), limit, s)
-            if found is not None:
-                return s + found
+            first = offset - s + 1 if s == start else 0
+            for lo, hi in _data_ranges(seg.fd, first, len(seg.view)):
+                found = codec.find_next_frame(seg.view, max(lo, first), hi, len(seg.view), s)
+                if found is not None:
+                    return s + found
         return None
 
     def walk(self, scan_from: int | None = None) -> LogScan:
-        """Walk every frame from the start of ``scan_from``'s segment (None: from the first
-        segment) and tell where the committed data ends, what damage lies before that end and
-        whether the last write was torn. Reads only."""
+        """Walk every frame from ``scan_from`` (None: from the first segment) and tell where
+        the committed data ends, what damage lies before that end and whether the last write
+        was torn. Reads only."""
         starts = sorted(self._segments)
         if not starts:
             return LogScan(0, 0, 0, [], False)
-        # From the start of the checkpoint's segment: a segment cut short since the checkpoint
-        # ends the data before the checkpoint's offset.
-        pos = starts[0] if scan_from is None else max(self.segment_start(scan_from), starts[0])
+        pos = self._walk_start(starts[0], scan_from)
         good = pos  # end of the last committed write
         records = units = unit_records = 0  # unit_records: valid records since ``good``
         damaged: list[tuple[int, int]] = []  # damage since ``good``
@@ -433,6 +448,14 @@ class CommitLog:
             # acknowledged whole. It ends the data, whole, rather than keep part of it.
             good = last_unit_start
         return LogScan(good, records, units, [d for d in committed_damage if d[1] <= good], torn)
+
+    def _walk_start(self, first: int, scan_from: int | None) -> int:
+        if scan_from is None or scan_from < first:
+            return first
+        # From the checkpoint, unless its segment was cut short since: then from that segment's
+        # start, as the data may end before the checkpoint's offset.
+        seg = self.segment_start(scan_from)
+        return seg if seg == self._short_segment else scan_from
 
     def _recover(self, scan_from: int | None) -> int:
         """Walk the frames after ``scan_from``; report damage, cut the torn tail, return the
