@@ -13,7 +13,7 @@ import structlog
 from broker_core import metrics
 from broker_core.config import BrokerConfig
 from broker_core.errors import MessageNotFound, TopicNotFound
-from broker_core.groups import Delivery, GroupConfig, GroupManager
+from broker_core.groups import Delivery, GroupConfig, GroupManager, ReceiptFailure
 from broker_core.message import Message, StoredMessage, is_system_topic
 from broker_core.protocols import Scheduler, Timers
 from broker_core.store import MessageStore, PutResult, TopicConfig
@@ -122,7 +122,10 @@ class Broker:
         topic = self.store.topics.get(name)
         if topic is None:
             if not self.config.auto_create_topics:
-                raise TopicNotFound(f"topic {name!r} does not exist")
+                raise TopicNotFound(
+                    f"topic {name!r} does not exist: create it with `tempomq topic create {name}`"
+                    " (POST /v1/topics), or start the server with --auto-create-topics"
+                )
             topic = await self.store.ensure_topic(name, self.config.default_queues)
         return topic
 
@@ -150,8 +153,25 @@ class Broker:
     async def receive(self, topic: str, group: str, **kw: Any) -> list[Delivery]:
         return await self.groups.receive(topic, group, **kw)
 
-    async def ack(self, topic: str, group: str, receipts: list[object]) -> int:
-        return await self.groups.ack(topic, group, receipts)
+    async def ack(
+        self,
+        topic: str,
+        group: str,
+        receipts: list[object],
+        *,
+        failed: list[ReceiptFailure] | None = None,
+    ) -> int:
+        return await self.groups.ack(topic, group, receipts, failed=failed)
+
+    async def nack_all(
+        self,
+        topic: str,
+        group: str,
+        receipts: list[object],
+        retry_after_ms: int | None,
+        failed: list[ReceiptFailure],
+    ) -> int:
+        return await self.groups.nack_all(topic, group, receipts, retry_after_ms, failed)
 
     async def nack(
         self, topic: str, group: str, receipt: object, retry_after_ms: int | None

@@ -63,7 +63,21 @@ class InvalidGroup(TempoError):
 
 
 class ReceiptExpired(TempoError):
+    """A well-formed receipt whose delivery is over: acked, expired, or from an earlier run."""
+
     status, code = 409, "receipt_expired"
+
+
+class ReceiptMismatch(TempoError):
+    """A live receipt sent to another group or topic than the one it was received from."""
+
+    status, code = 409, "receipt_mismatch"
+
+
+class InvalidReceipt(TempoError):
+    """Not a receipt at all: nothing receive could have handed out."""
+
+    status, code = 400, "invalid_receipt"
 
 
 class StoreUnavailable(TempoError):

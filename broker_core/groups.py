@@ -56,8 +56,10 @@ from broker_core.errors import (
     GroupExists,
     GroupNotFound,
     InvalidGroup,
+    InvalidReceipt,
     InvalidRequest,
     ReceiptExpired,
+    ReceiptMismatch,
     StoreUnavailable,
 )
 from broker_core.message import StoredMessage
@@ -69,6 +71,7 @@ from broker_core.tasks import cancel_and_wait
 log = structlog.get_logger(__name__)
 
 _GROUP_RE = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
+MAX_ATTEMPTS = 1000
 _GROUPS_FILE = "groups.json"
 
 
@@ -135,6 +138,32 @@ class Cursor:
         while order and order[0] not in pending:
             order.popleft()
         return order[0] if order else self.next
+
+
+@dataclass(slots=True)
+class ReceiptFailure:
+    """A well-formed receipt an ack or nack could not apply, and why (an API error code)."""
+
+    receipt: str
+    error: str
+    message: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"receipt": self.receipt, "error": self.error, "message": self.message}
+
+
+_RECEIPT_RE = re.compile(r"([0-9a-f]{1,16})-([0-9]{1,9})-([0-9]{1,19})-([0-9a-f]{1,16})")
+
+
+def parse_receipt(receipt: object) -> tuple[int, int, int, int]:
+    """A receipt's (server run, cursor index, offset, token); :class:`InvalidReceipt` naming
+    it for anything receive cannot have handed out."""
+    m = _RECEIPT_RE.fullmatch(receipt) if isinstance(receipt, str) else None
+    if m is None:
+        shown = repr(receipt) if len(repr(receipt)) <= 80 else repr(receipt)[:77] + "..."
+        raise InvalidReceipt(f"{shown} is not a receipt: use a 'receipt' from a receive answer")
+    epoch, qidx, offset, token = m.groups()
+    return int(epoch, 16), int(qidx), int(offset), int(token, 16)
 
 
 @dataclass(slots=True)
@@ -363,6 +392,8 @@ class GroupManager:
         except StoreUnavailable:
             self.groups.pop(group.name, None)  # not durable: it does not exist
             raise
+        # Its dead-letter topic can be read (empty) from now on, not only after a dead letter.
+        await self.store.ensure_topic(dlq_topic(group.name), 1)
         return group
 
     def _new_group(
@@ -379,9 +410,9 @@ class GroupManager:
         if (
             isinstance(max_attempts, bool)
             or not isinstance(max_attempts, int)
-            or not (1 <= max_attempts <= 1000)
+            or not (1 <= max_attempts <= MAX_ATTEMPTS)
         ):
-            raise InvalidGroup("max_attempts must be an integer from 1 to 1000")
+            raise InvalidGroup(f"max_attempts must be an integer from 1 to {MAX_ATTEMPTS}")
         if name in self.groups:
             raise GroupExists(f"group {name!r} already exists")
         group = GroupConfig(name, fifo, max_attempts, self.store.clock())
@@ -404,6 +435,7 @@ class GroupManager:
                 raise GroupNotFound(f"group {group!r} does not exist")
             cfg = await self.create_group(group)
         topic_cfg = self.store.topic(topic)
+        await self.store.ensure_topic(dlq_topic(group), 1)  # for a group from an older release
         retry = retry_topic(group, topic)
         names = [(topic, q) for q in range(topic_cfg.queues)]
         if not cfg.fifo:
@@ -576,40 +608,71 @@ class GroupManager:
         return f"{self._epoch:x}-{cur.index}-{p.offset}-{p.token:x}"
 
     def _resolve(self, sub: Subscription, receipt: object) -> tuple[Cursor, Pending]:
-        if not isinstance(receipt, str):
-            raise InvalidRequest("a receipt is a string returned by receive")
-        parts = receipt.split("-")
-        try:
-            if len(parts) != 4:
-                raise ValueError(receipt)
-            epoch, qidx, offset, token = (
-                int(parts[0], 16),
-                int(parts[1]),
-                int(parts[2]),
-                int(parts[3], 16),
+        """The delivery out under ``receipt`` in ``sub``. Raises :class:`InvalidReceipt` for
+        what is not a receipt, and for a well-formed one that names no delivery out here
+        :class:`ReceiptMismatch` (live in another group or topic) or :class:`ReceiptExpired`."""
+        epoch, qidx, offset, token = parse_receipt(receipt)
+        if epoch != self._epoch:
+            raise ReceiptExpired(
+                f"receipt {receipt!r} is from an earlier server run: its message is delivered again"
             )
-        except ValueError:
-            raise ReceiptExpired("unknown receipt") from None
-        if epoch != self._epoch or not 0 <= qidx < len(sub.cursors):
-            raise ReceiptExpired("receipt is from an earlier server run or another group")
-        cur = sub.cursors[qidx]
-        p = cur.pending.get(offset)
-        if p is None or p.token != token or p.ready_at_ms is not None:
-            raise ReceiptExpired("receipt expired or already acknowledged")
-        return cur, p
+        if 0 <= qidx < len(sub.cursors):
+            cur = sub.cursors[qidx]
+            p = cur.pending.get(offset)
+            if p is not None and p.token == token and p.ready_at_ms is None:
+                return cur, p
+        for (group, topic), other in self._subs.items():
+            if other is not sub and 0 <= qidx < len(other.cursors):
+                p = other.cursors[qidx].pending.get(offset)
+                if p is not None and p.token == token:
+                    raise ReceiptMismatch(
+                        f"receipt {receipt!r} belongs to group {group!r} on topic {topic!r},"
+                        f" not to group {sub.config.name!r} on topic {sub.topic!r}"
+                    )
+        raise ReceiptExpired(f"receipt {receipt!r} expired or was already acknowledged")
+
+    async def _resolve_all(
+        self, topic: str, group: str, receipts: list[object], failed: list[ReceiptFailure] | None
+    ) -> tuple[Subscription, list[tuple[Cursor, Pending]]]:
+        """The deliveries out under ``receipts``, each once. Every receipt is checked for form
+        first (:class:`InvalidReceipt`: nothing done); a stale one goes to ``failed``, or fails
+        the call when ``failed`` is None."""
+        for r in receipts:
+            parse_receipt(r)
+        sub = await self._subscription(group, topic)
+        resolved: dict[int, tuple[Cursor, Pending]] = {}
+        for r in receipts:
+            try:
+                cur, p = self._resolve(sub, r)
+            except (ReceiptExpired, ReceiptMismatch) as e:
+                if failed is None:
+                    raise
+                failed.append(ReceiptFailure(str(r), e.code, e.message))
+                continue
+            resolved[id(p)] = (cur, p)  # the same receipt twice in one call counts once
+        return sub, list(resolved.values())
 
     # -- ack / nack / timeout ------------------------------------------------------------------
 
-    async def ack(self, topic: str, group: str, receipts: list[object]) -> int:
+    async def ack(
+        self,
+        topic: str,
+        group: str,
+        receipts: list[object],
+        *,
+        failed: list[ReceiptFailure] | None = None,
+    ) -> int:
         """Finish the deliveries; returns how many. Answered once their record is written: an
-        acknowledged message is never delivered again, even after a crash."""
-        sub = await self._subscription(group, topic)
-        resolved = [self._resolve(sub, r) for r in receipts]
+        acknowledged message is never delivered again, even after a crash.
+
+        Any malformed receipt fails the whole call (nothing acked). A stale one (expired,
+        acked, another group's) is appended to ``failed`` while the others are acked; without
+        ``failed`` it fails the whole call."""
+        sub, resolved = await self._resolve_all(topic, group, receipts, failed)
         finished = []
         for cur, p in resolved:
-            if cur.pending.get(p.offset) is p:  # the same receipt twice in one call
-                del cur.pending[p.offset]
-                finished.append((cur.topic, cur.queue_id, p.offset))
+            del cur.pending[p.offset]
+            finished.append((cur.topic, cur.queue_id, p.offset))
         if finished:
             _, fut = self._journal(self._finish_op(sub, finished))
             metrics.ACKED_MESSAGES.inc(len(finished))
@@ -628,6 +691,24 @@ class GroupManager:
         sub = await self._subscription(group, topic)
         cur, p = self._resolve(sub, receipt)
         await self._fail_delivery(sub, cur, p, retry_after_ms)
+
+    async def nack_all(
+        self,
+        topic: str,
+        group: str,
+        receipts: list[object],
+        retry_after_ms: int | None,
+        failed: list[ReceiptFailure],
+    ) -> int:
+        """Give back every delivery that can be; returns how many. As for :meth:`ack`, a
+        malformed receipt fails the call and a stale one is appended to ``failed``."""
+        sub, resolved = await self._resolve_all(topic, group, receipts, failed)
+        done = 0
+        for cur, p in resolved:
+            if cur.pending.get(p.offset) is p and p.token:  # not timed out meanwhile
+                await self._fail_delivery(sub, cur, p, retry_after_ms)
+                done += 1
+        return done
 
     def _expire(self, sub: Subscription, issued: list[tuple[Cursor, Pending]]) -> None:
         """Invisibility timer of one receive batch: what is still out has failed."""

@@ -16,13 +16,16 @@ from aiohttp import web
 
 from broker_core.broker import Broker
 from broker_core.errors import (
+    InvalidGroup,
     InvalidMessage,
     InvalidRequest,
+    InvalidTopic,
     MessageNotFound,
     MessageTooLarge,
     TempoError,
 )
-from broker_core.groups import Delivery, parse_tags
+from broker_core.fields import as_int, check_fields, int_field, whole_number
+from broker_core.groups import MAX_ATTEMPTS, Delivery, ReceiptFailure, parse_tags
 from broker_core.message import (
     FLAG_BODY_B64,
     MAX_KEY_LEN,
@@ -48,6 +51,9 @@ routes = web.RouteTableDef()
 
 MAX_BATCH = 1000
 MAX_DELAY_MS = 10 * 365 * 24 * 3600 * 1000 + 3 * 24 * 3600 * 1000  # ten years, leap days included
+#: 2001-01-01T00:00:00Z in epoch ms. An earlier ``deliver_at`` is almost surely epoch seconds
+#: (1 796 026 867 s is 2026; as milliseconds it is January 1970), so it is refused, not run now.
+MIN_DELIVER_AT_MS = 978_307_200_000
 #: Properties the broker sets itself; a client may not send them.
 RESERVED_PROPERTIES = frozenset(
     {
@@ -69,7 +75,8 @@ _JSON = "application/json"
 
 
 def json_response(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type=_JSON)
+    """``data`` as the API's JSON answer, ending with a newline as text on a terminal should."""
+    return web.Response(body=orjson.dumps(data) + b"\n", status=status, content_type=_JSON)
 
 
 async def read_json(request: web.Request, error: type[TempoError] = InvalidRequest) -> Any:
@@ -82,22 +89,6 @@ async def read_json(request: web.Request, error: type[TempoError] = InvalidReque
         raise error(f"request body is not valid JSON: {e}") from None
 
 
-def _int_field(
-    obj: dict[str, Any],
-    name: str,
-    default: int | None,
-    lo: int,
-    hi: int,
-    error: type[TempoError] = InvalidRequest,
-) -> int | None:
-    value = obj.get(name, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise error(f"{name} must be an integer from {lo} to {hi}")
-    return value
-
-
 # -- messages in --------------------------------------------------------------------------------
 
 
@@ -106,6 +97,7 @@ def parse_message(obj: object, topic: str, *, max_body: int, now_ms: int) -> tup
     deliver now. Raises :class:`InvalidMessage` or ``MessageTooLarge`` with the reason."""
     if not isinstance(obj, dict):
         raise InvalidMessage("a message is a JSON object")
+    check_fields(obj, "MessageIn", InvalidMessage)
     body, flags = _parse_body(obj, max_body)
     tags = obj.get("tags") or ""
     if not isinstance(tags, str):
@@ -163,23 +155,26 @@ def _parse_body(obj: dict[str, Any], max_body: int) -> tuple[bytes, int]:
 def parse_deliver_at(obj: dict[str, Any], now_ms: int) -> int:
     """``delay_ms`` or ``deliver_at`` (at most one; neither means now) as epoch ms. A time in
     the past is kept as it is: it means now, and the message is released at once."""
-    delay = obj.get("delay_ms")
-    at = obj.get("deliver_at")
-    if delay is not None and at is not None:
+    if "delay_ms" in obj and "deliver_at" in obj:
         raise InvalidMessage("give at most one of 'delay_ms' and 'deliver_at'")
-    if delay is not None:
-        if isinstance(delay, bool) or not isinstance(delay, int):
-            raise InvalidMessage("'delay_ms' must be an integer number of milliseconds")
-        if delay < 0:
-            raise InvalidMessage("'delay_ms' must not be negative")
-        at = now_ms + delay
-    elif at is not None:
-        if isinstance(at, bool) or not isinstance(at, int):
-            raise InvalidMessage("'deliver_at' must be epoch milliseconds (an integer)")
-    else:
+    if "delay_ms" in obj:
+        return now_ms + as_int(
+            obj["delay_ms"], "delay_ms", lo=0, hi=MAX_DELAY_MS, error=InvalidMessage
+        )
+    if "deliver_at" not in obj:
         return now_ms
+    at = whole_number(obj["deliver_at"])
+    if at is None:
+        raise InvalidMessage("'deliver_at' must be epoch milliseconds (an integer)")
+    if at < MIN_DELIVER_AT_MS:
+        raise InvalidMessage(
+            f"'deliver_at' {at} looks like seconds (or is before 2001): it is epoch"
+            f" milliseconds, such as {now_ms} for now; or use 'delay_ms'"
+        )
     if at - now_ms > MAX_DELAY_MS:
-        raise InvalidMessage("the delivery time is more than 10 years ahead")
+        raise InvalidMessage(
+            f"'deliver_at' is more than 10 years ahead: at most {now_ms + MAX_DELAY_MS}"
+        )
     return at
 
 
@@ -189,6 +184,8 @@ async def send_messages(request: web.Request) -> web.Response:
     name = validate_topic_name(request.match_info["topic"], client=True)
     payload = await read_json(request, InvalidMessage)
     batch = isinstance(payload, dict) and "messages" in payload
+    if batch:
+        check_fields(payload, "MessageBatch", InvalidMessage)
     items = payload["messages"] if batch else [payload]
     if not isinstance(items, list) or not items:
         raise InvalidMessage("'messages' must be a non-empty list")
@@ -217,10 +214,12 @@ async def send_messages(request: web.Request) -> web.Response:
         times = await broker.scheduler.schedule([m for m, _ in later], [at for _, at in later])
         stored_at = {id(m): t for (m, _), t in zip(later, times, strict=True)}
     results = []
-    for msg, at in parsed:
+    for item, (msg, at) in zip(items, parsed, strict=True):
         r: dict[str, object] = {"msg_id": msg.msg_id.hex(), "queue_id": msg.queue_id}
         if at > now:
             r["deliver_at"] = stored_at[id(msg)]  # a resent id answers its first time
+        elif "delay_ms" in item or "deliver_at" in item:
+            r["deliver_at"] = now  # asked for a time that has come: delivered now
         results.append(r)
     return json_response({"results": results} if batch else results[0], status=201)
 
@@ -292,7 +291,11 @@ async def create_topic(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise InvalidRequest('expected a JSON object like {"name": "orders", "queues": 8}')
-    topic = await broker.create_topic(body.get("name"), body.get("queues"))  # type: ignore[arg-type]
+    check_fields(body, "TopicCreate", InvalidTopic)
+    queues = int_field(
+        body, "queues", default=None, lo=1, hi=broker.config.max_queues, error=InvalidTopic
+    )
+    topic = await broker.create_topic(body.get("name"), queues)  # type: ignore[arg-type]
     return json_response(_render_topic(broker, topic.name), status=201)
 
 
@@ -309,6 +312,15 @@ async def get_topic(request: web.Request) -> web.Response:
 
 # -- consuming ----------------------------------------------------------------------------------
 
+MAX_INVISIBLE_MS = 12 * 3600_000
+MAX_TIMESTAMP_MS = 1 << 62
+
+
+def _int(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    value = int_field(body, name, default=default, lo=lo, hi=hi)
+    assert value is not None  # a default is given
+    return value
+
 
 def _group_args(request: web.Request) -> tuple[Broker, str, str]:
     broker = request.app[BROKER]
@@ -317,49 +329,65 @@ def _group_args(request: web.Request) -> tuple[Broker, str, str]:
     return broker, topic, request.match_info["group"]
 
 
-async def _object(request: web.Request) -> dict[str, Any]:
+async def _object(request: web.Request, schema: str) -> dict[str, Any]:
+    """The request's JSON object, holding only the fields of ``schema`` (``broker_core.fields``)."""
     body = await read_json(request)
     if not isinstance(body, dict):
         raise InvalidRequest("expected a JSON object")
+    check_fields(body, schema)
     return body
 
 
 @routes.post("/v1/topics/{topic}/groups/{group}/receive")
 async def receive(request: web.Request) -> web.Response:
     broker, topic, group = _group_args(request)
-    body = await _object(request)
+    body = await _object(request, "ReceiveRequest")
     cfg = broker.config
     deliveries = await broker.receive(
         topic,
         group,
-        max_messages=_int_field(body, "max_messages", 32, 1, cfg.max_receive_batch),
-        wait_ms=_int_field(body, "wait_ms", 0, 0, cfg.max_wait_ms),
-        invisible_ms=_int_field(body, "invisible_ms", cfg.default_invisible_ms, 100, 12 * 3600_000),
+        max_messages=_int(body, "max_messages", 32, 1, cfg.max_receive_batch),
+        wait_ms=_int(body, "wait_ms", 0, 0, cfg.max_wait_ms),
+        invisible_ms=_int(body, "invisible_ms", cfg.default_invisible_ms, 100, MAX_INVISIBLE_MS),
         tags=parse_tags(body.get("tags")),
     )
     return json_response({"messages": [render_delivery(d) for d in deliveries]})
 
 
-@routes.post("/v1/topics/{topic}/groups/{group}/ack")
-async def ack(request: web.Request) -> web.Response:
-    broker, topic, group = _group_args(request)
-    body = await _object(request)
+def _receipts(body: dict[str, Any], limit: int) -> list[object]:
     receipts = body.get("receipts")
-    limit = broker.config.max_receive_batch
     if not isinstance(receipts, list) or not receipts or len(receipts) > limit:
         raise InvalidRequest(f"'receipts' must be a list of 1-{limit} receipts")
-    return json_response({"acked": await broker.ack(topic, group, receipts)})
+    return receipts
+
+
+@routes.post("/v1/topics/{topic}/groups/{group}/ack")
+async def ack(request: web.Request) -> web.Response:
+    """Every receipt that can be acked is; each stale one is listed in ``failed``."""
+    broker, topic, group = _group_args(request)
+    body = await _object(request, "AckRequest")
+    receipts = _receipts(body, broker.config.max_receive_batch)
+    failed: list[ReceiptFailure] = []
+    acked = await broker.ack(topic, group, receipts, failed=failed)
+    return json_response({"acked": acked, "failed": [f.to_json() for f in failed]})
 
 
 @routes.post("/v1/topics/{topic}/groups/{group}/nack")
 async def nack(request: web.Request) -> web.Response:
+    """``receipt``: that delivery is given back, or the error says why not. ``receipts``: as
+    for ack, every one that can be is given back and each stale one is listed."""
     broker, topic, group = _group_args(request)
-    body = await _object(request)
-    if "receipt" not in body:
-        raise InvalidRequest("'receipt' is required")
-    retry_after = _int_field(body, "retry_after_ms", None, 0, MAX_DELAY_MS)
-    await broker.nack(topic, group, body["receipt"], retry_after)
-    return json_response({"nacked": 1})
+    body = await _object(request, "NackRequest")
+    retry_after = int_field(body, "retry_after_ms", default=None, lo=0, hi=MAX_DELAY_MS)
+    if ("receipt" in body) == ("receipts" in body):
+        raise InvalidRequest("give one of 'receipt' (a receipt) and 'receipts' (a list)")
+    if "receipt" in body:
+        await broker.nack(topic, group, body["receipt"], retry_after)
+        return json_response({"nacked": 1})
+    receipts = _receipts(body, broker.config.max_receive_batch)
+    failed: list[ReceiptFailure] = []
+    nacked = await broker.nack_all(topic, group, receipts, retry_after, failed)
+    return json_response({"nacked": nacked, "failed": [f.to_json() for f in failed]})
 
 
 @routes.get("/v1/topics/{topic}/groups/{group}")
@@ -371,8 +399,8 @@ async def group_stats(request: web.Request) -> web.Response:
 @routes.post("/v1/topics/{topic}/groups/{group}/reset")
 async def reset(request: web.Request) -> web.Response:
     broker, topic, group = _group_args(request)
-    body = await _object(request)
-    ts = _int_field(body, "timestamp", None, 0, 1 << 62)
+    body = await _object(request, "ResetRequest")
+    ts = int_field(body, "timestamp", default=None, lo=0, hi=MAX_TIMESTAMP_MS)
     if ts is None:
         raise InvalidRequest("'timestamp' (epoch milliseconds) is required")
     return json_response({"queues": await broker.reset(topic, group, ts)})
@@ -388,8 +416,15 @@ async def list_damage(request: web.Request) -> web.Response:
 
 @routes.post("/v1/groups")
 async def create_group(request: web.Request) -> web.Response:
-    body = await _object(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise InvalidGroup('expected a JSON object like {"name": "billing"}')
+    check_fields(body, "GroupCreate", InvalidGroup)
     group = await request.app[BROKER].create_group(
-        body.get("name"), fifo=body.get("fifo", False), max_attempts=body.get("max_attempts")
+        body.get("name"),
+        fifo=body.get("fifo", False),
+        max_attempts=int_field(
+            body, "max_attempts", default=None, lo=1, hi=MAX_ATTEMPTS, error=InvalidGroup
+        ),
     )
     return json_response(group.to_json(), status=201)

@@ -123,10 +123,13 @@ def is_system_topic(name: str) -> bool:
 
 def validate_topic_name(name: object, *, client: bool) -> str:
     """Check a topic name; clients may not name system (``SYS_``) or ``%`` topics."""
+    rule = f"a topic name is 1-{MAX_TOPIC_LEN} characters of letters, digits, '_' and '-'"
     if not isinstance(name, str) or not _TOPIC_RE.fullmatch(name):
-        raise InvalidTopic("topic name must be 1-127 characters of letters, digits, '_' and '-'")
-    if client and (not _CLIENT_TOPIC_RE.fullmatch(name) or name.startswith(SYSTEM_PREFIX)):
+        raise InvalidTopic(rule)
+    if client and is_system_topic(name):
         raise InvalidTopic(f"topic {name!r} is reserved: 'SYS_' and '%' topics are internal")
+    if client and not _CLIENT_TOPIC_RE.fullmatch(name):
+        raise InvalidTopic(f"{rule}, not {name!r}" if len(name) <= MAX_TOPIC_LEN else rule)
     return name
 
 

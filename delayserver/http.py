@@ -8,6 +8,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from broker_core.errors import InvalidMessage, MessageNotFound, TempoError
+from broker_core.fields import check_fields
 from broker_core.http import json_response, parse_deliver_at, read_json
 from broker_core.message import parse_msg_id
 from delayserver.service import DelayService
@@ -66,6 +67,8 @@ async def cancel_delayed(request: web.Request) -> web.Response:
 async def reschedule_delayed(request: web.Request) -> web.Response:
     msg_id = _msg_id(request)
     body = await read_json(request)
+    if isinstance(body, dict):
+        check_fields(body, "DelayedPatch", InvalidMessage)
     if not isinstance(body, dict) or ("deliver_at" not in body and "delay_ms" not in body):
         raise InvalidMessage("give the new time as 'deliver_at' or 'delay_ms'")
     service = request.app[DELAY]

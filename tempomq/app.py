@@ -104,7 +104,10 @@ def json_response(
     data: object, *, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+        body=orjson.dumps(data) + b"\n",
+        status=status,
+        content_type="application/json",
+        headers=headers,
     )
 
 

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from broker_core.errors import InvalidRequest
+from broker_core.fields import check_fields, int_field
 from broker_core.http import json_response, parse_message, read_json
 from broker_core.message import PROP_SHARDING_KEY, validate_topic_name
 from txcoord.coordinator import Coordinator
@@ -19,15 +20,7 @@ routes = web.RouteTableDef()
 
 _GROUP_RE = re.compile(r"[A-Za-z0-9_\-]{1,100}")
 MAX_CHECK_WAIT_MS = 60_000
-
-
-def _int(body: dict[str, object], name: str, lo: int, hi: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidRequest(f"'{name}' must be an integer from {lo} to {hi}")
-    return value
+MAX_IMMUNITY_MS = 24 * 3600_000
 
 
 def _group(value: object) -> str:
@@ -51,10 +44,11 @@ async def prepare(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise InvalidRequest("expected a JSON object with 'topic', 'message', 'producer_group'")
+    check_fields(body, "TransactionCreate")
     topic_name = validate_topic_name(body.get("topic"), client=True)
     group = _group(body.get("producer_group"))
     check_url = _check_url(body.get("check_url"))
-    immunity = _int(body, "check_immunity_ms", 0, 24 * 3600_000)
+    immunity = int_field(body, "check_immunity_ms", default=None, lo=0, hi=MAX_IMMUNITY_MS)
     store = coordinator.broker_store
     topic = store.topic(topic_name)
     now = coordinator.timers.now_ms()
@@ -103,6 +97,8 @@ async def list_transactions(request: web.Request) -> web.Response:
 @routes.post("/v1/transactions/{tx_id}/check")
 async def answer_check(request: web.Request) -> web.Response:
     body = await read_json(request)
+    if isinstance(body, dict):
+        check_fields(body, "CheckAnswer")
     try:
         event = TxEvent(str(body.get("state") if isinstance(body, dict) else None))
     except ValueError:

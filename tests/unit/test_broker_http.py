@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from broker_core.broker import Broker
 from broker_core.errors import TempoError
-from broker_core.http import BROKER, routes
+from broker_core.http import BROKER, MAX_DELAY_MS, routes
 from tests.unit.broker_helpers import FakeScheduler, FakeTimers, small_config
 
 Client = TestClient[web.Request, web.Application]
@@ -166,10 +166,114 @@ async def test_delayed_send_goes_to_the_scheduler(client: Client, broker: Broker
     assert total_messages(broker) == 0
 
 
-async def test_deliver_at_in_the_past_means_now(client: Client, broker: Broker) -> None:
-    status, r = await send(client, {"body": "now", "deliver_at": 1})
+async def test_deliver_at_in_the_past_means_now_and_is_answered(
+    client: Client, broker: Broker
+) -> None:
+    now = broker.timers.now_ms()
+    status, r = await send(client, {"body": "now", "deliver_at": now - 60_000})
+    assert (status, r["deliver_at"]) == (201, now)
+    status, r = await send(client, {"body": "now", "delay_ms": 0})
+    assert (status, r["deliver_at"]) == (201, now)
+    status, r = await send(client, {"body": "plain"})
     assert status == 201 and "deliver_at" not in r
-    assert total_messages(broker) == 1
+    assert total_messages(broker) == 3
+
+
+async def test_every_timed_message_of_a_batch_answers_its_deliver_at(
+    client: Client, broker: Broker
+) -> None:
+    now = broker.timers.now_ms()
+    messages = [{"body": "a", "delay_ms": 5000}, {"body": "b"}, {"body": "c", "delay_ms": 0}]
+    status, r = await send(client, {"messages": messages})
+    assert status == 201
+    assert [x.get("deliver_at") for x in r["results"]] == [now + 5000, None, now]
+
+
+@pytest.mark.parametrize("at", [1_796_026_867, 1, 0, 978_307_199_999])
+async def test_deliver_at_in_seconds_is_refused_saying_so(
+    client: Client, broker: Broker, at: int
+) -> None:
+    resp = await client.post("/v1/topics/orders/messages", json={"body": "x", "deliver_at": at})
+    body = await expect_error(resp, 400, "invalid_message")
+    assert "looks like seconds" in body["message"]
+    assert total_messages(broker) == 0
+    assert broker.scheduler.scheduled == []  # type: ignore[union-attr]
+
+
+async def test_too_long_a_delay_states_the_maximum(client: Client) -> None:
+    resp = await client.post("/v1/topics/orders/messages", json={"body": "x", "delay_ms": 10**20})
+    body = await expect_error(resp, 400, "invalid_message")
+    assert str(MAX_DELAY_MS) in body["message"]
+
+
+async def test_whole_number_floats_are_integers(client: Client, broker: Broker) -> None:
+    now = broker.timers.now_ms()
+    status, r = await send(client, {"body": "x", "delay_ms": 1000.0})
+    assert (status, r["deliver_at"]) == (201, now + 1000)
+    resp = await client.post("/v1/topics", json={"name": "floaty", "queues": 2.0})
+    assert resp.status == 201 and (await resp.json())["queues"] == 2
+    got = await receive(client, max_messages=5.0)
+    assert got == []
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "field", "closest"),
+    [
+        ("/v1/topics/orders/messages", {"body": "x", "delay": 5000}, "delay", "delay_ms"),
+        ("/v1/topics/orders/messages", {"body": "x", "tag": "a"}, "tag", "tags"),
+        ("/v1/topics/orders/messages", {"body": "x", "key": "k"}, "key", "keys"),
+        ("/v1/topics/orders/messages", {"messages": [{"body": "x", "boyd": 1}]}, "boyd", "body"),
+        ("/v1/topics/orders/messages", {"messages": [], "delay_ms": 5}, "delay_ms", None),
+        ("/v1/topics", {"name": "t2", "queue": 2}, "queue", "queues"),
+        ("/v1/groups", {"name": "g2", "max_attempt": 2}, "max_attempt", "max_attempts"),
+        ("/v1/topics/orders/groups/g/receive", {"wait": 5}, "wait", "wait_ms"),
+        ("/v1/topics/orders/groups/g/ack", {"receipt": "x"}, "receipt", "receipts"),
+        ("/v1/topics/orders/groups/g/nack", {"receipt": "x", "retry": 1}, "retry", None),
+        ("/v1/topics/orders/groups/g/reset", {"time": 5}, "time", None),
+    ],
+)
+async def test_an_unknown_field_is_refused_naming_it_and_the_closest_known_one(
+    client: Client,
+    broker: Broker,
+    path: str,
+    payload: dict[str, Any],
+    field: str,
+    closest: str | None,
+) -> None:
+    await receive(client)  # group g exists
+    resp = await client.post(path, json=payload)
+    body = await resp.json()
+    assert resp.status == 400, body
+    assert f"unknown field {field!r}" in body["message"]
+    if closest is not None:
+        assert f"did you mean {closest!r}" in body["message"]
+    assert total_messages(broker) == 0
+    assert broker.scheduler.scheduled == []  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("path", "payload"),
+    [
+        ("/v1/topics", {"name": "t2", "queues": None}),
+        ("/v1/groups", {"name": "g2", "max_attempts": None}),
+        ("/v1/topics/orders/messages", {"body": "x", "deliver_at": None}),
+        ("/v1/topics/orders/messages", {"body": "x", "tags": None}),
+        ("/v1/topics/orders/groups/g/receive", {"wait_ms": None}),
+    ],
+)
+async def test_null_is_not_a_value(client: Client, path: str, payload: dict[str, Any]) -> None:
+    resp = await client.post(path, json=payload)
+    body = await resp.json()
+    assert resp.status == 400, body
+    assert "null" in body["message"]
+
+
+async def test_json_answers_end_with_a_newline(client: Client) -> None:
+    for resp in (
+        await client.post("/v1/topics/orders/messages", json={"body": "x"}),
+        await client.get("/v1/topics"),
+    ):
+        assert (await resp.read()).endswith(b"}\n")
 
 
 async def test_resend_with_the_same_msg_id_returns_the_first_result(
@@ -437,11 +541,16 @@ async def test_receive_ack(client: Client) -> None:
     resp = await client.post(
         "/v1/topics/orders/groups/g/ack", json={"receipts": [m["receipt"] for m in got]}
     )
-    assert (resp.status, await resp.json()) == (200, {"acked": 2})
+    assert (resp.status, await resp.json()) == (200, {"acked": 2, "failed": []})
     resp = await client.post(
         "/v1/topics/orders/groups/g/ack", json={"receipts": [got[0]["receipt"]]}
     )
-    await expect_error(resp, 409, "receipt_expired")
+    assert resp.status == 200
+    answer = await resp.json()
+    assert answer["acked"] == 0
+    assert [(f["receipt"], f["error"]) for f in answer["failed"]] == [
+        (got[0]["receipt"], "receipt_expired")
+    ]
 
 
 async def test_receive_empty(client: Client) -> None:
@@ -484,11 +593,59 @@ async def test_receive_unknown_topic_and_bad_group(client: Client) -> None:
     await expect_error(resp, 400, "invalid_group")
 
 
-@pytest.mark.parametrize("receipts", [["garbage"], ["0-0-0-0"], ["ffff-0-0-1", "also-bad"]])
-async def test_ack_unknown_receipt(client: Client, receipts: list[str]) -> None:
-    await receive(client)
+@pytest.mark.parametrize("receipts", [["garbage"], ["ffff-0-0-1", "also-bad"], [5]])
+async def test_a_malformed_receipt_is_a_bad_request_naming_it(
+    client: Client, receipts: list[str]
+) -> None:
+    await send(client, {"body": "a"})
+    [m] = await receive(client)
+    for verb in ("ack", "nack"):
+        resp = await client.post(
+            f"/v1/topics/orders/groups/g/{verb}", json={"receipts": [m["receipt"], *receipts]}
+        )
+        body = await expect_error(resp, 400, "invalid_receipt")
+        assert repr(receipts[-1]) in body["message"]
+    # Nothing was done: the good receipt still acks.
+    resp = await client.post("/v1/topics/orders/groups/g/ack", json={"receipts": [m["receipt"]]})
+    assert (await resp.json())["acked"] == 1
+
+
+async def test_ack_of_a_batch_with_stale_receipts_acks_the_rest(client: Client) -> None:
+    for body in ("a", "b", "c"):
+        await send(client, {"body": body})
+    a, b, c = await receive(client, max_messages=3)
+    [other, *_] = await receive(client, group="g2", max_messages=3)
+    resp = await client.post("/v1/topics/orders/groups/g/ack", json={"receipts": [a["receipt"]]})
+    assert (await resp.json())["acked"] == 1
+    receipts = [a["receipt"], b["receipt"], "0-0-0-1", other["receipt"], c["receipt"]]
     resp = await client.post("/v1/topics/orders/groups/g/ack", json={"receipts": receipts})
+    answer = await resp.json()
+    assert resp.status == 200, answer
+    assert answer["acked"] == 2
+    assert [(f["receipt"], f["error"]) for f in answer["failed"]] == [
+        (a["receipt"], "receipt_expired"),
+        ("0-0-0-1", "receipt_expired"),
+        (other["receipt"], "receipt_mismatch"),
+    ]
+    assert "group 'g2'" in answer["failed"][2]["message"]
+
+
+async def test_nack_takes_a_list_of_receipts_too(client: Client) -> None:
+    for body in ("a", "b"):
+        await send(client, {"body": body})
+    a, b = await receive(client, max_messages=2)
+    await client.post("/v1/topics/orders/groups/g/ack", json={"receipts": [a["receipt"]]})
+    resp = await client.post(
+        "/v1/topics/orders/groups/g/nack", json={"receipts": [a["receipt"], b["receipt"]]}
+    )
+    answer = await resp.json()
+    assert (resp.status, answer["nacked"]) == (200, 1), answer
+    assert [f["error"] for f in answer["failed"]] == ["receipt_expired"]
+    # One receipt alone keeps its error as the answer.
+    resp = await client.post("/v1/topics/orders/groups/g/nack", json={"receipt": b["receipt"]})
     await expect_error(resp, 409, "receipt_expired")
+    resp = await client.post("/v1/topics/orders/groups/g/nack", json={"receipt": "bogus"})
+    await expect_error(resp, 400, "invalid_receipt")
 
 
 @pytest.mark.parametrize("body", [{}, {"receipts": []}, {"receipts": "r"}, {"receipts": [5]}])
@@ -659,3 +816,29 @@ async def test_a_damaged_record_is_skipped_on_receive_and_listed(
     assert (body["damage"][0]["offset"], body["damage"][0]["found_by"]) == (m.phy_offset, "read")
     resp = await client.get(f"/v1/messages/{sent[1]}")
     assert resp.status == 404
+
+
+async def test_a_send_to_a_missing_topic_says_how_to_create_it(client: Client) -> None:
+    resp = await client.post("/v1/topics/nope/messages", json={"body": "x"})
+    body = await expect_error(resp, 404, "topic_not_found")
+    assert "tempomq topic create nope" in body["message"]
+    assert "--auto-create-topics" in body["message"]
+
+
+@pytest.mark.parametrize("name", ["x" * 101, "x" * 200])
+async def test_a_long_topic_name_is_refused_as_long_not_reserved(client: Client, name: str) -> None:
+    resp = await client.post("/v1/topics", json={"name": name})
+    body = await expect_error(resp, 400, "invalid_topic")
+    assert "1-100 characters" in body["message"] and "reserved" not in body["message"]
+
+
+async def test_the_dead_letter_topic_exists_as_soon_as_its_group(client: Client) -> None:
+    resp = await client.post("/v1/groups", json={"name": "billing"})
+    assert resp.status == 201
+    resp = await client.get("/v1/topics/%25DLQ%25billing")
+    assert resp.status == 200, await resp.text()
+    await receive(client, group="auto")  # a group created by its first receive too
+    resp = await client.get("/v1/topics/%25DLQ%25auto")
+    assert resp.status == 200, await resp.text()
+    resp = await client.post("/v1/topics/%25DLQ%25auto/groups/reader/receive", json={})
+    assert (resp.status, await resp.json()) == (200, {"messages": []})

@@ -16,11 +16,13 @@ from broker_core.errors import (
     GroupExists,
     GroupNotFound,
     InvalidGroup,
+    InvalidReceipt,
     InvalidRequest,
     ReceiptExpired,
+    ReceiptMismatch,
     TopicNotFound,
 )
-from broker_core.groups import Delivery, parse_tags
+from broker_core.groups import Delivery, ReceiptFailure, parse_tags
 from broker_core.message import (
     PROP_DLQ_ORIGIN_TOPIC,
     PROP_ORIGIN_MSG_ID,
@@ -198,19 +200,58 @@ async def test_ack_removes_and_double_ack_is_expired(env: Env) -> None:
     assert env.scheduler.scheduled == []
 
 
-async def test_ack_with_one_bad_receipt_acks_none(env: Env) -> None:
+async def test_ack_with_one_malformed_receipt_acks_none(env: Env) -> None:
     await env.send("orders", "a")
     [a] = await env.recv()
-    with pytest.raises(ReceiptExpired):
+    with pytest.raises(InvalidReceipt, match="garbage"):
         await env.b.ack("orders", "g", [a.receipt, "garbage"])
     assert await env.ack(a) == 1
 
 
+async def test_ack_with_stale_receipts_acks_the_others_and_says_why_per_receipt(env: Env) -> None:
+    await env.send("orders", "a", "b", "c")
+    a, b, c = await env.recv()
+    other, *_ = await env.recv(group="g2")
+    assert await env.ack(a) == 1
+    failed: list[ReceiptFailure] = []
+    receipts: list[object] = [a.receipt, b.receipt, other.receipt, c.receipt]
+    assert await env.b.ack("orders", "g", receipts, failed=failed) == 2
+    assert [(f.receipt, f.error) for f in failed] == [
+        (a.receipt, "receipt_expired"),
+        (other.receipt, "receipt_mismatch"),
+    ]
+    assert "'g2'" in failed[1].message and "'orders'" in failed[1].message
+    await env.advance(INVISIBLE_MS + 1)
+    await env.release()
+    assert await env.recv() == []  # b and c were acked
+
+
+async def test_nack_all_gives_back_what_it_can(env: Env) -> None:
+    await env.send("orders", "a", "b")
+    a, b = await env.recv()
+    assert await env.ack(a) == 1
+    failed: list[ReceiptFailure] = []
+    assert await env.b.nack_all("orders", "g", [a.receipt, b.receipt], 0, failed) == 1
+    assert [(f.receipt, f.error) for f in failed] == [(a.receipt, "receipt_expired")]
+    await env.release()
+    [again] = await env.recv()
+    assert (again.message.body, again.attempt) == (b"b", 2)
+
+
 @pytest.mark.parametrize(
-    "receipt",
-    ["", "garbage", "1-2-3", "zz-0-0-1", "0-0-0-0", "1-0-0-1-5", "ffffffff-99-0-1", "a-b-c-d"],
+    "receipt", ["", "garbage", "1-2-3", "zz-0-0-1", "1-0-0-1-5", "a-b-c-d", "1--2-3", " 1-0-0-1"]
 )
-async def test_garbage_receipt_is_expired(env: Env, receipt: str) -> None:
+async def test_malformed_receipt_is_invalid(env: Env, receipt: str) -> None:
+    await env.send("orders", "a")
+    await env.recv()
+    with pytest.raises(InvalidReceipt):
+        await env.b.ack("orders", "g", [receipt])
+    with pytest.raises(InvalidReceipt):
+        await env.b.nack("orders", "g", receipt, None)
+
+
+@pytest.mark.parametrize("receipt", ["0-0-0-0", "ffffffff-99-0-1"])
+async def test_well_formed_unknown_receipt_is_expired(env: Env, receipt: str) -> None:
     await env.send("orders", "a")
     await env.recv()
     with pytest.raises(ReceiptExpired):
@@ -219,19 +260,19 @@ async def test_garbage_receipt_is_expired(env: Env, receipt: str) -> None:
         await env.b.nack("orders", "g", receipt, None)
 
 
-async def test_non_string_receipt_is_a_bad_request(env: Env) -> None:
+async def test_non_string_receipt_is_invalid(env: Env) -> None:
     await env.recv()
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidReceipt):
         await env.b.ack("orders", "g", [17])
 
 
-async def test_receipt_of_another_group_is_expired(env: Env) -> None:
+async def test_receipt_of_another_group_names_its_group(env: Env) -> None:
     await env.send("orders", "a")
     [a] = await env.recv(group="g1")
     [also] = await env.recv(group="g2")  # each group gets every message
     assert also.message.body == b"a"
     await env.ack(also, group="g2")
-    with pytest.raises(ReceiptExpired):
+    with pytest.raises(ReceiptMismatch, match="group 'g1' on topic 'orders'"):
         await env.ack(a, group="g2")
     assert await env.ack(a, group="g1") == 1
 
