@@ -62,7 +62,7 @@ from broker_core.errors import (
     ReceiptMismatch,
     StoreUnavailable,
 )
-from broker_core.message import StoredMessage
+from broker_core.message import CLIENT_NAME_PATTERN, StoredMessage
 from broker_core.protocols import Scheduler, Timers
 from broker_core.retry import delivery_attempt, dlq_topic, plan_redelivery, retry_topic
 from broker_core.store import MessageStore, write_json_atomic
@@ -70,7 +70,7 @@ from broker_core.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
-_GROUP_RE = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
+_GROUP_RE = re.compile(CLIENT_NAME_PATTERN)
 MAX_ATTEMPTS = 1000
 _GROUPS_FILE = "groups.json"
 

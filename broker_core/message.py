@@ -36,8 +36,12 @@ DLQ_PREFIX = "%DLQ%"
 
 # Internal names (retry topics: "%RETRY%<group>+<topic>") stay under the 255-byte file name
 # limit because client topics and groups are at most 100 characters.
-_TOPIC_RE = re.compile(r"^[A-Za-z0-9_%+\-]{1,255}$")
-_CLIENT_TOPIC_RE = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
+#: Any topic name the server knows, internal ones included (docs/openapi.yaml: TopicName).
+TOPIC_PATTERN = r"^[A-Za-z0-9_%+\-]{1,255}$"
+#: What clients name topics, consumer groups and producer groups (ClientTopicName, GroupName).
+CLIENT_NAME_PATTERN = r"^[A-Za-z0-9_\-]{1,100}$"
+_TOPIC_RE = re.compile(TOPIC_PATTERN)
+_CLIENT_TOPIC_RE = re.compile(CLIENT_NAME_PATTERN)
 _MSG_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 

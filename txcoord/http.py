@@ -11,14 +11,14 @@ from aiohttp import web
 from broker_core.errors import InvalidRequest
 from broker_core.fields import check_fields, int_field
 from broker_core.http import json_response, parse_message, read_json
-from broker_core.message import PROP_SHARDING_KEY, validate_topic_name
+from broker_core.message import CLIENT_NAME_PATTERN, PROP_SHARDING_KEY, validate_topic_name
 from txcoord.coordinator import Coordinator
 from txcoord.states import TxEvent, TxState
 
 TX = web.AppKey("tx", Coordinator)
 routes = web.RouteTableDef()
 
-_GROUP_RE = re.compile(r"[A-Za-z0-9_\-]{1,100}")
+_GROUP_RE = re.compile(CLIENT_NAME_PATTERN)
 MAX_CHECK_WAIT_MS = 60_000
 MAX_IMMUNITY_MS = 24 * 3600_000
 
