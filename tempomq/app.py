@@ -43,6 +43,7 @@ from delayserver.timers import TimerService
 from tempomq.config import HostPort, Settings
 from tempomq.logs import bound, get_logger
 from tempomq.probe import ProbeSchedule
+from tempomq.wire_errors import ApiRunner
 from txcoord.coordinator import Coordinator, TxSettings
 from txcoord.http import TX
 from txcoord.http import routes as tx_routes
@@ -336,7 +337,7 @@ def build_app(settings: Settings) -> web.Application:
 
 
 def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
-    return web.AppRunner(
+    return ApiRunner(
         app,
         # Per-request access lines would cost more than the request at broker rates; the
         # middleware logs each request at debug level instead.

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import structlog
 from aiohttp import web
@@ -399,6 +400,41 @@ async def test_huge_header_is_400_and_server_keeps_serving(
         assert status_of(await _raw_request(port, ok)) == 200
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+        b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /v1/topics/\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v1/topics HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"NOT A REQUEST\r\n\r\n",
+    ],
+)
+async def test_requests_aiohttp_refuses_are_answered_with_the_api_error(
+    app_module: types.ModuleType, settings: Settings, raw: bytes
+) -> None:
+    runner = app_module.make_runner(app_module.build_app(settings), settings)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        answer = await _raw_request(runner.addresses[0][1], raw)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert status_of(answer) in (400, 414, 431), answer[:300]
+        assert b"content-type: application/json" in head.lower()
+        error = orjson.loads(body)
+        assert set(error) == {"error", "message"} and error["message"], error
+        assert body.endswith(b"\n")
+    finally:
+        await runner.cleanup()
+
+
+async def test_errors_of_the_app_end_with_a_newline(client: Any) -> None:
+    resp = await client.get("/v1/nowhere")
+    assert resp.status == 404
+    assert (await resp.read()).endswith(b"}\n")
 
 
 LIFECYCLE = [

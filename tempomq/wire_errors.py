@@ -1,0 +1,64 @@
+"""The API's JSON error body for requests aiohttp refuses before any route or middleware runs.
+
+A malformed request line, an oversized line or header, a bad ``Content-Length`` or a raw
+non-ASCII byte in the path is answered by aiohttp's connection handler itself, as plain text;
+no middleware sees it (aio-libs/aiohttp#3287 asks for a hook). :class:`ApiRunner` serves the
+app through a handler whose ``handle_error`` keeps aiohttp's status and logging and only
+renders the body as ``{"error": code, "message": text}``.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import orjson
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+
+class _JsonErrorHandler(RequestHandler):
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        plain = super().handle_error(request, status, exc, message)  # logs; refuses if sent
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "HTTP error"
+        if status >= 500:
+            code, text = "internal", "internal error, see server log"
+        else:
+            code = phrase.lower().replace(" ", "_")
+            # aiohttp's parser messages span lines (the offending bytes, a caret): keep the
+            # first, which says what was wrong.
+            text = (message or phrase).strip().splitlines()[0] if message else phrase
+        body = orjson.dumps({"error": code, "message": text}) + b"\n"
+        resp = web.Response(
+            status=status, body=body, content_type="application/json", headers=_kept(plain)
+        )
+        resp.force_close()
+        return resp
+
+
+def _kept(resp: web.StreamResponse) -> dict[str, str]:
+    return {k: v for k, v in resp.headers.items() if k.lower() not in ("content-type",)}
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ApiRunner(web.AppRunner):
+    """An :class:`aiohttp.web.AppRunner` whose connection-level errors are the API's JSON."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # The app builds its Server; only the handler each connection gets differs.
+        server.__class__ = _JsonErrorServer
+        return server
