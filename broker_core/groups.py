@@ -152,7 +152,9 @@ class ReceiptFailure:
         return {"receipt": self.receipt, "error": self.error, "message": self.message}
 
 
-_RECEIPT_RE = re.compile(r"([0-9a-f]{1,16})-([0-9]{1,9})-([0-9]{1,19})-([0-9a-f]{1,16})")
+#: A receipt as receive hands it out: server run, cursor index, offset, token (Receipt in the spec).
+RECEIPT_PATTERN = r"^([0-9a-f]{1,16})-([0-9]{1,9})-([0-9]{1,19})-([0-9a-f]{1,16})$"
+_RECEIPT_RE = re.compile(RECEIPT_PATTERN)
 
 
 def parse_receipt(receipt: object) -> tuple[int, int, int, int]:

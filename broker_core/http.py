@@ -99,16 +99,14 @@ def parse_message(obj: object, topic: str, *, max_body: int, now_ms: int) -> tup
         raise InvalidMessage("a message is a JSON object")
     check_fields(obj, "MessageIn", InvalidMessage)
     body, flags = _parse_body(obj, max_body)
-    tags = obj.get("tags") or ""
+    tags = obj.get("tags", "")
     if not isinstance(tags, str):
         raise InvalidMessage("'tags' must be a string")
-    keys_obj = obj.get("keys") or ()
-    if isinstance(keys_obj, str):
-        keys_obj = (keys_obj,)
-    if not isinstance(keys_obj, (list, tuple)) or not all(isinstance(k, str) for k in keys_obj):
+    keys_obj = obj.get("keys", [])
+    if not isinstance(keys_obj, list) or not all(isinstance(k, str) for k in keys_obj):
         raise InvalidMessage("'keys' must be a list of strings")
     keys = tuple(keys_obj)
-    props = obj.get("properties") or {}
+    props = obj.get("properties", {})
     if not isinstance(props, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in props.items()
     ):
@@ -267,8 +265,8 @@ async def get_message(request: web.Request) -> web.Response:
 @routes.get("/v1/topics/{topic}/messages")
 async def query_messages(request: web.Request) -> web.Response:
     key = request.query.get("key")
-    if not key:
-        raise InvalidRequest("query parameter 'key' is required")
+    if not key or len(key) > MAX_KEY_LEN:
+        raise InvalidRequest(f"query parameter 'key' (1-{MAX_KEY_LEN} characters) is required")
     found = request.app[BROKER].query_key(request.match_info["topic"], key)
     return json_response({"messages": [render_message(m) for m in found]})
 
@@ -313,6 +311,7 @@ async def get_topic(request: web.Request) -> web.Response:
 # -- consuming ----------------------------------------------------------------------------------
 
 MAX_INVISIBLE_MS = 12 * 3600_000
+MAX_WAIT_MS = 60_000
 MAX_TIMESTAMP_MS = 1 << 62
 
 
@@ -346,8 +345,9 @@ async def receive(request: web.Request) -> web.Response:
     deliveries = await broker.receive(
         topic,
         group,
-        max_messages=_int(body, "max_messages", 32, 1, cfg.max_receive_batch),
-        wait_ms=_int(body, "wait_ms", 0, 0, cfg.max_wait_ms),
+        # The server's own limits cap what the API allows, as the spec says, without refusing.
+        max_messages=min(_int(body, "max_messages", 32, 1, MAX_BATCH), cfg.max_receive_batch),
+        wait_ms=min(_int(body, "wait_ms", 0, 0, MAX_WAIT_MS), cfg.max_wait_ms),
         invisible_ms=_int(body, "invisible_ms", cfg.default_invisible_ms, 100, MAX_INVISIBLE_MS),
         tags=parse_tags(body.get("tags")),
     )

@@ -117,5 +117,7 @@ async def poll_checks(request: web.Request) -> web.Response:
         raise InvalidRequest("wait_ms and max must be integers") from None
     if not 0 <= wait_ms <= MAX_CHECK_WAIT_MS or not 1 <= max_n <= 1000:
         raise InvalidRequest(f"wait_ms must be 0-{MAX_CHECK_WAIT_MS} and max 1-1000")
-    checks = await request.app[TX].poll_checks(group, max_n=max_n, wait_ms=wait_ms)
+    coordinator = request.app[TX]
+    wait_ms = min(wait_ms, coordinator.broker_store.config.max_wait_ms)  # --max-wait caps it
+    checks = await coordinator.poll_checks(group, max_n=max_n, wait_ms=wait_ms)
     return json_response({"checks": checks})

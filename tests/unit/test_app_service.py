@@ -503,3 +503,4 @@ async def test_busy_port_exits_1_after_stopping_what_started(
         assert await app_module.serve(settings) == 1
     assert events == LIFECYCLE
     assert any(x["event"] == "cannot listen" for x in log_lines(json_log))
+

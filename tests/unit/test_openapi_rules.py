@@ -8,12 +8,13 @@ import pytest
 import yaml
 
 from broker_core.fields import REQUEST_FIELDS
-from broker_core.groups import MAX_ATTEMPTS
+from broker_core.groups import MAX_ATTEMPTS, RECEIPT_PATTERN
 from broker_core.http import (
     MAX_BATCH,
     MAX_DELAY_MS,
     MAX_INVISIBLE_MS,
     MAX_TIMESTAMP_MS,
+    MAX_WAIT_MS,
     MIN_DELIVER_AT_MS,
 )
 from broker_core.message import (
@@ -63,6 +64,8 @@ def prop(schemas: dict[str, Any], schema: str, field: str) -> dict[str, Any]:
         ("DelayedPatch", "deliver_at", "minimum", MIN_DELIVER_AT_MS),
         ("NackRequest", "retry_after_ms", "maximum", MAX_DELAY_MS),
         ("ReceiveRequest", "invisible_ms", "maximum", MAX_INVISIBLE_MS),
+        ("ReceiveRequest", "wait_ms", "maximum", MAX_WAIT_MS),
+        ("ReceiveRequest", "max_messages", "maximum", MAX_BATCH),
         ("ResetRequest", "timestamp", "maximum", MAX_TIMESTAMP_MS),
         ("GroupCreate", "max_attempts", "maximum", MAX_ATTEMPTS),
         ("TransactionCreate", "check_immunity_ms", "maximum", MAX_IMMUNITY_MS),
@@ -82,6 +85,7 @@ def test_names_follow_the_servers_patterns(schemas: dict[str, Any]) -> None:
     assert schemas["TopicName"]["pattern"] == TOPIC_PATTERN
     assert schemas["ClientTopicName"]["pattern"] == CLIENT_NAME_PATTERN
     assert schemas["GroupName"]["pattern"] == CLIENT_NAME_PATTERN
+    assert schemas["Receipt"]["pattern"] == RECEIPT_PATTERN
     assert prop(schemas, "TopicCreate", "name") == schemas["ClientTopicName"]
     assert prop(schemas, "GroupCreate", "name") == schemas["GroupName"]
     assert prop(schemas, "TransactionCreate", "producer_group") == schemas["GroupName"]
