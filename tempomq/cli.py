@@ -11,7 +11,9 @@ probe found a problem, 130 interrupted (:mod:`tempomq.ops` has the details).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,16 +126,43 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     _add_commands(parser, COMMANDS, "command")
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tempomq")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
+def _negative_values_kept(argv: Sequence[str]) -> list[str]:
+    """``--delay -5s`` as ``--delay=-5s``: argparse would read ``-5s`` as an unknown option and
+    say only "expected one argument"; joined, the option's own parser says what is wrong."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+_NEGATIVE = re.compile(r"-\d")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 runtime failure, 2 usage error,
     3-5 and 130 as listed in :mod:`tempomq.ops`)."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        parser.print_help()
+        return 0
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_negative_values_kept(argv))
     except SystemExit as exc:
         # argparse exits on --help (0) and on usage errors (2); return the code instead, so
         # callers and tests get an int from main() whatever happened.

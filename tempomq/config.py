@@ -86,6 +86,8 @@ def format_size(n_bytes: int) -> str:
 
 def parse_duration_ms(text: str) -> int:
     """``500ms``, ``30s``, ``5m``, ``72h``, ``7d`` (also ``1.5s``) to milliseconds."""
+    if text.strip().startswith("-"):
+        raise ValueError(f"{text!r}: a duration cannot be negative")
     match = _NUMBER_UNIT_RE.match(text)
     unit = match.group(2).lower() if match else ""
     if match is not None and unit == "" and float(match.group(1)) == 0:

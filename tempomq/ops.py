@@ -44,6 +44,7 @@ from tempomq.client import (
     BadRequest,
     Client,
     Conflict,
+    ConnectionFailed,
     DelayedState,
     Message,
     NotFound,
@@ -279,6 +280,12 @@ class Op:
         try:
             async with client:
                 output = await self.call(client, args)
+        except ConnectionFailed as e:
+            if e.sent:  # it answered once: the connection broke, the server is there
+                return fail(e.code, e.message, exit_code_for(e))
+            at = ", ".join(client.endpoints)
+            hint = f"no tempomq server answers at {at}: is `tempomq serve` running?"
+            return fail(e.code, f"{hint} ({e.message})", exit_code_for(e))
         except TempoClientError as e:
             return fail(e.code, e.message, exit_code_for(e))
         except UsageError as e:
@@ -637,7 +644,9 @@ async def _tx_list(client: OpsClient, args: argparse.Namespace) -> Output:
         )
         for t in txs
     ]
-    return Output({"transactions": txs}, table(headers, rows))
+    states = "prepared, committed, rolled_back, check_max"
+    note = f"transactions in state {args.state} (--state: {states})"
+    return Output({"state": args.state, "transactions": txs}, f"{note}\n{table(headers, rows)}")
 
 
 async def _tx_get(client: OpsClient, args: argparse.Namespace) -> Output:

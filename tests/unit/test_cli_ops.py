@@ -158,6 +158,8 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         (["send", "orders"], "one of the arguments BODY --file is required"),
         (["send", "orders", "x", "--delay", "5"], "not a duration; give a unit"),
         (["send", "orders", "x", "--delay", "5s", "--at", "1"], "not allowed with argument"),
+        (["send", "orders", "x", "--delay", "-5s"], "--delay: '-5s': a duration cannot be"),
+        (["delayed", "reschedule", MSG_ID, "--delay", "-1m"], "cannot be negative"),
         (["send", "orders", "x", "--count", "0"], "must be at least 1"),
         (["send", "orders", "x", "--prop", "novalue"], "is not NAME=VALUE"),
         (["receive", "orders"], "required: GROUP"),
@@ -281,7 +283,10 @@ def test_server_errors_print_code_and_message(
 def test_connection_refused_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "topic", "list", "--url", "http://127.0.0.1:1")
     assert (code, out) == (ops.EXIT_FAILURE, "")
-    assert err.startswith("tempomq: error: connection_failed: cannot connect to http://127.0.0.1:1")
+    assert err.startswith(
+        "tempomq: error: connection_failed: no tempomq server answers at http://127.0.0.1:1:"
+        " is `tempomq serve` running?"
+    )
 
 
 def test_several_urls_fail_over(api: FakeApi, capsys: pytest.CaptureFixture[str]) -> None:
@@ -456,7 +461,8 @@ def test_group_reset_and_tx_list(api: FakeApi, capsys: pytest.CaptureFixture[str
     }
     api.on("GET", "/v1/transactions", (200, {"transactions": [tx]}))
     _, out, _ = run(capsys, "tx", "list")
-    assert out.splitlines()[1].split() == [
+    assert out.splitlines()[0].startswith("transactions in state check_max (--state: ")
+    assert out.splitlines()[2].split() == [
         "t1",
         MSG_ID,
         "orders",
