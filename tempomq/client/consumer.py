@@ -19,13 +19,18 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 from tempomq.client.client import MAX_BATCH, Client
-from tempomq.client.errors import ReceiptExpired
+from tempomq.client.errors import BadRequest, NotFound, ReceiptExpired, TempoClientError
 from tempomq.client.models import ReceivedMessage
 
 log = logging.getLogger("tempomq.client.consumer")
 
 Handler = Callable[[ReceivedMessage], Awaitable[None]]
 RECEIVE_BACKOFF_MAX_S = 5.0
+#: After an error no retry can fix by itself (a missing topic, a bad group name): how long the
+#: receive loop waits before asking again, so the topic may still be created meanwhile.
+PERMANENT_RETRY_S = 60.0
+#: Answers to a receive that will be the same however often it is repeated.
+_PERMANENT = (BadRequest, NotFound)
 
 
 class Consumer:
@@ -41,6 +46,7 @@ class Consumer:
         invisible_ms: int = 30000,
         wait_ms: int = 20000,
         tags: str | None = None,
+        permanent_retry_s: float = PERMANENT_RETRY_S,
     ) -> None:
         if concurrency < 1 or batch < 1:
             raise ValueError("concurrency and batch must be >= 1")
@@ -53,6 +59,9 @@ class Consumer:
         self._invisible_ms = invisible_ms
         self._wait_ms = wait_ms
         self._tags = tags
+        self._permanent_retry_s = permanent_retry_s
+        #: The error that keeps receive from working (a missing topic, ...), None when it works.
+        self.blocked_by: TempoClientError | None = None
         self._slots = asyncio.Semaphore(concurrency)
         self._handlers: set[asyncio.Task[None]] = set()
         self._to_ack: list[ReceivedMessage] = []
@@ -131,12 +140,18 @@ class Consumer:
                     invisible_ms=self._invisible_ms,
                     tags=self._tags,
                 )
+            except _PERMANENT as e:
+                pause_s = self._permanent_retry_s
+                self._blocked(e)
             except Exception as e:  # the loop must outlive any one failure; it backs off
                 failures += 1
                 pause_s = min(RECEIVE_BACKOFF_MAX_S, 0.1 * 2 ** min(failures, 10))
                 log.warning("receive from %s/%s failed: %r", self.topic, self.group, e)
             else:
                 failures, pause_s = 0, 0.0
+                if self.blocked_by is not None:
+                    log.warning("receive from %s/%s works again", self.topic, self.group)
+                    self.blocked_by = None
             finally:
                 # Cancelled or not, the slots no message arrived for go back.
                 for _ in range(slots - len(messages)):
@@ -149,6 +164,20 @@ class Consumer:
                 task.add_done_callback(self._handlers.discard)
             if pause_s:
                 await asyncio.sleep(pause_s)
+
+    def _blocked(self, error: TempoClientError) -> None:
+        """Say once (per kind of error) that receiving cannot work as things are."""
+        if self.blocked_by is None or self.blocked_by.code != error.code:
+            log.error(
+                "receive from %s/%s cannot succeed until this is fixed: %s: %s"
+                " (the consumer asks again every %gs)",
+                self.topic,
+                self.group,
+                error.code,
+                error.message,
+                self._permanent_retry_s,
+            )
+        self.blocked_by = error
 
     async def _run(self, msg: ReceivedMessage) -> None:
         try:

@@ -40,6 +40,7 @@ class FakeBroker:
         self.nacked: list[str] = []
         self.expired: set[str] = set()
         self.failing_receives = 0
+        self.missing_topic_receives = 0
 
     def put(self, *bodies: str) -> None:
         for body in bodies:
@@ -78,6 +79,10 @@ class FakeBroker:
 
     async def _receive(self, body: dict[str, Any]) -> web.Response:
         self.receive_sizes.append(body["max_messages"])
+        if self.missing_topic_receives:
+            self.missing_topic_receives -= 1
+            error = {"error": "topic_not_found", "message": "topic 'orders' does not exist"}
+            return web.json_response(error, status=404)
         if self.failing_receives:
             self.failing_receives -= 1
             return web.json_response({"error": "store_unavailable", "message": "x"}, status=503)
@@ -293,3 +298,32 @@ async def test_start_twice_is_refused_and_stop_twice_is_harmless(
             c.start()
     await c.stop()
     assert not c.running
+
+
+async def test_a_missing_topic_is_said_once_and_retried_rarely_until_it_exists(
+    broker: tuple[FakeBroker, Client], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake, client = broker
+    fake.missing_topic_receives = 5
+    seen: list[str] = []
+
+    async def handler(msg: ReceivedMessage) -> None:
+        seen.append(msg.text)
+
+    caplog.set_level(logging.WARNING, logger="tempomq.client.consumer")
+    async with consumer(client, handler, permanent_retry_s=0.01) as c:
+        await eventually(lambda: fake.missing_topic_receives == 0)
+        fake.put("finally")
+        await eventually(lambda: seen == ["finally"])
+        assert c.blocked_by is None
+    said = [r for r in caplog.records if "topic_not_found" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+    assert said[0].levelno == logging.ERROR
+    assert "asks again every 0.01s" in said[0].getMessage()
+    assert any("works again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_permanent_error_is_retried_at_a_long_interval_by_default() -> None:
+    from tempomq.client import consumer as consumer_module
+
+    assert consumer_module.PERMANENT_RETRY_S >= 30
