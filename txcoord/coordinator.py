@@ -419,7 +419,9 @@ class Coordinator:
             "topic": row.topic,
             "keys": list(msg.keys) if msg else [],
             "properties": msg.properties if msg else {},
-            "check_count": row.check_count,
+            # One meaning with the transaction's check_count: check-backs asked, this one
+            # included (1 on the first). The transaction reports it once this one is over.
+            "check_count": row.check_count + 1,
         }
 
     async def _ask_url(self, url: str, request: dict[str, object]) -> TxEvent:

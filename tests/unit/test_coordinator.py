@@ -183,7 +183,7 @@ async def test_check_url_answers_decide(nodes: list[Node], tmp_path: Path) -> No
             await asyncio.sleep(0.02)
         assert await _state(node, no) is TxState.ROLLED_BACK
         first = next(a for a in asked if a["tx_id"] == yes)
-        assert first["topic"] == "orders" and first["keys"] == ["k"] and first["check_count"] == 0
+        assert first["topic"] == "orders" and first["keys"] == ["k"] and first["check_count"] == 1
 
 
 async def test_unanswered_checks_park_the_transaction_which_stays_resolvable(
@@ -222,9 +222,11 @@ async def test_an_unanswered_long_poll_check_counts_and_is_asked_again(
     node = await _node(nodes, tmp_path / "d")
     tx_id = await node.prepare(b"slow", group="svc")
     first = await node.tx.poll_checks("svc", max_n=10, wait_ms=3000)
-    assert [c["check_count"] for c in first] == [0]
+    assert [c["check_count"] for c in first] == [1]  # the first check-back
     second = await node.tx.poll_checks("svc", max_n=10, wait_ms=3000)  # after the timeout
-    assert [c["check_count"] for c in second] == [1]
+    assert [c["check_count"] for c in second] == [2]
+    # The first is over and counted: the transaction and its check-backs count alike.
+    assert (await node.tx.get(tx_id)).check_count == 1
     assert (await node.tx.answer(tx_id, TxEvent.ROLLBACK)).state is TxState.ROLLED_BACK
 
 
