@@ -57,6 +57,7 @@ from tempomq.client.models import (
     Transaction,
     TransactionStatus,
 )
+from tempomq.client.sync import SyncClient
 
 if TYPE_CHECKING:
     from tempomq.client.barrier import Barrier
@@ -115,6 +116,7 @@ __all__ = [
     "SendResult",
     "ServerError",
     "StoreUnavailable",
+    "SyncClient",
     "TempoClientError",
     "TooLarge",
     "Topic",
