@@ -21,28 +21,37 @@ def test_readme_walkthrough(tmp_path: Path) -> None:
     server = Server(tmp_path / "data")
     server.start()
     try:
-        out = subprocess.run(
-            ["bash", str(ROOT / "docs" / "walkthrough.sh"), server.url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
-        )
+        runs = [
+            subprocess.run(
+                ["bash", str(ROOT / "docs" / "walkthrough.sh"), server.url],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+            )
+            for _ in range(2)  # a second run in a row finds the topic there and works too
+        ]
     finally:
         server.ensure_stopped()
-    assert out.returncode == 0, out.stderr + out.stdout
-    blocks = out.stdout.split("\n$ ")
+    for out in runs:
+        assert out.returncode == 0, out.stderr + out.stdout
+        check_walkthrough_output(out.stdout)
+    assert "topic_exists" in runs[1].stdout
+
+
+def check_walkthrough_output(stdout: str) -> None:
+    blocks = stdout.split("\n$ ")
     received = json.loads(blocks[3].splitlines()[1])
     assert sorted(m["body"] for m in received["messages"]) == [
         "order 17 created",
         "order 18 created",
         "order 19 created",
     ]
-    assert json.loads(blocks[4].splitlines()[1]) == {"acked": 3}
+    assert json.loads(blocks[4].splitlines()[1]) == {"acked": 3, "failed": []}
     lag = json.loads(blocks[5].splitlines()[1])
     assert lag["lag"] == 0 and lag["inflight"] == 0
     found = json.loads(blocks[6].splitlines()[1])
-    assert [m["keys"] for m in found["messages"]] == [["order-17"]]
+    assert found["messages"] and all(m["keys"] == ["order-17"] for m in found["messages"])
     answers = "".join(blocks[7].splitlines()[1:]).replace("}{", "}\n{")
     delayed = [json.loads(x) for x in answers.splitlines()]
     sent, state, moved, cancelled = delayed
