@@ -29,7 +29,7 @@ import orjson
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs; types-PyYAML is not a dep
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 
 from broker_core.broker import Broker
 from broker_core.errors import TempoError
@@ -148,6 +148,21 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     return error_response(status, code, message, headers=headers)
 
 
+#: Per route (the path pattern, so ids in paths add no series) and status: the count of requests
+#: is the histogram's ``_count``.
+HTTP_REQUESTS = Histogram(
+    "tempomq_http_request_seconds",
+    "HTTP requests served, by method, route pattern and status, and how long each took",
+    ["method", "route", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0, 60.0),
+)
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
     return given if _REQUEST_ID_RE.fullmatch(given) else secrets.token_hex(8)
@@ -174,12 +189,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 500, "internal", f"internal error, see server log (request id {request_id})"
             )
         response.headers["X-Request-Id"] = request_id
+        elapsed_s = time.perf_counter() - started
+        HTTP_REQUESTS.labels(request.method, _route(request), str(response.status)).observe(
+            elapsed_s
+        )
         log.debug(
             "request",
             method=request.method,
             path=request.path,
             status=response.status,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            duration_ms=round(elapsed_s * 1000, 3),
         )
         return response
 

@@ -504,3 +504,18 @@ async def test_busy_port_exits_1_after_stopping_what_started(
     assert events == LIFECYCLE
     assert any(x["event"] == "cannot listen" for x in log_lines(json_log))
 
+
+async def test_metrics_count_and_time_requests_per_route(client: Any) -> None:
+    for _ in range(3):
+        assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/no/such/path")).status == 404
+    text = await (await client.get("/metrics")).text()
+    assert 'route="unmatched",status="404"' in text  # unknown paths add no series of their own
+    labels = 'method="GET",route="/healthz",status="200"'
+    count = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("tempomq_http_request_seconds_count") and labels in line
+    )
+    assert float(count.rsplit(" ", 1)[1]) >= 3
+    assert f"tempomq_http_request_seconds_sum{{{labels}}}" in text
