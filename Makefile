@@ -14,13 +14,33 @@ RUN_ARGS ?=
 
 .PHONY: install run test lint bench
 
+# The interpreter .venv is made with, recorded in it: another PYTHON (or an upgraded one)
+# rebuilds .venv instead of mixing two Pythons' packages.
+PYTHON_ID := $(shell $(PYTHON) -c 'import sys; print(sys.executable, *sys.version_info[:3])' 2>/dev/null)
+VENV_ID := $(VENV)/.python-id
+ifneq ($(PYTHON_ID),)
+ifneq ($(wildcard $(VENV_ID)),)
+ifneq ($(shell cat $(VENV_ID)),$(PYTHON_ID))
+$(info make: $(VENV) was made with $(shell cat $(VENV_ID)); rebuilding it with $(PYTHON_ID))
+$(shell rm -rf $(VENV))
+endif
+endif
+endif
+
 install: $(STAMP)
 
 $(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+		echo "make: tempomq needs Python >= 3.11, and '$(PYTHON)' is $$($(PYTHON) --version 2>&1 || echo 'not found')."; \
+		echo "make: name another with PYTHON, e.g. make test PYTHON=python3.12"; \
+		exit 1; } >&2
 	$(PYTHON) -m venv $(VENV)
+	@echo '$(PYTHON_ID)' > $(VENV_ID)
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@echo "make: installing tempomq and its test tools into $(VENV) (a minute or two the first time)"
+	$(BIN)/python -m pip install --progress-bar on -e '.[dev]' | grep -E '^(Collecting|Successfully)' || true
+	@$(BIN)/python -c 'import tempomq.client, schemathesis' || { echo "make: the install failed; run: $(BIN)/python -m pip install -e '.[dev]'" >&2; exit 1; }
 	touch $@
 
 # Defaults: 127.0.0.1:8080, data in ./data; flags or TEMPOMQ_* variables change them.

@@ -128,17 +128,20 @@ def test_transactions_not_found_usage_and_connection_errors(server: Server) -> N
             ("topic", "list", "--url", f"http://127.0.0.1:{free_port()}"),
         )
     )
-    assert tx_list == (0, '{\n  "transactions": []\n}\n', "")
-    assert committed[0] == 0 and json.loads(committed[1]) == {"transactions": []}
+    assert tx_list[0::2] == (0, "")
+    assert json.loads(tx_list[1]) == {"state": "check_max", "transactions": []}
+    assert committed[0] == 0
+    assert json.loads(committed[1]) == {"state": "committed", "transactions": []}
     assert tx_missing[0] == 3
     assert tx_missing[2].startswith("tempomq: error: transaction_not_found: ")
     assert msg_missing[:2] == (3, "")
     assert msg_missing[2].startswith("tempomq: error: message_not_found: ")
     assert topic_missing[0] == 3
     assert topic_missing[2].startswith("tempomq: error: topic_not_found: ")
+    assert "tempomq topic create cli-no-such-topic" in topic_missing[2]
     assert usage[0] == 2
     assert "one of the arguments BODY --file is required" in usage[2]
     assert refused_topic[0] == 2  # the server's 400: clients may not use SYS_ topics
     assert refused_topic[2].startswith("tempomq: error: invalid_topic: ")
     assert refused[0] == 1
-    assert refused[2].startswith("tempomq: error: connection_failed: ")
+    assert refused[2].startswith("tempomq: error: connection_failed: no tempomq server answers")
