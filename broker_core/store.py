@@ -546,12 +546,14 @@ class MessageStore:
         metrics.WRITE_FAILURES.inc()
         log.error("store.write_failed", reason=reason, offset=start)
         self._failure = reason
-        if fut is not None and not fut.done():
-            fut.set_exception(StoreUnavailable(reason))
-        self._refuse_pending(reason)
+        # The marker goes first: only then may anyone hear that the write failed (a crash
+        # right after the answer must not find the batch committed).
         await asyncio.get_running_loop().run_in_executor(
             self._write_pool, self.commitlog.unwrite, start, marker_at
         )
+        if fut is not None and not fut.done():
+            fut.set_exception(StoreUnavailable(reason))
+        self._refuse_pending(reason)
 
     def _refuse_pending(self, reason: str) -> None:
         """Fail every put staged but not written, and give back what they reserved."""
