@@ -611,8 +611,7 @@ class MessageStore:
         """The record at ``phy_offset``, or None when retention removed it."""
         if phy_offset < self.commitlog.min_offset or phy_offset >= self.commitlog.written_end:
             return None
-        found = self.commitlog.check(phy_offset)  # CRC on every read: damage is never handed out
-        return None if found is None else codec.decode(*found)
+        return self.commitlog.read(phy_offset)  # CRC on every read: damage is never handed out
 
     def stored_at(self, phy_offset: int) -> int | None:
         if phy_offset < self.commitlog.min_offset:
