@@ -60,7 +60,7 @@ from broker_core.errors import (
     ReceiptExpired,
     StoreUnavailable,
 )
-from broker_core.message import StoredMessage
+from broker_core.message import StoredMessage, is_system_topic
 from broker_core.protocols import Scheduler, Timers
 from broker_core.retry import delivery_attempt, dlq_topic, plan_redelivery, retry_topic
 from broker_core.store import MessageStore, write_json_atomic
@@ -135,6 +135,18 @@ class Cursor:
         while order and order[0] not in pending:
             order.popleft()
         return order[0] if order else self.next
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A delivery not finished, as the console lists it."""
+
+    message: StoredMessage
+    topic: str
+    offset: int
+    attempt: int
+    deadline_ms: int
+    ready_at_ms: int | None
 
 
 @dataclass(slots=True)
@@ -817,6 +829,65 @@ class GroupManager:
         self.wake({topic})
         log.info("group.reset", group=group, topic=topic, timestamp=timestamp_ms)
         await fut
+        return out
+
+    def delete_group(self, name: str) -> None:
+        """Forget group ``name``: its config, cursors and saved offsets. Its retry and
+        dead-letter topics stay, as stored messages do; receipts it handed out expire."""
+        if self.groups.pop(name, None) is None:
+            raise GroupNotFound(f"group {name!r} does not exist")
+        for key in [k for k in self._subs if k[0] == name]:
+            del self._subs[key]
+        self._saved_offsets.pop(name, None)
+        self._dirty = True
+        log.info("group.deleted", group=name)
+
+    def subscriptions(self, group: str) -> list[str]:
+        """The topics ``group`` has received from since the server started or it was saved."""
+        topics = {t for g, t in self._subs if g == group}
+        topics.update(t for t in self._saved_offsets.get(group, {}) if t in self.store.topics)
+        return sorted(t for t in topics if not is_system_topic(t))
+
+    async def inflight(self, topic: str, group: str, limit: int) -> list[InFlight]:
+        """Up to ``limit`` deliveries of ``group`` on ``topic`` not yet acked, oldest offset
+        first per queue: out now (with their invisibility deadline), or failed and waiting for
+        their redelivery (FIFO). Reads only the messages it returns."""
+        sub = await self._subscription(group, topic)
+        out: list[InFlight] = []
+        for cur in sub.cursors:
+            for offset in sorted(cur.pending):
+                if len(out) >= limit:
+                    return out
+                p = cur.pending[offset]
+                if not p.token:
+                    continue  # its redelivery copy is being stored
+                msg = self.store.read(p.phy)
+                if msg is not None:
+                    out.append(
+                        InFlight(msg, cur.topic, offset, p.attempt, p.deadline_ms, p.ready_at_ms)
+                    )
+        return out
+
+    def consumed_by(self, topic: str, queue_id: int, offset: int) -> list[dict[str, object]]:
+        """Each group subscribed to ``topic`` and where it stands with the message at
+        ``offset`` of queue ``queue_id``: ``acked``, ``inflight`` (with its attempt) or
+        ``waiting``."""
+        out: list[dict[str, object]] = []
+        for (group, t), sub in sorted(self._subs.items()):
+            if t != topic:
+                continue
+            for cur in sub.cursors:
+                if cur.topic != topic or cur.queue_id != queue_id:
+                    continue
+                p = cur.pending.get(offset)
+                entry: dict[str, object] = {"group": group}
+                if p is not None:
+                    entry.update(state="inflight", delivery_attempt=p.attempt)
+                elif offset < cur.next:  # handed out and finished
+                    entry["state"] = "acked"
+                else:
+                    entry["state"] = "waiting"
+                out.append(entry)
         return out
 
     def lag_by_group(self) -> list[tuple[str, str, int]]:

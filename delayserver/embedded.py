@@ -166,6 +166,17 @@ class EmbeddedDelayStore:
     async def pending(self) -> int:
         return self._pending
 
+    async def count_due(self, bounds_ms: Sequence[int]) -> list[int]:
+        def run(db: sqlite3.Connection) -> list[int]:
+            # Counts entries of the partial time index; no message row is read.
+            sql = (
+                "SELECT COUNT(*) FROM delayed INDEXED BY delayed_due "
+                "WHERE state = 0 AND deliver_at < ?"
+            )
+            return [int(db.execute(sql, (bound,)).fetchone()[0]) for bound in bounds_ms]
+
+        return await self._read(run)
+
     async def purge(self, finished_before_ms: int) -> int:
         def run(db: sqlite3.Connection) -> int:
             return db.execute(

@@ -19,6 +19,8 @@ routes = web.RouteTableDef()
 
 _GROUP_RE = re.compile(r"[A-Za-z0-9_\-]{1,100}")
 MAX_CHECK_WAIT_MS = 60_000
+#: Most transactions one list call answers.
+MAX_LIST = 1000
 
 
 def _int(body: dict[str, object], name: str, lo: int, hi: int) -> int | None:
@@ -96,8 +98,30 @@ async def list_transactions(request: web.Request) -> web.Response:
         state = TxState(request.query.get("state", "check_max"))
     except ValueError:
         raise InvalidRequest(f"state must be one of {[s.value for s in TxState]}") from None
-    rows = await request.app[TX].list_state(state)
-    return json_response({"transactions": [r.to_json() for r in rows]})
+    try:
+        limit = int(request.query.get("limit", str(MAX_LIST)))
+        after = _after(request.query.get("after"))
+    except ValueError:
+        raise InvalidRequest(
+            "limit must be an integer; after a 'created_at:tx_id' cursor"
+        ) from None
+    if not 1 <= limit <= MAX_LIST:
+        raise InvalidRequest(f"limit must be from 1 to {MAX_LIST}")
+    rows = await request.app[TX].list_page(state, limit=limit, after=after)
+    out: dict[str, object] = {"transactions": [r.to_json() for r in rows]}
+    if len(rows) == limit:  # there may be more: the cursor of the next page
+        out["next"] = f"{rows[-1].created_at}:{rows[-1].tx_id}"
+    return json_response(out)
+
+
+def _after(cursor: str | None) -> tuple[int, str] | None:
+    """A page cursor ``created_at:tx_id`` as the ``next`` of the previous page gave it."""
+    if not cursor:
+        return None
+    at, sep, tx_id = cursor.partition(":")
+    if not sep:
+        raise ValueError(cursor)
+    return int(at), tx_id
 
 
 @routes.post("/v1/transactions/{tx_id}/check")
