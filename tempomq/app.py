@@ -41,6 +41,7 @@ from delayserver.http import routes as delay_routes
 from delayserver.service import DelayService
 from delayserver.timers import TimerService
 from tempomq.config import HostPort, Settings
+from tempomq.console import add_console
 from tempomq.logs import bound, get_logger
 from tempomq.probe import ProbeSchedule
 from txcoord.coordinator import Coordinator, TxSettings
@@ -327,6 +328,7 @@ def build_app(settings: Settings) -> web.Application:
     app.add_routes(broker_routes)
     app.add_routes(delay_routes)
     app.add_routes(tx_routes)
+    add_console(app)
     app[DELAY] = delay
     app[TX] = tx
     return app
