@@ -158,6 +158,8 @@ async def test_groups_are_listed_with_lag_and_dead_letters_and_can_be_deleted(
     assert groups["billing"]["topics"] == [{"topic": "orders", "lag": 3}]
     assert groups["billing"]["dlq_topic"] == "%DLQ%billing"
     assert groups["billing"]["dlq_messages"] == 0
+    dlq = await ok(client, "GET", "/v1/topics/%25DLQ%25billing/queues/0/messages")
+    assert dlq["topic"] == "%DLQ%billing" and dlq["messages"] == []
     assert groups["audit"]["fifo"] is True and groups["audit"]["topics"] == []
 
     assert await ok(client, "DELETE", "/v1/groups/billing") == {"deleted": "billing"}

@@ -20,7 +20,7 @@ function h(tag, attrs, ...children) {
     else if (k === "class") el.className = v;
     else el.setAttribute(k, v === true ? "" : v);
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     el.append(c instanceof Node ? c : String(c));
   }
@@ -30,7 +30,7 @@ function h(tag, attrs, ...children) {
 function svg(tag, attrs, ...children) {
   const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
   for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
-  for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c);
+  for (const c of children.flat(Infinity)) if (c !== null && c !== undefined) el.append(c);
   return el;
 }
 
@@ -368,7 +368,7 @@ async function pageMessage(id) {
 async function pageGroups() {
   const { groups } = await api("GET", "/v1/groups");
   const rows = groups.map((g) => [
-    g.name, g.fifo ? "FIFO" : "", num(g.max_attempts),
+    g.name, g.fifo ? "FIFO" : "concurrent", num(g.max_attempts),
     h("span", {}, g.topics.map((t) => h("span", {}, link(`#/groups/${enc(g.name)}/${enc(t.topic)}`, t.topic), ` (lag ${num(t.lag)}) `))),
     g.dlq_messages ? link(topicHref(g.dlq_topic), num(g.dlq_messages)) : "0",
     h("button", { class: "danger", onclick: () => deleteGroup(g.name) }, "Delete")]);
@@ -494,22 +494,26 @@ async function pageTransactions(params) {
   });
   main.replaceChildren(h("h1", {}, "Transactions"), tabs,
     table(["tx_id", "msg_id", "topic", "producer group", "state", "created", ""], rows, "No transactions in this state."),
-    next ? h("p", {}, link(`#/transactions?state=${state}&after=${enc(next)}`, "Next page →")) : null);
+    ...(next ? [h("p", {}, link(`#/transactions?state=${state}&after=${enc(next)}`, "Next page →"))] : []));
 }
 
 async function pageServers() {
-  const s = await api("GET", "/v1/delay/servers");
-  if (s.store !== "redis") {
-    main.replaceChildren(h("h1", {}, "Delay servers"),
-      h("p", { class: "empty" }, "This server keeps delayed messages in its embedded store: no other server shares them. With --redis-url, delay servers sharing one Redis split its shards through leases, shown here."));
-    return;
+  const body = h("div", { id: "servers" });
+  main.replaceChildren(h("h1", {}, "Delay servers"), body);
+  async function refresh() {
+    const s = await api("GET", "/v1/delay/servers");
+    if (s.store !== "redis") {
+      body.replaceChildren(h("p", { class: "empty" }, "This server keeps delayed messages in its embedded store: no other server shares them. With --redis-url, delay servers sharing one Redis split its shards through leases, shown here."));
+      return;
+    }
+    body.replaceChildren(
+      h("h2", {}, "Servers"), table(["server", { label: "shards", num: true }, "heartbeat until"],
+        s.servers.map((x) => [h("span", {}, x.server, x.server === s.this_server ? h("span", { class: "badge ok" }, " this one") : null),
+          num(x.shards), `${when(x.expires_at)} (${fromNow(x.expires_at)})`])),
+      h("h2", {}, "Shards"), table([{ label: "shard", num: true }, "lease holder", "lease expires"],
+        s.shards.map((x) => [x.shard, x.holder || h("span", { class: "bad" }, "free"), x.expires_at ? fromNow(x.expires_at) : "—"])));
   }
-  main.replaceChildren(h("h1", {}, "Delay servers"),
-    h("h2", {}, "Servers"), table(["server", { label: "shards", num: true }, "heartbeat until"],
-      s.servers.map((x) => [h("span", {}, x.server, x.server === s.this_server ? h("span", { class: "badge ok" }, " this one") : null),
-        num(x.shards), `${when(x.expires_at)} (${fromNow(x.expires_at)})`])),
-    h("h2", {}, "Shards"), table([{ label: "shard", num: true }, "lease holder", "lease expires"],
-      s.shards.map((x) => [x.shard, x.holder || h("span", { class: "bad" }, "free"), x.expires_at ? fromNow(x.expires_at) : "—"])));
+  every(2000, () => refresh().catch((e) => flash(e.message, true)));
 }
 
 // -- routing ---------------------------------------------------------------------------------
