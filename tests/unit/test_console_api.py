@@ -158,8 +158,6 @@ async def test_groups_are_listed_with_lag_and_dead_letters_and_can_be_deleted(
     assert groups["billing"]["topics"] == [{"topic": "orders", "lag": 3}]
     assert groups["billing"]["dlq_topic"] == "%DLQ%billing"
     assert groups["billing"]["dlq_messages"] == 0
-    dlq = await ok(client, "GET", "/v1/topics/%25DLQ%25billing/queues/0/messages")
-    assert dlq["topic"] == "%DLQ%billing" and dlq["messages"] == []
     assert groups["audit"]["fifo"] is True and groups["audit"]["topics"] == []
 
     assert await ok(client, "DELETE", "/v1/groups/billing") == {"deleted": "billing"}
@@ -172,6 +170,29 @@ async def test_groups_are_listed_with_lag_and_dead_letters_and_can_be_deleted(
         client, "POST", "/v1/topics/orders/groups/billing/receive", {"max_messages": 5}
     )
     assert [m["body"] for m in again["messages"]] == ["m0", "m1", "m2"]
+
+
+async def test_dead_letters_are_counted_and_browsed(client: Client) -> None:
+    await make_topic(client)
+    msg_id = await send(client, "orders", body="poison")
+    await ok(client, "POST", "/v1/groups", {"name": "strict", "max_attempts": 1})
+    got = await ok(client, "POST", "/v1/topics/orders/groups/strict/receive", {})
+    await ok(
+        client,
+        "POST",
+        "/v1/topics/orders/groups/strict/nack",
+        {"receipt": got["messages"][0]["receipt"]},
+    )
+
+    async def dead_lettered() -> bool:
+        groups = (await ok(client, "GET", "/v1/groups"))["groups"]
+        return bool(groups[0]["dlq_messages"] == 1)
+
+    await until(dead_lettered)
+    dlq = await ok(client, "GET", "/v1/topics/%25DLQ%25strict/queues/0/messages")
+    assert dlq["topic"] == "%DLQ%strict"
+    assert [m["msg_id"] for m in dlq["messages"]] == [msg_id]
+    assert dlq["messages"][0]["body"] == "poison"
 
 
 async def test_in_flight_deliveries_are_listed_with_attempt_and_deadline(client: Client) -> None:

@@ -390,7 +390,9 @@ function deleteGroup(name) {
 
 async function pageGroup(group, topic) {
   const base = `/v1/topics/${enc(topic)}/groups/${enc(group)}`;
-  const [s, inflight] = await Promise.all([api("GET", base), api("GET", `${base}/inflight?limit=100`)]);
+  const [s, inflight, { groups }] = await Promise.all([
+    api("GET", base), api("GET", `${base}/inflight?limit=100`), api("GET", "/v1/groups")]);
+  const dead = (groups.find((g) => g.name === group) || {}).dlq_messages || 0;
   const reset = h("form", { class: "inline", id: "reset", onsubmit: (e) => {
     e.preventDefault();
     const v = formValues(e.target);
@@ -411,7 +413,7 @@ async function pageGroup(group, topic) {
     messagesTable(inflight.messages, { headers: [{ label: "attempt", num: true }, "invisible until"],
       cells: (m) => [m.delivery_attempt, m.redeliver_at ? `redelivery ${fromNow(m.redeliver_at)}` : fromNow(m.invisible_until)] }),
     h("h2", {}, "Replay"), reset,
-    h("p", {}, link(topicHref(`%DLQ%${group}`), "Browse the dead-letter topic"), " · ",
+    h("p", {}, dead ? link(topicHref(`%DLQ%${group}`), `Browse the ${num(dead)} dead letters`) : "No dead letters.", " · ",
       h("button", { class: "danger", onclick: () => deleteGroup(group) }, "Delete group")));
 }
 
