@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,17 @@ class Server:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+@contextmanager
+def running(data_dir: Path, *extra: str) -> Iterator[Server]:
+    """A started server, killed on the way out if it is still running."""
+    server = Server(data_dir, *extra)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.ensure_stopped()
 
 
 async def call(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,9 +23,12 @@ from aiohttp.typedefs import Handler
 from tempomq.app import build_app
 from tempomq.config import Settings
 from tests.e2e.browser import chromium_path, open_page, screenshot
-from tests.e2e.server import Server, call
+from tests.e2e.server import Server, call, running
+
+# The integration tests' throwaway redis-server (skipped where redis-server is missing, except
+# under CI), shared rather than copied.
+from tests.integration.conftest import redis_process  # noqa: F401
 from tests.integration.redis_process import RedisProcess
-from tests.services import services_required
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -43,18 +45,9 @@ def expect(locator: Any) -> Any:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     chromium_path()  # skip before starting anything when there is no browser
-    s = Server(
-        tmp_path_factory.mktemp("console") / "data",
-        "--tx-check-max",
-        "1",
-        "--tx-check-timeout",
-        "500ms",
-    )
-    s.start()
-    try:
+    data = tmp_path_factory.mktemp("console") / "data"
+    with running(data, "--tx-check-max", "1", "--tx-check-timeout", "500ms") as s:
         yield s
-    finally:
-        s.ensure_stopped()
 
 
 @pytest.fixture
@@ -71,6 +64,17 @@ async def ok(session: aiohttp.ClientSession, method: str, url: str, body: Any = 
     status, data = await call(session, method, url, body)
     assert status in (200, 201), data
     return data
+
+
+async def delayed_message(
+    session: aiohttp.ClientSession, base: str, body: str, delay_ms: int
+) -> tuple[str, str]:
+    """A new topic and a message sent to it with ``delay_ms``: (topic, msg_id)."""
+    topic = unique("delayed")
+    await ok(session, "POST", f"{base}/v1/topics", {"name": topic, "queues": 1})
+    url = f"{base}/v1/topics/{topic}/messages"
+    sent = await ok(session, "POST", url, {"body": body, "delay_ms": delay_ms})
+    return topic, str(sent["msg_id"])
 
 
 async def parked_transaction(session: aiohttp.ClientSession, base: str, topic: str) -> str:
@@ -242,15 +246,7 @@ async def test_a_delayed_message_leaves_the_timeline_for_its_topic(
     server: Server, session: aiohttp.ClientSession
 ) -> None:
     base = server.url
-    topic = unique("later")
-    await ok(session, "POST", f"{base}/v1/topics", {"name": topic, "queues": 1})
-    sent = await ok(
-        session,
-        "POST",
-        f"{base}/v1/topics/{topic}/messages",
-        {"body": "wake up", "delay_ms": RELEASE_DELAY_MS},
-    )
-    msg_id = sent["msg_id"]
+    topic, msg_id = await delayed_message(session, base, "wake up", RELEASE_DELAY_MS)
     async with open_page(base) as page:
         await page.goto("/console/#/delayed")
         row = page.locator("#timeline tr", has_text=msg_id)
@@ -266,15 +262,7 @@ async def test_a_delayed_message_leaves_the_timeline_for_its_topic(
 
 async def test_cancel_a_delayed_message(server: Server, session: aiohttp.ClientSession) -> None:
     base = server.url
-    topic = unique("cancel")
-    await ok(session, "POST", f"{base}/v1/topics", {"name": topic, "queues": 1})
-    sent = await ok(
-        session,
-        "POST",
-        f"{base}/v1/topics/{topic}/messages",
-        {"body": "never mind", "delay_ms": 3_600_000},
-    )
-    msg_id = sent["msg_id"]
+    _topic, msg_id = await delayed_message(session, base, "never mind", 3_600_000)
     async with open_page(base) as page:
         asked = accept_dialogs(page)
         await page.goto("/console/#/delayed")
@@ -343,30 +331,16 @@ async def test_reset_a_group_then_delete_it(server: Server, session: aiohttp.Cli
 # -- delay servers sharing Redis ------------------------------------------------------------
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if services_required():
-            pytest.fail("redis-server is not installed (required because CI=true)")
-        pytest.skip("redis-server is not installed")
-    process = RedisProcess(binary, tmp_path)
-    process.start()
-    try:
-        yield process
-    finally:
-        process.kill()
-
-
 async def test_the_delay_servers_page_shows_who_holds_each_shard(
-    redis_server: RedisProcess, tmp_path: Path
+    request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     chromium_path()
-    servers = [Server(tmp_path / name, "--redis-url", redis_server.url) for name in ("a", "b")]
-    try:
-        for s in servers:
-            s.start()
-        async with open_page(servers[0].url) as page:
+    redis: RedisProcess = request.getfixturevalue("redis_process")
+    with (
+        running(tmp_path / "a", "--redis-url", redis.url) as a,
+        running(tmp_path / "b", "--redis-url", redis.url),
+    ):
+        async with open_page(a.url) as page:
             await page.goto("/console/#/servers")
             # The page refreshes itself: both servers heartbeat and split the 16 shards.
             server_rows = page.locator("#servers table").first.locator("tbody tr")
@@ -376,9 +350,6 @@ async def test_the_delay_servers_page_shows_who_holds_each_shard(
             await expect(shards).to_have_count(16)
             await expect(shards.filter(has_text="free")).to_have_count(0)
             await screenshot(page, "servers", tmp_path)
-    finally:
-        for s in servers:
-            s.ensure_stopped()
 
 
 # -- log in -----------------------------------------------------------------------------------

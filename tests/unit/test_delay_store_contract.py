@@ -517,6 +517,7 @@ async def test_count_due_counts_scheduled_ones_before_each_bound(store: DelaySto
 
     bounds = [T0_MS, T0_MS + 10, T0_MS + 11, T0_MS + 500, T0_MS + 501, FAR_MS]
     assert await store.count_due(bounds) == [0, 0, 1, 2, 3, 3]
+    assert await store.count_due([T0_MS + 501, T0_MS + 11, T0_MS + 11]) == [3, 1, 1]
     assert await store.count_due([]) == []
 
 
