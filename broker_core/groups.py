@@ -26,6 +26,7 @@ F     a FIFO delivery failed and waits in place until ``ready_at``
 I     the retry copy a failed delivery is about to schedule (its id and time), so a retry that
       a crash interrupted is scheduled again with the same id and keeps its time
 R     a reset: cursors moved, deliveries out dropped
+X     a group deleted: its config, cursors and offsets forgotten
 ====  ===========================================================================
 
 ``groups.json`` is a snapshot of the whole state as of a CommitLog offset (``state_at``), saved
@@ -278,6 +279,9 @@ class GroupManager:
         if kind == "G":
             if op["n"] not in self.groups:
                 self.groups[op["n"]] = GroupConfig(op["n"], op["f"], op["m"], op["c"])
+            return
+        if kind == "X":
+            self._forget_group(op["n"])
             return
         sub = await self._restored_sub(op["g"], op["t"])
         if sub is None:
@@ -831,16 +835,22 @@ class GroupManager:
         await fut
         return out
 
-    def delete_group(self, name: str) -> None:
-        """Forget group ``name``: its config, cursors and saved offsets. Its retry and
-        dead-letter topics stay, as stored messages do; receipts it handed out expire."""
-        if self.groups.pop(name, None) is None:
+    async def delete_group(self, name: str) -> None:
+        """Forget group ``name`` durably (record X): its config, cursors and offsets. Its retry
+        and dead-letter topics stay, as stored messages do; receipts it handed out expire."""
+        if name not in self.groups:
             raise GroupNotFound(f"group {name!r} does not exist")
+        _, fut = self._journal({"op": "X", "n": name})
+        await fut  # not durable: StoreUnavailable, and the group stays
+        self._forget_group(name)
+        log.info("group.deleted", group=name)
+
+    def _forget_group(self, name: str) -> None:
+        self.groups.pop(name, None)
         for key in [k for k in self._subs if k[0] == name]:
             del self._subs[key]
         self._saved_offsets.pop(name, None)
         self._dirty = True
-        log.info("group.deleted", group=name)
 
     def subscriptions(self, group: str) -> list[str]:
         """The topics ``group`` has received from since the server started or it was saved."""

@@ -263,7 +263,7 @@ async def list_groups(request: web.Request) -> web.Response:
 @routes.delete("/v1/groups/{group}")
 async def delete_group(request: web.Request) -> web.Response:
     group = request.match_info["group"]
-    request.app[BROKER].groups.delete_group(group)
+    await request.app[BROKER].groups.delete_group(group)
     return json_response({"deleted": group})
 
 
