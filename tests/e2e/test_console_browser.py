@@ -1,7 +1,8 @@
 """The web console in a real browser (chromium through Playwright) against a spawned server:
 every page opens and is captured, a topic is created and a message sent and found by key, a
-delayed message leaves the timeline for its topic, another is cancelled, a parked transaction is
-committed, a group is reset and deleted, and a login form guards a server that wants a token."""
+delayed message leaves the timeline for its topic, another is rescheduled and cancelled, a parked
+transaction is committed, a group is reset and deleted, two delay servers on one Redis show their
+shards, and a login form guards a server that wants a token."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -260,9 +261,12 @@ async def test_a_delayed_message_leaves_the_timeline_for_its_topic(
         await expect(page.locator("dl.props").last).to_contain_text("RELEASED_AT")
 
 
-async def test_cancel_a_delayed_message(server: Server, session: aiohttp.ClientSession) -> None:
+async def test_reschedule_then_cancel_a_delayed_message(
+    server: Server, session: aiohttp.ClientSession
+) -> None:
     base = server.url
     _topic, msg_id = await delayed_message(session, base, "never mind", 3_600_000)
+    later = (datetime.now(UTC) + timedelta(days=2)).replace(microsecond=0)
     async with open_page(base) as page:
         asked = accept_dialogs(page)
         await page.goto("/console/#/delayed")
@@ -270,6 +274,15 @@ async def test_cancel_a_delayed_message(server: Server, session: aiohttp.ClientS
         await lookup.locator("input[name=id]").fill(msg_id)
         await lookup.get_by_role("button", name="Look up").click()
         await expect(page.locator("#delayed-result [data-state]")).to_have_text("scheduled")
+
+        await lookup.locator("input[name=at]").fill(later.strftime("%Y-%m-%dT%H:%M:%S"))
+        await lookup.get_by_role("button", name="Reschedule").click()
+        await expect(page.locator("#delayed-result")).to_contain_text(
+            later.strftime("%Y-%m-%d %H:%M:%S")
+        )
+        info = await ok(session, "GET", f"{base}/v1/delayed/{msg_id}")
+        assert info["deliver_at"] == int(later.timestamp() * 1000)
+
         await lookup.get_by_role("button", name="Cancel").click()
         await expect(page.locator("#delayed-result [data-state]")).to_have_text("cancelled")
         assert asked == [f"Cancel delayed message {msg_id}?"]
