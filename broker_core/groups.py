@@ -840,9 +840,20 @@ class GroupManager:
         and dead-letter topics stay, as stored messages do; receipts it handed out expire."""
         if name not in self.groups:
             raise GroupNotFound(f"group {name!r} does not exist")
+        # Forgotten in the same step as its record is staged, like every change of state, so a
+        # snapshot never holds a group whose deletion it does not replay.
+        cfg, saved = self.groups[name], self._saved_offsets.get(name)
+        subs = {k: v for k, v in self._subs.items() if k[0] == name}
         _, fut = self._journal({"op": "X", "n": name})
-        await fut  # not durable: StoreUnavailable, and the group stays
         self._forget_group(name)
+        try:
+            await fut
+        except StoreUnavailable:  # not durable: the group stays
+            self.groups[name] = cfg
+            self._subs.update(subs)
+            if saved is not None:
+                self._saved_offsets[name] = saved
+            raise
         log.info("group.deleted", group=name)
 
     def _forget_group(self, name: str) -> None:
