@@ -4,12 +4,11 @@ channel SDK producers hold open (``GET /v1/producers/{group}/checks``)."""
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from broker_core.errors import InvalidRequest
-from broker_core.http import json_response, parse_message, read_json
+from broker_core.http import VISIBLE, json_response, parse_message, read_json
 from broker_core.message import PROP_SHARDING_KEY, validate_topic_name
 from txcoord.coordinator import Coordinator
 from txcoord.states import TxEvent, TxState
@@ -36,13 +35,12 @@ def _group(value: object) -> str:
     return value
 
 
-def _check_url(value: object) -> str | None:
+async def _check_url(coordinator: Coordinator, value: object) -> str | None:
     if value is None:
         return None
-    parts = urlsplit(value) if isinstance(value, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+    if not isinstance(value, str):
         raise InvalidRequest("'check_url' must be an http:// or https:// URL")
-    return str(value)
+    return await coordinator.settings.check_url.validate(value)
 
 
 @routes.post("/v1/transactions")
@@ -53,7 +51,7 @@ async def prepare(request: web.Request) -> web.Response:
         raise InvalidRequest("expected a JSON object with 'topic', 'message', 'producer_group'")
     topic_name = validate_topic_name(body.get("topic"), client=True)
     group = _group(body.get("producer_group"))
-    check_url = _check_url(body.get("check_url"))
+    check_url = await _check_url(coordinator, body.get("check_url"))
     immunity = _int(body, "check_immunity_ms", 0, 24 * 3600_000)
     store = coordinator.broker_store
     topic = store.topic(topic_name)
@@ -97,6 +95,9 @@ async def list_transactions(request: web.Request) -> web.Response:
     except ValueError:
         raise InvalidRequest(f"state must be one of {[s.value for s in TxState]}") from None
     rows = await request.app[TX].list_state(state)
+    visible = request.get(VISIBLE)
+    if visible is not None:
+        rows = [r for r in rows if visible(r.producer_group)]
     return json_response({"transactions": [r.to_json() for r in rows]})
 
 
