@@ -19,6 +19,7 @@ import gc
 import re
 import secrets
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
@@ -437,7 +438,7 @@ async def serve(settings: Settings) -> int:
             log.info("listening", url=f"{scheme}://{HostPort(host, port)}")
         # The probe goes through HTTP like any client, so it starts once the port listens and
         # stops before the server does.
-        probe = start_probe(settings, runner)
+        probe = start_probe(settings, runner, auth, tls=ssl_context is not None)
         await stop.wait()
     finally:
         if probe is not None:
@@ -451,17 +452,29 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-def start_probe(settings: Settings, runner: web.AppRunner) -> ProbeSchedule | None:
-    """The in-server reconciliation probe, when ``--probe-interval`` asks for one."""
+def start_probe(
+    settings: Settings, runner: web.AppRunner, auth: Auth, *, tls: bool
+) -> ProbeSchedule | None:
+    """The in-server reconciliation probe, when ``--probe-interval`` asks for one. With auth
+    on it holds a token of its own, made now and known only to this process."""
     if settings.probe_interval_ms <= 0:
         return None
     host, port = runner.addresses[0][:2]
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    client_tls: ssl.SSLContext | None = None
+    if tls:
+        # The probe calls this very process over loopback: the certificate names the public
+        # host, not the loopback address, and there is nobody in between to verify away.
+        client_tls = ssl.create_default_context()
+        client_tls.check_hostname = False
+        client_tls.verify_mode = ssl.CERT_NONE
     probe = ProbeSchedule(
-        f"http://{HostPort(host, port)}",
+        f"{'https' if tls else 'http'}://{HostPort(host, port)}",
         interval_s=settings.probe_interval_ms / 1000,
         duration_s=settings.probe_duration_ms / 1000,
         rate=settings.probe_rate,
+        token=auth.internal_token("probe"),
+        ssl_context=client_tls,
     )
     probe.start()
     return probe

@@ -657,6 +657,9 @@ def load_settings(cli: Mapping[str, object], environ: Mapping[str, str]) -> Sett
     for opt in OPTIONS:
         raw = None if opt.env_only else cli.get(opt.dest)
         where = "the command line"
+        if opt.env_only and environ.get(opt.env + FILE_SUFFIX):
+            raw = _read_secret_file(opt, environ)
+            where = f"the file named by {opt.env}{FILE_SUFFIX}"
         if raw is None:
             # An empty variable counts as unset: compose files and shells often export "".
             raw = environ.get(opt.env) or None
@@ -671,9 +674,28 @@ def load_settings(cli: Mapping[str, object], environ: Mapping[str, str]) -> Sett
     return Settings(**values)
 
 
+FILE_SUFFIX = "_FILE"
+
+
+def _read_secret_file(opt: Option, environ: Mapping[str, str]) -> str:
+    """A secret from the file ``<VAR>_FILE`` names (a Docker or Kubernetes secret mount)."""
+    name = opt.env + FILE_SUFFIX
+    if environ.get(opt.env):
+        raise ConfigError(f"give {opt.env} or {name}, not both")
+    path = Path(environ[name])
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    if not text:
+        raise ConfigError(f"{name}: {path} is empty")
+    return text
+
+
 def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
     """``TEMPOMQ_*`` variables that set nothing, most likely misspelt; the CLI warns about them."""
     known = {opt.env for opt in OPTIONS}
+    known |= {opt.env + FILE_SUFFIX for opt in OPTIONS if opt.env_only}
     return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
 
 

@@ -38,7 +38,7 @@ from broker_core.http import VISIBLE
 from tempomq.auth import rocketmq
 from tempomq.auth.errors import Forbidden, TooManyRequests, Unauthenticated
 from tempomq.auth.policy import ANONYMOUS, Principal, RateLimit, split_resource
-from tempomq.auth.principals import Directory, load_directory
+from tempomq.auth.principals import Directory, load_directory, new_token
 from tempomq.auth.ratelimit import RateLimiter
 from tempomq.auth.routes import LIST_ACTIONS, rule_for
 from tempomq.auth.tls import peer_subject
@@ -68,7 +68,9 @@ class Auth:
         self.enabled = auth_file is not None or admin_token is not None
         self.auth_file = auth_file
         self._admin_token = admin_token
-        self.directory = load_directory(auth_file, admin_token) if self.enabled else Directory()
+        #: name -> token of admins the server makes for itself (the in-server probe)
+        self._internal: dict[str, str] = {}
+        self.directory = self._load() if self.enabled else Directory()
         self.limiter = RateLimiter(rate_limit)
         self.metrics_public = metrics_public
         self._clock_s = clock_s
@@ -79,12 +81,25 @@ class Auth:
         if not self.enabled:
             return False
         try:
-            self.directory = load_directory(self.auth_file, self._admin_token)
+            self.directory = self._load()
         except Exception as exc:
             log.error("auth reload failed; previous principals stay in force", error=str(exc))
             return False
         log.info("auth reloaded", principals=len(self.directory.principals))
         return True
+
+    def _load(self) -> Directory:
+        return load_directory(self.auth_file, self._admin_token, internal=self._internal)
+
+    def internal_token(self, name: str) -> str | None:
+        """A token for a client inside this process (the probe), valid until it exits; it
+        names an admin principal ``name``. None when auth is off (no token needed)."""
+        if not self.enabled:
+            return None
+        token = self._internal.get(name) or new_token()
+        self._internal[name] = token
+        self.directory = self._load()
+        return token
 
     # -- authentication ------------------------------------------------------------------------
 

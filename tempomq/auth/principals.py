@@ -217,8 +217,11 @@ def warn_if_readable(path: Path) -> None:
         )
 
 
-def load_directory(path: Path | None, admin_token: str | None) -> Directory:
-    """Principals from the auth file (if any) plus the bootstrap admin (if a token is given)."""
+def load_directory(
+    path: Path | None, admin_token: str | None, *, internal: Mapping[str, str] | None = None
+) -> Directory:
+    """Principals from the auth file (if any), the bootstrap admin (if a token is given), and
+    ``internal`` admins (name -> token) the server makes for its own clients."""
     builder = _Builder()
     if path is not None:
         data = _read(path)
@@ -238,4 +241,6 @@ def load_directory(path: Path | None, admin_token: str | None) -> Directory:
             )
         name = "admin" if "admin" not in builder.principals else "bootstrap-admin"
         builder.add(name, {"admin": True, "tokens_sha256": [hash_token(admin_token)]})
+    for name, token in (internal or {}).items():
+        builder.add(f"internal:{name}", {"admin": True, "tokens_sha256": [hash_token(token)]})
     return builder.directory()

@@ -22,16 +22,19 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, data_dir: Path, *extra: str) -> None:
+    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.extra = list(extra)
+        #: TEMPOMQ_* variables for the server (the test's own are never passed on).
+        self.env = env or {}
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"server-{self.port}.log"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if "--tls-cert" in self.extra else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> None:
         cmd = [
@@ -48,6 +51,7 @@ class Server:
             *self.extra,
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPOMQ_")}
+        env.update(self.env)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process's lifetime
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout_s
