@@ -214,3 +214,27 @@ async def test_a_client_certificate_names_its_principal(tls_server: tuple[Server
         with pytest.raises(Exception):  # noqa: B017 - the handshake fails
             await client.send("orders", "x")
 
+
+
+async def test_the_in_server_probe_runs_with_auth_on(tmp_path: Path) -> None:
+    server = Server(
+        tmp_path / "data",
+        "--probe-interval", "2s", "--probe-duration", "1s", "--probe-rate", "20",
+        env={"TEMPOMQ_ADMIN_TOKEN": ADMIN_TOKEN},
+    )
+    server.start()
+    try:
+        async with aiohttp.ClientSession(headers=bearer(ADMIN_TOKEN)) as session:
+            ok = None
+            for _ in range(300):
+                async with session.get(f"{server.url}/metrics") as r:
+                    assert r.status == 200
+                    text = await r.text()
+                line = next((x for x in text.splitlines() if x.startswith("tempomq_probe_ok ")), "")
+                if line and not line.endswith("NaN"):
+                    ok = float(line.split()[1])
+                    break
+                await asyncio.sleep(0.1)
+        assert ok == 1.0, server.log()
+    finally:
+        server.ensure_stopped()
