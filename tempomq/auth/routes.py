@@ -64,6 +64,8 @@ class Rule:
     """What one route needs. ``public``: no credentials at all; ``admin``: an audited action."""
 
     needs: Resolver | None = None
+    #: What the route needs, in words (docs/security.md shows it; a test keeps them equal).
+    permission: str = "any principal"
     public: bool = False
     admin: bool = False
     #: The handler lists resources of this kind, filtered to what the principal may see.
@@ -146,42 +148,68 @@ _TOPIC_CONSUME = _needs(TOPIC, "topic", CONSUME)
 _GROUP_CONSUME = _needs(GROUP, "group", CONSUME)
 _CONSUMING = from_path(_TOPIC_CONSUME, _GROUP_CONSUME)
 _ADMIN = fixed(CLUSTER, ADMIN)
+_CONSUMING_TEXT = "consume on the topic and on the group"
+_DELAYED_TEXT = "produce on the message's topic"
 
 ROUTES: Mapping[tuple[str, str], Rule] = {
     # service
-    ("GET", "/healthz"): Rule(public=True),
-    ("GET", "/readyz"): Rule(public=True),
-    ("GET", "/openapi.json"): Rule(public=True),
-    ("GET", "/metrics"): Rule(fixed(CLUSTER, METRICS)),
+    ("GET", "/healthz"): Rule(public=True, permission="none (public)"),
+    ("GET", "/readyz"): Rule(public=True, permission="none (public)"),
+    ("GET", "/openapi.json"): Rule(public=True, permission="none (public)"),
+    ("GET", "/metrics"): Rule(
+        fixed(CLUSTER, METRICS), "metrics on cluster (or --metrics-public)"
+    ),
     # topics and messages
-    ("POST", "/v1/topics"): Rule(_ADMIN, admin=True),
-    ("GET", "/v1/topics"): Rule(lists=TOPIC),
-    ("GET", "/v1/topics/{topic}"): Rule(from_path(_needs(TOPIC, "topic", PRODUCE, CONSUME))),
-    ("POST", "/v1/topics/{topic}/messages"): Rule(from_path(_needs(TOPIC, "topic", PRODUCE))),
-    ("GET", "/v1/topics/{topic}/messages"): Rule(from_path(_TOPIC_CONSUME)),
-    ("GET", "/v1/messages/{msg_id}"): Rule(_message_topic),
+    ("POST", "/v1/topics"): Rule(_ADMIN, "admin", admin=True),
+    ("GET", "/v1/topics"): Rule(
+        permission="any principal; lists topics it may produce or consume", lists=TOPIC
+    ),
+    ("GET", "/v1/topics/{topic}"): Rule(
+        from_path(_needs(TOPIC, "topic", PRODUCE, CONSUME)), "produce or consume on the topic"
+    ),
+    ("POST", "/v1/topics/{topic}/messages"): Rule(
+        from_path(_needs(TOPIC, "topic", PRODUCE)), "produce on the topic"
+    ),
+    ("GET", "/v1/topics/{topic}/messages"): Rule(
+        from_path(_TOPIC_CONSUME), "consume on the topic"
+    ),
+    ("GET", "/v1/messages/{msg_id}"): Rule(_message_topic, "consume on the message's topic"),
     # consuming
-    ("POST", "/v1/groups"): Rule(_ADMIN, admin=True),
-    ("POST", "/v1/topics/{topic}/groups/{group}/receive"): Rule(_CONSUMING),
-    ("POST", "/v1/topics/{topic}/groups/{group}/ack"): Rule(_CONSUMING),
-    ("POST", "/v1/topics/{topic}/groups/{group}/nack"): Rule(_CONSUMING),
-    ("GET", "/v1/topics/{topic}/groups/{group}"): Rule(_CONSUMING),
+    ("POST", "/v1/groups"): Rule(_ADMIN, "admin", admin=True),
+    ("POST", "/v1/topics/{topic}/groups/{group}/receive"): Rule(_CONSUMING, _CONSUMING_TEXT),
+    ("POST", "/v1/topics/{topic}/groups/{group}/ack"): Rule(_CONSUMING, _CONSUMING_TEXT),
+    ("POST", "/v1/topics/{topic}/groups/{group}/nack"): Rule(_CONSUMING, _CONSUMING_TEXT),
+    ("GET", "/v1/topics/{topic}/groups/{group}"): Rule(_CONSUMING, _CONSUMING_TEXT),
     ("POST", "/v1/topics/{topic}/groups/{group}/reset"): Rule(
-        from_path(_needs(GROUP, "group", RESET)), admin=True
+        from_path(_needs(GROUP, "group", RESET)), "reset on the group", admin=True
     ),
     # delayed messages
-    ("GET", "/v1/delayed/{msg_id}"): Rule(_delayed_topic),
-    ("DELETE", "/v1/delayed/{msg_id}"): Rule(_delayed_topic),
-    ("PATCH", "/v1/delayed/{msg_id}"): Rule(_delayed_topic),
+    ("GET", "/v1/delayed/{msg_id}"): Rule(_delayed_topic, _DELAYED_TEXT),
+    ("DELETE", "/v1/delayed/{msg_id}"): Rule(_delayed_topic, _DELAYED_TEXT),
+    ("PATCH", "/v1/delayed/{msg_id}"): Rule(_delayed_topic, _DELAYED_TEXT),
     # transactions
-    ("POST", "/v1/transactions"): Rule(_prepare),
-    ("GET", "/v1/transactions"): Rule(lists=PRODUCER_GROUP),
-    ("GET", "/v1/transactions/{tx_id}"): Rule(_tx_group(CHECK, RESOLVE)),
-    ("POST", "/v1/transactions/{tx_id}/commit"): Rule(_tx_group(RESOLVE)),
-    ("POST", "/v1/transactions/{tx_id}/rollback"): Rule(_tx_group(RESOLVE)),
-    ("POST", "/v1/transactions/{tx_id}/check"): Rule(_tx_group(CHECK)),
+    ("POST", "/v1/transactions"): Rule(
+        _prepare, "produce on the topic and resolve on the producer group"
+    ),
+    ("GET", "/v1/transactions"): Rule(
+        permission="any principal; lists transactions of producer groups it may check or "
+        "resolve",
+        lists=PRODUCER_GROUP,
+    ),
+    ("GET", "/v1/transactions/{tx_id}"): Rule(
+        _tx_group(CHECK, RESOLVE), "check or resolve on its producer group"
+    ),
+    ("POST", "/v1/transactions/{tx_id}/commit"): Rule(
+        _tx_group(RESOLVE), "resolve on its producer group"
+    ),
+    ("POST", "/v1/transactions/{tx_id}/rollback"): Rule(
+        _tx_group(RESOLVE), "resolve on its producer group"
+    ),
+    ("POST", "/v1/transactions/{tx_id}/check"): Rule(
+        _tx_group(CHECK), "check on its producer group"
+    ),
     ("GET", "/v1/producers/{group}/checks"): Rule(
-        from_path(_needs(PRODUCER_GROUP, "group", CHECK))
+        from_path(_needs(PRODUCER_GROUP, "group", CHECK)), "check on the producer group"
     ),
 }
 

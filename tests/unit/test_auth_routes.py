@@ -411,3 +411,14 @@ async def test_the_admin_action_is_written_to_the_audit_log(
     audit = [line for line in out.splitlines() if "audit" in line and "/reset" in line]
     assert audit and "principal=owner" in audit[-1] and "status=200" in audit[-1], out
 
+
+
+def test_docs_security_md_lists_every_route_with_its_permission() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| `") and line.count("|") == 3:
+            route, need = (cell.strip() for cell in line.strip("|").split("|"))
+            rows[route.strip("`")] = need
+    for (method, path), rule in ROUTES.items():
+        assert rows.get(f"{method} {path}") == rule.permission, f"{method} {path}"
