@@ -40,9 +40,9 @@ from tempomq.auth.errors import Forbidden, TooManyRequests, Unauthenticated
 from tempomq.auth.policy import ANONYMOUS, Principal, RateLimit, split_resource
 from tempomq.auth.principals import Directory, load_directory, new_token
 from tempomq.auth.ratelimit import RateLimiter
-from tempomq.auth.routes import LIST_ACTIONS, rule_for
+from tempomq.auth.routes import LIST_ACTIONS, Rule, rule_for
 from tempomq.auth.tls import peer_subject
-from tempomq.logs import bound, get_logger
+from tempomq.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -74,6 +74,7 @@ class Auth:
         self.limiter = RateLimiter(rate_limit)
         self.metrics_public = metrics_public
         self._clock_s = clock_s
+        self._rules: dict[web.AbstractRoute, Rule | None] = {}
         self._wall_clock_s = wall_clock_s
 
     def reload(self) -> bool:
@@ -179,7 +180,7 @@ class Auth:
             # Everyone may do everything; only the rate limit applies, per client address.
             self.check_rate(ANONYMOUS, key=request.remote or "")
             return await handler(request)
-        rule = rule_for(request)
+        rule = rule_for(request, self._rules)
         if rule is None:
             log.error("route has no permission rule; refused", path=request.path)
             raise Forbidden(f"{request.method} {request.path} has no permission rule")
@@ -195,24 +196,22 @@ class Auth:
             actions = LIST_ACTIONS[rule.lists]
             request[VISIBLE] = lambda name: principal.allows_any(actions, rule.lists or "", name)
         request[PRINCIPAL] = principal
-        audited = rule.admin or (principal.admin and request.method not in ("GET", "HEAD"))
-        with bound(principal=principal.name):
-            if not audited:
-                return await handler(request)
-            status = 500
-            try:
-                response = await handler(request)
-                status = response.status
-                return response
-            except TempoError as exc:
-                status = exc.status
-                raise
-            finally:
-                log.info(
-                    "audit",
-                    principal=principal.name,
-                    method=request.method,
-                    path=request.path,
-                    status=status,
-                )
+        if not (rule.admin or (principal.admin and request.method not in ("GET", "HEAD"))):
+            return await handler(request)
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except TempoError as exc:
+            status = exc.status
+            raise
+        finally:
+            log.info(
+                "audit",
+                principal=principal.name,
+                method=request.method,
+                path=request.path,
+                status=status,
+            )
 

@@ -230,11 +230,17 @@ def route_key(route: web.AbstractRoute) -> tuple[str, str] | None:
     return route.method, route.resource.canonical
 
 
-def rule_for(request: web.Request) -> Rule | None:
-    """The row for the request's route; None if the route has no row (refuse it)."""
-    key = route_key(request.match_info.route)
-    if key is None:
+def rule_for(request: web.Request, cache: dict[web.AbstractRoute, Rule | None]) -> Rule | None:
+    """The row for the request's route; None if the route has no row (refuse it). ``cache``
+    keeps the answer per route object: the app's routes live as long as the app."""
+    route = request.match_info.route
+    found = cache.get(route, UNROUTED)
+    if found is not UNROUTED:
+        return found
+    key = route_key(route)
+    if key is None:  # aiohttp's own for a 404 or 405, made anew per request: not kept
         return UNROUTED
     if key[0] == "HEAD":  # aiohttp adds HEAD for each GET
         key = ("GET", key[1])
-    return ROUTES.get(key)
+    found = cache[route] = ROUTES.get(key)
+    return found

@@ -84,6 +84,41 @@ class Server:
             self.proc.wait(10)
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without its TEMPOMQ_* variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPOMQ_")}
+    return {**env, **extra}
+
+
+def run_tempomq(
+    *args: str, env: dict[str, str], stdin: str | None = None, timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``tempomq ARGS...`` as a process, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "tempomq", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=env,
+        check=False,
+    )
+
+
+async def probe_ok(session: aiohttp.ClientSession, url: str) -> tuple[float | None, str]:
+    """Poll ``/metrics`` until the in-server probe reports a run: (tempomq_probe_ok, metrics)."""
+    text = ""
+    for _ in range(300):  # the first run starts after the interval and waits for its delayed
+        async with session.get(f"{url}/metrics") as r:
+            assert r.status == 200, await r.text()
+            text = await r.text()
+        line = next((x for x in text.splitlines() if x.startswith("tempomq_probe_ok ")), "")
+        if line and not line.endswith("NaN"):
+            return float(line.split()[1]), text
+        await asyncio.sleep(0.1)
+    return None, text
+
+
 async def call(
     session: aiohttp.ClientSession, method: str, url: str, body: Any = None
 ) -> tuple[int, Any]:

@@ -5,11 +5,8 @@ header timeout on the real listener, HTTPS with client certificates."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import ssl
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,31 +23,15 @@ from tests.auth_helpers import (
     write_auth_file,
 )
 from tests.certs import CertificateAuthority
-from tests.e2e.server import Server, free_port
+from tests.e2e.server import Server, clean_env, free_port, probe_ok, run_tempomq
 
 pytestmark = pytest.mark.e2e
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPOMQ_")}
-    env.update(extra)
-    return env
-
-
-def tempomq(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tempomq", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_a_network_address_without_auth_is_refused_at_start(tmp_path: Path) -> None:
-    result = tempomq(
+    result = run_tempomq(
         "serve", "--http", f"0.0.0.0:{free_port()}", "--data-dir", str(tmp_path / "d"),
-        env=cli_env(),
+        env=clean_env(),
     )
     assert result.returncode == 2
     assert "not a loopback address and auth is off" in result.stderr
@@ -74,15 +55,15 @@ def auth_server(tmp_path: Path) -> Any:
 
 async def test_the_cli_and_the_sdk_use_the_token(auth_server: Server) -> None:
     url = auth_server.url
-    base = cli_env(TEMPOMQ_URL=url)
-    denied = tempomq("topic", "list", env=base)
+    base = clean_env(TEMPOMQ_URL=url)
+    denied = run_tempomq("topic", "list", env=base)
     assert denied.returncode == 6 and "unauthenticated" in denied.stderr
-    made = tempomq(
+    made = run_tempomq(
         "topic", "create", "orders",
         env={**base, "TEMPOMQ_TOKEN": "tmq_bootstrap-admin-0123456789abcdef"},
     )
     assert made.returncode == 0, made.stderr
-    forbidden = tempomq("topic", "create", "more", env={**base, "TEMPOMQ_TOKEN": OWNER_TOKEN})
+    forbidden = run_tempomq("topic", "create", "more", env={**base, "TEMPOMQ_TOKEN": OWNER_TOKEN})
     assert forbidden.returncode == 6 and "lacks admin on cluster" in forbidden.stderr
     async with Client(url, token=OWNER_TOKEN) as client:
         await client.send("orders", "hello")
@@ -225,16 +206,7 @@ async def test_the_in_server_probe_runs_with_auth_on(tmp_path: Path) -> None:
     server.start()
     try:
         async with aiohttp.ClientSession(headers=bearer(ADMIN_TOKEN)) as session:
-            ok = None
-            for _ in range(300):
-                async with session.get(f"{server.url}/metrics") as r:
-                    assert r.status == 200
-                    text = await r.text()
-                line = next((x for x in text.splitlines() if x.startswith("tempomq_probe_ok ")), "")
-                if line and not line.endswith("NaN"):
-                    ok = float(line.split()[1])
-                    break
-                await asyncio.sleep(0.1)
+            ok, _ = await probe_ok(session, server.url)
         assert ok == 1.0, server.log()
     finally:
         server.ensure_stopped()
