@@ -85,9 +85,9 @@ class CheckUrlPolicy:
         try:
             parts = urlsplit(url)
             host = parts.hostname
-        except ValueError:
+        except ValueError:  # e.g. an unclosed [ of an IPv6 address
             host = None
-        if parts.scheme not in ("http", "https") or not host:
+        if host is None or parts.scheme not in ("http", "https"):
             raise InvalidRequest("'check_url' must be an http:// or https:// URL")
         if parts.username is not None or parts.password is not None:
             raise CheckUrlRefused("'check_url' must not carry credentials")
