@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Generic, Literal, NamedTuple, TypeVar, get_args
 
 from broker_core.config import BrokerConfig, FlushMode
+from txcoord.checkurl import parse_allow_entry
 
 ENV_PREFIX = "TEMPOMQ_"
 
@@ -170,14 +171,11 @@ def _bounded_float(text: str, minimum: float) -> float:
 
 
 def parse_allow_list(text: str) -> tuple[str, ...]:
-    """Comma-separated host names and CIDRs: ``hooks.internal, 10.0.0.0/8, ::1``."""
+    """Comma-separated host names, networks and either with a port:
+    ``hooks.internal, 10.0.0.0/8, 127.0.0.1:8081``."""
     items = tuple(part.strip().lower() for part in text.split(",") if part.strip())
     for item in items:
-        if "/" in item or item.replace(".", "").isdigit() or ":" in item:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"{item!r} is neither a host name nor a CIDR") from None
+        parse_allow_entry(item)  # raises ValueError naming the bad entry
     return items
 
 
@@ -286,7 +284,7 @@ class Settings:
     header_timeout_ms: int = 10_000
     #: An idle keep-alive connection is closed after this time.
     keepalive_timeout_ms: int = 60_000
-    #: Hosts and CIDRs check_url may name; empty: loopback only.
+    #: Hosts and CIDRs (each optionally with a port) check_url may name; empty: loopback only.
     check_url_allow: tuple[str, ...] = ()
     #: Key of the HMAC-SHA256 signature header on check_url calls; None: unsigned.
     check_url_secret: str | None = field(default=None, repr=False)
@@ -494,7 +492,8 @@ OPTIONS: tuple[Option, ...] = (
         "check-url-allow",
         "check_url_allow",
         Kind("HOSTS", parse_allow_list, lambda v: ",".join(v) or "loopback only"),
-        "host names and CIDRs a transaction's check_url may call (comma-separated)",
+        "host names and CIDRs, each optionally with :port, a transaction's check_url may call "
+        "(comma-separated)",
     ),
     Option(
         "check-url-secret",

@@ -4,9 +4,11 @@ A check-back makes the server POST a transaction's id, keys and properties to a 
 chose, so an unchecked ``check_url`` lets any client make the server call anything it can reach.
 :class:`CheckUrlPolicy` allows only hosts on an allow-list of host names (``hooks.internal``,
 or ``*.internal`` for any name under it) and networks (``10.0.0.0/8``); the empty list means
-loopback only. A URL is checked when the transaction is prepared (refused with 400
-``check_url_not_allowed``) and again on every call, where :class:`AllowListResolver` admits only
-allowed addresses, so a name that later resolves elsewhere (DNS rebinding) is not called.
+loopback only. An entry may name a port (``10.0.0.5:8080``, ``[::1]:9000``,
+``hooks.internal:443``) to allow that port only. A URL is checked when the transaction is
+prepared (refused with 400 ``check_url_not_allowed``) and again on every call, where
+:class:`AllowListResolver` admits only allowed addresses, so a name that later resolves
+elsewhere (DNS rebinding) is not called.
 Calls follow no redirects and carry, when a secret is configured, ``X-Tempomq-Signature:
 t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`` so the producer can tell the
 call came from this service.
@@ -18,6 +20,7 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -30,6 +33,7 @@ from broker_core.errors import InvalidRequest, TempoError
 MAX_URL_CHARS = 2048
 SIGNATURE_HEADER = "X-Tempomq-Signature"
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)|\*")
 _LOOPBACK = ("127.0.0.0/8", "::1/128", "localhost")
 
 
@@ -47,80 +51,123 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 @dataclass(frozen=True, slots=True)
+class AllowEntry:
+    """One allow-list entry: a network or a host name pattern, on one port or (None) on all."""
+
+    network: IPNetwork | None
+    name: str | None
+    port: int | None
+
+    def allows(self, host: str, port: int) -> bool:
+        if self.port is not None and self.port != port:
+            return False
+        if self.network is not None:
+            addr = _address(host)
+            return addr is not None and addr in self.network
+        assert self.name is not None
+        host = host.lower().rstrip(".")
+        if self.name.startswith("*."):
+            return host.endswith(self.name[1:])
+        return host == self.name
+
+
+def parse_allow_entry(text: str) -> AllowEntry:
+    """``10.0.0.0/8``, ``10.0.0.5:8080``, ``[::1]:9000``, ``::1``, ``hooks.internal[:443]``,
+    ``*.internal``; ValueError names what is wrong."""
+    item = text.strip().lower()
+    host, port_text = item, ""
+    if item.startswith("["):
+        host, _, rest = item[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{text!r} is not [address]:port")
+        port_text = rest[1:]
+    elif item.count(":") == 1:  # an IPv4 address, a network or a name, with a port
+        host, _, port_text = item.partition(":")
+    port = None
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{text!r}: {port_text!r} is not a port")
+        port = int(port_text)
+    try:
+        return AllowEntry(ipaddress.ip_network(host, strict=False), None, port)
+    except ValueError:
+        pass
+    name = host.rstrip(".")
+    label = name.removeprefix("*.")
+    if not label or not all(part and _LABEL.fullmatch(part) for part in label.split(".")):
+        raise ValueError(f"{text!r} is neither a host name nor a network (CIDR)")
+    if label.replace(".", "").isdigit():
+        raise ValueError(f"{text!r} is not a valid address")
+    return AllowEntry(None, name, port)
+
+
+@dataclass(frozen=True, slots=True)
 class CheckUrlPolicy:
-    """The allow-list (host names and CIDRs; empty: loopback only) and the call's signing key."""
+    """The allow-list (see :func:`parse_allow_entry`; empty: loopback only) and the call's
+    signing key."""
 
     allow: tuple[str, ...] = ()
     secret: bytes | None = field(default=None, repr=False)
     max_url_chars: int = MAX_URL_CHARS
-    networks: tuple[IPNetwork, ...] = field(init=False, default=())
-    names: frozenset[str] = field(init=False, default=frozenset())
+    entries: tuple[AllowEntry, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
-        networks, names = [], set()
-        for item in self.allow or _LOOPBACK:
-            try:
-                networks.append(ipaddress.ip_network(item, strict=False))
-            except ValueError:
-                names.add(item.lower().rstrip("."))
-        object.__setattr__(self, "networks", tuple(networks))
-        object.__setattr__(self, "names", frozenset(names))
+        entries = tuple(parse_allow_entry(item) for item in self.allow or _LOOPBACK)
+        object.__setattr__(self, "entries", entries)
 
-    def allows_name(self, host: str) -> bool:
-        host = host.lower().rstrip(".")
-        if host in self.names:
-            return True
-        return any(n.startswith("*.") and host.endswith(n[1:]) for n in self.names)
+    def allows_name(self, host: str, port: int) -> bool:
+        """Allowed by a name entry, whatever the name resolves to."""
+        return any(e.name is not None and e.allows(host, port) for e in self.entries)
 
-    def allows_address(self, host: str) -> bool:
-        addr = _address(host)
-        return addr is not None and any(addr in net for net in self.networks)
+    def allows_address(self, host: str, port: int) -> bool:
+        return any(e.network is not None and e.allows(host, port) for e in self.entries)
 
-    def allows_host(self, host: str) -> bool:
-        return self.allows_name(host) or self.allows_address(host)
+    def allows_host(self, host: str, port: int) -> bool:
+        return self.allows_name(host, port) or self.allows_address(host, port)
 
-    def _host(self, url: str) -> str:
+    def _target(self, url: str) -> tuple[str, int]:
         if len(url) > self.max_url_chars:
             raise InvalidRequest(f"'check_url' is longer than {self.max_url_chars} characters")
         try:
             parts = urlsplit(url)
-            host = parts.hostname
-        except ValueError:  # e.g. an unclosed [ of an IPv6 address
-            host = None
+            host, port = parts.hostname, parts.port
+        except ValueError:  # e.g. an unclosed [ of an IPv6 address, or port 99999
+            host = port = None
         if host is None or parts.scheme not in ("http", "https"):
             raise InvalidRequest("'check_url' must be an http:// or https:// URL")
         if parts.username is not None or parts.password is not None:
             raise CheckUrlRefused("'check_url' must not carry credentials")
-        return host
+        return host, port or (443 if parts.scheme == "https" else 80)
 
     async def validate(self, url: str) -> str:
         """The URL if it may be called; else :class:`CheckUrlRefused` saying why."""
-        host = self._host(url)
-        if self.allows_host(host):
+        host, port = self._target(url)
+        if self.allows_host(host, port):
             return url
-        if _address(host) is None and self.networks:
+        if _address(host) is None:
             # A name off the name list is fine if everything it resolves to is allowed.
             try:
                 infos = await asyncio.get_running_loop().getaddrinfo(
-                    host, None, type=socket.SOCK_STREAM
+                    host, port, type=socket.SOCK_STREAM
                 )
             except OSError:
                 infos = []
             addrs = {str(info[4][0]) for info in infos}
-            if addrs and all(self.allows_address(a) for a in addrs):
+            if addrs and all(self.allows_address(a, port) for a in addrs):
                 return url
         raise CheckUrlRefused(
-            f"'check_url' host {host!r} is not on this server's allow-list "
+            f"'check_url' {host!r} port {port} is not on this server's allow-list "
             "(--check-url-allow; by default loopback only)"
         )
 
     def check_now(self, url: str) -> bool:
-        """The call-time check of a stored URL (names resolve through the resolver below)."""
+        """The call-time check of a stored URL; a name not allowed as such is let through
+        here because :class:`AllowListResolver` then admits only allowed addresses."""
         try:
-            host = self._host(url)
+            host, port = self._target(url)
         except TempoError:
             return False
-        return self.allows_host(host) or (_address(host) is None and bool(self.networks))
+        return self.allows_host(host, port) or _address(host) is None
 
     def signature(self, body: bytes, now_s: int) -> str | None:
         if self.secret is None:
@@ -140,9 +187,9 @@ class AllowListResolver(AbstractResolver):
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
-        if self.policy.allows_name(host):
+        if self.policy.allows_name(host, port):
             return results
-        allowed = [r for r in results if self.policy.allows_address(r["host"])]
+        allowed = [r for r in results if self.policy.allows_address(r["host"], port)]
         if not allowed:
             raise OSError(f"{host} resolves to no address on the check_url allow-list")
         return allowed

@@ -23,6 +23,7 @@ from txcoord.checkurl import (
     AllowListResolver,
     CheckUrlPolicy,
     CheckUrlRefused,
+    parse_allow_entry,
 )
 from txcoord.states import TxState
 
@@ -31,19 +32,46 @@ from txcoord.states import TxState
 
 def test_the_default_allows_loopback_only() -> None:
     policy = CheckUrlPolicy()
-    assert policy.allows_host("127.0.0.1") and policy.allows_host("127.9.9.9")
-    assert policy.allows_host("::1") and policy.allows_host("localhost")
+    assert policy.allows_host("127.0.0.1", 80) and policy.allows_host("127.9.9.9", 6379)
+    assert policy.allows_host("::1", 80) and policy.allows_host("localhost", 8080)
     for host in ("10.0.0.1", "169.254.169.254", "192.168.1.1", "example.org", "fe80::1"):
-        assert not policy.allows_host(host), host
+        assert not policy.allows_host(host, 80), host
 
 
 def test_names_wildcards_and_networks() -> None:
     policy = CheckUrlPolicy(("hooks.internal", "*.svc.internal", "10.0.0.0/8", "fd00::/8"))
-    assert policy.allows_host("hooks.internal") and policy.allows_host("HOOKS.internal.")
-    assert policy.allows_host("a.svc.internal") and policy.allows_host("b.a.svc.internal")
-    assert not policy.allows_host("svc.internal") and not policy.allows_host("evil-hooks.internal")
-    assert policy.allows_host("10.200.0.1") and policy.allows_host("fd00::1")
-    assert not policy.allows_host("127.0.0.1"), "a list given replaces the loopback default"
+    assert policy.allows_host("hooks.internal", 80) and policy.allows_host("HOOKS.internal.", 1)
+    assert policy.allows_host("a.svc.internal", 80) and policy.allows_host("b.a.svc.internal", 80)
+    assert not policy.allows_host("svc.internal", 80)
+    assert not policy.allows_host("evil-hooks.internal", 80)
+    assert policy.allows_host("10.200.0.1", 80) and policy.allows_host("fd00::1", 80)
+    assert not policy.allows_host("127.0.0.1", 80), "a list given replaces the loopback default"
+
+
+def test_an_entry_with_a_port_allows_that_port_only() -> None:
+    policy = CheckUrlPolicy(("127.0.0.1:8081", "[::1]:9000", "hooks.internal:443", "10.0.0.0/8:80"))
+    assert policy.allows_host("127.0.0.1", 8081) and not policy.allows_host("127.0.0.1", 6379)
+    assert policy.allows_host("::1", 9000) and not policy.allows_host("::1", 9001)
+    assert policy.allows_host("hooks.internal", 443)
+    assert not policy.allows_host("hooks.internal", 80)
+    assert policy.allows_host("10.1.1.1", 80) and not policy.allows_host("10.1.1.1", 22)
+
+
+async def test_another_loopback_port_is_refused_when_the_list_names_one() -> None:
+    policy = CheckUrlPolicy(("127.0.0.1:8081",))
+    assert await policy.validate("http://127.0.0.1:8081/check")
+    with pytest.raises(CheckUrlRefused, match="port 6379"):
+        await policy.validate("http://127.0.0.1:6379/")
+    with pytest.raises(CheckUrlRefused, match="port 80"):
+        await policy.validate("http://127.0.0.1/check")
+
+
+@pytest.mark.parametrize(
+    "entry", ["10.0.0.0/33", "host:99999", "[::1]x", "bad_name", "-x.internal", "1.2.3", ""]
+)
+def test_a_bad_allow_entry_is_refused(entry: str) -> None:
+    with pytest.raises(ValueError):
+        parse_allow_entry(entry)
 
 
 @pytest.mark.parametrize(
@@ -55,6 +83,7 @@ def test_names_wildcards_and_networks() -> None:
         ("http:///nohost", InvalidRequest, "http:// or https://"),
         ("http://127.0.0.1/" + "x" * 2048, InvalidRequest, "longer than 2048"),
         ("http://[::1/x", InvalidRequest, "http:// or https://"),
+        ("http://127.0.0.1:99999/x", InvalidRequest, "http:// or https://"),
     ],
 )
 async def test_validate_refuses_with_the_reason(

@@ -322,7 +322,7 @@ def test_tls_files_go_together() -> None:
 
 
 def test_check_url_allow_list_parses_hosts_and_cidrs() -> None:
-    s = load(["--check-url-allow", "hooks.internal, 10.0.0.0/8,::1"])
-    assert s.check_url_allow == ("hooks.internal", "10.0.0.0/8", "::1")
-    with pytest.raises(ConfigError, match="neither a host name nor a CIDR"):
+    s = load(["--check-url-allow", "hooks.internal, 10.0.0.0/8,::1,127.0.0.1:8081"])
+    assert s.check_url_allow == ("hooks.internal", "10.0.0.0/8", "::1", "127.0.0.1:8081")
+    with pytest.raises(ConfigError, match="neither a host name nor a network"):
         load(["--check-url-allow", "10.0.0.0/33"])
