@@ -174,6 +174,7 @@ ROUTES: Mapping[tuple[str, str], Rule] = {
         from_path(_TOPIC_CONSUME), "consume on the topic"
     ),
     ("GET", "/v1/messages/{msg_id}"): Rule(_message_topic, "consume on the message's topic"),
+    ("GET", "/v1/admin/damage"): Rule(_ADMIN, "admin"),
     # consuming
     ("POST", "/v1/groups"): Rule(_ADMIN, "admin", admin=True),
     ("POST", "/v1/topics/{topic}/groups/{group}/receive"): Rule(_CONSUMING, _CONSUMING_TEXT),

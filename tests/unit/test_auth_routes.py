@@ -151,6 +151,10 @@ CASES = [
         "admin on cluster",
     ),
     Case(
+        "GET", "/v1/admin/damage", fixed("/v1/admin/damage"), 200, allowed="admin",
+        missing="admin on cluster",
+    ),
+    Case(
         "POST", "/v1/topics/{topic}/groups/{group}/receive",
         fixed("/v1/topics/orders/groups/billing/receive"), 200, lambda w: {},
         missing="consume on topic:orders",
