@@ -340,7 +340,9 @@ class GroupManager:
             subs.append({"g": group, "t": topic, "c": cursors})
         return {
             "version": 2,
-            "state_at": self.store.commitlog.reserved_end,
+            # Records not yet written when the snapshot is taken are replayed over it too
+            # (replay is idempotent in log order), and a failed write gives its space back.
+            "state_at": self.store.commitlog.written_end,
             "groups": [g.to_json() for g in self.groups.values()],
             "subs": subs,
             "offsets": offsets,

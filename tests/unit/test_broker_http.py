@@ -646,7 +646,7 @@ async def test_a_damaged_record_is_skipped_on_receive_and_listed(
     assert (resp.status, await resp.json()) == (200, {"damage": [], "count": 0})
     # Damage the middle record under the running server (a bad sector appearing).
     [m] = broker.store.lookup_id(bytes.fromhex(sent[1]))
-    seg, pos = broker.store.commitlog.view_at(m.phy_offset)
+    _view, pos = broker.store.commitlog.view_at(m.phy_offset)
     with open(broker.store.commitlog.dir / f"{m.phy_offset - pos:020d}", "r+b") as f:
         f.seek(pos + 80)
         f.write(b"\xde\xad")
