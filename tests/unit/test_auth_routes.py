@@ -273,6 +273,29 @@ async def test_unknown_routes_need_credentials_before_they_answer_404(world: Wor
     assert (status, payload["error"]) == (404, "not_found")
 
 
+async def test_a_route_without_a_rule_is_refused_even_to_an_admin(
+    tmp_path: Path, aiohttp_client: Any
+) -> None:
+    app = build_app(settings(tmp_path))
+
+    async def unclassified(request: web.Request) -> web.Response:
+        return web.Response(text="should not be reached")
+
+    app.router.add_get("/v1/unclassified", unclassified)
+    client = await aiohttp_client(app)
+    resp = await client.get("/v1/unclassified", headers=bearer(ADMIN_TOKEN))
+    body = await resp.json()
+    assert (resp.status, body["error"]) == (403, "forbidden")
+    assert "has no permission rule" in body["message"]
+
+
+async def test_head_needs_what_get_needs(world: World) -> None:
+    for token, status in ((None, 401), (STRANGER_TOKEN, 403), (OWNER_TOKEN, 200)):
+        headers = bearer(token) if token else {}
+        resp = await world.client.head("/v1/topics/orders", headers=headers)
+        assert resp.status == status, token
+
+
 async def test_a_malformed_authorization_header_is_401(world: World) -> None:
     for value in ("Basic b3duZXI6cHc=", "Bearer", "Token " + OWNER_TOKEN):
         resp = await world.client.get("/v1/topics", headers={"Authorization": value})
