@@ -38,6 +38,18 @@ def test_a_network_address_without_auth_is_refused_at_start(tmp_path: Path) -> N
     assert not (tmp_path / "d").exists(), "nothing was started"
 
 
+def test_a_bad_auth_file_stops_the_start_with_the_reason(tmp_path: Path) -> None:
+    bad = tmp_path / "auth.yaml"
+    bad.write_text("principals:\n  x: {allow: {'topic:orders': [fly]}}\n")
+    result = run_tempomq(
+        "serve", "--http", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "d"),
+        "--auth-file", str(bad), "--log-format", "json",
+        env=clean_env(),
+    )
+    assert result.returncode == 1
+    assert "principals.x.allow" in result.stdout + result.stderr
+
+
 @pytest.fixture
 def auth_server(tmp_path: Path) -> Any:
     server = Server(
