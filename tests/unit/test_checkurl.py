@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -136,62 +136,66 @@ async def target() -> AsyncIterator[tuple[TestServer, list[web.Request]]]:
         yield server, seen
 
 
-async def node_with(tmp_path: Path, policy: CheckUrlPolicy) -> Node:
-    node = await Node(tmp_path / "d", replace(FAST, check_url=policy)).start()
-    await node.broker.create_topic("orders", 2)
-    return node
+NodeFactory = Callable[[CheckUrlPolicy], Awaitable[Node]]
+
+
+@pytest.fixture
+async def node_with(tmp_path: Path) -> AsyncIterator[NodeFactory]:
+    """Starts a coordinator node with the given policy; stops it after the test."""
+    started: list[Node] = []
+
+    async def start(policy: CheckUrlPolicy) -> Node:
+        node = await Node(tmp_path / "d", replace(FAST, check_url=policy)).start()
+        started.append(node)
+        await node.broker.create_topic("orders", 2)
+        return node
+
+    yield start
+    for node in started:
+        await node.stop()
 
 
 async def test_a_call_is_signed_when_a_secret_is_set(
-    tmp_path: Path, target: tuple[TestServer, list[web.Request]]
+    node_with: NodeFactory, target: tuple[TestServer, list[web.Request]]
 ) -> None:
     server, seen = target
-    node = await node_with(tmp_path, CheckUrlPolicy(secret=b"shared-secret"))
-    try:
-        tx_id = await node.prepare(b"x", check_url=str(server.make_url("/check")))
-        await wait_for(lambda: bool(seen), timeout_s=30)
-        request = seen[0]
-        fields = dict(part.split("=", 1) for part in request.headers[SIGNATURE_HEADER].split(","))
-        body = await request.read()
-        expected = hmac.new(
-            b"shared-secret", fields["t"].encode() + b"." + body, hashlib.sha256
-        ).hexdigest()
-        assert hmac.compare_digest(fields["v1"], expected)
-        assert tx_id.encode() in body
-    finally:
-        await node.stop()
+    node = await node_with(CheckUrlPolicy(secret=b"shared-secret"))
+    tx_id = await node.prepare(b"x", check_url=str(server.make_url("/check")))
+    await wait_for(lambda: bool(seen), timeout_s=30)
+    request = seen[0]
+    fields = dict(part.split("=", 1) for part in request.headers[SIGNATURE_HEADER].split(","))
+    body = await request.read()
+    expected = hmac.new(
+        b"shared-secret", fields["t"].encode() + b"." + body, hashlib.sha256
+    ).hexdigest()
+    assert hmac.compare_digest(fields["v1"], expected)
+    assert tx_id.encode() in body
 
 
 async def test_a_redirect_is_not_followed(
-    tmp_path: Path, target: tuple[TestServer, list[web.Request]]
+    node_with: NodeFactory, target: tuple[TestServer, list[web.Request]]
 ) -> None:
     server, seen = target
-    node = await node_with(tmp_path, CheckUrlPolicy())
-    try:
-        tx_id = await node.prepare(b"x", check_url=str(server.make_url("/redirect")))
-        # Asked twice: the redirect counted as no answer, and the check came again.
-        await wait_for(lambda: len(seen) >= 2, timeout_s=30)
-        assert {r.path for r in seen} == {"/redirect"}
-        assert (await node.tx.get(tx_id)).state is TxState.PREPARED
-        assert SIGNATURE_HEADER not in seen[0].headers  # no secret, no signature
-    finally:
-        await node.stop()
+    node = await node_with(CheckUrlPolicy())
+    tx_id = await node.prepare(b"x", check_url=str(server.make_url("/redirect")))
+    # Asked twice: the redirect counted as no answer, and the check came again.
+    await wait_for(lambda: len(seen) >= 2, timeout_s=30)
+    assert {r.path for r in seen} == {"/redirect"}
+    assert (await node.tx.get(tx_id)).state is TxState.PREPARED
+    assert SIGNATURE_HEADER not in seen[0].headers  # no secret, no signature
 
 
 async def test_a_stored_url_off_the_current_list_is_never_called(
-    tmp_path: Path, target: tuple[TestServer, list[web.Request]]
+    node_with: NodeFactory, target: tuple[TestServer, list[web.Request]]
 ) -> None:
     # Prepared under an older allow-list (the coordinator is called directly, as the HTTP
     # layer would have refused it now); the server restarted with a narrower list.
     server, seen = target
-    node = await node_with(tmp_path, CheckUrlPolicy(("10.0.0.0/8",)))
-    try:
-        tx_id = await node.prepare(b"x", check_url=str(server.make_url("/check")))
-        for _ in range(600):
-            if (await node.tx.get(tx_id)).check_count >= 2:
-                break
-            await asyncio.sleep(0.05)
-        assert (await node.tx.get(tx_id)).check_count >= 2, "the checks counted as unanswered"
-        assert seen == []
-    finally:
-        await node.stop()
+    node = await node_with(CheckUrlPolicy(("10.0.0.0/8",)))
+    tx_id = await node.prepare(b"x", check_url=str(server.make_url("/check")))
+    for _ in range(600):
+        if (await node.tx.get(tx_id)).check_count >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert (await node.tx.get(tx_id)).check_count >= 2, "the checks counted as unanswered"
+    assert seen == []
