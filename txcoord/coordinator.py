@@ -26,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +45,7 @@ from broker_core.store import MessageStore
 from broker_core.tasks import cancel_and_wait
 from delayserver.sqlite import SqliteRunner
 from delayserver.store import decode_message, encode_message
+from txcoord.checkurl import SIGNATURE_HEADER, AllowListResolver, CheckUrlPolicy
 from txcoord.states import Step, TxEvent, TxState, step
 
 log = structlog.get_logger(__name__)
@@ -158,6 +160,7 @@ class TxSettings:
     check_max: int = 15
     check_timeout_ms: int = 5_000
     history_ms: int = 72 * 3600_000
+    check_url: CheckUrlPolicy = field(default_factory=CheckUrlPolicy)
 
 
 class Coordinator:
@@ -194,7 +197,8 @@ class Coordinator:
     async def start(self) -> None:
         await self.db.open()
         self._http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.settings.check_timeout_ms / 1000)
+            timeout=aiohttp.ClientTimeout(total=self.settings.check_timeout_ms / 1000),
+            connector=aiohttp.TCPConnector(resolver=AllowListResolver(self.settings.check_url)),
         )
         rows = await self.db.read(
             lambda db: [
@@ -476,10 +480,18 @@ class Coordinator:
 
     async def _ask_url(self, url: str, request: dict[str, object]) -> TxEvent:
         assert self._http is not None
+        policy = self.settings.check_url
+        if not policy.check_now(url):
+            # Stored before the allow-list changed: never called, the check counts unanswered.
+            log.warning("tx.check_url_refused", url=url[:200])
+            return TxEvent.UNKNOWN
+        body = orjson.dumps(request)
+        headers = {"Content-Type": "application/json"}
+        signature = policy.signature(body, int(time.time()))
+        if signature is not None:
+            headers[SIGNATURE_HEADER] = signature
         try:
-            async with self._http.post(
-                url, data=orjson.dumps(request), headers={"Content-Type": "application/json"}
-            ) as r:
+            async with self._http.post(url, data=body, headers=headers, allow_redirects=False) as r:
                 if r.status != 200:
                     return TxEvent.UNKNOWN
                 answer = orjson.loads(await r.read()).get("state")
