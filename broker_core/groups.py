@@ -731,7 +731,11 @@ class GroupManager:
             retry_after_ms=retry_after_ms,
         )
         deliver_at = plan.deliver_at_ms if p.copy_at_ms is None else p.copy_at_ms
-        if plan.dead or deliver_at <= now or self.scheduler is None:
+        # A copy already handed to the scheduler (record I) goes through it again under the same
+        # id, even when its time has passed: the scheduler may hold it from before a crash, and
+        # only the same id keeps it from being stored twice.
+        direct = p.copy_id is None and (deliver_at <= now or self.scheduler is None)
+        if plan.dead or direct:
             if plan.dead:
                 await self.store.ensure_topic(dlq_topic(cfg.name), 1)
             # The copy and the finishing record in one write: both are stored, or neither.
@@ -749,6 +753,7 @@ class GroupManager:
                     attempts=p.attempt,
                 )
             return
+        assert self.scheduler is not None
         if p.copy_id is None:  # first try: choose the copy's id and time, durably
             p.copy_id, p.copy_at_ms = self.scheduler.new_msg_id(), deliver_at
             _, fut = self._journal(
