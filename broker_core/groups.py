@@ -64,7 +64,7 @@ from broker_core.errors import (
 from broker_core.message import StoredMessage, is_system_topic
 from broker_core.protocols import Scheduler, Timers
 from broker_core.retry import delivery_attempt, dlq_topic, plan_redelivery, retry_topic
-from broker_core.store import MessageStore, write_json_atomic
+from broker_core.store import MessageStore, set_aside, write_json_atomic
 from broker_core.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
@@ -246,10 +246,16 @@ class GroupManager:
 
     def _read_state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         data: dict[str, Any] = {}
-        if self._path.exists():
-            data = orjson.loads(self._path.read_bytes())
         # Without a snapshot of this format, replay from where this version began writing.
-        start = int(data.get("state_at", self.store.commitlog.units_from))
+        start = self.store.commitlog.units_from
+        if self._path.exists():
+            try:
+                data = orjson.loads(self._path.read_bytes())
+                start = int(data.get("state_at", start))
+            except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+                kept = set_aside(self._path)
+                log.error("group.snapshot_unreadable", error=str(e), kept_as=str(kept))
+                data, start = {}, self.store.commitlog.min_offset  # rebuild from the records
         ops = [orjson.loads(body) for _phy, body in self.store.state_records(start)]
         return data, ops
 

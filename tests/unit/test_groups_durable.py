@@ -210,3 +210,19 @@ async def test_a_retry_handed_to_the_scheduler_before_a_crash_is_not_stored_twic
     await env.advance(INVISIBLE_MS + 3600 * S)
     await env.release()
     assert await env.recv() == []
+
+
+async def test_an_unreadable_snapshot_is_rebuilt_from_the_records(env: CrashableEnv) -> None:
+    await env.send("orders", "a", "b", "c")
+    got = await env.recv()
+    await env.ack(got[0])
+    await env.stop()
+    (env.data_dir / "groups.json").write_text("{garbage")
+    await env.start()
+    assert list(env.data_dir.glob("groups.json.unreadable-*"))
+    await env.advance(INVISIBLE_MS)
+    await env.advance(10 * S)
+    await env.release()
+    again = await env.recv()
+    assert sorted(bodies(again)) == [b"b", b"c"]
+    assert [d.attempt for d in again] == [2, 2]
