@@ -193,7 +193,7 @@ async def test_a_retry_handed_to_the_scheduler_before_a_crash_is_not_stored_twic
     real = env.scheduler.schedule
 
     async def then_die(*args: object, **kw: object) -> list[int]:
-        result = await real(*args, **kw)  # type: ignore[arg-type]
+        await real(*args, **kw)  # type: ignore[arg-type]
         raise ConnectionError("the server died here")
 
     monkeypatch.setattr(env.scheduler, "schedule", then_die)
