@@ -130,6 +130,8 @@ class _Walk:
             self.good = self.last_unit_start = end
             self.records += 1
             self.recs = []
+            self.committed_damage += self.damaged
+            self.damaged = []
 
     def unit(self, ustart: int, count: int, pos: int, end: int) -> None:
         if not self.good <= ustart <= pos:
@@ -408,18 +410,17 @@ class CommitLog:
         """Map the segments read-only for an offline check (``tempomq verify``), changing
         nothing on disk; returns problems with the files themselves (sizes, format)."""
         problems = []
-        fmt_path = self.dir / _FORMAT
-        if fmt_path.exists():
-            try:
-                fmt = orjson.loads(fmt_path.read_bytes())
-                self.segment_bytes = int(fmt["segment_bytes"])
-                self.units_from = int(fmt.get("units_from", 0))
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                problems.append(f"{fmt_path}: unreadable ({e})")
-        else:
-            self.units_from = _NO_UNITS
+        recorded = None
+        try:
+            recorded = self._read_format()
+            if recorded is None:
+                self.units_from = _NO_UNITS  # from before format.json: no unit markers
+        except StorageError as e:
+            problems.append(str(e))  # written by this version: unit markers from the start
         starts = sorted(int(p.name) for p in self.dir.iterdir() if p.name.isdigit())
-        if starts and not fmt_path.exists():
+        if recorded is not None:
+            self.segment_bytes = recorded
+        elif starts:  # no (readable) format.json: the first segment's size stands for it
             self.segment_bytes = self._path(starts[0]).stat().st_size
         for start in starts:
             path = self._path(start)
