@@ -50,6 +50,12 @@ class MessageNotFound(TempoError):
     status, code = 404, "message_not_found"
 
 
+class QueueNotFound(TempoError):
+    """A queue number the topic does not have."""
+
+    status, code = 404, "queue_not_found"
+
+
 class GroupNotFound(TempoError):
     status, code = 404, "group_not_found"
 

@@ -149,6 +149,6 @@ def validate_message_fields(
         raise InvalidMessage(f"at most {MAX_KEYS} keys per message")
     for key in keys:
         if not key or len(key) > MAX_KEY_LEN or "\x1f" in key:
-            raise InvalidMessage(f"each key must be 1-{MAX_KEY_LEN} characters")
+            raise InvalidMessage(f"each key must be 1-{MAX_KEY_LEN} characters, without \\x1f")
     if properties and sum(len(k) + len(v) for k, v in properties.items()) > MAX_PROPERTIES_BYTES:
         raise InvalidMessage(f"properties exceed {MAX_PROPERTIES_BYTES} bytes")

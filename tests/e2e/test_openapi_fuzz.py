@@ -22,12 +22,14 @@ from tests.e2e.server import Server
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_EXAMPLES = 8
+TOKEN = "tmq_spec-run-admin-0123456789abcdef"
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    # --max-wait keeps long polls short; the spec says the server's limit caps wait_ms.
-    s = Server(tmp_path / "data", "--max-wait", "1s")
+    # --max-wait keeps long polls short; the spec says the server's limit caps wait_ms. Auth is
+    # on, as the spec's security schemes say: schemathesis also checks that bad credentials fail.
+    s = Server(tmp_path / "data", "--max-wait", "1s", env={"TEMPOMQ_ADMIN_TOKEN": TOKEN})
     s.start()
     try:
         yield s
@@ -42,6 +44,8 @@ def test_the_server_and_its_openapi_spec_agree(server: Server, tmp_path: Path) -
         str(OPENAPI_PATH),
         "--url",
         server.url,
+        "--header",
+        f"Authorization: Bearer {TOKEN}",
         "--checks",
         "all",
         "--max-examples",
