@@ -94,7 +94,7 @@ async def test_a_queue_is_browsed_from_a_time(client: Client) -> None:
     ("path", "status", "code"),
     [
         ("/v1/topics/nope/queues/0/messages", 404, "topic_not_found"),
-        ("/v1/topics/orders/queues/1/messages", 400, "invalid_request"),
+        ("/v1/topics/orders/queues/1/messages", 404, "queue_not_found"),
         ("/v1/topics/orders/queues/x/messages", 400, "invalid_request"),
         ("/v1/topics/orders/queues/0/messages?limit=201", 400, "invalid_request"),
         ("/v1/topics/orders/queues/0/messages?offset=-1", 400, "invalid_request"),
