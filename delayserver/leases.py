@@ -29,6 +29,7 @@ message (into two brokers). Within one server, releases stay idempotent as alway
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -37,15 +38,27 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import structlog
-from prometheus_client import Gauge
+from prometheus_client import REGISTRY, Gauge
 
 from broker_core.tasks import cancel_and_wait
 from delayserver.store import DelayStoreUnavailable
 
 log = structlog.get_logger(__name__)
 
-OWNED = Gauge("tempomq_delay_shards_owned", "Delay store shards whose lease this server holds")
-SERVERS = Gauge("tempomq_delay_servers", "Live delay servers sharing the delay store")
+# Registered by the first ShardLeases that starts: with the embedded store there are no shards
+# and no other servers, and a gauge stuck at 0 would only mislead.
+OWNED = Gauge(
+    "tempomq_delay_shards_owned", "Delay store shards whose lease this server holds", registry=None
+)
+SERVERS = Gauge(
+    "tempomq_delay_servers", "Live delay servers sharing the delay store", registry=None
+)
+
+
+def _register_gauges() -> None:
+    for gauge in (OWNED, SERVERS):
+        with contextlib.suppress(ValueError):  # registered by an earlier start
+            REGISTRY.register(gauge)
 
 ShardsCallback = Callable[[frozenset[int]], Awaitable[None]]
 
@@ -128,6 +141,7 @@ class ShardLeases:
     async def start(self) -> None:
         """One round now (so a lone server holds every shard before its first load), then one
         every ``interval_s`` in the background. Raises DelayStoreUnavailable if Redis is down."""
+        _register_gauges()
         await self.step()
         self._stopping.clear()
         self._task = asyncio.create_task(self._run(), name="tempomq-delay-leases")

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import types
 from collections.abc import Awaitable, Callable, Iterator
@@ -519,3 +520,29 @@ async def test_metrics_count_and_time_requests_per_route(client: Any) -> None:
     )
     assert float(count.rsplit(" ", 1)[1]) >= 3
     assert f"tempomq_http_request_seconds_sum{{{labels}}}" in text
+
+
+def test_metrics_of_the_embedded_delay_store_have_no_shard_gauges(tmp_path: Path) -> None:
+    # A fresh process: the registry is process-wide, and Redis lease tests register the gauges.
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from aiohttp.test_utils import TestClient, TestServer\n"
+        "from tempomq.app import build_app\n"
+        "from tempomq.config import Settings\n"
+        "async def main():\n"
+        "    app = build_app(Settings(data_dir=Path(sys.argv[1])))\n"
+        "    async with TestClient(TestServer(app)) as c:\n"
+        "        print(await (await c.get('/metrics')).text())\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tempomq_put_messages_total" in done.stdout
+    assert "tempomq_delay_shards_owned" not in done.stdout
+    assert "tempomq_delay_servers" not in done.stdout
