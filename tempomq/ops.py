@@ -67,6 +67,7 @@ from tempomq.probe import (
     KindCounts,
     Probe,
     ProbeConfig,
+    ProbeProgress,
     ProbeReport,
     check_bounds,
 )
@@ -771,7 +772,16 @@ async def _probe(client: OpsClient, args: argparse.Namespace) -> Output:
         check_bounds(args.duration / 1000, args.rate)
     except ValueError as e:
         raise UsageError("invalid_probe", str(e)) from None
-    report = await Probe(client, cfg).run(args.duration / 1000, args.rate)
+
+    def progress(where: ProbeProgress) -> None:
+        print(where.line(), file=sys.stderr, flush=True)
+
+    report = await Probe(client, cfg).run(
+        args.duration / 1000,
+        args.rate,
+        progress=progress if args.progress > 0 else None,
+        progress_every_s=args.progress / 1000,
+    )
     code, error = probe_verdict(report)
     return Output(report.to_json(), format_report(report), code, error)
 
@@ -989,6 +999,13 @@ OPERATIONS: dict[str, Op | OpGroup] = {
                 default=200.0,
                 metavar="PER_SECOND",
                 help="messages per second [default 200]",
+            ),
+            arg(
+                "--progress",
+                type=DURATION,
+                default=5_000,
+                metavar="DURATION",
+                help="how often to print where the run stands, on stderr; 0: never [default 5s]",
             ),
             arg("--topic", default=_PROBE.topic, help="[default %(default)s]"),
             arg(

@@ -250,6 +250,16 @@ class Ledger:
         self._latency: dict[str, list[float]] = {"plain": [], "tx": []}
         self._lateness: dict[str, list[float]] = {"receive": [], "release": []}
 
+    @property
+    def sent(self) -> int:
+        """Messages whose send has gone out."""
+        return len(self._entries)
+
+    @property
+    def awaited(self) -> int:
+        """Confirmed messages that must arrive and have not yet."""
+        return self._outstanding
+
     def properties(self, seq: int, kind: Kind) -> dict[str, str]:
         return {PROP_RUN: self.run_id, PROP_KIND: kind, PROP_SEQ: str(seq)}
 
@@ -436,6 +446,24 @@ async def answer_check(request: CheckRequest) -> CheckAnswer:
     return "unknown"
 
 
+@dataclass(frozen=True, slots=True)
+class ProbeProgress:
+    """Where a run stands, as :meth:`Probe.run` reports it every ``progress_every_s``."""
+
+    elapsed_s: float
+    duration_s: float
+    sent: int
+    #: Confirmed sends whose message has not arrived yet.
+    awaited: int
+
+    def line(self) -> str:
+        phase = "sending" if self.elapsed_s < self.duration_s else "waiting for arrivals"
+        return (
+            f"probe: {self.elapsed_s:.0f} s of {self.duration_s:g} s ({phase}): "
+            f"{self.sent} sent, {self.awaited} not received yet"
+        )
+
+
 class Probe:
     """One probe against ``client``'s service. :meth:`run` may be called again for a new run."""
 
@@ -452,9 +480,17 @@ class Probe:
         self._rng = rng or random.Random()
         self._clock_ms = clock_ms
 
-    async def run(self, duration_s: float, rate: float) -> ProbeReport:
+    async def run(
+        self,
+        duration_s: float,
+        rate: float,
+        *,
+        progress: Callable[[ProbeProgress], None] | None = None,
+        progress_every_s: float = 5.0,
+    ) -> ProbeReport:
         """Send for ``duration_s`` at ``rate`` messages/s, receive, reconcile. Bounded: it
-        returns at the latest ``duration_s`` + the slowest send + ``config.tail_s`` later."""
+        returns at the latest ``duration_s`` + the slowest send + ``config.tail_s`` later.
+        ``progress`` is called every ``progress_every_s`` until then."""
         total = check_bounds(duration_s, rate)
         await self._prepare()
         ledger = Ledger(secrets.token_hex(8))
@@ -468,6 +504,9 @@ class Probe:
                     tasks.create_task(self._consume(ledger, stop))
                 loop = asyncio.get_running_loop()
                 began = loop.time()
+                if progress is not None:
+                    report = functools.partial(_progress, ledger, loop, began, duration_s, progress)
+                    tasks.create_task(_every(progress_every_s, stop, report))
                 await self._produce(ledger, total, duration_s, rate)
                 sending_s = loop.time() - began
                 await self._await_arrivals(ledger)
@@ -781,3 +820,23 @@ class ProbeSchedule:
             log.info("%s: ok", summary)
         else:
             log.error("%s: %s", summary, ", ".join(report.problems()))
+
+
+def _progress(
+    ledger: Ledger,
+    loop: asyncio.AbstractEventLoop,
+    began: float,
+    duration_s: float,
+    report: Callable[[ProbeProgress], None],
+) -> None:
+    report(ProbeProgress(loop.time() - began, duration_s, ledger.sent, ledger.awaited))
+
+
+async def _every(interval_s: float, stop: asyncio.Event, call: Callable[[], None]) -> None:
+    """``call()`` every ``interval_s`` until ``stop`` is set."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+        if stop.is_set():
+            return
+        call()

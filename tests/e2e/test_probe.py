@@ -49,9 +49,12 @@ async def probe_cli(server: Server, *args: str) -> asyncio.subprocess.Process:
 
 
 async def test_a_clean_run_finds_nothing_wrong(server: Server) -> None:
-    proc = await probe_cli(server, "--duration", "2s", "--rate", "50")
+    proc = await probe_cli(server, "--duration", "2s", "--rate", "50", "--progress", "500ms")
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
+    # Where the run stands, on stderr while it runs (stdout keeps the JSON report alone).
+    progress = [line for line in err.decode().splitlines() if line.startswith("probe: ")]
+    assert progress and " s of 2 s (sending): " in progress[0], err.decode()
     report = json.loads(out)
     assert report["ok"] is True
     kinds = report["kinds"]

@@ -621,7 +621,9 @@ def test_publish_report_sets_the_gauges() -> None:
 def test_probe_command_exits_5_on_loss(
     api: FakeApi, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def fake_run(self: probe.Probe, duration_s: float, rate: float) -> ProbeReport:
+    async def fake_run(
+        self: probe.Probe, duration_s: float, rate: float, **progress: Any
+    ) -> ProbeReport:
         assert (duration_s, rate) == (2.0, 50.0)
         return report_with(sent=10, received=8, lost=2)
 
