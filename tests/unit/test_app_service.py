@@ -7,6 +7,7 @@ tests pin down what ``tempomq.app`` itself does, whatever state the real compone
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import io
 import json
@@ -17,7 +18,7 @@ import socket
 import subprocess
 import sys
 import types
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -382,15 +383,23 @@ async def _raw_request(port: int, data: bytes) -> bytes:
         writer.close()
 
 
-async def test_huge_header_is_400_and_server_keeps_serving(
-    app_module: types.ModuleType, settings: Settings
-) -> None:
+@contextlib.asynccontextmanager
+async def serving(app_module: types.ModuleType, settings: Settings) -> AsyncIterator[int]:
+    """The real app behind its real runner on a free port, which this yields."""
     runner = app_module.make_runner(app_module.build_app(settings), settings)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        port = runner.addresses[0][1]
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+async def test_huge_header_is_400_and_server_keeps_serving(
+    app_module: types.ModuleType, settings: Settings
+) -> None:
+    async with serving(app_module, settings) as port:
         huge = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
         assert status_of(await _raw_request(port, huge)) == 400
         long_line = b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -399,8 +408,6 @@ async def test_huge_header_is_400_and_server_keeps_serving(
         assert status_of(await _raw_request(port, many + b"\r\n")) == 400
         ok = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         assert status_of(await _raw_request(port, ok)) == 200
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize(
@@ -416,20 +423,14 @@ async def test_huge_header_is_400_and_server_keeps_serving(
 async def test_requests_aiohttp_refuses_are_answered_with_the_api_error(
     app_module: types.ModuleType, settings: Settings, raw: bytes
 ) -> None:
-    runner = app_module.make_runner(app_module.build_app(settings), settings)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        answer = await _raw_request(runner.addresses[0][1], raw)
-        head, _, body = answer.partition(b"\r\n\r\n")
-        assert status_of(answer) in (400, 414, 431), answer[:300]
-        assert b"content-type: application/json" in head.lower()
-        error = orjson.loads(body)
-        assert set(error) == {"error", "message"} and error["message"], error
-        assert body.endswith(b"\n")
-    finally:
-        await runner.cleanup()
+    async with serving(app_module, settings) as port:
+        answer = await _raw_request(port, raw)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert status_of(answer) in (400, 414, 431), answer[:300]
+    assert b"content-type: application/json" in head.lower()
+    error = orjson.loads(body)
+    assert set(error) == {"error", "message"} and error["message"], error
+    assert body.endswith(b"\n")
 
 
 async def test_errors_of_the_app_end_with_a_newline(client: Any) -> None:
