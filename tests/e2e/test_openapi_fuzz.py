@@ -60,7 +60,12 @@ def test_the_server_and_its_openapi_spec_agree(server: Server, tmp_path: Path) -
         "--report-dir",
         str(tmp_path / "report"),
     ]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.e2e.schemathesis_hooks", "NO_COLOR": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": "tests.e2e.schemathesis_hooks",
+        "PYTHONPATH": str(ROOT),  # for the hooks; the run's cache goes to its cwd, a tmp dir
+        "NO_COLOR": "1",
+    }
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
     report = done.stdout[-12000:] + done.stderr[-4000:]
     assert done.returncode == 0, f"{report}\n--- server log ---\n{server.log()}"
