@@ -156,6 +156,12 @@ class Broker:
     ) -> None:
         await self.groups.nack(topic, group, receipt, retry_after_ms)
 
+    async def change_invisible(
+        self, topic: str, group: str, receipt: object, invisible_ms: int
+    ) -> str:
+        """Keep a delivery out for ``invisible_ms`` from now under the returned new receipt."""
+        return await self.groups.change_invisible(topic, group, receipt, invisible_ms)
+
     async def group_stats(self, topic: str, group: str) -> dict[str, object]:
         return await self.groups.stats(topic, group)
 
