@@ -538,6 +538,30 @@ async def test_nack_bad_request(client: Client, body: dict[str, Any]) -> None:
     assert resp.status == 400
 
 
+async def test_change_invisible_swaps_the_receipt(client: Client, broker: Broker) -> None:
+    _, a = await send(client, {"body": "a"})
+    [m] = await receive(client)
+    path = "/v1/topics/orders/groups/g/change-invisible"
+    resp = await client.post(path, json={"receipt": m["receipt"], "invisible_ms": 0})
+    assert resp.status == 200
+    new = (await resp.json())["receipt"]
+    assert new != m["receipt"]
+    resp = await client.post(path, json={"receipt": m["receipt"], "invisible_ms": 1000})
+    await expect_error(resp, 409, "receipt_expired")
+    broker.timers.advance(0)  # type: ignore[attr-defined]
+    [again] = await receive(client)
+    assert (again["msg_id"], again["delivery_attempt"]) == (a["msg_id"], 2)
+
+
+@pytest.mark.parametrize(
+    "body", [{}, {"receipt": "x"}, {"receipt": "x", "invisible_ms": -1}, {"invisible_ms": 5}]
+)
+async def test_change_invisible_bad_request(client: Client, body: dict[str, Any]) -> None:
+    await receive(client)
+    resp = await client.post("/v1/topics/orders/groups/g/change-invisible", json=body)
+    assert resp.status == 400
+
+
 async def test_group_stats(client: Client) -> None:
     await send(client, {"messages": [{"body": "x"}] * 5})
     got = await receive(client, max_messages=2)
