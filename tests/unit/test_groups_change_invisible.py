@@ -11,7 +11,7 @@ import pytest
 
 from broker_core.errors import GroupNotFound, ReceiptExpired
 from tests.unit.broker_helpers import no_hang
-from tests.unit.test_groups import INVISIBLE_MS, S, Env
+from tests.unit.test_groups import INVISIBLE_MS, Env, S
 
 
 @pytest.fixture(autouse=True)
