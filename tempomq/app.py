@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs; types-PyYAML is not a dep
@@ -46,6 +46,9 @@ from tempomq.probe import ProbeSchedule
 from txcoord.coordinator import Coordinator, TxSettings
 from txcoord.http import TX
 from txcoord.http import routes as tx_routes
+
+if TYPE_CHECKING:
+    from tempomq.grpc.server import GrpcEndpoint
 
 log = get_logger(__name__)
 
@@ -365,6 +368,7 @@ async def serve(settings: Settings) -> int:
 
     runner = make_runner(build_app(settings), settings)
     probe: ProbeSchedule | None = None
+    rocketmq: GrpcEndpoint | None = None
     try:
         try:
             await runner.setup()
@@ -379,6 +383,11 @@ async def serve(settings: Settings) -> int:
             return 1
         for host, port, *_ in runner.addresses:
             log.info("listening", url=f"http://{HostPort(host, port)}")
+        try:
+            rocketmq = await start_rocketmq(settings, runner.app)
+        except OSError as exc:
+            log.error("cannot listen", address=str(settings.grpc), error=str(exc))
+            return 1
         # The probe goes through HTTP like any client, so it starts once the port listens and
         # stops before the server does.
         probe = start_probe(settings, runner)
@@ -386,6 +395,8 @@ async def serve(settings: Settings) -> int:
     finally:
         if probe is not None:
             await probe.stop()
+        if rocketmq is not None:
+            await rocketmq.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         # Stops accepting, waits up to shutdown_timeout for in-flight requests, then runs the
@@ -393,6 +404,17 @@ async def serve(settings: Settings) -> int:
         await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def start_rocketmq(settings: Settings, app: web.Application) -> GrpcEndpoint | None:
+    """The RocketMQ 5 gRPC endpoint on the started cores, unless ``--grpc off``."""
+    if settings.grpc is None:
+        return None
+    from tempomq.grpc.server import start_grpc  # grpcio loads only when the endpoint is on
+
+    return await start_grpc(
+        settings.grpc, settings.grpc_advertise, broker=app[BROKER], delay=app[DELAY], tx=app[TX]
+    )
 
 
 def start_probe(settings: Settings, runner: web.AppRunner) -> ProbeSchedule | None:

@@ -355,7 +355,7 @@ async def test_change_invisible_goes_to_the_issuer_and_returns_the_new_receipt(
         return web.json_response({"error": "store_unavailable", "message": "x"}, status=503)
 
     a, a_url = await fake(aiohttp_server, issuer)
-    b, b_url = await fake(aiohttp_server, answer(200, STORED))
+    _, b_url = await fake(aiohttp_server, answer(200, STORED))
     async with Client([a_url, b_url]) as client:
         [m] = await client.receive("orders", "g", wait_ms=0)
         await client.get_message("0" * 32)  # a answers 503: the client moves to b
