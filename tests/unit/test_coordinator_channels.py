@@ -6,12 +6,23 @@ and parks at ``check_max`` exactly like the other channels."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
+
 from broker_core.message import Message
-from tests.unit.test_coordinator import FAST, Node, _node, _state, nodes  # noqa: F401 - fixture
+from tests.unit.test_coordinator import FAST, Node, _node, _state
 from txcoord.coordinator import TxRow
 from txcoord.states import TxEvent, TxState
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[list[Node]]:
+    running: list[Node] = []
+    yield running
+    for n in running:
+        await n.stop()
 
 
 class Channel:
@@ -33,7 +44,7 @@ class Channel:
 
 
 async def test_claimed_checks_are_pushed_with_the_half_message(
-    nodes: list[Node], tmp_path: Path  # noqa: F811
+    nodes: list[Node], tmp_path: Path
 ) -> None:
     node = await _node(nodes, tmp_path / "d")
     channel = Channel()
@@ -48,9 +59,7 @@ async def test_claimed_checks_are_pushed_with_the_half_message(
     assert node.bodies("orders") == [b"pushed"]
 
 
-async def test_unclaimed_groups_stay_on_the_long_poll(
-    nodes: list[Node], tmp_path: Path  # noqa: F811
-) -> None:
+async def test_unclaimed_groups_stay_on_the_long_poll(nodes: list[Node], tmp_path: Path) -> None:
     node = await _node(nodes, tmp_path / "d")
     channel = Channel()
     node.tx.check_channels.append(channel)
@@ -61,7 +70,7 @@ async def test_unclaimed_groups_stay_on_the_long_poll(
 
 
 async def test_unanswered_pushes_count_and_park_at_check_max(
-    nodes: list[Node], tmp_path: Path  # noqa: F811
+    nodes: list[Node], tmp_path: Path
 ) -> None:
     node = await _node(nodes, tmp_path / "d")
     channel = Channel()
@@ -78,9 +87,7 @@ async def test_unanswered_pushes_count_and_park_at_check_max(
     assert node.bodies("orders") == []
 
 
-async def test_an_unknown_answer_counts_and_asks_again(
-    nodes: list[Node], tmp_path: Path  # noqa: F811
-) -> None:
+async def test_an_unknown_answer_counts_and_asks_again(nodes: list[Node], tmp_path: Path) -> None:
     node = await _node(nodes, tmp_path / "d")
     channel = Channel()
     node.tx.check_channels.append(channel)
