@@ -478,6 +478,11 @@ class MessagingService(MessagingServiceServicer):
             )
             return
         yield spb.ReceiveMessageResponse(status=status())
+        # When the batch left: push consumers measure their receive latency from it, and fail
+        # the whole batch without it.
+        sent = spb.ReceiveMessageResponse()
+        sent.delivery_timestamp.FromMilliseconds(self.broker.timers.now_ms())
+        yield sent
         for d in deliveries:
             yield spb.ReceiveMessageResponse(
                 message=convert.delivery_to_pb(
