@@ -547,6 +547,25 @@ def test_unknown_topic_fails_the_send(rmq: Rmq) -> None:
         p.shutdown()
 
 
+def test_the_python_example_of_the_docs_runs(rmq: Rmq, tmp_path: Path) -> None:
+    import re
+    import subprocess
+    import sys
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "rocketmq.md"
+    [block] = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.DOTALL)
+    assert '"127.0.0.1:8081"' in block
+    if "orders" not in {t["name"] for t in rmq.http("GET", "/v1/topics")[1]["topics"]}:
+        assert rmq.http("POST", "/v1/topics", {"name": "orders", "queues": 2})[0] == 201
+    script = tmp_path / "example.py"
+    script.write_text(block.replace('"127.0.0.1:8081"', f'"127.0.0.1:{rmq.grpc_port}"'))
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "b'order 17 created' created {'order-17'} {'region': 'eu'} 1" in done.stdout
+
+
 # -- a crash mid-traffic -------------------------------------------------------------------------
 
 
