@@ -29,15 +29,14 @@ import zlib
 from collections.abc import Mapping
 
 from broker_core.errors import InvalidMessage, TempoError
+from broker_core.http import RESERVED_PROPERTIES
 from broker_core.message import (
     MAX_KEY_LEN,
     PROP_DELIVER_AT,
     PROP_DELIVERY_ATTEMPT,
-    PROP_DLQ_ORIGIN_TOPIC,
     PROP_ORIGIN_MSG_ID,
     PROP_REAL_QUEUE,
     PROP_REAL_TOPIC,
-    PROP_RELEASED_AT,
     PROP_RETRY_TOPIC,
     PROP_SHARDING_KEY,
     Message,
@@ -67,8 +66,6 @@ _HIDDEN = frozenset(
         PROP_DELIVERY_ATTEMPT,
     }
 )
-#: What a client may not set through ``user_properties``.
-_RESERVED = _HIDDEN | {PROP_DELIVER_AT, PROP_RELEASED_AT, PROP_DLQ_ORIGIN_TOPIC}
 
 _CODE_BY_ERROR = {
     "topic_not_found": Code.TOPIC_NOT_FOUND,
@@ -165,7 +162,7 @@ def to_message(m: pb.Message, topic: str, *, max_body: int, now_ms: int) -> tupl
     tags = sp.tag if sp.HasField("tag") else ""
     keys = tuple(sp.keys)
     props = dict(m.user_properties)
-    reserved = _RESERVED.intersection(props)
+    reserved = RESERVED_PROPERTIES.intersection(props)
     if reserved:
         raise InvalidMessage(f"properties {sorted(reserved)} are set by the broker")
     validate_message_fields(body, tags, keys, props, max_body)

@@ -21,6 +21,7 @@ What a RocketMQ client expects and how it maps (``ROCKETMQ-GRPC`` notes in docs/
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -98,6 +99,46 @@ def _duration_ms(d: Any) -> int:
     return int(d.seconds) * 1000 + int(d.nanos) // 1_000_000
 
 
+def _internal_error(rpc: str) -> pb.Status:
+    log.exception("grpc.unhandled", rpc=rpc)
+    return status(Code.INTERNAL_SERVER_ERROR, "internal error, see server log")
+
+
+Handler = Callable[["MessagingService", Any, Context], Awaitable[R]]
+
+
+def unary(response: Callable[..., R]) -> Callable[[Handler[R]], Handler[R]]:
+    """An RPC that always answers with a status: a domain error becomes its RocketMQ code,
+    anything unexpected is logged and answered ``INTERNAL_SERVER_ERROR``."""
+
+    def wrap(handler: Handler[R]) -> Handler[R]:
+        @functools.wraps(handler)
+        async def rpc(self: MessagingService, request: Any, context: Context) -> R:
+            try:
+                return await handler(self, request, context)
+            except TempoError as exc:
+                return response(status=error_status(exc))
+            except Exception:
+                return response(status=_internal_error(handler.__name__))
+
+        return rpc
+
+    return wrap
+
+
+def _unsupported(what: str) -> pb.Status:
+    return status(Code.UNSUPPORTED, f"{what} is not supported by tempomq")
+
+
+def _answer_unsupported(response: Callable[..., R], what: str) -> Handler[R]:
+    """An RPC of a feature tempomq does not have: answered at once, ``UNSUPPORTED``."""
+
+    async def rpc(self: MessagingService, request: Any, context: Context) -> R:
+        return response(status=_unsupported(what))
+
+    return rpc
+
+
 class MessagingService(MessagingServiceServicer):
     def __init__(
         self,
@@ -119,27 +160,18 @@ class MessagingService(MessagingServiceServicer):
 
     # -- plumbing ---------------------------------------------------------------------------------
 
+    async def _topic_and_group(self, context: Context, rpc: str, request: Any) -> tuple[str, str]:
+        """The ``topic`` and ``group`` of a request, through the auth hook."""
+        topic = _name(request.topic, "topic")
+        group = _name(request.group, "group")
+        await self._check(context, rpc, ("topic", topic), ("group", group))
+        return topic, group
+
     async def _check(self, context: Context, rpc: str, *resources: Resource) -> dict[str, str]:
         """The auth hook; returns the call's metadata."""
         metadata = _metadata(context)
         await self.auth.check(metadata, rpc, resources)
         return metadata
-
-    async def _unary(
-        self,
-        rpc: str,
-        make: Callable[..., R],
-        handler: Callable[[Any, Context], Awaitable[R]],
-        request: Any,
-        context: Context,
-    ) -> R:
-        try:
-            return await handler(request, context)
-        except TempoError as exc:
-            return make(status=error_status(exc))
-        except Exception:
-            log.exception("grpc.unhandled", rpc=rpc)
-            return make(status=status(Code.INTERNAL_SERVER_ERROR, "internal error, see server log"))
 
     def _endpoints(self) -> pb.Endpoints:
         host = self.advertise.host
@@ -163,14 +195,8 @@ class MessagingService(MessagingServiceServicer):
 
     # -- routes, liveness --------------------------------------------------------------------------
 
+    @unary(spb.QueryRouteResponse)
     async def QueryRoute(
-        self, request: spb.QueryRouteRequest, context: Context
-    ) -> spb.QueryRouteResponse:
-        return await self._unary(
-            "QueryRoute", spb.QueryRouteResponse, self._query_route, request, context
-        )
-
-    async def _query_route(
         self, request: spb.QueryRouteRequest, context: Context
     ) -> spb.QueryRouteResponse:
         name = _name(request.topic, "topic")
@@ -181,32 +207,18 @@ class MessagingService(MessagingServiceServicer):
             message_queues=[self._queue(name, q) for q in range(topic.queues)],
         )
 
+    @unary(spb.QueryAssignmentResponse)
     async def QueryAssignment(
         self, request: spb.QueryAssignmentRequest, context: Context
     ) -> spb.QueryAssignmentResponse:
-        return await self._unary(
-            "QueryAssignment", spb.QueryAssignmentResponse, self._query_assignment, request, context
-        )
-
-    async def _query_assignment(
-        self, request: spb.QueryAssignmentRequest, context: Context
-    ) -> spb.QueryAssignmentResponse:
-        topic = _name(request.topic, "topic")
-        group = _name(request.group, "group")
-        await self._check(context, "QueryAssignment", ("topic", topic), ("group", group))
+        topic, _ = await self._topic_and_group(context, "QueryAssignment", request)
         self.broker.get_topic(topic)
         # One assignment: each receive reads every queue of the topic.
         assignment = pb.Assignment(message_queue=self._queue(topic, 0))
         return spb.QueryAssignmentResponse(status=status(), assignments=[assignment])
 
+    @unary(spb.HeartbeatResponse)
     async def Heartbeat(
-        self, request: spb.HeartbeatRequest, context: Context
-    ) -> spb.HeartbeatResponse:
-        return await self._unary(
-            "Heartbeat", spb.HeartbeatResponse, self._heartbeat, request, context
-        )
-
-    async def _heartbeat(
         self, request: spb.HeartbeatRequest, context: Context
     ) -> spb.HeartbeatResponse:
         resources: list[Resource] = []
@@ -215,18 +227,8 @@ class MessagingService(MessagingServiceServicer):
         await self._check(context, "Heartbeat", *resources)
         return spb.HeartbeatResponse(status=status())
 
+    @unary(spb.NotifyClientTerminationResponse)
     async def NotifyClientTermination(
-        self, request: spb.NotifyClientTerminationRequest, context: Context
-    ) -> spb.NotifyClientTerminationResponse:
-        return await self._unary(
-            "NotifyClientTermination",
-            spb.NotifyClientTerminationResponse,
-            self._terminate,
-            request,
-            context,
-        )
-
-    async def _terminate(
         self, request: spb.NotifyClientTerminationRequest, context: Context
     ) -> spb.NotifyClientTerminationResponse:
         metadata = await self._check(context, "NotifyClientTermination")
@@ -338,14 +340,8 @@ class MessagingService(MessagingServiceServicer):
 
     # -- sending ----------------------------------------------------------------------------------
 
+    @unary(spb.SendMessageResponse)
     async def SendMessage(
-        self, request: spb.SendMessageRequest, context: Context
-    ) -> spb.SendMessageResponse:
-        return await self._unary(
-            "SendMessage", spb.SendMessageResponse, self._send, request, context
-        )
-
-    async def _send(
         self, request: spb.SendMessageRequest, context: Context
     ) -> spb.SendMessageResponse:
         if not request.messages:
@@ -406,14 +402,8 @@ class MessagingService(MessagingServiceServicer):
             status=status(), message_id=result.msg_id.hex(), offset=result.queue_offset
         )
 
+    @unary(spb.RecallMessageResponse)
     async def RecallMessage(
-        self, request: spb.RecallMessageRequest, context: Context
-    ) -> spb.RecallMessageResponse:
-        return await self._unary(
-            "RecallMessage", spb.RecallMessageResponse, self._recall, request, context
-        )
-
-    async def _recall(
         self, request: spb.RecallMessageRequest, context: Context
     ) -> spb.RecallMessageResponse:
         topic = _name(request.topic, "topic")
@@ -432,14 +422,8 @@ class MessagingService(MessagingServiceServicer):
 
     # -- transactions -----------------------------------------------------------------------------
 
+    @unary(spb.EndTransactionResponse)
     async def EndTransaction(
-        self, request: spb.EndTransactionRequest, context: Context
-    ) -> spb.EndTransactionResponse:
-        return await self._unary(
-            "EndTransaction", spb.EndTransactionResponse, self._end, request, context
-        )
-
-    async def _end(
         self, request: spb.EndTransactionRequest, context: Context
     ) -> spb.EndTransactionResponse:
         topic = _name(request.topic, "topic")
@@ -467,10 +451,7 @@ class MessagingService(MessagingServiceServicer):
             yield spb.ReceiveMessageResponse(status=error_status(exc))
             return
         except Exception:
-            log.exception("grpc.unhandled", rpc="ReceiveMessage")
-            yield spb.ReceiveMessageResponse(
-                status=status(Code.INTERNAL_SERVER_ERROR, "internal error, see server log")
-            )
+            yield spb.ReceiveMessageResponse(status=_internal_error("ReceiveMessage"))
             return
         if not deliveries:
             yield spb.ReceiveMessageResponse(
@@ -530,17 +511,11 @@ class MessagingService(MessagingServiceServicer):
         )
         return deliveries, invisible_ms
 
+    @unary(spb.AckMessageResponse)
     async def AckMessage(
         self, request: spb.AckMessageRequest, context: Context
     ) -> spb.AckMessageResponse:
-        return await self._unary("AckMessage", spb.AckMessageResponse, self._ack, request, context)
-
-    async def _ack(
-        self, request: spb.AckMessageRequest, context: Context
-    ) -> spb.AckMessageResponse:
-        topic = _name(request.topic, "topic")
-        group = _name(request.group, "group")
-        await self._check(context, "AckMessage", ("topic", topic), ("group", group))
+        topic, group = await self._topic_and_group(context, "AckMessage", request)
         entries = []
         codes = set()
         for e in request.entries:
@@ -561,46 +536,22 @@ class MessagingService(MessagingServiceServicer):
             overall = entries[0].status if entries else status()
         return spb.AckMessageResponse(status=overall, entries=entries)
 
+    @unary(spb.ChangeInvisibleDurationResponse)
     async def ChangeInvisibleDuration(
         self, request: spb.ChangeInvisibleDurationRequest, context: Context
     ) -> spb.ChangeInvisibleDurationResponse:
-        return await self._unary(
-            "ChangeInvisibleDuration",
-            spb.ChangeInvisibleDurationResponse,
-            self._change_invisible,
-            request,
-            context,
-        )
-
-    async def _change_invisible(
-        self, request: spb.ChangeInvisibleDurationRequest, context: Context
-    ) -> spb.ChangeInvisibleDurationResponse:
-        topic = _name(request.topic, "topic")
-        group = _name(request.group, "group")
-        await self._check(context, "ChangeInvisibleDuration", ("topic", topic), ("group", group))
+        topic, group = await self._topic_and_group(context, "ChangeInvisibleDuration", request)
         receipt = await self.broker.change_invisible(
             topic, group, request.receipt_handle, _duration_ms(request.invisible_duration)
         )
         return spb.ChangeInvisibleDurationResponse(status=status(), receipt_handle=receipt)
 
+    @unary(spb.ForwardMessageToDeadLetterQueueResponse)
     async def ForwardMessageToDeadLetterQueue(
         self, request: spb.ForwardMessageToDeadLetterQueueRequest, context: Context
     ) -> spb.ForwardMessageToDeadLetterQueueResponse:
-        return await self._unary(
-            "ForwardMessageToDeadLetterQueue",
-            spb.ForwardMessageToDeadLetterQueueResponse,
-            self._forward_to_dlq,
-            request,
-            context,
-        )
-
-    async def _forward_to_dlq(
-        self, request: spb.ForwardMessageToDeadLetterQueueRequest, context: Context
-    ) -> spb.ForwardMessageToDeadLetterQueueResponse:
-        topic = _name(request.topic, "topic")
-        group = _name(request.group, "group")
-        await self._check(
-            context, "ForwardMessageToDeadLetterQueue", ("topic", topic), ("group", group)
+        topic, group = await self._topic_and_group(
+            context, "ForwardMessageToDeadLetterQueue", request
         )
         try:
             msg_id = parse_msg_id(request.message_id)
@@ -624,30 +575,12 @@ class MessagingService(MessagingServiceServicer):
 
     # -- not supported ----------------------------------------------------------------------------
 
-    def _unsupported(self, what: str) -> pb.Status:
-        return status(Code.UNSUPPORTED, f"{what} is not supported by tempomq")
-
     async def PullMessage(
         self, request: spb.PullMessageRequest, context: Context
     ) -> AsyncIterator[spb.PullMessageResponse]:
-        yield spb.PullMessageResponse(status=self._unsupported("PullMessage (pull consumers)"))
+        yield spb.PullMessageResponse(status=_unsupported("PullMessage (pull consumers)"))
 
-    async def UpdateOffset(
-        self, request: spb.UpdateOffsetRequest, context: Context
-    ) -> spb.UpdateOffsetResponse:
-        return spb.UpdateOffsetResponse(status=self._unsupported("UpdateOffset"))
-
-    async def GetOffset(
-        self, request: spb.GetOffsetRequest, context: Context
-    ) -> spb.GetOffsetResponse:
-        return spb.GetOffsetResponse(status=self._unsupported("GetOffset"))
-
-    async def QueryOffset(
-        self, request: spb.QueryOffsetRequest, context: Context
-    ) -> spb.QueryOffsetResponse:
-        return spb.QueryOffsetResponse(status=self._unsupported("QueryOffset"))
-
-    async def SyncLiteSubscription(
-        self, request: spb.SyncLiteSubscriptionRequest, context: Context
-    ) -> spb.SyncLiteSubscriptionResponse:
-        return spb.SyncLiteSubscriptionResponse(status=self._unsupported("lite topics"))
+    UpdateOffset = _answer_unsupported(spb.UpdateOffsetResponse, "UpdateOffset")
+    GetOffset = _answer_unsupported(spb.GetOffsetResponse, "GetOffset")
+    QueryOffset = _answer_unsupported(spb.QueryOffsetResponse, "QueryOffset")
+    SyncLiteSubscription = _answer_unsupported(spb.SyncLiteSubscriptionResponse, "lite topics")

@@ -6,23 +6,17 @@ and parks at ``check_max`` exactly like the other channels."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
 from broker_core.message import Message
-from tests.unit.test_coordinator import FAST, Node, _node, _state
+from tests.unit import test_coordinator
+from tests.unit.broker_helpers import wait_for
+from tests.unit.test_coordinator import FAST, Node, _node
 from txcoord.coordinator import TxRow
 from txcoord.states import TxEvent, TxState
 
-
-@pytest.fixture
-async def nodes() -> AsyncIterator[list[Node]]:
-    running: list[Node] = []
-    yield running
-    for n in running:
-        await n.stop()
+#: The coordinator tests' fixture: started nodes, stopped after the test.
+nodes = test_coordinator.nodes
 
 
 class Channel:
@@ -43,12 +37,17 @@ class Channel:
         return self.pushed[-1]
 
 
-async def test_claimed_checks_are_pushed_with_the_half_message(
-    nodes: list[Node], tmp_path: Path
-) -> None:
+async def with_channel(nodes: list[Node], tmp_path: Path) -> tuple[Node, Channel]:
     node = await _node(nodes, tmp_path / "d")
     channel = Channel()
     node.tx.check_channels.append(channel)
+    return node, channel
+
+
+async def test_claimed_checks_are_pushed_with_the_half_message(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    node, channel = await with_channel(nodes, tmp_path)
     tx_id = await node.prepare(b"pushed", group="stream:client-1", keys=("k1",))
     row, message = await channel.next()
     assert (row.tx_id, row.topic, row.check_count) == (tx_id, "orders", 0)
@@ -60,9 +59,7 @@ async def test_claimed_checks_are_pushed_with_the_half_message(
 
 
 async def test_unclaimed_groups_stay_on_the_long_poll(nodes: list[Node], tmp_path: Path) -> None:
-    node = await _node(nodes, tmp_path / "d")
-    channel = Channel()
-    node.tx.check_channels.append(channel)
+    node, channel = await with_channel(nodes, tmp_path)
     tx_id = await node.prepare(b"polled", group="svc")
     checks = await node.tx.poll_checks("svc", max_n=10, wait_ms=3000)
     assert [c["tx_id"] for c in checks] == [tx_id]
@@ -72,15 +69,16 @@ async def test_unclaimed_groups_stay_on_the_long_poll(nodes: list[Node], tmp_pat
 async def test_unanswered_pushes_count_and_park_at_check_max(
     nodes: list[Node], tmp_path: Path
 ) -> None:
-    node = await _node(nodes, tmp_path / "d")
-    channel = Channel()
-    node.tx.check_channels.append(channel)
+    node, channel = await with_channel(nodes, tmp_path)
     tx_id = await node.prepare(b"ignored", group="stream:gone")
-    for _ in range(200):
-        if await _state(node, tx_id) is TxState.CHECK_MAX:
+    # Each unanswered push counts once the check timeout (300 ms) has passed.
+    await wait_for(lambda: len(channel.pushed) >= FAST.check_max, timeout_s=15)
+    row = await node.tx.get(tx_id)
+    for _ in range(100):  # the last count is being written
+        if row.state is TxState.CHECK_MAX:
             break
         await asyncio.sleep(0.05)
-    row = await node.tx.get(tx_id)
+        row = await node.tx.get(tx_id)
     assert (row.state, row.check_count) == (TxState.CHECK_MAX, FAST.check_max)
     # Asked once per count, each time with the count so far; never two at once.
     assert [r.check_count for r, _ in channel.pushed] == list(range(FAST.check_max))
@@ -88,9 +86,7 @@ async def test_unanswered_pushes_count_and_park_at_check_max(
 
 
 async def test_an_unknown_answer_counts_and_asks_again(nodes: list[Node], tmp_path: Path) -> None:
-    node = await _node(nodes, tmp_path / "d")
-    channel = Channel()
-    node.tx.check_channels.append(channel)
+    node, channel = await with_channel(nodes, tmp_path)
     tx_id = await node.prepare(b"later", group="stream:c")
     await channel.next()
     assert (await node.tx.answer(tx_id, TxEvent.UNKNOWN)).check_count == 1

@@ -4,29 +4,15 @@ without a backoff) only if the new deadline passes."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-
 import pytest
 
 from broker_core.errors import GroupNotFound, ReceiptExpired
-from tests.unit.broker_helpers import no_hang
+from tests.unit import test_groups
 from tests.unit.test_groups import INVISIBLE_MS, Env, S
 
-
-@pytest.fixture(autouse=True)
-def _no_hang() -> Iterator[None]:
-    with no_hang(10):
-        yield
-
-
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    e = Env(tmp_path / "data")
-    await e.start()
-    await e.b.create_topic("orders", 1)
-    yield e
-    await e.stop()
+# The fixtures of the consumer group tests: a broker with topic "orders" on a manual clock.
+env = test_groups.env
+_no_hang = test_groups._no_hang
 
 
 async def change(env: Env, receipt: str, invisible_ms: int, group: str = "g") -> str:
