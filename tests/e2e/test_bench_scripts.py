@@ -24,6 +24,7 @@ SMALL = {
     "http_produce": ["--seconds", "0.5"],
     "http_consume": ["--messages", "2000"],
     "wheel_bench": ["--max-pending", "10000", "--ops", "2000"],
+    "rocketmq_bench": ["--seconds", "0.5", "--runs", "1", "--threads", "2"],
 }
 NEEDS_REDIS = {
     "http_schedule": ["--seconds", "0.5"],
