@@ -58,6 +58,9 @@ async def start_grpc(
             # Clients keep idle connections alive with pings; do not answer them with GOAWAY.
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # grpcio shares a port between processes by default: a second server on the same
+            # address would silently take half the connections. Fail its start instead.
+            ("grpc.so_reuseport", 0),
         ]
     )
     try:

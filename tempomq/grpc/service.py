@@ -7,7 +7,7 @@ errors become RocketMQ codes in :func:`~tempomq.grpc.convert.code_for`; nothing 
 an RPC, so a client always gets a status it understands (an unexpected error is logged and
 answered ``INTERNAL_SERVER_ERROR``).
 
-What a RocketMQ client expects and how it maps (``ROCKETMQ-GRPC`` notes in docs/rocketmq.md):
+What a RocketMQ client expects and how it maps (user-facing: docs/rocketmq.md):
 
 - routes name every queue of the topic on this server's advertised address and accept all four
   message types; namespaces are refused (tempomq has none);
