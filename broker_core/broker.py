@@ -145,6 +145,10 @@ class Broker:
     def create_group(self, name: object, *, fifo: object, max_attempts: object) -> GroupConfig:
         return self.groups.create_group(name, fifo=fifo, max_attempts=max_attempts)
 
+    def group_config(self, name: str) -> GroupConfig | None:
+        """The group's settings, or None for a group not created yet."""
+        return self.groups.groups.get(name)
+
     async def receive(self, topic: str, group: str, **kw: Any) -> list[Delivery]:
         return await self.groups.receive(topic, group, **kw)
 

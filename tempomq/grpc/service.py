@@ -325,7 +325,7 @@ class MessagingService(MessagingServiceServicer):
             backoff.multiplier = 2.0
             return out
         if given.WhichOneof("pub_sub") == "subscription":
-            group = self.broker.groups.groups.get(session.group)
+            group = self.broker.group_config(session.group)
             out.subscription.CopyFrom(given.subscription)
             out.subscription.fifo = bool(group and group.fifo)
             out.subscription.receive_batch_size = _DEFAULT_BATCH
