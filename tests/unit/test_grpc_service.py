@@ -289,6 +289,17 @@ async def test_transaction_records_the_client_and_commits(env: Env) -> None:
     )
 
 
+async def test_a_transactional_message_may_also_be_delayed(env: Env) -> None:
+    at_ms = env.node.timers.now_ms() + 3_600_000
+    tx_msg = msg(b"tx later", kind=pb.MessageType.TRANSACTION, delivery_s=at_ms)
+    [entry] = (await env.send(tx_msg)).entries
+    client = pb.TransactionSource.SOURCE_CLIENT
+    await end(env, entry.transaction_id, pb.TransactionResolution.COMMIT, client)
+    info = await env.node.delay.get(bytes.fromhex(entry.message_id))
+    assert info is not None and (info.state, info.deliver_at_ms) == (DelayState.SCHEDULED, at_ms)
+    assert await env.received() == []
+
+
 async def test_a_check_answer_of_unknown_counts_a_check(env: Env) -> None:
     [entry] = (await env.send(msg(b"tx", kind=pb.MessageType.TRANSACTION))).entries
     check = pb.TransactionSource.SOURCE_SERVER_CHECK
