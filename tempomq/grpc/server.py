@@ -36,6 +36,7 @@ class GrpcEndpoint:
         self.service.tx.check_channels.remove(self.service.clients)
         self.service.clients.close_all()
         await self.server.stop(_STOP_GRACE_S)
+        await self.service.renewer.stop()
 
 
 async def start_grpc(

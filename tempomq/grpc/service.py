@@ -15,7 +15,8 @@ What a RocketMQ client expects and how it maps (user-facing: docs/rocketmq.md):
   an empty queue never holds a long poll while others have messages, and answers before the
   client's deadline;
 - the receipt handle is the consumer group's receipt; ChangeInvisibleDuration swaps it;
-- a push consumer gets one assignment per topic (its long poll reads every queue anyway).
+- a push consumer gets one assignment per topic (its long poll reads every queue anyway), and
+  its messages are renewed until acked (:mod:`tempomq.grpc.renewal`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from tempomq.grpc.convert import Code, error_status, status
 from tempomq.grpc.protocol import definition_pb2 as pb
 from tempomq.grpc.protocol import service_pb2 as spb
 from tempomq.grpc.protocol.service_pb2_grpc import MessagingServiceServicer
+from tempomq.grpc.renewal import ReceiptRenewer
 from txcoord.coordinator import Coordinator
 from txcoord.states import TxEvent
 
@@ -154,6 +156,8 @@ class MessagingService(MessagingServiceServicer):
         self.delay = delay
         self.tx = tx
         self.clients = ClientRegistry() if clients is None else clients
+        #: Push consumers' deliveries, kept invisible until they are acked.
+        self.renewer = ReceiptRenewer(broker, slice_ms=broker.config.default_invisible_ms)
         self.auth: GrpcAuth = AllowAll() if auth is None else auth
         self.advertise = advertise
         self._host = str(advertise)
@@ -235,6 +239,7 @@ class MessagingService(MessagingServiceServicer):
         client_id = metadata.get("x-mq-client-id")
         if client_id:
             self.clients.terminate(client_id)
+            self.renewer.drop_client(client_id)
         return spb.NotifyClientTerminationResponse(status=status())
 
     # -- telemetry --------------------------------------------------------------------------------
@@ -256,6 +261,8 @@ class MessagingService(MessagingServiceServicer):
         finally:
             reader.cancel()
             self.clients.close(session)
+            if self.clients.get(session.client_id) is None:
+                self.renewer.drop_client(session.client_id)
 
     async def _read_telemetry(
         self,
@@ -488,10 +495,11 @@ class MessagingService(MessagingServiceServicer):
                 "SQL92 filters are not supported; filter by tag", code="illegal_filter_expression"
             )
         tags = parse_tags(expression.expression or None)
-        if request.HasField("invisible_duration"):
+        renew = request.auto_renew and not request.HasField("invisible_duration")
+        if renew:  # a push consumer: the server picks, and renews until the ack
+            invisible_ms = self.renewer.slice_ms
+        else:
             invisible_ms = max(_duration_ms(request.invisible_duration), 1000)
-        else:  # a push consumer: the server picks
-            invisible_ms = config.default_invisible_ms
         wait_ms = 0
         if request.HasField("long_polling_timeout"):
             wait_ms = min(_duration_ms(request.long_polling_timeout), config.max_wait_ms)
@@ -509,6 +517,11 @@ class MessagingService(MessagingServiceServicer):
             invisible_ms=invisible_ms,
             tags=tags,
         )
+        if renew and deliveries:
+            client_id = _metadata(context).get("x-mq-client-id", "")
+            deadline_ms = self.broker.timers.now_ms() + invisible_ms
+            for d in deliveries:
+                self.renewer.hold(client_id, topic, group, d.receipt, deadline_ms)
         return deliveries, invisible_ms
 
     @unary(spb.AckMessageResponse)
@@ -520,7 +533,7 @@ class MessagingService(MessagingServiceServicer):
         codes = set()
         for e in request.entries:
             try:
-                await self.broker.ack(topic, group, [e.receipt_handle])
+                await self.broker.ack(topic, group, [self.renewer.release(e.receipt_handle)])
                 st = status()
             except TempoError as exc:
                 st = error_status(exc)
@@ -542,7 +555,10 @@ class MessagingService(MessagingServiceServicer):
     ) -> spb.ChangeInvisibleDurationResponse:
         topic, group = await self._topic_and_group(context, "ChangeInvisibleDuration", request)
         receipt = await self.broker.change_invisible(
-            topic, group, request.receipt_handle, _duration_ms(request.invisible_duration)
+            topic,
+            group,
+            self.renewer.release(request.receipt_handle),
+            _duration_ms(request.invisible_duration),
         )
         return spb.ChangeInvisibleDurationResponse(status=status(), receipt_handle=receipt)
 
@@ -570,7 +586,7 @@ class MessagingService(MessagingServiceServicer):
         # Stored in the DLQ first, then acked: a failure in between keeps it, never loses it.
         await self.broker.store.ensure_topic(dlq_topic(group), 1)
         await self.broker.put([plan.message], check_duplicate=False)
-        await self.broker.ack(topic, group, [request.receipt_handle])
+        await self.broker.ack(topic, group, [self.renewer.release(request.receipt_handle)])
         return spb.ForwardMessageToDeadLetterQueueResponse(status=status())
 
     # -- not supported ----------------------------------------------------------------------------

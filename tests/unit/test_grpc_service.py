@@ -63,11 +63,13 @@ class Env:
         wait_s: int | None = None,
         expression: pb.FilterExpression | None = None,
         ctx: Context | None = None,
+        push: bool = False,
     ) -> list[Any]:
-        request = spb.ReceiveMessageRequest(batch_size=32)
+        request = spb.ReceiveMessageRequest(batch_size=32, auto_renew=push)
         request.group.name = group
         request.message_queue.topic.name = topic
-        request.invisible_duration.seconds = 30
+        if not push:  # a push consumer leaves the time to the server
+            request.invisible_duration.seconds = 30
         if wait_s is not None:
             request.long_polling_timeout.seconds = wait_s
         if expression is not None:
@@ -416,6 +418,24 @@ async def test_ack_answers_per_entry(env: Env) -> None:
     answer = await env.service.AckMessage(request, Context())  # type: ignore[arg-type]
     assert answer.status.code == Code.MULTIPLE_RESULTS
     assert [e.status.code for e in answer.entries] == [Code.OK, Code.INVALID_RECEIPT_HANDLE]
+
+
+async def test_push_deliveries_are_held_until_acked_with_the_first_receipt(env: Env) -> None:
+    await env.send(msg(b"a"), msg(b"b"))
+    frames = await env.receive(push=True)
+    first = [f.message.system_properties.receipt_handle for f in frames if f.HasField("message")]
+    assert len(first) == 2 and len(env.service.renewer) == 2
+    invisible = frames[2].message.system_properties.invisible_duration
+    assert invisible.seconds * 1000 == env.service.renewer.slice_ms
+    request = spb.AckMessageRequest()
+    request.group.name, request.topic.name = "g", "orders"
+    request.entries.add(receipt_handle=first[0])
+    answer = await env.service.AckMessage(request, Context())  # type: ignore[arg-type]
+    assert answer.status.code == Code.OK
+    assert len(env.service.renewer) == 1
+    # The client says goodbye: what it still holds is no longer renewed.
+    await env.service.NotifyClientTermination(spb.NotifyClientTerminationRequest(), Context())  # type: ignore[arg-type]
+    assert len(env.service.renewer) == 0
 
 
 async def test_change_invisible_duration_swaps_the_receipt(env: Env) -> None:
