@@ -47,7 +47,7 @@ from tempomq.grpc.protocol import definition_pb2 as pb
 from tempomq.grpc.protocol import service_pb2 as spb
 from tempomq.grpc.protocol.service_pb2_grpc import MessagingServiceServicer
 from tempomq.grpc.renewal import ReceiptRenewer
-from txcoord.coordinator import Coordinator
+from txcoord.coordinator import Coordinator, TxNotFound
 from txcoord.states import TxEvent
 
 log = structlog.get_logger(__name__)
@@ -164,6 +164,12 @@ class MessagingService(MessagingServiceServicer):
 
     # -- plumbing ---------------------------------------------------------------------------------
 
+    async def _topic(self, context: Context, rpc: str, request: Any) -> str:
+        """The ``topic`` of a request, through the auth hook."""
+        topic = _name(request.topic, "topic")
+        await self._check(context, rpc, ("topic", topic))
+        return topic
+
     async def _topic_and_group(self, context: Context, rpc: str, request: Any) -> tuple[str, str]:
         """The ``topic`` and ``group`` of a request, through the auth hook."""
         topic = _name(request.topic, "topic")
@@ -203,8 +209,7 @@ class MessagingService(MessagingServiceServicer):
     async def QueryRoute(
         self, request: spb.QueryRouteRequest, context: Context
     ) -> spb.QueryRouteResponse:
-        name = _name(request.topic, "topic")
-        await self._check(context, "QueryRoute", ("topic", name))
+        name = await self._topic(context, "QueryRoute", request)
         topic = self.broker.get_topic(name)
         return spb.QueryRouteResponse(
             status=status(),
@@ -413,8 +418,7 @@ class MessagingService(MessagingServiceServicer):
     async def RecallMessage(
         self, request: spb.RecallMessageRequest, context: Context
     ) -> spb.RecallMessageResponse:
-        topic = _name(request.topic, "topic")
-        await self._check(context, "RecallMessage", ("topic", topic))
+        topic = await self._topic(context, "RecallMessage", request)
         try:
             msg_id = parse_msg_id(request.recall_handle)
         except TempoError:
@@ -433,8 +437,10 @@ class MessagingService(MessagingServiceServicer):
     async def EndTransaction(
         self, request: spb.EndTransactionRequest, context: Context
     ) -> spb.EndTransactionResponse:
-        topic = _name(request.topic, "topic")
-        await self._check(context, "EndTransaction", ("topic", topic))
+        topic = await self._topic(context, "EndTransaction", request)
+        # The caller was allowed this topic: its transaction must be one of the topic's.
+        if (await self.tx.get(request.transaction_id)).topic != topic:
+            raise TxNotFound(f"no transaction {request.transaction_id} on topic {topic!r}")
         event = _RESOLUTIONS.get(request.resolution)
         if request.source == pb.TransactionSource.SOURCE_SERVER_CHECK:
             # The checker's answer; "unknown" (resolution 0) counts as a check like any other.

@@ -41,6 +41,7 @@ pytestmark = [
 ]
 
 T = TypeVar("T")
+C = TypeVar("C", Producer, SimpleConsumer, PushConsumer)
 #: Generous: a loaded two-core machine runs other test servers beside this one.
 PATIENCE_S = 30.0
 #: Check-backs come after 1 s; redeliveries after a nack or a timeout after 1 s.
@@ -142,16 +143,30 @@ def rmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rmq]:
     r.server.ensure_stopped()
 
 
+_started: list[Any] = []
+
+
+def start(client: C) -> C:
+    """Start a client; it is shut down when the test ends, whatever happens."""
+    client.startup()
+    _started.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _shutdown_clients() -> Iterator[None]:
+    yield
+    while _started:
+        _started.pop().shutdown()
+
+
 def producer(rmq: Rmq, *topics: str, checker: TransactionChecker | None = None) -> Producer:
-    p = Producer(rmq.config(), topics, checker)
-    p.startup()
-    return p
+    return start(Producer(rmq.config(), topics, checker))
 
 
 def simple_consumer(rmq: Rmq, group: str, topic: str, expression: str = "*") -> SimpleConsumer:
-    c = SimpleConsumer(rmq.config(), group, {topic: FilterExpression(expression)}, await_duration=2)
-    c.startup()
-    return c
+    subscription = {topic: FilterExpression(expression)}
+    return start(SimpleConsumer(rmq.config(), group, subscription, await_duration=2))
 
 
 def message(topic: str, body: bytes, **kw: Any) -> Message:
@@ -185,30 +200,26 @@ def test_send_receive_ack_and_the_same_message_over_http(rmq: Rmq) -> None:
     topic = rmq.topic()
     p = producer(rmq, topic)
     c = simple_consumer(rmq, "g-basic", topic)
-    try:
-        sent = message(topic, b"order 17", tag="created", keys="order-17", properties={"k": "v"})
-        receipt = p.send(sent)
-        [got] = receive_all(c, 1)
-        assert got.message_id == receipt.message_id
-        assert (got.body, got.tag, got.keys, got.properties) == (
-            b"order 17",
-            "created",
-            {"order-17"},
-            {"k": "v"},
-        )
-        assert got.delivery_attempt == 1
-        c.ack(got)
-        assert c.receive(32, 20) == []  # acked: gone for this group
-        # The same message over HTTP, by id and through another group.
-        status, body = rmq.http("GET", f"/v1/messages/{receipt.message_id}")
-        assert status == 200, body
-        assert (body["body"], body["tags"], body["keys"]) == ("order 17", "created", ["order-17"])
-        assert body["properties"] == {"k": "v"}
-        [over_http] = rmq.http_drain(topic, "g-http", 1)
-        assert over_http["msg_id"] == receipt.message_id
-    finally:
-        c.shutdown()
-        p.shutdown()
+    sent = message(topic, b"order 17", tag="created", keys="order-17", properties={"k": "v"})
+    receipt = p.send(sent)
+    [got] = receive_all(c, 1)
+    assert got.message_id == receipt.message_id
+    assert (got.body, got.tag, got.keys, got.properties) == (
+        b"order 17",
+        "created",
+        {"order-17"},
+        {"k": "v"},
+    )
+    assert got.delivery_attempt == 1
+    c.ack(got)
+    assert c.receive(32, 20) == []  # acked: gone for this group
+    # The same message over HTTP, by id and through another group.
+    status, body = rmq.http("GET", f"/v1/messages/{receipt.message_id}")
+    assert status == 200, body
+    assert (body["body"], body["tags"], body["keys"]) == ("order 17", "created", ["order-17"])
+    assert body["properties"] == {"k": "v"}
+    [over_http] = rmq.http_drain(topic, "g-http", 1)
+    assert over_http["msg_id"] == receipt.message_id
 
 
 def test_http_sends_reach_rocketmq_consumers(rmq: Rmq) -> None:
@@ -220,34 +231,27 @@ def test_http_sends_reach_rocketmq_consumers(rmq: Rmq) -> None:
     )
     assert status == 201, body
     c = simple_consumer(rmq, "g-interop", topic)
-    try:
-        [got] = receive_all(c, 1)
-        assert got.message_id == body["msg_id"]
-        assert (got.body, got.tag, got.keys, got.properties) == (
-            b"from http",
-            "t1",
-            {"a", "b"},
-            {"p": "1"},
-        )
-        c.ack(got)
-    finally:
-        c.shutdown()
+    [got] = receive_all(c, 1)
+    assert got.message_id == body["msg_id"]
+    assert (got.body, got.tag, got.keys, got.properties) == (
+        b"from http",
+        "t1",
+        {"a", "b"},
+        {"p": "1"},
+    )
+    c.ack(got)
 
 
 def test_tag_filter(rmq: Rmq) -> None:
     topic = rmq.topic()
     p = producer(rmq, topic)
     c = simple_consumer(rmq, "g-tags", topic, "wanted || also")
-    try:
-        for tag in ("wanted", "other", "also"):
-            p.send(message(topic, tag.encode(), tag=tag))
-        got = receive_all(c, 2)
-        assert sorted(m.body for m in got) == [b"also", b"wanted"]
-        for m in got:
-            c.ack(m)
-    finally:
-        c.shutdown()
-        p.shutdown()
+    for tag in ("wanted", "other", "also"):
+        p.send(message(topic, tag.encode(), tag=tag))
+    got = receive_all(c, 2)
+    assert sorted(m.body for m in got) == [b"also", b"wanted"]
+    for m in got:
+        c.ack(m)
 
 
 def test_fifo_keeps_order_per_message_group(rmq: Rmq) -> None:
@@ -257,55 +261,47 @@ def test_fifo_keeps_order_per_message_group(rmq: Rmq) -> None:
     p = producer(rmq, topic)
     c = simple_consumer(rmq, "g-fifo", topic)
     groups = ("user-1", "user-2", "user-3", "user-4", "user-5")
-    try:
-        for i in range(10):
-            for g in groups:
-                p.send(message(topic, f"{g}:{i}".encode(), message_group=g))
-        seen: dict[str, list[int]] = {g: [] for g in groups}
+    for i in range(10):
+        for g in groups:
+            p.send(message(topic, f"{g}:{i}".encode(), message_group=g))
+    seen: dict[str, list[int]] = {g: [] for g in groups}
 
-        def more() -> bool:
-            for m in c.receive(32, 20):
-                assert m.message_group is not None
-                g, i = m.body.decode().split(":")
-                assert g == m.message_group
-                seen[g].append(int(i))
-                c.ack(m)
-            return sum(map(len, seen.values())) >= 50
+    def more() -> bool:
+        for m in c.receive(32, 20):
+            assert m.message_group is not None
+            g, i = m.body.decode().split(":")
+            assert g == m.message_group
+            seen[g].append(int(i))
+            c.ack(m)
+        return sum(map(len, seen.values())) >= 50
 
-        wait_until(more, what="every FIFO message")
-        assert all(seen[g] == list(range(10)) for g in groups), seen
-        queues = {
-            q["queue_id"]
-            for q in rmq.http("GET", f"/v1/topics/{topic}")[1]["queue_offsets"]
-            if q["max_offset"] > 0
-        }
-        assert len(queues) > 1  # the groups really spread over several queues
-    finally:
-        c.shutdown()
-        p.shutdown()
+    wait_until(more, what="every FIFO message")
+    assert all(seen[g] == list(range(10)) for g in groups), seen
+    queues = {
+        q["queue_id"]
+        for q in rmq.http("GET", f"/v1/topics/{topic}")[1]["queue_offsets"]
+        if q["max_offset"] > 0
+    }
+    assert len(queues) > 1  # the groups really spread over several queues
 
 
 def test_change_invisible_then_ack_and_redelivery_after_invisibility(rmq: Rmq) -> None:
     topic = rmq.topic()
     p = producer(rmq, topic)
     c = simple_consumer(rmq, "g-invisible", topic)
-    try:
-        p.send(message(topic, b"slow"))
-        p.send(message(topic, b"dropped"))
-        got = {m.body: m for m in receive_all(c, 2, invisible_s=1)}
-        slow = got[b"slow"]
-        old_receipt = slow.receipt_handle
-        c.change_invisible_duration(slow, 30)
-        assert slow.receipt_handle != old_receipt  # the client adopted the new receipt
-        # "dropped" comes again after its 1 s (+ 1 s backoff), attempt 2; "slow" does not.
-        [again] = receive_all(c, 1, invisible_s=20)
-        assert (again.body, again.delivery_attempt) == (b"dropped", 2)
-        c.ack(again)
-        c.ack(slow)  # with the new receipt, well after the first 1 s ran out
-        assert c.receive(32, 20) == []
-    finally:
-        c.shutdown()
-        p.shutdown()
+    p.send(message(topic, b"slow"))
+    p.send(message(topic, b"dropped"))
+    got = {m.body: m for m in receive_all(c, 2, invisible_s=1)}
+    slow = got[b"slow"]
+    old_receipt = slow.receipt_handle
+    c.change_invisible_duration(slow, 30)
+    assert slow.receipt_handle != old_receipt  # the client adopted the new receipt
+    # "dropped" comes again after its 1 s (+ 1 s backoff), attempt 2; "slow" does not.
+    [again] = receive_all(c, 1, invisible_s=20)
+    assert (again.body, again.delivery_attempt) == (b"dropped", 2)
+    c.ack(again)
+    c.ack(slow)  # with the new receipt, well after the first 1 s ran out
+    assert c.receive(32, 20) == []
 
 
 # -- delays and recall ---------------------------------------------------------------------------
@@ -315,51 +311,40 @@ def test_delay_in_milliseconds_is_released_on_time_never_early(rmq: Rmq) -> None
     topic = rmq.topic()
     p = producer(rmq, topic)
     c = simple_consumer(rmq, "g-delay", topic)
-    try:
-        at_ms = int(time.time() * 1000) + 1500 + 7  # not a whole second
-        receipt = p.send(message(topic, b"later", delivery_timestamp=at_ms))
-        assert receipt.recall_handle
-        [got] = receive_all(c, 1)
-        assert time.time() * 1000 >= at_ms
-        deliver_at = int(got.properties["DELIVER_AT"])
-        released_at = int(got.properties["RELEASED_AT"])
-        assert deliver_at == at_ms
-        assert got.delivery_timestamp == at_ms
-        assert 0 <= released_at - deliver_at <= 100  # tens of ms on a busy machine
-        c.ack(got)
-    finally:
-        c.shutdown()
-        p.shutdown()
+    at_ms = int(time.time() * 1000) + 1500 + 7  # not a whole second
+    receipt = p.send(message(topic, b"later", delivery_timestamp=at_ms))
+    assert receipt.recall_handle
+    [got] = receive_all(c, 1)
+    assert time.time() * 1000 >= at_ms
+    deliver_at = int(got.properties["DELIVER_AT"])
+    released_at = int(got.properties["RELEASED_AT"])
+    assert deliver_at == at_ms
+    assert got.delivery_timestamp == at_ms
+    assert 0 <= released_at - deliver_at <= 100  # tens of ms on a busy machine
+    c.ack(got)
 
 
 def test_delay_in_seconds_as_the_client_example_passes_it(rmq: Rmq) -> None:
     topic = rmq.topic()
     p = producer(rmq, topic)
     c = simple_consumer(rmq, "g-delay-s", topic)
-    try:
-        at_s = int(time.time()) + 2
-        receipt = p.send(message(topic, b"seconds", delivery_timestamp=at_s))
-        status, body = rmq.http("GET", f"/v1/delayed/{receipt.message_id}")
-        assert status == 200 and body["deliver_at"] == at_s * 1000, body
-        [got] = receive_all(c, 1)
-        assert int(got.properties["DELIVER_AT"]) == at_s * 1000
-        c.ack(got)
-    finally:
-        c.shutdown()
-        p.shutdown()
+    at_s = int(time.time()) + 2
+    receipt = p.send(message(topic, b"seconds", delivery_timestamp=at_s))
+    status, body = rmq.http("GET", f"/v1/delayed/{receipt.message_id}")
+    assert status == 200 and body["deliver_at"] == at_s * 1000, body
+    [got] = receive_all(c, 1)
+    assert int(got.properties["DELIVER_AT"]) == at_s * 1000
+    c.ack(got)
 
 
 def test_recall_cancels_a_delayed_message(rmq: Rmq) -> None:
     topic = rmq.topic()
     p = producer(rmq, topic)
-    try:
-        at_ms = int(time.time() * 1000) + 3_600_000
-        receipt = p.send(message(topic, b"never", delivery_timestamp=at_ms))
-        assert p.recall_message(topic, receipt.recall_handle) == receipt.message_id
-        status, body = rmq.http("GET", f"/v1/delayed/{receipt.message_id}")
-        assert (status, body["state"]) == (200, "cancelled")
-    finally:
-        p.shutdown()
+    at_ms = int(time.time() * 1000) + 3_600_000
+    receipt = p.send(message(topic, b"never", delivery_timestamp=at_ms))
+    assert p.recall_message(topic, receipt.recall_handle) == receipt.message_id
+    status, body = rmq.http("GET", f"/v1/delayed/{receipt.message_id}")
+    assert (status, body["state"]) == (200, "cancelled")
 
 
 # -- transactions --------------------------------------------------------------------------------
@@ -378,19 +363,16 @@ class Checker(TransactionChecker):
 def test_transaction_commit_and_rollback(rmq: Rmq) -> None:
     topic = rmq.topic()
     p = producer(rmq, topic, checker=Checker({}))
-    try:
-        tx = p.begin_transaction()
-        kept = p.send(message(topic, b"kept"), tx)
-        assert rmq.http("GET", f"/v1/messages/{kept.message_id}")[0] == 404  # half: invisible
-        tx.commit()
-        tx = p.begin_transaction()
-        dropped = p.send(message(topic, b"dropped"), tx)
-        tx.rollback()
-        [got] = rmq.http_drain(topic, "g-tx", 1)
-        assert got["msg_id"] == kept.message_id
-        assert rmq.http("GET", f"/v1/messages/{dropped.message_id}")[0] == 404
-    finally:
-        p.shutdown()
+    tx = p.begin_transaction()
+    kept = p.send(message(topic, b"kept"), tx)
+    assert rmq.http("GET", f"/v1/messages/{kept.message_id}")[0] == 404  # half: invisible
+    tx.commit()
+    tx = p.begin_transaction()
+    dropped = p.send(message(topic, b"dropped"), tx)
+    tx.rollback()
+    [got] = rmq.http_drain(topic, "g-tx", 1)
+    assert got["msg_id"] == kept.message_id
+    assert rmq.http("GET", f"/v1/messages/{dropped.message_id}")[0] == 404
 
 
 def test_check_back_over_telemetry_commits_and_rolls_back(rmq: Rmq) -> None:
@@ -402,17 +384,14 @@ def test_check_back_over_telemetry_commits_and_rolls_back(rmq: Rmq) -> None:
         }
     )
     p = producer(rmq, topic, checker=checker)
-    try:
-        for body in (b"commit me", b"roll me back"):
-            p.send(message(topic, body, keys="k-" + body.decode()[:4]), p.begin_transaction())
-        wait_until(lambda: len(checker.asked) >= 2, what="two check-backs")
-        [got] = rmq.http_drain(topic, "g-check", 1)
-        assert got["body"] == "commit me"
-        status, body = rmq.http("GET", "/v1/transactions?state=rolled_back")
-        assert status == 200, body
-        assert topic in {t["topic"] for t in body["transactions"]}
-    finally:
-        p.shutdown()
+    for body in (b"commit me", b"roll me back"):
+        p.send(message(topic, body, keys="k-" + body.decode()[:4]), p.begin_transaction())
+    wait_until(lambda: len(checker.asked) >= 2, what="two check-backs")
+    [got] = rmq.http_drain(topic, "g-check", 1)
+    assert got["body"] == "commit me"
+    status, body = rmq.http("GET", "/v1/transactions?state=rolled_back")
+    assert status == 200, body
+    assert topic in {t["topic"] for t in body["transactions"]}
 
 
 # -- push consumer -------------------------------------------------------------------------------
@@ -434,23 +413,16 @@ def test_push_consumer_success(rmq: Rmq) -> None:
     topic = rmq.topic()
     p = producer(rmq, topic)
     listener = Listener(ConsumeResult.SUCCESS)
-    c = PushConsumer(rmq.config(), "g-push", listener, {topic: FilterExpression()})
-    c.startup()
-    try:
-        for i in range(5):
-            p.send(message(topic, f"push {i}".encode()))
-        wait_until(lambda: len(listener.seen) >= 5, what="five pushed messages")
-        assert sorted(b for b, _ in listener.seen) == [f"push {i}".encode() for i in range(5)]
-        stats = wait_until(
-            lambda: (
-                (s := rmq.http("GET", f"/v1/topics/{topic}/groups/g-push")[1])["lag"] == 0 and s
-            ),
-            what="the acks",
-        )
-        assert stats["inflight"] == 0
-    finally:
-        c.shutdown()
-        p.shutdown()
+    start(PushConsumer(rmq.config(), "g-push", listener, {topic: FilterExpression()}))
+    for i in range(5):
+        p.send(message(topic, f"push {i}".encode()))
+    wait_until(lambda: len(listener.seen) >= 5, what="five pushed messages")
+    assert sorted(b for b, _ in listener.seen) == [f"push {i}".encode() for i in range(5)]
+    stats = wait_until(
+        lambda: (s := rmq.http("GET", f"/v1/topics/{topic}/groups/g-push")[1])["lag"] == 0 and s,
+        what="the acks",
+    )
+    assert stats["inflight"] == 0
 
 
 def test_push_consumer_failure_retries_then_dead_letters(rmq: Rmq) -> None:
@@ -459,17 +431,12 @@ def test_push_consumer_failure_retries_then_dead_letters(rmq: Rmq) -> None:
     assert status == 201, body
     p = producer(rmq, topic)
     listener = Listener(ConsumeResult.FAILURE)
-    c = PushConsumer(rmq.config(), "g-push-dlq", listener, {topic: FilterExpression()})
-    c.startup()
-    try:
-        receipt = p.send(message(topic, b"poison"))
-        [dead] = rmq.http_drain("%DLQ%g-push-dlq", "g-dlq-reader", 1)
-        assert dead["msg_id"] == receipt.message_id
-        assert dead["body"] == "poison"
-        assert listener.seen[:2] == [(b"poison", 1), (b"poison", 2)]
-    finally:
-        c.shutdown()
-        p.shutdown()
+    start(PushConsumer(rmq.config(), "g-push-dlq", listener, {topic: FilterExpression()}))
+    receipt = p.send(message(topic, b"poison"))
+    [dead] = rmq.http_drain("%DLQ%g-push-dlq", "g-dlq-reader", 1)
+    assert dead["msg_id"] == receipt.message_id
+    assert dead["body"] == "poison"
+    assert listener.seen[:2] == [(b"poison", 1), (b"poison", 2)]
 
 
 # -- dedup, refusals, unsupported ----------------------------------------------------------------
@@ -515,36 +482,30 @@ def test_a_namespace_is_refused_with_a_clear_error(rmq: Rmq) -> None:
         answer = service_pb2_grpc.MessagingServiceStub(channel).QueryRoute(request, timeout=10)
     assert answer.status.code == definition_pb2.Code.BAD_REQUEST
     assert "tempomq has no namespaces" in answer.status.message
-    p = Producer(rmq.config(namespace="ns1"), (topic,))
-    p.startup()
-    try:
-        with pytest.raises(Exception, match="route"):  # the client reports the failed route
-            p.send(message(topic, b"x"))
-    finally:
-        p.shutdown()
+    p = start(Producer(rmq.config(namespace="ns1"), (topic,)))
+    with pytest.raises(Exception, match="route"):  # the client reports the failed route
+        p.send(message(topic, b"x"))
 
 
 def test_sql_filters_are_refused(rmq: Rmq) -> None:
     topic = rmq.topic()
-    c = SimpleConsumer(
-        rmq.config(), "g-sql", {topic: FilterExpression("a > 1", FilterType.SQL)}, await_duration=1
+    c = start(
+        SimpleConsumer(
+            rmq.config(),
+            "g-sql",
+            {topic: FilterExpression("a > 1", FilterType.SQL)},
+            await_duration=1,
+        )
     )
-    c.startup()
-    try:
-        with pytest.raises(Exception, match="SQL92"):
-            c.receive(1, 10)
-    finally:
-        c.shutdown()
+    with pytest.raises(Exception, match="SQL92"):
+        c.receive(1, 10)
 
 
 def test_unknown_topic_fails_the_send(rmq: Rmq) -> None:
     topic = "nope-" + uuid.uuid4().hex[:8]
     p = producer(rmq, topic)
-    try:
-        with pytest.raises(Exception, match="route"):
-            p.send(message(topic, b"x"))
-    finally:
-        p.shutdown()
+    with pytest.raises(Exception, match="route"):
+        p.send(message(topic, b"x"))
 
 
 def test_the_python_example_of_the_docs_runs(rmq: Rmq, tmp_path: Path) -> None:
@@ -601,7 +562,6 @@ def test_kill_9_mid_traffic_loses_and_duplicates_nothing_acknowledged(tmp_path: 
     finally:
         stop.set()
         sender.join(30)
-        p.shutdown()
     try:
         got = rmq.http_drain(topic, "g-crash", len(acked))
         ids = [m["msg_id"] for m in got]

@@ -261,13 +261,13 @@ async def test_bad_sends_answer_their_code(env: Env, bad: pb.Message, code: int)
 # -- transactions --------------------------------------------------------------------------------
 
 
-async def end(env: Env, tx_id: str, resolution: int, source: int) -> Any:
+async def end(env: Env, tx_id: str, resolution: int, source: int, topic: str = "orders") -> Any:
     request = spb.EndTransactionRequest(
         transaction_id=tx_id,
         resolution=resolution,  # type: ignore[arg-type]
         source=source,  # type: ignore[arg-type]
     )
-    request.topic.name = "orders"
+    request.topic.name = topic
     return await env.service.EndTransaction(request, Context())  # type: ignore[arg-type]
 
 
@@ -278,6 +278,9 @@ async def test_transaction_records_the_client_and_commits(env: Env) -> None:
     assert row.msg_id.hex() == entry.message_id
     assert await env.received() == []
     client = pb.TransactionSource.SOURCE_CLIENT
+    await env.node.broker.create_topic("other", 1)
+    answer = await end(env, entry.transaction_id, pb.TransactionResolution.COMMIT, client, "other")
+    assert answer.status.code == Code.INVALID_TRANSACTION_ID  # not a transaction of that topic
     answer = await end(env, entry.transaction_id, pb.TransactionResolution.COMMIT, client)
     assert answer.status.code == Code.OK
     assert [m.body for m in await env.received()] == [b"tx"]
