@@ -394,10 +394,18 @@ async def reset(request: web.Request) -> web.Response:
     return json_response({"queues": await broker.reset(topic, group, ts)})
 
 
+@routes.get("/v1/admin/damage")
+async def list_damage(request: web.Request) -> web.Response:
+    """Damaged CommitLog ranges found since the data directory was created (see
+    :class:`broker_core.commitlog.DamageLog`): what was skipped and never delivered."""
+    entries = request.app[BROKER].store.commitlog.damage.entries
+    return json_response({"damage": entries, "count": len(entries)})
+
+
 @routes.post("/v1/groups")
 async def create_group(request: web.Request) -> web.Response:
     body = await _object(request)
-    group = request.app[BROKER].create_group(
+    group = await request.app[BROKER].create_group(
         body.get("name"), fifo=body.get("fifo", False), max_attempts=body.get("max_attempts")
     )
     return json_response(group.to_json(), status=201)

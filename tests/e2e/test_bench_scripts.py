@@ -20,6 +20,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 SMALL = {
     "put_inprocess": ["--messages", "4000"],
+    "read_check": ["--messages", "2000", "--rounds", "1"],
     "sync_flush": ["--single-messages", "20", "--concurrent-messages", "640"],
     "http_produce": ["--seconds", "0.5"],
     "http_consume": ["--messages", "2000"],
