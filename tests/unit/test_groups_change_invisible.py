@@ -4,11 +4,14 @@ without a backoff) only if the new deadline passes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from broker_core.errors import GroupNotFound, ReceiptExpired
 from tests.unit import test_groups
 from tests.unit.test_groups import INVISIBLE_MS, Env, S
+from tests.unit.test_groups_durable import CrashableEnv
 
 # The fixtures of the consumer group tests: a broker with topic "orders" on a manual clock.
 env = test_groups.env
@@ -101,7 +104,7 @@ async def test_stale_receipts_and_unknown_groups(env: Env) -> None:
 
 
 async def test_fifo_change_then_expiry_resends_in_place(env: Env) -> None:
-    env.b.create_group("f", fifo=True, max_attempts=3)
+    await env.b.create_group("f", fifo=True, max_attempts=3)
     await env.send("orders", "m0", "m1")
     [d] = await env.recv(group="f")
     await change(env, d.receipt, 3 * S, group="f")
@@ -111,3 +114,24 @@ async def test_fifo_change_then_expiry_resends_in_place(env: Env) -> None:
     await env.ack(again, group="f")
     [nxt] = await env.recv(group="f")
     assert nxt.message.body == b"m1"
+
+
+async def test_the_new_deadline_survives_a_crash(tmp_path: Path) -> None:
+    crashable = CrashableEnv(tmp_path / "data")
+    await crashable.start()
+    try:
+        await crashable.b.create_topic("orders", 1)
+        [sent] = await crashable.send("orders", "a")
+        [d] = await crashable.recv(invisible_ms=5 * S)
+        await change(crashable, d.receipt, 60 * S)
+        await crashable.crash()
+        await crashable.advance(30 * S)  # well past the first 5 s: still out
+        await crashable.release()
+        assert await crashable.recv() == []
+        await crashable.advance(30 * S)  # the new deadline: redelivered, one attempt further
+        await crashable.advance(3600 * S)  # (after a restart it waits out the backoff)
+        await crashable.release()
+        [again] = await crashable.recv()
+        assert (again.message.origin_msg_id, again.attempt) == (sent.hex(), 2)
+    finally:
+        await crashable.stop()

@@ -366,7 +366,7 @@ async def test_producer_settings_answer_and_check_backs_go_down_the_stream(env: 
 
 
 async def test_consumer_settings_carry_the_group_retry_policy(env: Env) -> None:
-    env.node.broker.create_group("billing", fifo=True, max_attempts=5)
+    await env.node.broker.create_group("billing", fifo=True, max_attempts=5)
     settings = pb.Settings(client_type=pb.ClientType.PUSH_CONSUMER)
     settings.subscription.group.name = "billing"
     settings.subscription.subscriptions.add().topic.name = "orders"
@@ -455,7 +455,7 @@ async def test_change_invisible_duration_swaps_the_receipt(env: Env) -> None:
 
 
 async def test_forward_to_dead_letter_queue_moves_and_acks(env: Env) -> None:
-    env.node.broker.create_group("f", fifo=True, max_attempts=3)
+    await env.node.broker.create_group("f", fifo=True, max_attempts=3)
     [entry] = (await env.send(msg(b"poison", kind=pb.MessageType.FIFO, message_group="u"))).entries
     [m] = await env.received("f")
     request = spb.ForwardMessageToDeadLetterQueueRequest(
