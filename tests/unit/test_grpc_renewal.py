@@ -20,12 +20,14 @@ _no_hang = test_groups._no_hang
 SLICE_MS = 30 * S
 
 
-async def advance(env: Env, ms: int) -> None:
-    """Move the clock in steps, letting each renewal (a task per due timer) run."""
+async def advance(env: Env, renewer: ReceiptRenewer, ms: int) -> None:
+    """Move the clock in steps; each renewal that fell due (a task whose record is written
+    by the store's writer thread) finishes before the clock moves on."""
     for _ in range(ms // S):
         env.timers.advance(S)
-        for _ in range(3):
-            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        while renewer._tasks:
+            await asyncio.gather(*renewer._tasks, return_exceptions=True)
         await settle(env.b)
 
 
@@ -39,13 +41,13 @@ async def held(env: Env, renewer: ReceiptRenewer, client: str = "c1") -> str:
 async def test_a_held_delivery_stays_out_until_acked_with_its_first_receipt(env: Env) -> None:
     renewer = ReceiptRenewer(env.b, slice_ms=SLICE_MS)
     first = await held(env, renewer)
-    await advance(env, 5 * SLICE_MS)  # five slices: renewed four or five times
+    await advance(env, renewer, 5 * SLICE_MS)  # five slices: renewed four or five times
     assert await env.recv() == []
     with pytest.raises(ReceiptExpired):  # the group moved on to a newer receipt
         await env.b.ack("orders", "g", [first])
     assert await env.b.ack("orders", "g", [renewer.release(first)]) == 1
     assert len(renewer) == 0
-    await advance(env, 2 * SLICE_MS)
+    await advance(env, renewer, 2 * SLICE_MS)
     assert await env.recv() == []
 
 
@@ -53,9 +55,9 @@ async def test_a_client_that_goes_away_lets_its_messages_expire(env: Env) -> Non
     renewer = ReceiptRenewer(env.b, slice_ms=SLICE_MS)
     await held(env, renewer, client="gone")
     await held(env, renewer, client="stays")
-    await advance(env, 2 * SLICE_MS)
+    await advance(env, renewer, 2 * SLICE_MS)
     renewer.drop_client("gone")
-    await advance(env, SLICE_MS)
+    await advance(env, renewer, SLICE_MS)
     [again] = await env.recv()
     assert (again.message.body, again.attempt) == (b"work", 2)
     assert len(renewer) == 1
@@ -64,9 +66,9 @@ async def test_a_client_that_goes_away_lets_its_messages_expire(env: Env) -> Non
 async def test_renewal_ends_after_the_longest_hold(env: Env) -> None:
     renewer = ReceiptRenewer(env.b, slice_ms=SLICE_MS, max_hold_ms=3 * SLICE_MS)
     await held(env, renewer)
-    await advance(env, 3 * SLICE_MS)
+    await advance(env, renewer, 3 * SLICE_MS)
     assert await env.recv() == []
-    await advance(env, 2 * SLICE_MS)
+    await advance(env, renewer, 2 * SLICE_MS)
     [again] = await env.recv()
     assert again.attempt == 2
     assert len(renewer) == 0
@@ -77,6 +79,6 @@ async def test_stop_cancels_every_renewal(env: Env) -> None:
     await held(env, renewer)
     await renewer.stop()
     assert len(renewer) == 0
-    await advance(env, SLICE_MS)
+    await advance(env, renewer, SLICE_MS)
     # Never renewed: it expired at its first deadline, so a retry waits out the backoff.
     assert len(env.scheduler.scheduled) == 1
