@@ -96,10 +96,10 @@ def test_grpc_off_opens_no_port(tmp_path: Path) -> None:
 def test_a_taken_address_makes_the_second_server_exit_1(tmp_path: Path) -> None:
     port = free_port()
     first = Server(tmp_path / "a", "--grpc", f"127.0.0.1:{port}")
+    second = Server(tmp_path / "b", "--grpc", f"127.0.0.1:{port}")
     first.start()
     try:
         wait_listening(first, port)
-        second = Server(tmp_path / "b", "--grpc", f"127.0.0.1:{port}")
         # HTTP listens first and the gRPC bind fails just after: start() may see either.
         with contextlib.suppress(RuntimeError):
             second.start()
@@ -109,4 +109,5 @@ def test_a_taken_address_makes_the_second_server_exit_1(tmp_path: Path) -> None:
         create_topic(first)
         assert route_address(port, "orders")[2] == port
     finally:
+        second.ensure_stopped()
         first.ensure_stopped()
