@@ -235,7 +235,28 @@ def find_next_frame(
 
 def decode(buf: Buffer, pos: int = 0) -> StoredMessage:
     """Decode the record at ``pos``. The caller has checked it (``scan``) or trusts it."""
-    total, _magic, _crc = _PRE.unpack_from(buf, pos)
+    decoded = _decode(buf, pos, -1, -1)
+    assert decoded is not None
+    return decoded
+
+
+def decode_checked(buf: Buffer, pos: int, limit: int, phy_offset: int) -> StoredMessage | None:
+    """Decode the record at ``pos`` of ``buf[:limit]`` if it is whole, its CRC matches and it
+    was written at ``phy_offset``; else None. The read path's check, in one pass."""
+    return _decode(buf, pos, limit, phy_offset)
+
+
+def _decode(buf: Buffer, pos: int, limit: int, phy_check: int) -> StoredMessage | None:
+    """Decode; when ``limit`` >= 0, first check frame, CRC and self-offset (None if bad)."""
+    total, magic, crc = _PRE.unpack_from(buf, pos)
+    mv = memoryview(buf)
+    if limit >= 0 and (
+        magic != RECORD_MAGIC
+        or total < HEADER_SIZE
+        or pos + total > limit
+        or _crc32(mv[pos + PRE_SIZE : pos + total]) != crc
+    ):
+        return None
     (
         flags,
         queue_id,
@@ -251,8 +272,9 @@ def decode(buf: Buffer, pos: int = 0) -> StoredMessage:
         props_len,
         body_len,
     ) = _REST.unpack_from(buf, pos + PRE_SIZE)
+    if limit >= 0 and phy_offset != phy_check:
+        return None
     p = pos + HEADER_SIZE
-    mv = memoryview(buf)
     topic = str(mv[p : p + topic_len], "utf-8")
     p += topic_len
     tags = str(mv[p : p + tags_len], "utf-8") if tags_len else ""

@@ -43,6 +43,7 @@ import structlog
 
 from broker_core import codec, metrics
 from broker_core.codec import Scan
+from broker_core.message import StoredMessage
 
 log = structlog.get_logger(__name__)
 
@@ -579,9 +580,21 @@ class CommitLog:
             raise KeyError(offset)
         return seg.view, offset - start
 
-    def check(self, offset: int) -> tuple[mmap.mmap, int] | None:
+    def read(self, offset: int) -> StoredMessage | None:
         """The record at ``offset`` if it is whole, CRC-valid and written there, else None
         (reported to the damage log when it is damaged, not when retention removed it)."""
+        start = offset - offset % self.segment_bytes
+        seg = self._segments.get(start)
+        if seg is None:
+            return None
+        found = codec.decode_checked(seg.view, offset - start, self.segment_bytes, offset)
+        if found is None:
+            self._report_bad_read(offset)
+        return found
+
+    def check(self, offset: int) -> tuple[mmap.mmap, int] | None:
+        """Where the record at ``offset`` is, if it is whole, CRC-valid and written there, else
+        None (reported like a bad :meth:`read`)."""
         start = offset - offset % self.segment_bytes
         seg = self._segments.get(start)
         if seg is None:
@@ -589,14 +602,17 @@ class CommitLog:
         pos = offset - start
         if codec.check_record(seg.view, pos, self.segment_bytes, offset):
             return seg.view, pos
+        self._report_bad_read(offset)
+        return None
+
+    def _report_bad_read(self, offset: int) -> None:
         self.damage.report(
-            segment=start,
+            segment=self.segment_start(offset),
             offset=offset,
             length=0,
             found_by="read",
             reason="record failed its CRC or self-offset check; not delivered",
         )
-        return None
 
     def iter_records(
         self,

@@ -26,6 +26,7 @@ F     a FIFO delivery failed and waits in place until ``ready_at``
 I     the retry copy a failed delivery is about to schedule (its id and time), so a retry that
       a crash interrupted is scheduled again with the same id and keeps its time
 R     a reset: cursors moved, deliveries out dropped
+X     a group deleted: its config, cursors and offsets forgotten
 ====  ===========================================================================
 
 ``groups.json`` is a snapshot of the whole state as of a CommitLog offset (``state_at``), saved
@@ -60,7 +61,7 @@ from broker_core.errors import (
     ReceiptExpired,
     StoreUnavailable,
 )
-from broker_core.message import StoredMessage
+from broker_core.message import StoredMessage, is_system_topic
 from broker_core.protocols import Scheduler, Timers
 from broker_core.retry import delivery_attempt, dlq_topic, plan_redelivery, retry_topic
 from broker_core.store import MessageStore, write_json_atomic
@@ -135,6 +136,18 @@ class Cursor:
         while order and order[0] not in pending:
             order.popleft()
         return order[0] if order else self.next
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A delivery not finished, as the console lists it."""
+
+    message: StoredMessage
+    topic: str
+    offset: int
+    attempt: int
+    deadline_ms: int
+    ready_at_ms: int | None
 
 
 @dataclass(slots=True)
@@ -266,6 +279,9 @@ class GroupManager:
         if kind == "G":
             if op["n"] not in self.groups:
                 self.groups[op["n"]] = GroupConfig(op["n"], op["f"], op["m"], op["c"])
+            return
+        if kind == "X":
+            self._forget_group(op["n"])
             return
         sub = await self._restored_sub(op["g"], op["t"])
         if sub is None:
@@ -862,6 +878,82 @@ class GroupManager:
         self.wake({topic})
         log.info("group.reset", group=group, topic=topic, timestamp=timestamp_ms)
         await fut
+        return out
+
+    async def delete_group(self, name: str) -> None:
+        """Forget group ``name`` durably (record X): its config, cursors and offsets. Its retry
+        and dead-letter topics stay, as stored messages do; receipts it handed out expire."""
+        if name not in self.groups:
+            raise GroupNotFound(f"group {name!r} does not exist")
+        # Forgotten in the same step as its record is staged, like every change of state, so a
+        # snapshot never holds a group whose deletion it does not replay.
+        cfg, saved = self.groups[name], self._saved_offsets.get(name)
+        subs = {k: v for k, v in self._subs.items() if k[0] == name}
+        _, fut = self._journal({"op": "X", "n": name})
+        self._forget_group(name)
+        try:
+            await fut
+        except StoreUnavailable:  # not durable: the group stays
+            self.groups[name] = cfg
+            self._subs.update(subs)
+            if saved is not None:
+                self._saved_offsets[name] = saved
+            raise
+        log.info("group.deleted", group=name)
+
+    def _forget_group(self, name: str) -> None:
+        self.groups.pop(name, None)
+        for key in [k for k in self._subs if k[0] == name]:
+            del self._subs[key]
+        self._saved_offsets.pop(name, None)
+        self._dirty = True
+
+    def subscriptions(self, group: str) -> list[str]:
+        """The topics ``group`` has received from since the server started or it was saved."""
+        topics = {t for g, t in self._subs if g == group}
+        topics.update(t for t in self._saved_offsets.get(group, {}) if t in self.store.topics)
+        return sorted(t for t in topics if not is_system_topic(t))
+
+    async def inflight(self, topic: str, group: str, limit: int) -> list[InFlight]:
+        """Up to ``limit`` deliveries of ``group`` on ``topic`` not yet acked, oldest offset
+        first per queue: out now (with their invisibility deadline), or failed and waiting for
+        their redelivery (FIFO). Reads only the messages it returns."""
+        sub = await self._subscription(group, topic)
+        out: list[InFlight] = []
+        for cur in sub.cursors:
+            for offset in sorted(cur.pending):
+                if len(out) >= limit:
+                    return out
+                p = cur.pending[offset]
+                if not p.token:
+                    continue  # its redelivery copy is being stored
+                msg = self.store.read(p.phy)
+                if msg is not None:
+                    out.append(
+                        InFlight(msg, cur.topic, offset, p.attempt, p.deadline_ms, p.ready_at_ms)
+                    )
+        return out
+
+    def consumed_by(self, topic: str, queue_id: int, offset: int) -> list[dict[str, object]]:
+        """Each group subscribed to ``topic`` and where it stands with the message at
+        ``offset`` of queue ``queue_id``: ``acked``, ``inflight`` (with its attempt) or
+        ``waiting``."""
+        out: list[dict[str, object]] = []
+        for (group, t), sub in sorted(self._subs.items()):
+            if t != topic:
+                continue
+            for cur in sub.cursors:
+                if cur.topic != topic or cur.queue_id != queue_id:
+                    continue
+                p = cur.pending.get(offset)
+                entry: dict[str, object] = {"group": group}
+                if p is not None:
+                    entry.update(state="inflight", delivery_attempt=p.attempt)
+                elif offset < cur.next:  # handed out and finished
+                    entry["state"] = "acked"
+                else:
+                    entry["state"] = "waiting"
+                out.append(entry)
         return out
 
     def lag_by_group(self) -> list[tuple[str, str, int]]:

@@ -546,12 +546,14 @@ class MessageStore:
         metrics.WRITE_FAILURES.inc()
         log.error("store.write_failed", reason=reason, offset=start)
         self._failure = reason
-        if fut is not None and not fut.done():
-            fut.set_exception(StoreUnavailable(reason))
-        self._refuse_pending(reason)
+        # The marker goes first: only then may anyone hear that the write failed (a crash
+        # right after the answer must not find the batch committed).
         await asyncio.get_running_loop().run_in_executor(
             self._write_pool, self.commitlog.unwrite, start, marker_at
         )
+        if fut is not None and not fut.done():
+            fut.set_exception(StoreUnavailable(reason))
+        self._refuse_pending(reason)
 
     def _refuse_pending(self, reason: str) -> None:
         """Fail every put staged but not written, and give back what they reserved."""
@@ -609,8 +611,7 @@ class MessageStore:
         """The record at ``phy_offset``, or None when retention removed it."""
         if phy_offset < self.commitlog.min_offset or phy_offset >= self.commitlog.written_end:
             return None
-        found = self.commitlog.check(phy_offset)  # CRC on every read: damage is never handed out
-        return None if found is None else codec.decode(*found)
+        return self.commitlog.read(phy_offset)  # CRC on every read: damage is never handed out
 
     def stored_at(self, phy_offset: int) -> int | None:
         if phy_offset < self.commitlog.min_offset:

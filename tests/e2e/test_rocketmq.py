@@ -62,9 +62,13 @@ SERVER_FLAGS = (
 class Rmq:
     """One spawned server with both its HTTP and its RocketMQ endpoints."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *extra: str) -> None:
         self.grpc_port = free_port()
-        self.server = Server(data_dir, "--grpc", f"127.0.0.1:{self.grpc_port}", *SERVER_FLAGS)
+        self.server = Server(
+            data_dir, "--grpc", f"127.0.0.1:{self.grpc_port}", *SERVER_FLAGS, *extra
+        )
+        #: Bearer token for the HTTP calls, when the server has auth on.
+        self.token: str | None = None
 
     def start(self) -> None:
         self.server.start()
@@ -86,7 +90,10 @@ class Rmq:
 
     def http(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.server.url + path, data=data, method=method)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        request = urllib.request.Request(
+            self.server.url + path, data=data, method=method, headers=headers
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as r:
                 return r.status, json.loads(r.read())
@@ -571,3 +578,66 @@ def test_kill_9_mid_traffic_loses_and_duplicates_nothing_acknowledged(own_rmq: R
     ids = [m["msg_id"] for m in got]
     assert len(ids) == len(set(ids)), "a message was stored twice"
     assert set(acked) <= set(ids), "an acknowledged send was lost"
+
+
+# -- access keys ---------------------------------------------------------------------------------
+
+
+def test_access_keys_sign_the_official_clients_calls(tmp_path: Path) -> None:
+    import yaml  # type: ignore[import-untyped]
+
+    from tempomq.auth import hash_token
+
+    admin = "tmq_admin-token-for-rocketmq-tests-0123"
+    auth_file = tmp_path / "auth.yaml"
+    principals = {
+        "ops": {"admin": True, "tokens_sha256": [hash_token(admin)]},
+        "shop": {
+            "access_key": "shop-ak",
+            "secret_key": "shop-secret-key",
+            "allow": {"topic:orders*": ["produce", "consume"], "group:billing": ["consume"]},
+        },
+    }
+    auth_file.write_text(yaml.safe_dump({"principals": principals}))
+    auth_file.chmod(0o600)
+    rmq = Rmq(tmp_path / "data", "--auth-file", str(auth_file))
+    rmq.token = admin
+    rmq.start()
+    try:
+        topic = "orders-" + uuid.uuid4().hex[:8]
+        status, body = rmq.http("POST", "/v1/topics", {"name": topic, "queues": 2})
+        assert status == 201, body
+
+        def config(ak: str, sk: str) -> ClientConfiguration:
+            endpoint = f"127.0.0.1:{rmq.grpc_port}"
+            return ClientConfiguration(endpoint, Credentials(ak, sk), request_timeout=5)
+
+        p = start(Producer(config("shop-ak", "shop-secret-key"), (topic,)))
+        receipt = p.send(message(topic, b"signed"))
+        c = start(
+            SimpleConsumer(
+                config("shop-ak", "shop-secret-key"),
+                "billing",
+                {topic: FilterExpression()},
+                await_duration=2,
+            )
+        )
+        [got] = receive_all(c, 1)
+        assert got.message_id == receipt.message_id
+        c.ack(got)
+        # A wrong secret gets no route, so no send; another group is not this principal's.
+        intruder = start(Producer(config("shop-ak", "not-the-secret-key"), (topic,)))
+        with pytest.raises(Exception, match="route"):
+            intruder.send(message(topic, b"x"))
+        other_group = start(
+            SimpleConsumer(
+                config("shop-ak", "shop-secret-key"),
+                "payments",
+                {topic: FilterExpression()},
+                await_duration=1,
+            )
+        )
+        with pytest.raises(Exception, match="lacks consume on group:payments"):
+            other_group.receive(1, 10)
+    finally:
+        rmq.server.ensure_stopped()

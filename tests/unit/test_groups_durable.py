@@ -165,3 +165,17 @@ async def test_replay_after_a_snapshot_applies_only_later_records(env: Crashable
     again = await env.recv()
     assert sorted(bodies(again)) == sorted([first[1].message.body, second[0].message.body])
     assert all(d.attempt == 2 for d in again)
+
+
+async def test_a_deleted_group_stays_deleted_after_a_crash(env: CrashableEnv) -> None:
+    await env.send("orders", "a", "b")
+    [first, _] = await env.recv()
+    await env.ack(first)
+    await env.b.groups.delete_group("g")
+    await env.crash()
+    assert "g" not in env.b.groups.groups
+    with pytest.raises(GroupNotFound):
+        await env.b.groups.delete_group("g")
+    # The name starts afresh: from the oldest message, every one a first attempt.
+    got = await env.recv()
+    assert [(d.message.body, d.attempt) for d in got] == [(b"a", 1), (b"b", 1)]

@@ -15,7 +15,6 @@ import pytest
 from broker_core import codec
 from broker_core.commitlog import FileIO
 from broker_core.errors import StoreUnavailable
-from broker_core.store import MessageStore
 from tests.unit.broker_helpers import msg, no_hang
 from tests.unit.store_helpers import (
     SEG,
@@ -25,6 +24,9 @@ from tests.unit.store_helpers import (
     put_numbered,
     segments,
     write_at,
+)
+from tests.unit.store_helpers import (
+    readable_bodies as bodies,
 )
 
 
@@ -69,18 +71,6 @@ def damage_entries(data_dir: Path) -> list[dict[str, object]]:
     if not path.exists():
         return []
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
-
-
-def bodies(store: MessageStore, topic: str) -> list[bytes]:
-    out = []
-    for q in range(store.topic(topic).queues):
-        lo, hi = store.queue_bounds(topic, q)
-        cq = store.consume_queue(topic, q)
-        for i in range(lo, hi):
-            m = store.read(cq.get(i)[0])
-            if m is not None:
-                out.append(m.body)
-    return out
 
 
 # -- damage in the middle of the log -------------------------------------------------------------
