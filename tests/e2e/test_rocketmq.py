@@ -614,14 +614,13 @@ def test_access_keys_sign_the_official_clients_calls(tmp_path: Path) -> None:
 
         p = start(Producer(config("shop-ak", "shop-secret-key"), (topic,)))
         receipt = p.send(message(topic, b"signed"))
-        c = start(
-            SimpleConsumer(
-                config("shop-ak", "shop-secret-key"),
-                "billing",
-                {topic: FilterExpression()},
-                await_duration=2,
-            )
-        )
+
+        def consumer(group: str) -> SimpleConsumer:
+            subscription = {topic: FilterExpression()}
+            shop = config("shop-ak", "shop-secret-key")
+            return start(SimpleConsumer(shop, group, subscription, await_duration=1))
+
+        c = consumer("billing")
         [got] = receive_all(c, 1)
         assert got.message_id == receipt.message_id
         c.ack(got)
@@ -629,14 +628,7 @@ def test_access_keys_sign_the_official_clients_calls(tmp_path: Path) -> None:
         intruder = start(Producer(config("shop-ak", "not-the-secret-key"), (topic,)))
         with pytest.raises(Exception, match="route"):
             intruder.send(message(topic, b"x"))
-        other_group = start(
-            SimpleConsumer(
-                config("shop-ak", "shop-secret-key"),
-                "payments",
-                {topic: FilterExpression()},
-                await_duration=1,
-            )
-        )
+        other_group = consumer("payments")
         with pytest.raises(Exception, match="lacks consume on group:payments"):
             other_group.receive(1, 10)
     finally:
