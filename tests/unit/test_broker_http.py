@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from broker_core.broker import Broker
 from broker_core.errors import TempoError
 from broker_core.http import BROKER, routes
-from tests.unit.broker_helpers import FakeScheduler, FakeTimers, small_config
+from tests.unit.broker_helpers import FakeScheduler, FakeTimers, settle, small_config
 
 Client = TestClient[web.Request, web.Application]
 MAX_BODY = 1024
@@ -549,6 +549,7 @@ async def test_change_invisible_swaps_the_receipt(client: Client, broker: Broker
     resp = await client.post(path, json={"receipt": m["receipt"], "invisible_ms": 1000})
     await expect_error(resp, 409, "receipt_expired")
     broker.timers.advance(0)  # type: ignore[attr-defined]
+    await settle(broker)  # the redelivery's record is written by the store's writer thread
     [again] = await receive(client)
     assert (again["msg_id"], again["delivery_attempt"]) == (a["msg_id"], 2)
 
