@@ -358,15 +358,31 @@ async def ack(request: web.Request) -> web.Response:
     return json_response({"acked": await broker.ack(topic, group, receipts)})
 
 
-@routes.post("/v1/topics/{topic}/groups/{group}/nack")
-async def nack(request: web.Request) -> web.Response:
+async def _receipt_args(request: web.Request) -> tuple[Broker, str, str, dict[str, Any]]:
+    """A request about one delivery: the group's arguments and a body naming its receipt."""
     broker, topic, group = _group_args(request)
     body = await _object(request)
     if "receipt" not in body:
         raise InvalidRequest("'receipt' is required")
+    return broker, topic, group, body
+
+
+@routes.post("/v1/topics/{topic}/groups/{group}/nack")
+async def nack(request: web.Request) -> web.Response:
+    broker, topic, group, body = await _receipt_args(request)
     retry_after = _int_field(body, "retry_after_ms", None, 0, MAX_DELAY_MS)
     await broker.nack(topic, group, body["receipt"], retry_after)
     return json_response({"nacked": 1})
+
+
+@routes.post("/v1/topics/{topic}/groups/{group}/change-invisible")
+async def change_invisible(request: web.Request) -> web.Response:
+    broker, topic, group, body = await _receipt_args(request)
+    invisible = _int_field(body, "invisible_ms", None, 0, 12 * 3600_000)
+    if invisible is None:
+        raise InvalidRequest("'invisible_ms' is required")
+    receipt = await broker.change_invisible(topic, group, body["receipt"], invisible)
+    return json_response({"receipt": receipt})
 
 
 @routes.get("/v1/topics/{topic}/groups/{group}")

@@ -45,7 +45,7 @@ SHELL_LANGS = frozenset({"sh", "bash", "shell"})
 CONSOLE_LANGS = frozenset({"console"})
 # Fenced blocks that hold no commands. A tag in neither set fails test_every_fence_tag_is_known,
 # so e.g. a new ```zsh block is classified on purpose instead of being skipped in silence.
-NOT_COMMAND_LANGS = frozenset({"", "python", "yaml", "mermaid", "sql", "json", "text"})
+NOT_COMMAND_LANGS = frozenset({"", "python", "yaml", "mermaid", "sql", "json", "text", "java"})
 
 FENCE = re.compile(r"^\s{0,3}(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
 PROMPT = "$ "
