@@ -10,8 +10,8 @@
 #   tempomq-local/redis:bookworm    Debian's Redis 7, run like the redis image
 #
 # Run as root (debootstrap). Each image is built only when missing or out of date, so a second
-# run takes seconds: the base image is kept once imported (REBUILD_BASE=1 makes it anew), the
-# wheelhouse is rebuilt when the requirements change, the rest is Docker's build cache.
+# run takes seconds: the base image is kept once imported, the wheelhouse is rebuilt when the
+# requirements change, the rest is Docker's build cache. NO_CACHE=1 builds everything anew.
 # DEBIAN_MIRROR chooses the mirror (default: deb.debian.org).
 set -euo pipefail
 
@@ -25,6 +25,11 @@ BASE_IMAGE=$PREFIX/debian:$SUITE
 PYTHON_IMAGE=$PREFIX/python:3.11
 WHEELHOUSE_LABEL=org.tempomq.wheelhouse
 HOST_CA_BUNDLE=${HOST_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+NO_CACHE=${NO_CACHE:-0}
+BUILD_OPTS=(--quiet --build-arg "BASE_IMAGE=$BASE_IMAGE")
+if [ "$NO_CACHE" = 1 ]; then
+	BUILD_OPTS+=(--no-cache)
+fi
 # Installed into the image besides pyproject.toml's dependencies: the build backend that
 # `pip install -e .` needs, and what compose/Dockerfile names on its own pip line.
 EXTRA_REQUIREMENTS=(wheel "cryptography>=42")
@@ -32,10 +37,12 @@ EXTRA_REQUIREMENTS=(wheel "cryptography>=42")
 log() { echo "build-images: $*" >&2; }
 
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+# --one-file-system: an interrupted debootstrap may leave /proc or /sys mounted in its rootfs.
+trap 'rm -rf --one-file-system "$WORK"' EXIT
+trap 'exit 1' INT TERM
 
 build_base() {
-	if [ "${REBUILD_BASE:-0}" != 1 ] && docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+	if [ "$NO_CACHE" != 1 ] && docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
 		log "$BASE_IMAGE: present"
 		return
 	fi
@@ -45,7 +52,7 @@ build_base() {
 	# The downloaded packages and lists are dead weight in every image built on this one.
 	rm -rf "$WORK"/rootfs/var/cache/apt/archives/*.deb "$WORK"/rootfs/var/lib/apt/lists/*
 	tar -C "$WORK/rootfs" -c . | docker import - "$BASE_IMAGE" >/dev/null
-	rm -rf "$WORK/rootfs"
+	rm -rf --one-file-system "$WORK/rootfs"
 }
 
 requirements() {
@@ -64,14 +71,14 @@ build_python() {
 	digest=$(cat "$WORK/requirements.txt" "$HERE/python/Dockerfile" | sha256sum | cut -c1-16)
 	current=$(docker image inspect -f "{{ index .Config.Labels \"$WHEELHOUSE_LABEL\" }}" \
 		"$PYTHON_IMAGE" 2>/dev/null || true)
-	if [ "$current" = "$digest" ]; then
+	if [ "$NO_CACHE" != 1 ] && [ "$current" = "$digest" ]; then
 		log "$PYTHON_IMAGE: present, requirements unchanged"
 		return
 	fi
 	log "$PYTHON_IMAGE: building the wheelhouse and the image"
 	mkdir -p "$WORK/python/wheels"
 	cp "$HERE/python/Dockerfile" "$WORK/python/"
-	docker build --quiet --build-arg "BASE_IMAGE=$BASE_IMAGE" --target interpreter \
+	docker build "${BUILD_OPTS[@]}" --target interpreter \
 		-t "$PYTHON_IMAGE-interpreter" "$WORK/python" >/dev/null
 	# The wheels are resolved by the image's own pip, so that environment markers (such as
 	# python_full_version) are those of the image's Python, not of whatever runs this script.
@@ -84,13 +91,13 @@ build_python() {
 	docker run --rm "${trust[@]}" -v "$WORK:/work" "$PYTHON_IMAGE-interpreter" \
 		pip wheel --quiet --disable-pip-version-check --wheel-dir /work/python/wheels \
 		-r /work/requirements.txt
-	docker build --quiet --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+	docker build "${BUILD_OPTS[@]}" \
 		--label "$WHEELHOUSE_LABEL=$digest" -t "$PYTHON_IMAGE" "$WORK/python" >/dev/null
 }
 
 build_service() {  # build_service NAME: tempomq-local/NAME:bookworm from compose/local/NAME/
 	log "$PREFIX/$1:$SUITE: building"
-	docker build --quiet --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$PREFIX/$1:$SUITE" "$HERE/$1" \
+	docker build "${BUILD_OPTS[@]}" -t "$PREFIX/$1:$SUITE" "$HERE/$1" \
 		>/dev/null
 }
 
