@@ -34,7 +34,7 @@ cold_build() {
 }
 warm_build() { "$HERE/build-images.sh" && "${COMPOSE[@]}" build; }
 healthy() {
-	"${COMPOSE[@]}" down --volumes --remove-orphans
+	"${COMPOSE[@]}" down --volumes --remove-orphans >/dev/null 2>&1
 	seconds "${COMPOSE[@]}" up --detach --wait mysql redis tempomq
 }
 

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,16 +50,16 @@ def docker_problem() -> str | None:
     return None
 
 
-def docker(*args: str, timeout_s: float = 60.0) -> str:
-    """``docker args``: its standard output and error, which must end in success."""
+def docker(*args: str, timeout_s: float = 60.0, with_stderr: bool = False) -> str:
+    """``docker args``, which must succeed: what it printed (standard error too if asked)."""
     done = subprocess.run(
         ["docker", *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.STDOUT if with_stderr else subprocess.PIPE,
         text=True,
         timeout=timeout_s,
     )
-    assert done.returncode == 0, f"docker {' '.join(args)} exited {done.returncode}: {done.stdout}"
+    assert done.returncode == 0, f"docker {' '.join(args)} exited {done.returncode}: {done.stderr}"
     return done.stdout
 
 
@@ -134,11 +135,12 @@ class Stack:
         state = self.inspect(service)["State"]
         return str(state.get("Health", {}).get("Status", state["Status"]))
 
+    def is_healthy(self, service: str) -> bool:
+        return self.health(service) == "healthy"
+
     def wait_healthy(self, services: Iterable[str], timeout_s: float) -> None:
         for service in services:
-            wait_until(
-                f"{service} healthy", lambda s=service: self.health(s) == "healthy", timeout_s
-            )
+            wait_until(f"{service} healthy", partial(self.is_healthy, service), timeout_s)
 
     def volumes(self) -> list[str]:
         label = f"label=com.docker.compose.project={self.project}"
@@ -147,7 +149,7 @@ class Stack:
     def logs(self, service: str) -> str:
         """What ``service``'s container printed (``docker logs``: compose's own log printer
         decorates lines with terminal escapes)."""
-        return docker("logs", self.container(service))
+        return docker("logs", self.container(service), with_stderr=True)
 
     def sql(self, query: str) -> list[list[str]]:
         """Rows of ``query`` in the stack's database, as the example producer's user."""
@@ -157,11 +159,15 @@ class Stack:
 
     # -- tempomq over its published port --------------------------------------------------------
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def http(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """``method path`` against tempomq on 127.0.0.1: the status and the decoded JSON."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}",
+            f"{self.url}{path}",
             data=data,
             method=method,
             headers={"Content-Type": "application/json"},
