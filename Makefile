@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 RUN_ARGS ?=
 
-.PHONY: install run test lint bench compose-test
+.PHONY: install run test lint bench compose-token compose-test
 
 install: $(STAMP)
 
@@ -55,3 +55,15 @@ bench: $(STAMP)
 	done
 	$(BIN)/python bench/delay_release.py --save $(RESULTS)/delay_release.json
 	$(BIN)/python bench/plots.py $(RESULTS)/*.json
+
+# The compose stack's admin token, a Docker secret: random, made once, kept out of git. Mode
+# 644 because compose bind-mounts the file for the container's own user; the directory is 700.
+COMPOSE_TOKEN := compose/secrets/admin-token
+
+compose-token: $(COMPOSE_TOKEN)
+
+$(COMPOSE_TOKEN):
+	@mkdir -p -m 700 $(dir $@)
+	@$(PYTHON) -c "import secrets; print('tmq_' + secrets.token_urlsafe(32))" > $@
+	@chmod 644 $@
+	@echo "made $@: send it as Authorization: Bearer <token>, or export TEMPOMQ_TOKEN"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -45,6 +46,9 @@ from broker_core.retry import real_topic
 
 BROKER = web.AppKey("broker", Broker)
 routes = web.RouteTableDef()
+#: Request key an outer layer (the app's authorization) may set to a predicate on names; a
+#: listing then shows only the names it accepts. Unset: the listing shows everything.
+VISIBLE: web.RequestKey[Callable[[str], bool]] = web.RequestKey("visible")
 
 MAX_BATCH = 1000
 MAX_DELAY_MS = 10 * 365 * 24 * 3600 * 1000 + 3 * 24 * 3600 * 1000  # ten years, leap days included
@@ -298,8 +302,11 @@ async def create_topic(request: web.Request) -> web.Response:
 
 @routes.get("/v1/topics")
 async def list_topics(request: web.Request) -> web.Response:
-    broker = request.app[BROKER]
-    return json_response({"topics": [t.to_json() for t in broker.list_topics()]})
+    topics = request.app[BROKER].list_topics()
+    visible = request.get(VISIBLE)
+    if visible is not None:
+        topics = [t for t in topics if visible(t.name)]
+    return json_response({"topics": [t.to_json() for t in topics]})
 
 
 @routes.get("/v1/topics/{topic}")
@@ -378,10 +385,18 @@ async def reset(request: web.Request) -> web.Response:
     return json_response({"queues": await broker.reset(topic, group, ts)})
 
 
+@routes.get("/v1/admin/damage")
+async def list_damage(request: web.Request) -> web.Response:
+    """Damaged CommitLog ranges found since the data directory was created (see
+    :class:`broker_core.commitlog.DamageLog`): what was skipped and never delivered."""
+    entries = request.app[BROKER].store.commitlog.damage.entries
+    return json_response({"damage": entries, "count": len(entries)})
+
+
 @routes.post("/v1/groups")
 async def create_group(request: web.Request) -> web.Response:
     body = await _object(request)
-    group = request.app[BROKER].create_group(
+    group = await request.app[BROKER].create_group(
         body.get("name"), fifo=body.get("fifo", False), max_attempts=body.get("max_attempts")
     )
     return json_response(group.to_json(), status=201)

@@ -5,7 +5,7 @@ as data in :mod:`tempomq.ops` and joined into the same registry here; they speak
 the SDK, which is why ``serve`` imports the server only when it runs.
 
 Exit codes: 0 ok, 1 runtime or server failure, 2 usage error, 3 not found, 4 conflict, 5 the
-probe found a problem, 130 interrupted (:mod:`tempomq.ops` has the details).
+probe found a problem, 6 not allowed, 130 interrupted (:mod:`tempomq.ops` has the details).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tempomq import config, ops
 from tempomq.logs import configure_logging, get_logger
@@ -23,8 +24,10 @@ PROG = "tempomq"
 
 EPILOG = """\
 exit codes: 0 ok; 1 server failure or unreachable; 2 usage error; 3 not found;
-4 conflict; 5 the probe found lost, duplicated or unexpected messages; 130 interrupted.
-Client commands talk to --url (env TEMPOMQ_URL, default http://127.0.0.1:8080).
+4 conflict; 5 the probe found lost, duplicated or unexpected messages; 6 not allowed
+(401/403); 130 interrupted.
+Client commands talk to --url (env TEMPOMQ_URL, default http://127.0.0.1:8080) with the
+token in TEMPOMQ_TOKEN.
 """
 
 
@@ -54,6 +57,65 @@ def _serve(args: argparse.Namespace) -> int:
     return run(settings)
 
 
+def _token_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--file",
+        metavar="PATH",
+        help="write the token to PATH (mode 600) unless PATH exists already; print only its hash",
+    )
+
+
+def _token(args: argparse.Namespace) -> int:
+    """A new token and the line for the auth file; with --file, kept in a file, not shown."""
+    from tempomq.auth.principals import hash_token, new_token
+
+    if args.file is None:
+        token = new_token()
+        print(f"token:         {token}\ntokens_sha256: [\"{hash_token(token)}\"]")
+        return 0
+    path = Path(args.file)
+    try:
+        # O_EXCL: a token once written is never replaced (a restarted stack keeps its token).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        print(f"{PROG}: error: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    else:
+        token = new_token()
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(token + "\n")
+    print(f"tokens_sha256: [\"{hash_token(token)}\"]")
+    return 0
+
+
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("TEMPOMQ_DATA_DIR", "./data"),
+        help="the data directory to check (env TEMPOMQ_DATA_DIR, default ./data)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import orjson
+
+    from broker_core.verify import verify
+
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        print(f"tempomq verify: no data directory at {data_dir}", file=sys.stderr)
+        return 2
+    report = verify(data_dir)
+    if args.json:
+        print(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print("\n".join(report.lines()))
+    return 1 if report.damaged else 0
+
+
 def _from_op(entry: ops.Op | ops.OpGroup) -> Command:
     if isinstance(entry, ops.OpGroup):
         return Command(entry.help, subcommands={n: _from_op(e) for n, e in entry.ops.items()})
@@ -66,7 +128,22 @@ COMMANDS: dict[str, Command] = {
         add_arguments=config.add_arguments,
         run=_serve,
     ),
+    "verify": Command(
+        help="check every file of a stopped server's data directory; exit 1 on damage",
+        add_arguments=_verify_arguments,
+        run=_verify,
+    ),
     **{name: _from_op(entry) for name, entry in ops.OPERATIONS.items()},
+    "auth": Command(
+        help="credentials for the auth file (docs/security.md)",
+        subcommands={
+            "token": Command(
+                help="make a random token and print it with its SHA-256 for tokens_sha256",
+                add_arguments=_token_arguments,
+                run=_token,
+            )
+        },
+    ),
 }
 
 

@@ -18,6 +18,7 @@ COMPOSE=(docker compose --ansi never -p "$PROJECT" -f "$ROOT/compose/docker-comp
 	-f "$ROOT/compose/docker-compose.local.yml" --profile example)
 
 trap '"${COMPOSE[@]}" down --volumes --remove-orphans >/dev/null 2>&1' EXIT
+make -C "$ROOT" -s compose-token  # the admin token's secret, which the stack needs to start
 
 seconds() {  # seconds COMMAND...: run it quietly, print how long it took
 	local start end

@@ -25,6 +25,8 @@ COMPOSE_FILES = (
     ROOT / "compose" / "docker-compose.local.yml",
 )
 BUILD_IMAGES = ROOT / "compose" / "local" / "build-images.sh"
+#: The stack's admin token, a Docker secret that `make compose-token` makes once.
+TOKEN_FILE = ROOT / "compose" / "secrets" / "admin-token"
 EXAMPLE_PROFILE = "example"
 #: A cold build downloads Debian and Python packages; everything else is quicker.
 BUILD_TIMEOUT_S = 1200.0
@@ -81,6 +83,7 @@ class Stack:
     def __init__(self, project: str, port: int) -> None:
         self.project = project
         self.port = port
+        self.token = ""  # read once the secret exists (build_images)
         # No proxy: a proxy variable in the environment must not carry loopback requests.
         self._http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -103,7 +106,13 @@ class Stack:
         return done
 
     def build_images(self) -> None:
-        """The local base images (cached between runs), then the stack's own."""
+        """The admin token's secret (kept if made before), the local base images (cached
+        between runs), then the stack's own."""
+        made = subprocess.run(
+            ["make", "-s", "compose-token"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert made.returncode == 0, f"make compose-token: {made.stdout}{made.stderr}"
+        self.token = TOKEN_FILE.read_text().strip()
         done = subprocess.run(
             [str(BUILD_IMAGES)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
         )
@@ -163,14 +172,21 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def http(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """``method path`` against tempomq on 127.0.0.1: the status and the decoded JSON."""
+    def auth_headers(self, token: str | None = None) -> dict[str, str]:
+        """The Authorization header with ``token``, by default the stack's admin token."""
+        return {"Authorization": f"Bearer {self.token if token is None else token}"}
+
+    def http(
+        self, method: str, path: str, body: Any = None, *, token: str | None = None
+    ) -> tuple[int, Any]:
+        """``method path`` against tempomq on 127.0.0.1, as the stack's admin unless another
+        ``token`` is given: the status and the decoded JSON."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
             f"{self.url}{path}",
             data=data,
             method=method,
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **self.auth_headers(token)},
         )
         try:
             with self._http.open(request, timeout=HTTP_TIMEOUT_S) as response:

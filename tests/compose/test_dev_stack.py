@@ -82,6 +82,11 @@ def test_the_stack_comes_up_healthy_from_a_clean_state(stack: Stack) -> None:
     assert stack.http("GET", "/readyz") == (200, {"status": "ready"})
 
 
+def test_the_api_wants_the_stacks_token(stack: Stack) -> None:
+    assert stack.http("GET", "/v1/topics")[0] == 200
+    assert stack.http("GET", "/v1/topics", token="tmq_" + "x" * 40)[0] == 401
+
+
 def test_only_tempomq_is_published_and_only_on_loopback(stack: Stack) -> None:
     for service in INFRASTRUCTURE:
         bindings = [
@@ -186,7 +191,7 @@ def test_after_a_restart_everything_arrives_once(
 
 async def read_back(stack: Stack, group: str, count: int) -> list[str]:
     """The ids a new consumer group receives (and acks) once it has ``count`` messages."""
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=stack.auth_headers()) as session:
         messages = await drain(
             session, stack.url, TOPIC, group, at_least=count, timeout_s=DELIVERED_WITHIN_S
         )

@@ -1,5 +1,6 @@
 """docs/examples/producer.py and consumer.py run as written against a real server (as the compose
-profile ``example`` runs them), and the image's health probe passes against a serving server."""
+profile ``example`` runs them: auth on, the token in a secret's file), and the image's health
+probe passes against a serving server."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tempomq.auth import new_token
 from tests.e2e.server import Server
 from tests.example_output import received_lines, sent_by_kind
 
@@ -33,8 +35,19 @@ DEADLINE_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("examples") / "data")
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("secrets") / "admin-token"
+    path.write_text(new_token() + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, token_file: Path) -> Iterator[Server]:
+    # As compose starts it: auth on, the admin token read from a secret's file.
+    srv = Server(
+        tmp_path_factory.mktemp("examples") / "data",
+        env={"TEMPOMQ_ADMIN_TOKEN_FILE": str(token_file)},
+    )
     srv.start()
     try:
         yield srv
@@ -45,6 +58,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def client_env(server: Server, database: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPOMQ_")}
     env["TEMPOMQ_URL"] = server.url
+    assert "TEMPOMQ_ADMIN_TOKEN_FILE" in server.env
+    env["TEMPOMQ_TOKEN_FILE"] = server.env["TEMPOMQ_ADMIN_TOKEN_FILE"]
     env["DATABASE_URL"] = f"sqlite+aiosqlite:///{database}"
     return env
 
@@ -151,3 +166,18 @@ def test_the_examples_import_without_side_effects(capsys: pytest.CaptureFixture[
         spec.loader.exec_module(module)
         assert callable(module.main)
     assert capsys.readouterr() == ("", "")
+
+
+def test_without_the_token_the_examples_are_refused(server: Server, tmp_path: Path) -> None:
+    env = client_env(server, tmp_path / "refused.db")
+    del env["TEMPOMQ_TOKEN_FILE"]
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "producer.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "unauthenticated" in done.stderr

@@ -636,3 +636,26 @@ async def test_dead_letters_are_readable_by_id_as_the_original(
     [dead] = (await resp.json())["messages"]
     assert (dead["msg_id"], dead["body"], dead["topic"]) == (a["msg_id"], "doomed", "%DLQ%once")
     assert dead["properties"]["DLQ_ORIGIN_TOPIC"] == "orders"
+
+
+async def test_a_damaged_record_is_skipped_on_receive_and_listed(
+    client: Client, broker: Broker
+) -> None:
+    sent = [(await send(client, {"body": f"m{i}"}))[1]["msg_id"] for i in range(3)]
+    resp = await client.get("/v1/admin/damage")
+    assert (resp.status, await resp.json()) == (200, {"damage": [], "count": 0})
+    # Damage the middle record under the running server (a bad sector appearing).
+    [m] = broker.store.lookup_id(bytes.fromhex(sent[1]))
+    _view, pos = broker.store.commitlog.view_at(m.phy_offset)
+    with open(broker.store.commitlog.dir / f"{m.phy_offset - pos:020d}", "r+b") as f:
+        f.seek(pos + 80)
+        f.write(b"\xde\xad")
+    resp = await client.post("/v1/topics/orders/groups/g/receive", json={"max_messages": 10})
+    got = [x["msg_id"] for x in (await resp.json())["messages"]]
+    assert sorted(got) == sorted([sent[0], sent[2]])
+    resp = await client.get("/v1/admin/damage")
+    body = await resp.json()
+    assert body["count"] == 1
+    assert (body["damage"][0]["offset"], body["damage"][0]["found_by"]) == (m.phy_offset, "read")
+    resp = await client.get(f"/v1/messages/{sent[1]}")
+    assert resp.status == 404

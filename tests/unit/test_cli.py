@@ -19,6 +19,9 @@ def test_serve_help_lists_every_option_and_its_env_var(capsys: pytest.CaptureFix
     # argparse wraps help text, which may split a long variable name across lines.
     flat = " ".join(out.split())
     for opt in OPTIONS:
+        if opt.env_only:  # a secret: no flag, and not shown
+            assert opt.cli not in flat
+            continue
         assert opt.cli in flat
         assert opt.env in flat
 
@@ -90,3 +93,31 @@ def test_python_dash_m_tempomq() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: tempomq serve")
+
+
+def test_auth_token_prints_a_token_and_the_line_for_the_auth_file(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tempomq.auth import hash_token
+
+    assert cli.main(["auth", "token"]) == 0
+    token_line, hash_line = capsys.readouterr().out.splitlines()
+    token = token_line.split()[1]
+    assert token.startswith("tmq_") and len(token) >= 40
+    assert hash_line == f'tokens_sha256: ["{hash_token(token)}"]'
+
+
+def test_auth_token_file_is_made_once_private_and_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tempomq.auth import hash_token
+
+    path = tmp_path / "admin-token"
+    assert cli.main(["auth", "token", "--file", str(path)]) == 0
+    token = path.read_text().strip()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert token not in capsys.readouterr().out  # the token itself is never printed
+    assert cli.main(["auth", "token", "--file", str(path)]) == 0
+    assert path.read_text().strip() == token, "an existing token is kept"
+    assert hash_token(token) in capsys.readouterr().out
+    assert cli.main(["auth", "token", "--file", str(tmp_path / "no" / "dir")]) == 1

@@ -34,7 +34,8 @@ LOCAL_OVERRIDE = COMPOSE_DIR / "docker-compose.local.yml"
 SERVER = "tempomq"
 EXAMPLE_PROFILE = "example"
 EXAMPLES = ("producer", "consumer")
-CLIENT_ENV = {"TEMPOMQ_URL"}  # read by the SDK examples, not by the server
+CLIENT_ENV = {"TEMPOMQ_URL", "TEMPOMQ_TOKEN_FILE"}  # read by the SDK examples, not the server
+SECRET = "tempomq_admin_token"
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -134,8 +135,12 @@ def load_module(path: Path) -> ModuleType:
 
 
 def server_settings() -> config.Settings:
-    """The settings tempomq starts with in the stack: image ENV, overridden by compose's."""
+    """The settings tempomq starts with in the stack: image ENV, overridden by compose's. A
+    secret's file exists only in the container: its content is taken as given."""
     env = {**dockerfile_env(), **environment(services()[SERVER])}
+    for name in [n for n in env if n.endswith(config.FILE_SUFFIX)]:
+        env[name.removesuffix(config.FILE_SUFFIX)] = "tmq_" + "x" * 40
+        del env[name]
     return config.load_settings(vars(server_args()), env)
 
 
@@ -188,6 +193,7 @@ def test_infrastructure_healthchecks_ask_the_service_itself() -> None:
 def test_the_server_environment_is_known_to_the_cli_and_parses() -> None:
     env = environment(services()[SERVER])
     known = {option.env for option in config.OPTIONS}
+    known |= {o.env + config.FILE_SUFFIX for o in config.OPTIONS if o.env_only}
     for name in env:
         if name.startswith(config.ENV_PREFIX):
             assert name in known, f"{name} sets no option of tempomq serve"
@@ -304,6 +310,21 @@ def test_services_running_the_image_build_it_from_the_dockerfile() -> None:
     assert len(images) == len(set(images)), "services sharing an image name race to build it"
 
 
+def test_auth_is_on_with_the_token_in_a_secret_not_a_literal() -> None:
+    assert server_settings().auth_enabled, "the stack listens on 0.0.0.0 in its network"
+    secrets = compose()["secrets"]
+    (source,) = {Path(spec["file"]).parent for spec in secrets.values()}
+    assert (COMPOSE_DIR / source).resolve() == COMPOSE_DIR / "secrets"
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "compose/secrets/" in ignored, "the token must never be committed"
+    for name in (SERVER, *EXAMPLES):
+        service = services()[name]
+        env = environment(service)
+        assert not {"TEMPOMQ_ADMIN_TOKEN", "TEMPOMQ_TOKEN"} & set(env), f"{name}: a literal"
+        (path,) = [v for k, v in env.items() if k.endswith("TOKEN_FILE")]
+        assert path == f"/run/secrets/{SECRET}" and service["secrets"] == [SECRET], name
+
+
 # -- the local-images override (compose/docker-compose.local.yml) ------------------------------
 
 
@@ -415,7 +436,10 @@ def test_every_path_it_copies_exists() -> None:
 
 def test_it_listens_and_keeps_data_where_compose_expects() -> None:
     env = dockerfile_env()
-    settings = config.load_settings({}, env)
+    # The image listens on every address, so it refuses to start without credentials.
+    with pytest.raises(config.ConfigError, match="auth is off"):
+        config.load_settings({}, env)
+    settings = config.load_settings({}, {**env, "TEMPOMQ_ADMIN_TOKEN": "tmq_" + "x" * 40})
     (exposed,) = args_of("EXPOSE")
     assert exposed == str(settings.http.port)
     assert settings.http.host == "0.0.0.0"
