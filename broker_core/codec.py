@@ -174,6 +174,17 @@ def record_flags(buf: Buffer, pos: int) -> int:
     return int(buf[pos + 12]) << 8 | int(buf[pos + 13])
 
 
+def claimed_record_size(buf: Buffer, pos: int, limit: int, phy_offset: int) -> int:
+    """The length a record header at ``pos`` claims, when the header looks whole (magic, a
+    length that fits, written at ``phy_offset``) whether or not its CRC matches; else 0."""
+    if pos + HEADER_SIZE > limit:
+        return 0
+    total, magic = _BLANK.unpack_from(buf, pos)
+    if magic != RECORD_MAGIC or total < HEADER_SIZE or pos + total > limit:
+        return 0
+    return int(total) if record_phy_offset(buf, pos) == phy_offset else 0
+
+
 def scan(buf: Buffer, pos: int, limit: int) -> tuple[Scan, int]:
     """Classify what starts at ``pos`` in ``buf[:limit]``; returns (kind, size)."""
     if pos + BLANK_SIZE > limit:
@@ -224,10 +235,21 @@ def find_next_frame(
         if not hits:
             return None
         cand = min(hits) - 4
-        kind, _ = scan(view, cand, limit)
-        if kind is Scan.UNIT or (
-            kind is Scan.RECORD and record_phy_offset(view, cand) == base + cand
-        ):
+        # Cheap checks first (a header names its own offset; a marker follows its write's
+        # start), so a body full of look-alike headers costs no CRC each.
+        if cand == r - 4:
+            ok = (
+                cand + HEADER_SIZE <= limit
+                and record_phy_offset(view, cand) == base + cand
+                and scan(view, cand, limit)[0] is Scan.RECORD
+            )
+        else:
+            ok = (
+                cand + UNIT_SIZE <= limit
+                and unit_start(view, cand) <= base + cand
+                and scan(view, cand, limit)[0] is Scan.UNIT
+            )
+        if ok:
             return cand
         at = cand + 1
     return None

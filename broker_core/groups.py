@@ -64,7 +64,7 @@ from broker_core.errors import (
 from broker_core.message import StoredMessage, is_system_topic
 from broker_core.protocols import Scheduler, Timers
 from broker_core.retry import delivery_attempt, dlq_topic, plan_redelivery, retry_topic
-from broker_core.store import MessageStore, write_json_atomic
+from broker_core.store import MessageStore, set_aside, write_json_atomic
 from broker_core.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
@@ -246,10 +246,16 @@ class GroupManager:
 
     def _read_state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         data: dict[str, Any] = {}
-        if self._path.exists():
-            data = orjson.loads(self._path.read_bytes())
         # Without a snapshot of this format, replay from where this version began writing.
-        start = int(data.get("state_at", self.store.commitlog.units_from))
+        start = self.store.commitlog.units_from
+        if self._path.exists():
+            try:
+                data = orjson.loads(self._path.read_bytes())
+                start = int(data.get("state_at", start))
+            except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+                kept = set_aside(self._path)
+                log.error("group.snapshot_unreadable", error=str(e), kept_as=str(kept))
+                data, start = {}, self.store.commitlog.min_offset  # rebuild from the records
         ops = [orjson.loads(body) for _phy, body in self.store.state_records(start)]
         return data, ops
 
@@ -731,7 +737,11 @@ class GroupManager:
             retry_after_ms=retry_after_ms,
         )
         deliver_at = plan.deliver_at_ms if p.copy_at_ms is None else p.copy_at_ms
-        if plan.dead or deliver_at <= now or self.scheduler is None:
+        # A copy already handed to the scheduler (record I) goes through it again under the same
+        # id, even when its time has passed: the scheduler may hold it from before a crash, and
+        # only the same id keeps it from being stored twice.
+        direct = p.copy_id is None and (deliver_at <= now or self.scheduler is None)
+        if plan.dead or direct:
             if plan.dead:
                 await self.store.ensure_topic(dlq_topic(cfg.name), 1)
             # The copy and the finishing record in one write: both are stored, or neither.
@@ -749,6 +759,7 @@ class GroupManager:
                     attempts=p.attempt,
                 )
             return
+        assert self.scheduler is not None
         if p.copy_id is None:  # first try: choose the copy's id and time, durably
             p.copy_id, p.copy_at_ms = self.scheduler.new_msg_id(), deliver_at
             _, fut = self._journal(

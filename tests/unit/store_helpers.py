@@ -99,7 +99,8 @@ def readable_bodies(store: MessageStore, topic: str) -> list[bytes]:
         lo, hi = store.queue_bounds(topic, q)
         cq = store.consume_queue(topic, q)
         for i in range(lo, hi):
-            m = store.read(cq.get(i)[0])
+            phy, size, _ = cq.get(i)
+            m = None if size == 0 else store.read(phy)  # size 0: a hole, never written
             if m is not None:
                 out.append(m.body)
     return out
