@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 RUN_ARGS ?=
 
-.PHONY: install run test lint bench compose-token
+.PHONY: install run test lint bench compose-token compose-test
 
 # The interpreter .venv is made with, recorded in it: another PYTHON (or an upgraded one)
 # rebuilds .venv instead of mixing two Pythons' packages.
@@ -48,7 +48,12 @@ run: $(STAMP)
 	$(BIN)/tempomq serve $(RUN_ARGS)
 
 test: $(STAMP)
-	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not compose" $(PYTEST_ARGS)
+
+# The compose dev stack in Docker, on images built here from Debian's packages
+# (compose/docker-compose.local.yml): needs a running Docker engine and Compose v2, as root.
+compose-test: $(STAMP)
+	$(BIN)/pytest -q -m compose tests/compose $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

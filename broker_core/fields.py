@@ -40,6 +40,7 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
     "AckRequest": frozenset({"receipts"}),
     "NackRequest": frozenset({"receipt", "receipts", "retry_after_ms"}),
     "ResetRequest": frozenset({"timestamp"}),
+    "ChangeInvisibleRequest": frozenset({"receipt", "invisible_ms"}),
     "DelayedPatch": frozenset({"deliver_at", "delay_ms"}),
     "TransactionCreate": frozenset(
         {"topic", "message", "producer_group", "check_url", "check_immunity_ms"}

@@ -734,6 +734,51 @@ class GroupManager:
                 done += 1
         return done
 
+    async def change_invisible(
+        self, topic: str, group: str, receipt: object, invisible_ms: int
+    ) -> str:
+        """RocketMQ's ChangeInvisibleDuration: the delivery stays out under a new receipt,
+        invisible until now + ``invisible_ms``; the old receipt stops working. Only if that new
+        deadline passes is the message delivered again (attempt + 1), at once: the caller chose
+        the wait, so no backoff is added. Not a nack: the attempt is not used up early.
+        Answered once its record (a D record with the new deadline) is written."""
+        sub = await self._subscription(group, topic)
+        cur, old = self._resolve(sub, receipt)
+        deadline = self.timers.now_ms() + max(invisible_ms, 0)
+        # A new entry under the same offset: the old receipt's token and the old batch timer
+        # no longer match it, so neither can finish or fail this delivery.
+        again = self._issue(cur, old.offset, old.phy, old.attempt, deadline)
+        _, written = self._journal(
+            {
+                "op": "D",
+                "g": sub.config.name,
+                "t": sub.topic,
+                "d": [(cur.topic, cur.queue_id, again.offset, again.phy, again.attempt, deadline)],
+                "n": [],
+            }
+        )
+
+        async def redeliver() -> None:
+            try:
+                await self._fail_delivery(sub, cur, again, 0)
+            except StoreUnavailable as e:
+                log.error("group.redelivery_failed", group=sub.config.name, reason=str(e))
+
+        def expire() -> None:
+            if cur.pending.get(again.offset) is again and again.token and again.ready_at_ms is None:
+                task = asyncio.get_running_loop().create_task(redeliver())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+        self.timers.call_at(deadline, expire)
+        try:
+            await written
+        except BaseException:
+            if cur.pending.get(again.offset) is again:  # not durable: the old receipt stands
+                cur.pending[again.offset] = old
+            raise
+        return self._receipt(sub, cur, again)
+
     def _expire(self, sub: Subscription, issued: list[tuple[Cursor, Pending]]) -> None:
         """Invisibility timer of one receive batch: what is still out has failed."""
         failed = [

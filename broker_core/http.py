@@ -397,6 +397,19 @@ async def nack(request: web.Request) -> web.Response:
     return json_response({"nacked": nacked, "failed": [f.to_json() for f in failed]})
 
 
+@routes.post("/v1/topics/{topic}/groups/{group}/change-invisible")
+async def change_invisible(request: web.Request) -> web.Response:
+    broker, topic, group = _group_args(request)
+    body = await _object(request, "ChangeInvisibleRequest")
+    if "receipt" not in body:
+        raise InvalidRequest("'receipt' is required")
+    invisible = int_field(body, "invisible_ms", default=None, lo=0, hi=MAX_INVISIBLE_MS)
+    if invisible is None:
+        raise InvalidRequest("'invisible_ms' is required")
+    receipt = await broker.change_invisible(topic, group, body["receipt"], invisible)
+    return json_response({"receipt": receipt})
+
+
 @routes.get("/v1/topics/{topic}/groups/{group}")
 async def group_stats(request: web.Request) -> web.Response:
     broker, topic, group = _group_args(request)

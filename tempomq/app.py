@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs; types-PyYAML is not a dep
@@ -52,6 +52,9 @@ from txcoord.checkurl import CheckUrlPolicy
 from txcoord.coordinator import Coordinator, TxSettings
 from txcoord.http import TX
 from txcoord.http import routes as tx_routes
+
+if TYPE_CHECKING:
+    from tempomq.grpc.server import GrpcEndpoint
 
 log = get_logger(__name__)
 
@@ -440,6 +443,7 @@ async def serve(settings: Settings) -> int:
         log.warning("auth is off on a non-loopback address (--insecure-no-auth)")
     runner = make_runner(app, settings)
     probe: ProbeSchedule | None = None
+    rocketmq: GrpcEndpoint | None = None
     try:
         try:
             await runner.setup()
@@ -454,13 +458,9 @@ async def serve(settings: Settings) -> int:
             ssl_context=ssl_context,
         )
         try:
-            await site.start()
-        except OSError as exc:
-            log.error("cannot listen", address=str(settings.http), error=str(exc))
+            rocketmq = await listen(settings, runner, site, tls=ssl_context is not None)
+        except OSError:
             return 1
-        scheme = "https" if ssl_context is not None else "http"
-        for host, port, *_ in runner.addresses:
-            log.info("listening", url=f"{scheme}://{HostPort(host, port)}")
         # The probe goes through HTTP like any client, so it starts once the port listens and
         # stops before the server does.
         probe = start_probe(settings, runner, auth, tls=ssl_context is not None)
@@ -468,6 +468,8 @@ async def serve(settings: Settings) -> int:
     finally:
         if probe is not None:
             await probe.stop()
+        if rocketmq is not None:
+            await rocketmq.stop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         # Stops accepting, waits up to shutdown_timeout for in-flight requests, then runs the
@@ -475,6 +477,42 @@ async def serve(settings: Settings) -> int:
         await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def listen(
+    settings: Settings, runner: web.AppRunner, site: web.BaseSite, *, tls: bool
+) -> GrpcEndpoint | None:
+    """Open the HTTP port, then the RocketMQ one; raises ``OSError`` (logged) if either fails."""
+    address: HostPort | None = settings.http
+    try:
+        await site.start()
+        scheme = "https" if tls else "http"
+        for host, port, *_ in runner.addresses:
+            log.info("listening", url=f"{scheme}://{HostPort(host, port)}")
+        address = settings.grpc
+        return await start_rocketmq(settings, runner.app)
+    except OSError as exc:
+        log.error("cannot listen", address=str(address), error=str(exc))
+        raise
+
+
+async def start_rocketmq(settings: Settings, app: web.Application) -> GrpcEndpoint | None:
+    """The RocketMQ 5 gRPC endpoint on the started cores, unless ``--grpc off``."""
+    if settings.grpc is None:
+        return None
+    # grpcio loads only when the endpoint is on.
+    from tempomq.grpc.auth import PrincipalAuth
+    from tempomq.grpc.server import start_grpc
+
+    auth = app[AUTH]
+    return await start_grpc(
+        settings.grpc,
+        settings.grpc_advertise,
+        broker=app[BROKER],
+        delay=app[DELAY],
+        tx=app[TX],
+        auth=PrincipalAuth(auth) if auth.enabled else None,
+    )
 
 
 def start_probe(

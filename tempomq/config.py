@@ -214,6 +214,19 @@ HOST_PORT = Kind("HOST:PORT", parse_host_port)
 REDIS_URL: Kind[str | None] = Kind("URL", parse_redis_url, lambda v: v or "none")
 
 
+def parse_listen_or_off(text: str) -> HostPort | None:
+    """``host:port``, or ``off`` for a listener that is not started."""
+    return None if text.strip().lower() == "off" else parse_host_port(text)
+
+
+LISTEN_OR_OFF: Kind[HostPort | None] = Kind(
+    "HOST:PORT|off", parse_listen_or_off, lambda v: "off" if v is None else str(v)
+)
+OPTIONAL_HOST_PORT: Kind[HostPort | None] = Kind(
+    "HOST:PORT", parse_host_port, lambda v: "the listen address" if v is None else str(v)
+)
+
+
 def count(minimum: int, maximum: int | None = None) -> Kind[int]:
     return Kind("N", _bounded_int(minimum, maximum))
 
@@ -228,6 +241,8 @@ def choice(literal: object) -> Kind[str]:
 # The settings.
 
 DEFAULT_HTTP = HostPort("127.0.0.1", 8080)
+#: The RocketMQ 5 gRPC protocol, on the port of RocketMQ's proxy.
+DEFAULT_GRPC = HostPort("127.0.0.1", 8081)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,6 +282,9 @@ class Settings:
     probe_interval_ms: int = 0
     probe_duration_ms: int = 10_000
     probe_rate: int = 20
+    #: The RocketMQ 5 gRPC endpoint (None: off), and the address routes hand to its clients.
+    grpc: HostPort | None = DEFAULT_GRPC
+    grpc_advertise: HostPort | None = None
     #: Principals and their grants (YAML or TOML); auth is on when this or admin_token is set.
     auth_file: Path | None = None
     #: The bootstrap admin's token, from the environment only (never a flag: ps shows flags).
@@ -445,6 +463,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("probe-duration", "probe_duration_ms", DURATION, "how long one in-server probe sends"),
     Option("probe-rate", "probe_rate", count(1), "probe messages per second during a run"),
     Option(
+        "grpc",
+        "grpc",
+        LISTEN_OR_OFF,
+        "address the RocketMQ 5 gRPC protocol (the official RocketMQ clients) listens on; "
+        "off: not at all",
+    ),
+    Option(
+        "grpc-advertise",
+        "grpc_advertise",
+        OPTIONAL_HOST_PORT,
+        "address RocketMQ clients are told to connect to (behind NAT, a proxy or a wildcard "
+        "listen address)",
+    ),
+    Option(
         "auth-file",
         "auth_file",
         OPTIONAL_PATH,
@@ -594,6 +626,17 @@ def _check_bind(s: Settings) -> None:
     )
 
 
+def _check_grpc_bind(s: Settings) -> None:
+    # The RocketMQ listener follows the same rule as the HTTP one.
+    if s.grpc is None or s.auth_enabled or s.insecure_no_auth or is_loopback(s.grpc.host):
+        return
+    raise _fail(
+        "grpc",
+        f"{s.grpc} is not a loopback address and auth is off; give --auth-file or "
+        "TEMPOMQ_ADMIN_TOKEN (see docs/security.md), or --insecure-no-auth to serve anyone",
+    )
+
+
 def _check_limits(s: Settings) -> None:
     if s.header_timeout_ms <= 0:
         raise _fail("header_timeout_ms", "must be longer than 0")
@@ -612,6 +655,7 @@ def _check_tls(s: Settings) -> None:
 
 _CROSS_CHECKS: tuple[Callable[[Settings], None], ...] = (
     _check_bind,
+    _check_grpc_bind,
     _check_limits,
     _check_tls,
     _check_positive_times,

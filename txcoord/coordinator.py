@@ -15,7 +15,8 @@ transaction committed, and exactly once.
 Check-back: each open transaction has a timer in the service's timing wheel for its next check
 (``check_immunity_ms`` after prepare, then every ``check_interval_ms``). A check asks the
 producer group at its ``check_url``, or, for SDK producers, hands the request to a long poll the
-producer holds open (``GET /v1/producers/{group}/checks``) and waits ``check_timeout_ms`` for the
+producer holds open (``GET /v1/producers/{group}/checks``), or pushes it down another protocol's
+stream (a :class:`CheckChannel`, e.g. RocketMQ's Telemetry), and waits ``check_timeout_ms`` for the
 answer. No answer, an error or ``unknown`` counts one check; after ``check_max`` the transaction
 is parked as ``check_max``, logged, listed, and still resolvable by hand. A restart re-arms every
 open transaction's timer from the database.
@@ -153,6 +154,21 @@ class Clock(Protocol):
     def call_at(self, when_ms: int, callback: Callable[[], None]) -> object: ...
 
 
+class CheckChannel(Protocol):
+    """A third way to ask producers, beside ``check_url`` and the SDK's long poll: streams the
+    producers hold open in another protocol (the RocketMQ clients' Telemetry). A channel claims
+    the transactions whose ``producer_group`` it recognises; a check is pushed to it and then
+    counted exactly like an SDK check: the answer comes through :meth:`Coordinator.answer`,
+    none within ``check_timeout_ms`` counts as unknown."""
+
+    def claims(self, producer_group: str) -> bool: ...
+
+    def push(self, row: TxRow, message: Message | None) -> None:
+        """Hand the check of ``row`` (its half message: ``message``) to a producer; must not
+        block. Nothing to hand it to is fine: the check then times out like any other."""
+        ...
+
+
 @dataclass(slots=True, frozen=True)
 class TxSettings:
     check_immunity_ms: int = 6_000
@@ -191,6 +207,8 @@ class Coordinator:
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
         self._closing = False
+        #: Further check channels (see :class:`CheckChannel`), wired in by the app.
+        self.check_channels: list[CheckChannel] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -463,8 +481,13 @@ class Coordinator:
             await self._record_check(tx_id, answer.value, "check_url")
             await self._apply(tx_id, answer)
             return
-        self._asks.setdefault(row.producer_group, {})[tx_id] = request
-        self.wake(row.producer_group)
+        channel = next((c for c in self.check_channels if c.claims(row.producer_group)), None)
+        if channel is not None:
+            self._handed[tx_id] = row.producer_group
+            channel.push(row, decode_message(row.record) if row.record is not None else None)
+        else:
+            self._asks.setdefault(row.producer_group, {})[tx_id] = request
+            self.wake(row.producer_group)
         self._later(self.settings.check_timeout_ms, self._no_answer, tx_id)
 
     def _check_request(self, row: TxRow) -> dict[str, object]:

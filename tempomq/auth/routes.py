@@ -180,6 +180,9 @@ ROUTES: Mapping[tuple[str, str], Rule] = {
     ("POST", "/v1/topics/{topic}/groups/{group}/receive"): Rule(_CONSUMING, _CONSUMING_TEXT),
     ("POST", "/v1/topics/{topic}/groups/{group}/ack"): Rule(_CONSUMING, _CONSUMING_TEXT),
     ("POST", "/v1/topics/{topic}/groups/{group}/nack"): Rule(_CONSUMING, _CONSUMING_TEXT),
+    ("POST", "/v1/topics/{topic}/groups/{group}/change-invisible"): Rule(
+        _CONSUMING, _CONSUMING_TEXT
+    ),
     ("GET", "/v1/topics/{topic}/groups/{group}"): Rule(_CONSUMING, _CONSUMING_TEXT),
     ("POST", "/v1/topics/{topic}/groups/{group}/reset"): Rule(
         from_path(_needs(GROUP, "group", RESET)), "reset on the group", admin=True

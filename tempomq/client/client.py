@@ -19,6 +19,8 @@ commit / rollback of a transaction     yes       the coordinator answers a repea
 ``ack``                                no        a repeat of a successful ack answers 409
                                                  ``receipt_expired`` for every receipt
 ``nack``                               no        same; and the message is redelivered anyway
+``change_invisible``                   no        the first call replaced the receipt; a repeat
+                                                 answers 409 ``receipt_expired``
 prepare (``POST /v1/transactions``)    no        a repeat would prepare a second half message
 =====================================  ========  ==============================================
 
@@ -27,12 +29,13 @@ Calls that are not repeated still move to the next endpoint when the connection 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import ssl
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, overload
 from urllib.parse import quote
 
 import aiohttp
@@ -301,6 +304,31 @@ class Client:
             body["retry_after_ms"] = retry_after_ms
         path = self._group_path(topic, group, "nack")
         await self._http.call("POST", path, body, idempotent=False, endpoint=endpoint)
+
+    @overload
+    async def change_invisible(
+        self, topic: str, group: str, receipt: ReceivedMessage, invisible_ms: int
+    ) -> ReceivedMessage: ...
+
+    @overload
+    async def change_invisible(
+        self, topic: str, group: str, receipt: str, invisible_ms: int
+    ) -> str: ...
+
+    async def change_invisible(
+        self, topic: str, group: str, receipt: ReceivedMessage | str, invisible_ms: int
+    ) -> ReceivedMessage | str:
+        """Keep a delivery out until ``invisible_ms`` from now under a new receipt; the old one
+        stops working. Returns the message with its new receipt (or the new receipt string)."""
+        endpoint = receipt.endpoint if isinstance(receipt, ReceivedMessage) else None
+        token = receipt.receipt if isinstance(receipt, ReceivedMessage) else receipt
+        path = self._group_path(topic, group, "change-invisible")
+        body = {"receipt": token, "invisible_ms": invisible_ms}
+        _, answer = await self._http.call("POST", path, body, idempotent=False, endpoint=endpoint)
+        new = str(answer["receipt"])
+        if isinstance(receipt, ReceivedMessage):
+            return dataclasses.replace(receipt, receipt=new)
+        return new
 
     async def group_stats(self, topic: str, group: str) -> GroupStats:
         path = self._group_path(topic, group)

@@ -50,6 +50,10 @@ class Server:
             str(self.data_dir),
             "--log-format",
             "json",
+            # The RocketMQ endpoint's fixed default port would collide between test servers;
+            # tests that use it pass their own --grpc (the last one given wins).
+            "--grpc",
+            "off",
             *self.extra,
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPOMQ_")}

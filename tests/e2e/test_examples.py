@@ -19,16 +19,13 @@ import pytest
 
 from tempomq.auth import new_token
 from tests.e2e.server import Server
+from tests.example_output import received_lines, sent_by_kind
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "docs" / "examples"
 PROBE = ROOT / "compose" / "healthcheck.py"
-#: The producer prints ``<kind> <msg_id>  <body>`` per message.
-SENT = re.compile(r"^(plain|delayed|committed|rolled-back)\s+([0-9a-f]+)\s+(.+)$")
-#: The consumer prints ``<msg_id> attempt=<n> tags=<tags> <body>`` per message.
-RECEIVED = re.compile(r"^([0-9a-f]+) attempt=(\d+) tags=(\S+) (.+)$")
 #: The delayed messages are due 2 s and 4 s after they are sent: the first consumer run outlasts
 #: both. Further runs only pick up what a run's cut-off long poll took (and hid for 30 s: the
 #: server still hands messages to a poll whose client has gone, for the rest of its wait_ms).
@@ -80,19 +77,6 @@ def run_example(
     )
     assert done.returncode == 0, f"{name} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done
-
-
-def sent_by_kind(stdout: str) -> dict[str, list[str]]:
-    kinds: dict[str, list[str]] = {}
-    for line in stdout.splitlines():
-        match = SENT.match(line)
-        if match:
-            kinds.setdefault(match.group(1), []).append(match.group(2))
-    return kinds
-
-
-def received_lines(stdout: str) -> dict[str, str]:
-    return {m.group(1): line for line in stdout.splitlines() if (m := RECEIVED.match(line))}
 
 
 def test_the_producer_sends_and_the_consumer_receives(server: Server, tmp_path: Path) -> None:

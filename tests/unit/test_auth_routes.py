@@ -170,6 +170,12 @@ CASES = [
         lambda w: {"receipt": w.receipts[1]}, missing="consume on topic:orders",
     ),
     Case(
+        "POST", "/v1/topics/{topic}/groups/{group}/change-invisible",
+        fixed("/v1/topics/orders/groups/billing/change-invisible"), 200,
+        lambda w: {"receipt": w.receipts[0], "invisible_ms": 1000},
+        missing="consume on topic:orders",
+    ),
+    Case(
         "GET", "/v1/topics/{topic}/groups/{group}", fixed("/v1/topics/orders/groups/billing"),
         200, missing="consume on topic:orders",
     ),

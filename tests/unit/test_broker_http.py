@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from broker_core.broker import Broker
 from broker_core.errors import TempoError
 from broker_core.http import BROKER, MAX_DELAY_MS, routes
-from tests.unit.broker_helpers import FakeScheduler, FakeTimers, small_config
+from tests.unit.broker_helpers import FakeScheduler, FakeTimers, settle, small_config
 
 Client = TestClient[web.Request, web.Application]
 MAX_BODY = 1024
@@ -692,6 +692,31 @@ async def test_nack_with_backoff_goes_to_the_scheduler(client: Client, broker: B
 async def test_nack_bad_request(client: Client, body: dict[str, Any]) -> None:
     await receive(client)
     resp = await client.post("/v1/topics/orders/groups/g/nack", json=body)
+    assert resp.status == 400
+
+
+async def test_change_invisible_swaps_the_receipt(client: Client, broker: Broker) -> None:
+    _, a = await send(client, {"body": "a"})
+    [m] = await receive(client)
+    path = "/v1/topics/orders/groups/g/change-invisible"
+    resp = await client.post(path, json={"receipt": m["receipt"], "invisible_ms": 0})
+    assert resp.status == 200
+    new = (await resp.json())["receipt"]
+    assert new != m["receipt"]
+    resp = await client.post(path, json={"receipt": m["receipt"], "invisible_ms": 1000})
+    await expect_error(resp, 409, "receipt_expired")
+    broker.timers.advance(0)  # type: ignore[attr-defined]
+    await settle(broker)  # the redelivery's record is written by the store's writer thread
+    [again] = await receive(client)
+    assert (again["msg_id"], again["delivery_attempt"]) == (a["msg_id"], 2)
+
+
+@pytest.mark.parametrize(
+    "body", [{}, {"receipt": "x"}, {"receipt": "x", "invisible_ms": -1}, {"invisible_ms": 5}]
+)
+async def test_change_invisible_bad_request(client: Client, body: dict[str, Any]) -> None:
+    await receive(client)
+    resp = await client.post("/v1/topics/orders/groups/g/change-invisible", json=body)
     assert resp.status == 400
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import json
+import re
 import shlex
 import socket
 import tomllib
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 DOCKERFILE = COMPOSE_DIR / "Dockerfile"
+LOCAL_OVERRIDE = COMPOSE_DIR / "docker-compose.local.yml"
 SERVER = "tempomq"
 EXAMPLE_PROFILE = "example"
 EXAMPLES = ("producer", "consumer")
@@ -323,11 +325,71 @@ def test_auth_is_on_with_the_token_in_a_secret_not_a_literal() -> None:
         assert path == f"/run/secrets/{SECRET}" and service["secrets"] == [SECRET], name
 
 
+# -- the local-images override (compose/docker-compose.local.yml) ------------------------------
+
+
+@cache
+def local_override() -> dict[str, Any]:
+    data = yaml.safe_load(LOCAL_OVERRIDE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_the_override_changes_only_images_and_the_python_base() -> None:
+    # The stack the tests run is the users' stack: same commands, environment, healthchecks,
+    # volumes, dependencies; only where the images come from differs.
+    overridden = local_override()["services"]
+    assert set(overridden) <= set(services())
+    for name, service in overridden.items():
+        assert set(service) <= {"image", "pull_policy", "build"}, name
+        if "build" in service:
+            assert "build" in services()[name], f"{name} has nothing to build"
+            assert set(service["build"]) == {"args"}, name
+            assert set(service["build"]["args"]) <= set(build_arg_defaults()), name
+
+
+def local_image_dockerfile(image: str) -> Path:
+    """compose/local/<name>/Dockerfile, from which build-images.sh builds tempomq-local/<name>."""
+    assert image.startswith("tempomq-local/"), image
+    name = image.removeprefix("tempomq-local/").partition(":")[0]
+    return COMPOSE_DIR / "local" / name / "Dockerfile"
+
+
+def test_the_override_replaces_every_registry_image() -> None:
+    overridden = local_override()["services"]
+    for name, service in services().items():
+        if "build" in service:
+            image = overridden[name]["build"]["args"]["PYTHON_IMAGE"]
+        else:
+            image = overridden[name]["image"]
+            assert overridden[name]["pull_policy"] == "never", name
+        assert local_image_dockerfile(image).is_file(), f"{name}: nothing builds {image}"
+    # Its own name: a locally based image never replaces a user's tempomq:dev.
+    assert overridden[SERVER]["image"] != services()[SERVER]["image"]
+
+
+def test_the_published_port_can_move_and_stays_on_loopback() -> None:
+    (port,) = services()[SERVER]["ports"]
+    match = re.fullmatch(r"127\.0\.0\.1:\$\{STACK_PORT:-(\d+)\}:(\d+)", str(port))
+    assert match, port
+    assert match.groups() == ("8080", str(server_settings().http.port))
+
+
 # -- the Dockerfile -----------------------------------------------------------------------------
 
 
-def test_the_base_image_is_slim_python_of_the_supported_version() -> None:
+def build_arg_defaults() -> dict[str, str]:
+    """The Dockerfile's ``ARG NAME=default`` values."""
+    return dict(arg.split("=", 1) for arg in args_of("ARG") if "=" in arg)
+
+
+def base_image() -> str:
     (base,) = args_of("FROM")
+    return re.sub(r"\$\{(\w+)\}", lambda m: build_arg_defaults()[m.group(1)], base)
+
+
+def test_the_base_image_is_slim_python_of_the_supported_version() -> None:
+    base = base_image()
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     assert base.startswith("python:") and base.endswith("-slim"), base
     assert requires == ">=" + base.removeprefix("python:").removesuffix("-slim")

@@ -129,6 +129,8 @@ def test_every_option_is_settable_from_env() -> None:
         "backoff": "1s",
         "auto-create-topics": "on",
         "max-queues": "16",
+        "grpc": "127.0.0.2:9876",
+        "grpc-advertise": "mq.example.com:443",
         "insecure-no-auth": "on",
         "metrics-public": "on",
         "check-url-allow": "hooks.internal",
@@ -143,6 +145,23 @@ def test_every_option_is_settable_from_env() -> None:
             value = "3s" if opt.kind.metavar == "DURATION" else "3"
         s = load(env={**companions.get(opt.flag, {}), opt.env: value})
         assert getattr(s, opt.field) != getattr(Settings(), opt.field), opt.flag
+
+
+def test_grpc_listener_defaults_on_and_can_be_turned_off() -> None:
+    assert load().grpc == HostPort("127.0.0.1", 8081)
+    assert load().grpc_advertise is None
+    assert load(["--grpc", "off"]).grpc is None
+    assert load(env={"TEMPOMQ_GRPC": "OFF"}).grpc is None
+    assert load(["--grpc", "[::1]:0"]).grpc == HostPort("::1", 0)
+    with pytest.raises(ConfigError, match="--grpc-advertise / TEMPOMQ_GRPC_ADVERTISE"):
+        load(["--grpc-advertise", "off"])
+
+
+def test_a_non_loopback_grpc_listener_needs_auth_like_http() -> None:
+    with pytest.raises(ConfigError, match=r"--grpc / TEMPOMQ_GRPC: 0\.0\.0\.0:8081 is not a loop"):
+        load(["--grpc", "0.0.0.0:8081"])
+    assert load(["--grpc", "0.0.0.0:8081", "--insecure-no-auth"]).grpc == HostPort("0.0.0.0", 8081)
+    assert load(["--grpc", "0.0.0.0:8081"], {"TEMPOMQ_ADMIN_TOKEN": "x" * 32}).grpc is not None
 
 
 def test_unknown_env_vars_are_reported() -> None:

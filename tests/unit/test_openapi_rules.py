@@ -64,6 +64,7 @@ def prop(schemas: dict[str, Any], schema: str, field: str) -> dict[str, Any]:
         ("DelayedPatch", "deliver_at", "minimum", MIN_DELIVER_AT_MS),
         ("NackRequest", "retry_after_ms", "maximum", MAX_DELAY_MS),
         ("ReceiveRequest", "invisible_ms", "maximum", MAX_INVISIBLE_MS),
+        ("ChangeInvisibleRequest", "invisible_ms", "maximum", MAX_INVISIBLE_MS),
         ("ReceiveRequest", "wait_ms", "maximum", MAX_WAIT_MS),
         ("ReceiveRequest", "max_messages", "maximum", MAX_BATCH),
         ("ResetRequest", "timestamp", "maximum", MAX_TIMESTAMP_MS),
