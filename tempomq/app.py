@@ -502,9 +502,12 @@ async def start_rocketmq(settings: Settings, app: web.Application) -> GrpcEndpoi
         return None
     # grpcio loads only when the endpoint is on.
     from tempomq.grpc.auth import PrincipalAuth
-    from tempomq.grpc.server import start_grpc
+    from tempomq.grpc.server import TlsFiles, start_grpc
 
     auth = app[AUTH]
+    tls = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     return await start_grpc(
         settings.grpc,
         settings.grpc_advertise,
@@ -512,6 +515,7 @@ async def start_rocketmq(settings: Settings, app: web.Application) -> GrpcEndpoi
         delay=app[DELAY],
         tx=app[TX],
         auth=PrincipalAuth(auth) if auth.enabled else None,
+        tls=tls,
     )
 
 

@@ -7,6 +7,9 @@ its own deadline; Telemetry streams end, and clients reconnect to the next serve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import grpc
 import structlog
 
@@ -39,6 +42,23 @@ class GrpcEndpoint:
         await self.service.renewer.stop()
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files of the listener's TLS: certificate, key, and the CA of client certificates."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        ca = self.client_ca.read_bytes() if self.client_ca is not None else None
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=ca,
+            require_client_auth=False,
+        )
+
+
 async def start_grpc(
     listen: HostPort,
     advertise: HostPort | None,
@@ -47,10 +67,13 @@ async def start_grpc(
     delay: DelayService,
     tx: Coordinator,
     auth: GrpcAuth | None = None,
+    tls: TlsFiles | None = None,
 ) -> GrpcEndpoint:
-    """Listen on ``listen`` (port 0: any free one). Routes hand clients ``advertise``, by
-    default the listen address (a wildcard host advertised as loopback). Raises ``OSError``
-    when the address cannot be bound."""
+    """Listen on ``listen`` (port 0: any free one), with TLS when ``tls`` names a certificate
+    and key (the HTTP listener's; a client certificate is asked for, not required, when a
+    client CA is given). Routes hand clients ``advertise``, by default the listen address (a
+    wildcard host advertised as loopback). Raises ``OSError`` when the address cannot be
+    bound or a TLS file cannot be read."""
     max_frame = broker.config.max_body_bytes + FRAME_OVERHEAD_BYTES
     server = grpc.aio.server(
         options=[
@@ -65,7 +88,10 @@ async def start_grpc(
         ]
     )
     try:
-        port = server.add_insecure_port(str(listen))
+        if tls is None:
+            port = server.add_insecure_port(str(listen))
+        else:
+            port = server.add_secure_port(str(listen), tls.credentials())
     except RuntimeError as exc:  # grpcio reports a failed bind as RuntimeError
         raise OSError(f"cannot listen on {listen}: {exc}") from None
     if port == 0:

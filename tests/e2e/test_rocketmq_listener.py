@@ -113,3 +113,31 @@ def test_a_taken_address_makes_the_second_server_exit_1(tmp_path: Path) -> None:
     finally:
         second.ensure_stopped()
         first.ensure_stopped()
+
+
+def test_the_listener_speaks_tls_with_the_http_certificate(tmp_path: Path) -> None:
+    from tests.certs import CertificateAuthority
+
+    ca = CertificateAuthority(tmp_path)
+    pair = ca.issue("server", "localhost", server=True)
+    port = free_port()
+    server = Server(
+        tmp_path / "data",
+        "--grpc", f"127.0.0.1:{port}",
+        "--tls-cert", str(pair.cert),
+        "--tls-key", str(pair.key),
+    )
+    server.start()
+    try:
+        wait_listening(server, port)
+        request = spb.QueryRouteRequest()
+        request.topic.name = "nothing-here"
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca.pair.cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{port}", credentials) as channel:
+            answer = MessagingServiceStub(channel).QueryRoute(request, timeout=20)  # type: ignore[no-untyped-call]
+        assert answer.status.code == pb.Code.TOPIC_NOT_FOUND, answer.status
+        # A plain-text client gets no answer from a TLS listener.
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError):
+            MessagingServiceStub(channel).QueryRoute(request, timeout=5)  # type: ignore[no-untyped-call]
+    finally:
+        server.ensure_stopped()
