@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from broker_core import dirlock
 from tempomq import config, ops
 from tempomq.logs import configure_logging, get_logger
 
@@ -49,9 +50,17 @@ def _serve(args: argparse.Namespace) -> int:
     for name in config.unknown_env_vars(os.environ):
         if name not in ops.CLIENT_ENV_VARS:
             log.warning("environment variable sets no option; misspelt?", variable=name)
+    # One owner per data directory, taken before anything in it is opened and before the port
+    # is bound: a second server started by mistake exits here without touching the files.
+    try:
+        lock = dirlock.acquire(settings.data_dir)
+    except dirlock.DataDirInUse as exc:
+        print(exc, file=sys.stderr)
+        return 1
     from tempomq.app import run
 
-    return run(settings)
+    with lock:
+        return run(settings)
 
 
 def _from_op(entry: ops.Op | ops.OpGroup) -> Command:
