@@ -14,6 +14,7 @@ traceback.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import gc
 import re
@@ -32,7 +33,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker_core.broker import Broker
-from broker_core.errors import TempoError
+from broker_core.errors import StoreUnavailable, TempoError
 from broker_core.http import BROKER
 from broker_core.http import routes as broker_routes
 from delayserver.embedded import EmbeddedDelayStore
@@ -144,6 +145,15 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     return error_response(status, code, message, headers=headers)
 
 
+#: What a full or failing disk raises from a file write (topics.json, groups.json, ...):
+#: the store cannot take writes for now, which is ``503 store_unavailable``, not a bug.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+
+
+def _is_storage_error(exc: Exception) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
+
+
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
     return given if _REQUEST_ID_RE.fullmatch(given) else secrets.token_hex(8)
@@ -164,11 +174,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             response = _http_error(request, exc)
         except TempoError as exc:
             response = error_response(exc.status, exc.code, exc.message)
-        except Exception:
-            log.exception("unhandled error", method=request.method, path=request.path)
-            response = error_response(
-                500, "internal", f"internal error, see server log (request id {request_id})"
-            )
+        except Exception as exc:
+            if _is_storage_error(exc):
+                log.error("storage.write_failed", path=request.path, error=str(exc))
+                response = error_response(
+                    StoreUnavailable.status, StoreUnavailable.code, f"storage write failed: {exc}"
+                )
+            else:
+                log.exception("unhandled error", method=request.method, path=request.path)
+                response = error_response(
+                    500, "internal", f"internal error, see server log (request id {request_id})"
+                )
         response.headers["X-Request-Id"] = request_id
         log.debug(
             "request",
@@ -306,11 +322,7 @@ def build_app(settings: Settings) -> web.Application:
     readiness = Readiness()
     readiness.add("broker", broker_ready)
     readiness.add("delay_store", delay.health)
-
-    async def tx_ready() -> str | None:
-        return tx.health()
-
-    readiness.add("transactions", tx_ready)
+    readiness.add("transactions", tx.health)
 
     app = web.Application(
         client_max_size=settings.max_request_bytes, middlewares=[error_middleware]

@@ -7,6 +7,7 @@ tests pin down what ``tempomq.app`` itself does, whatever state the real compone
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import io
 import json
@@ -77,7 +78,7 @@ class FakeTx:
     async def stop(self) -> None:
         self.events.append("tx.stop")
 
-    def health(self) -> str | None:
+    async def health(self) -> str | None:
         return None
 
     def begin_shutdown(self) -> None:
@@ -116,6 +117,12 @@ async def boom(request: web.Request) -> web.Response:
 @stand_in_routes.get("/v1/raise/{name}")
 async def raise_named(request: web.Request) -> web.Response:
     raise getattr(errors, request.match_info["name"])("what went wrong")
+
+
+@stand_in_routes.get("/v1/oserror/{errno}")
+async def os_error(request: web.Request) -> web.Response:
+    code = int(request.match_info["errno"])
+    raise OSError(code, os.strerror(code), "/data/topics.json.tmp")
 
 
 @stand_in_routes.get("/v1/http-error")
@@ -467,3 +474,22 @@ async def test_busy_port_exits_1_after_stopping_what_started(
         assert await app_module.serve(settings) == 1
     assert events == LIFECYCLE
     assert any(x["event"] == "cannot listen" for x in log_lines(json_log))
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS])
+async def test_a_storage_os_error_is_503_store_unavailable_with_the_cause(
+    client: Client, code: int
+) -> None:
+    resp = await client.get(f"/v1/oserror/{code}")
+    assert resp.status == 503
+    assert await resp.json() == {
+        "error": "store_unavailable",
+        "message": f"storage write failed: [Errno {code}] {os.strerror(code)}: "
+        "'/data/topics.json.tmp'",
+    }
+
+
+async def test_any_other_os_error_is_still_an_internal_error(client: Client) -> None:
+    resp = await client.get(f"/v1/oserror/{errno.ECONNREFUSED}")
+    assert resp.status == 500
+    assert (await resp.json())["error"] == "internal"
