@@ -45,7 +45,7 @@ class Broker:
 
     async def start(self) -> None:
         await self.store.start()
-        await asyncio.get_running_loop().run_in_executor(None, self.groups.load)
+        await self.groups.restore()
         self.store.on_dispatch = self.groups.wake
         self._tasks = [
             asyncio.create_task(self._flusher(), name="tempomq-flusher"),
@@ -142,8 +142,10 @@ class Broker:
 
     # -- consumption ---------------------------------------------------------------------------
 
-    def create_group(self, name: object, *, fifo: object, max_attempts: object) -> GroupConfig:
-        return self.groups.create_group(name, fifo=fifo, max_attempts=max_attempts)
+    async def create_group(
+        self, name: object, *, fifo: object, max_attempts: object
+    ) -> GroupConfig:
+        return await self.groups.create_group(name, fifo=fifo, max_attempts=max_attempts)
 
     async def receive(self, topic: str, group: str, **kw: Any) -> list[Delivery]:
         return await self.groups.receive(topic, group, **kw)

@@ -16,10 +16,22 @@ Layout of one record (big-endian)::
     66  topic_len u8, tags_len u16, keys_len u16, props_len u32, body_len u32
     79  topic, tags, keys ("\\x1f"-joined), properties (JSON object), body
 
-A reader can always tell the three cases at a position apart: a valid record (magic and CRC
-match), the blank filler (skip to the next segment), and the end of data (a zero length, which
-is what a pre-allocated segment holds past its last write). Anything else is a torn or corrupt
-record, and recovery truncates there.
+Each group commit (one write of many records) ends with a *unit marker*, a 24-byte frame::
+
+    0   total_len   u32   24
+    4   magic       u32   UNIT_MAGIC
+    8   crc32       u32   over bytes [12, 24)
+    12  unit_start  i64   CommitLog offset where the write began
+    20  count       u32   records in the write
+
+A write is committed only once its marker is on disk, so recovery can tell a write that a crash
+or a failed ``pwrite`` tore (records without their marker: dropped whole, which keeps a client's
+batch all or nothing) from damage in the middle of the log (skipped, and what follows kept).
+
+A reader can always tell the cases at a position apart: a valid record or unit marker (magic
+and CRC match), the blank filler (skip to the next segment), and the end of data (a zero
+length, which is what a pre-allocated segment holds past its last write). Anything else is a
+torn or corrupt frame; :func:`find_next_frame` finds where valid frames resume after it.
 """
 
 from __future__ import annotations
@@ -40,6 +52,10 @@ Buffer = bytes | bytearray | memoryview | mmap.mmap
 # RocketMQ's two magic codes: 17 bits apart, so no single corruption turns one into the other.
 RECORD_MAGIC = 0xDAA320A7
 BLANK_MAGIC = 0xCBD43194
+UNIT_MAGIC = 0xB7E15163
+
+#: Record flag: a consumer-state record (``broker_core.groups``), never dispatched to a queue.
+FLAG_STATE = 0x8000
 
 _PRE = struct.Struct(">III")
 _REST = struct.Struct(">HHHqqqq16sBHHII")
@@ -51,6 +67,12 @@ _BLANK = struct.Struct(">II")
 #: characters and their separators, 32 KiB of properties as JSON (escaping may double them).
 MAX_OVERHEAD = HEADER_SIZE + 255 + 4 * 255 + 32 * (4 * 128 + 1) + 2 * 6 * 32 * 1024
 _LEN = struct.Struct(">I")
+_UNIT = struct.Struct(">IIIqI")
+UNIT_SIZE = _UNIT.size
+_UNIT_BODY = struct.Struct(">qI")
+_PHY = struct.Struct(">q")
+_RECORD_MAGIC_BYTES = RECORD_MAGIC.to_bytes(4, "big")
+_UNIT_MAGIC_BYTES = UNIT_MAGIC.to_bytes(4, "big")
 _rest_pack = _REST.pack
 _pre_pack = _PRE.pack
 _crc32 = zlib.crc32
@@ -60,6 +82,7 @@ _OFF_TOPIC_LEN = 66
 
 class Scan(Enum):
     RECORD = "record"
+    UNIT = "unit"
     BLANK = "blank"
     END = "end"
     CORRUPT = "corrupt"
@@ -131,6 +154,26 @@ def encode_blank(size: int) -> bytes:
     return _BLANK.pack(size, BLANK_MAGIC)
 
 
+def encode_unit(unit_start: int, count: int) -> bytes:
+    """The marker that commits one write of ``count`` records that began at ``unit_start``."""
+    body = _UNIT_BODY.pack(unit_start, count)
+    return _PRE.pack(UNIT_SIZE, UNIT_MAGIC, _crc32(body)) + body
+
+
+def unit_start(buf: Buffer, pos: int) -> int:
+    """The ``unit_start`` of the unit marker at ``pos`` (checked by :func:`scan`)."""
+    return int(_PHY.unpack_from(buf, pos + PRE_SIZE)[0])
+
+
+def record_phy_offset(buf: Buffer, pos: int) -> int:
+    """The CommitLog offset a record at ``pos`` says it was written at (its header field)."""
+    return int(_PHY.unpack_from(buf, pos + 26)[0])
+
+
+def record_flags(buf: Buffer, pos: int) -> int:
+    return int(buf[pos + 12]) << 8 | int(buf[pos + 13])
+
+
 def scan(buf: Buffer, pos: int, limit: int) -> tuple[Scan, int]:
     """Classify what starts at ``pos`` in ``buf[:limit]``; returns (kind, size)."""
     if pos + BLANK_SIZE > limit:
@@ -138,6 +181,13 @@ def scan(buf: Buffer, pos: int, limit: int) -> tuple[Scan, int]:
     total, magic = _BLANK.unpack_from(buf, pos)
     if total == 0 and magic == 0:
         return Scan.END, 0
+    if magic == UNIT_MAGIC:
+        if total != UNIT_SIZE or pos + UNIT_SIZE > limit:
+            return Scan.CORRUPT, 0
+        (crc,) = _LEN.unpack_from(buf, pos + 8)
+        if _crc32(memoryview(buf)[pos + PRE_SIZE : pos + UNIT_SIZE]) != crc:
+            return Scan.CORRUPT, 0
+        return Scan.UNIT, UNIT_SIZE
     if magic == BLANK_MAGIC:
         # A filler always runs exactly to the end of its segment.
         if total < BLANK_SIZE or pos + total != limit:
@@ -149,6 +199,35 @@ def scan(buf: Buffer, pos: int, limit: int) -> tuple[Scan, int]:
     if zlib.crc32(memoryview(buf)[pos + PRE_SIZE : pos + total]) != crc:
         return Scan.CORRUPT, 0
     return Scan.RECORD, total
+
+
+def check_record(buf: Buffer, pos: int, limit: int, phy_offset: int) -> bool:
+    """Is there a whole, CRC-valid record at ``pos`` that was written at ``phy_offset``?"""
+    kind, _ = scan(buf, pos, limit)
+    return kind is Scan.RECORD and record_phy_offset(buf, pos) == phy_offset
+
+
+def find_next_frame(buf: Buffer, pos: int, limit: int, base: int) -> int | None:
+    """The first position after ``pos`` in ``buf[:limit]`` where a valid frame starts: a record
+    whose header names its own offset (``base`` + position), or a unit marker. None if there is
+    none. Used to step over damage: a frame that checks is never mistaken, since both its CRC
+    and its self-reference must match."""
+    view = buf if isinstance(buf, mmap.mmap | bytes | bytearray) else bytes(buf)
+    at = pos + 1
+    while at + BLANK_SIZE <= limit:
+        r = view.find(_RECORD_MAGIC_BYTES, at + 4, limit)
+        u = view.find(_UNIT_MAGIC_BYTES, at + 4, limit)
+        hits = [h for h in (r, u) if h >= 0]
+        if not hits:
+            return None
+        cand = min(hits) - 4
+        kind, _ = scan(view, cand, limit)
+        if kind is Scan.UNIT or (
+            kind is Scan.RECORD and record_phy_offset(view, cand) == base + cand
+        ):
+            return cand
+        at = cand + 1
+    return None
 
 
 def decode(buf: Buffer, pos: int = 0) -> StoredMessage:

@@ -19,6 +19,10 @@ ENTRY = struct.Struct(">qiq")
 ENTRY_SIZE = ENTRY.size  # 20
 
 
+#: Entries allocated on disk at a time ahead of use (80 KiB).
+_ALLOCATE_ENTRIES = 4096
+
+
 def tag_hash(tags: str) -> int:
     """Stable 63-bit hash of a tag (0 for no tag), cheap enough for every put."""
     if not tags:
@@ -39,7 +43,16 @@ class ConsumeQueue:
     """One topic/queue. All methods run on the event loop; writes go to shared mappings whose
     dirty pages the flusher syncs; a crash costs at most a re-dispatch from the CommitLog."""
 
-    __slots__ = ("_files", "dir", "max_offset", "min_offset", "per_file", "queue_id", "topic")
+    __slots__ = (
+        "_allocated",
+        "_files",
+        "dir",
+        "max_offset",
+        "min_offset",
+        "per_file",
+        "queue_id",
+        "topic",
+    )
 
     def __init__(self, directory: Path, topic: str, queue_id: int, *, per_file: int) -> None:
         self.dir = directory
@@ -47,6 +60,8 @@ class ConsumeQueue:
         self.queue_id = queue_id
         self.per_file = per_file
         self._files: dict[int, tuple[int, mmap.mmap]] = {}
+        #: Entries of each file whose disk space is known to be allocated (preallocate).
+        self._allocated: dict[int, int] = {}
         self.min_offset = 0
         self.max_offset = 0  # one past the last entry
 
@@ -87,6 +102,7 @@ class ConsumeQueue:
 
     def _unmap(self, start: int) -> None:
         fd, view = self._files.pop(start)
+        self._allocated.pop(start, None)
         view.close()
         os.close(fd)
         (self.dir / f"{start:020d}").unlink(missing_ok=True)
@@ -99,6 +115,23 @@ class ConsumeQueue:
         view = mmap.mmap(fd, size)
         self._files[start] = (fd, view)
         return view
+
+    def preallocate(self, index: int) -> None:
+        """Allocate the disk space of entries up to ``index`` (a chunk at a time), so writing
+        them through the mapping can never fault on a full disk, which would kill the process
+        with SIGBUS. Runs on the writer thread before the CommitLog write of the records they
+        point at; raises ``OSError`` (ENOSPC), which fails that write cleanly instead."""
+        start = index - index % self.per_file
+        done = self._allocated.get(start, 0)
+        need = index - start + 1
+        if need <= done:
+            return
+        if start not in self._files:
+            self._map(start)
+        fd = self._files[start][0]
+        upto = min(self.per_file, max(need, done + _ALLOCATE_ENTRIES))
+        os.posix_fallocate(fd, done * ENTRY_SIZE, (upto - done) * ENTRY_SIZE)
+        self._allocated[start] = upto
 
     def put(self, index: int, phy_offset: int, size: int, tag_hash_: int) -> bool:
         """Write entry ``index``; False (and nothing written) if it is already there."""

@@ -9,6 +9,29 @@ retry hours out survives restarts), or after ``max_attempts`` into ``%DLQ%<group
 delivery is finished once the copy is stored. FIFO groups instead keep a failed message in place
 and block its queue until it is acked or dead-lettered, so order holds per queue (and so per
 sharding key).
+
+Durability (after RocketMQ 5's pop consumer, which journals its checkpoint and ack records in a
+revive topic): every change of consumer state is a record in the CommitLog (:meth:`_journal`),
+written in the same group commit as messages and awaited before the client is answered, so it
+is as durable as a message in the flush mode in use. The records:
+
+====  ===========================================================================
+G     a group created (name, fifo, max_attempts)
+D     deliveries handed out: (cursor topic, queue, offset, phy, attempt, deadline), and the
+      cursors' next offsets
+A     deliveries finished: acknowledged, or their retry / dead-letter copy stored (that copy and
+      this record go out in one write, so a copy is stored once and a message reaches
+      ``%DLQ%<group>`` at most once)
+F     a FIFO delivery failed and waits in place until ``ready_at``
+I     the retry copy a failed delivery is about to schedule (its id and time), so a retry that
+      a crash interrupted is scheduled again with the same id and keeps its time
+R     a reset: cursors moved, deliveries out dropped
+====  ===========================================================================
+
+``groups.json`` is a snapshot of the whole state as of a CommitLog offset (``state_at``), saved
+with each flush; a restart loads it and replays the records after it. Deliveries that were out at
+a crash come back with their attempt count and deadline: once the deadline passes they are
+redelivered with ``delivery_attempt`` one higher, and after ``max_attempts`` dead-lettered.
 """
 
 from __future__ import annotations
@@ -17,9 +40,11 @@ import asyncio
 import os
 import re
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import orjson
 import structlog
@@ -74,6 +99,24 @@ class Pending:
     deadline_ms: int
     #: FIFO only: when a failed delivery may go out again (None while it is out).
     ready_at_ms: int | None = None
+    #: CommitLog offset of the record that finishes this delivery, while that record is being
+    #: written (a snapshot taken meanwhile checks it on restart).
+    finish_at: int | None = None
+    #: The retry copy this delivery's failure schedules: its msg_id and time (record I).
+    copy_id: bytes | None = None
+    copy_at_ms: int | None = None
+
+    def to_json(self) -> list[Any]:
+        return [
+            self.offset,
+            self.phy,
+            self.attempt,
+            self.deadline_ms,
+            self.ready_at_ms,
+            self.finish_at,
+            self.copy_id.hex() if self.copy_id else None,
+            self.copy_at_ms,
+        ]
 
 
 @dataclass(slots=True)
@@ -102,12 +145,13 @@ class Delivery:
 
 
 class Subscription:
-    __slots__ = ("config", "cursors", "retry_topic", "rr", "topic")
+    __slots__ = ("by_name", "config", "cursors", "retry_topic", "rr", "topic")
 
     def __init__(self, config: GroupConfig, topic: str, cursors: list[Cursor], retry: str) -> None:
         self.config = config
         self.topic = topic
         self.cursors = cursors
+        self.by_name = {(c.topic, c.queue_id): c for c in cursors}
         self.retry_topic = retry
         self.rr = 0
 
@@ -152,39 +196,176 @@ class GroupManager:
 
     # -- persistence ---------------------------------------------------------------------------
 
-    def load(self) -> None:
-        if not self._path.exists():
-            return
-        data = orjson.loads(self._path.read_bytes())
+    def _journal(self, op: dict[str, Any]) -> tuple[int, asyncio.Future[None]]:
+        """Stage one state record; its CommitLog offset and the write to await."""
+        self._dirty = True
+        return self.store.stage_state(orjson.dumps(op))
+
+    async def restore(self) -> None:
+        """Load the snapshot and replay the state records after it (the store is open); then
+        arm the timers of the deliveries that were out."""
+        loop = asyncio.get_running_loop()
+        data, ops = await loop.run_in_executor(None, self._read_state)
         for g in data.get("groups", []):
             self.groups[g["name"]] = GroupConfig(
                 g["name"], bool(g["fifo"]), int(g["max_attempts"]), int(g["created_at"])
             )
         self._saved_offsets = data.get("offsets", {})
+        for s in data.get("subs", []):
+            sub = await self._restored_sub(s["g"], s["t"])
+            if sub is None:
+                continue
+            for c in s["c"]:
+                cur = sub.by_name.get((c["ct"], c["q"]))
+                if cur is None:
+                    continue
+                cur.next = int(c["next"])
+                for e in c["p"]:
+                    p = self._restored_pending(e)
+                    if p.finish_at is not None and self.store.has_state_record(p.finish_at):
+                        continue  # finished by a record written just after the snapshot
+                    p.finish_at = None
+                    cur.pending[p.offset] = p
+        for op in ops:
+            await self._apply(op)
+        self._arm_restored()
+        self._dirty = True  # a fresh snapshot, so the next restart replays from here
+
+    def _read_state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        data: dict[str, Any] = {}
+        if self._path.exists():
+            data = orjson.loads(self._path.read_bytes())
+        # Without a snapshot of this format, replay from where this version began writing.
+        start = int(data.get("state_at", self.store.commitlog.units_from))
+        ops = [orjson.loads(body) for _phy, body in self.store.state_records(start)]
+        return data, ops
+
+    def _restored_pending(self, e: list[Any]) -> Pending:
+        offset, phy, attempt, deadline, ready_at, finish_at, copy_id, copy_at = e
+        self._token += 1
+        return Pending(
+            int(offset),
+            int(phy),
+            int(attempt),
+            self._token,
+            int(deadline),
+            ready_at,
+            finish_at,
+            bytes.fromhex(copy_id) if copy_id else None,
+            copy_at,
+        )
+
+    async def _restored_sub(self, group: str, topic: str) -> Subscription | None:
+        if group not in self.groups or topic not in self.store.topics:
+            return None  # the topic's records are gone (retention, a lost directory)
+        return await self._subscription(group, topic)
+
+    async def _apply(self, op: dict[str, Any]) -> None:  # noqa: C901 - one branch per record
+        """Replay one state record (records are applied in log order; each is idempotent)."""
+        kind = op["op"]
+        if kind == "G":
+            if op["n"] not in self.groups:
+                self.groups[op["n"]] = GroupConfig(op["n"], op["f"], op["m"], op["c"])
+            return
+        sub = await self._restored_sub(op["g"], op["t"])
+        if sub is None:
+            return
+        cur: Cursor | None
+        if kind == "D":
+            for ct, q, offset, phy, attempt, deadline in op["d"]:
+                cur = sub.by_name.get((ct, q))
+                if cur is not None:
+                    self._token += 1
+                    cur.pending[offset] = Pending(offset, phy, attempt, self._token, deadline)
+            for ct, q, nxt in op["n"]:
+                cur = sub.by_name.get((ct, q))
+                if cur is not None:
+                    cur.next = nxt
+        elif kind == "A":
+            for ct, q, offset in op["a"]:
+                cur = sub.by_name.get((ct, q))
+                if cur is not None:
+                    cur.pending.pop(offset, None)
+        elif kind in ("F", "I"):
+            cur = sub.by_name.get((op["ct"], op["q"]))
+            p = None if cur is None else cur.pending.get(op["off"])
+            if p is not None and kind == "F":
+                p.attempt, p.ready_at_ms = op["a"], op["r"]
+            elif p is not None:
+                p.copy_id, p.copy_at_ms = bytes.fromhex(op["id"]), op["at"]
+        elif kind == "R":
+            for ct, q, nxt in op["n"]:
+                cur = sub.by_name.get((ct, q))
+                if cur is not None:
+                    cur.next = nxt
+                    cur.pending.clear()
+
+    def _arm_restored(self) -> None:
+        """Deliveries out at the last stop: their receipts died with it; they are redelivered
+        (attempt + 1) when their invisibility deadline passes, FIFO ones when they are ready."""
+        for sub in self._subs.values():
+            for cur in sub.cursors:
+                cur.order = deque(sorted(cur.pending))
+                for p in cur.pending.values():
+                    if p.ready_at_ms is not None:
+                        self.timers.call_at(p.ready_at_ms, partial(self.wake, {sub.topic}))
+                    else:
+                        self.timers.call_at(
+                            p.deadline_ms, partial(self._expire, sub, [(cur, p)])
+                        )
 
     def snapshot(self) -> dict[str, object] | None:
-        """What to persist, or None when nothing changed since the last save."""
+        """What to persist (the state as of ``state_at``), or None when nothing changed."""
         if not self._dirty:
             return None
         self._dirty = False
         offsets = {
             g: {t: dict(q) for t, q in topics.items()} for g, topics in self._saved_offsets.items()
         }
-        for (group, _topic), sub in self._subs.items():
+        subs = []
+        for (group, topic), sub in self._subs.items():
+            cursors = []
             for cur in sub.cursors:
                 offsets.setdefault(group, {}).setdefault(cur.topic, {})[str(cur.queue_id)] = (
                     cur.committed()
                 )
-        return {"groups": [g.to_json() for g in self.groups.values()], "offsets": offsets}
+                cursors.append(
+                    {
+                        "ct": cur.topic,
+                        "q": cur.queue_id,
+                        "next": cur.next,
+                        "p": [p.to_json() for p in cur.pending.values()],
+                    }
+                )
+            subs.append({"g": group, "t": topic, "c": cursors})
+        return {
+            "version": 2,
+            "state_at": self.store.commitlog.reserved_end,
+            "groups": [g.to_json() for g in self.groups.values()],
+            "subs": subs,
+            "offsets": offsets,
+        }
 
     def save(self, snapshot: dict[str, object]) -> None:
         write_json_atomic(self._path, snapshot)
 
     # -- groups --------------------------------------------------------------------------------
 
-    def create_group(
+    async def create_group(
         self, name: object, *, fifo: object = False, max_attempts: object = None
     ) -> GroupConfig:
+        """Create a group durably (its record is written before this returns)."""
+        group, fut = self._new_group(name, fifo=fifo, max_attempts=max_attempts)
+        try:
+            await fut
+        except StoreUnavailable:
+            self.groups.pop(group.name, None)  # not durable: it does not exist
+            raise
+        return group
+
+    def _new_group(
+        self, name: object, *, fifo: object = False, max_attempts: object = None
+    ) -> tuple[GroupConfig, asyncio.Future[None]]:
         if not isinstance(name, str) or not _GROUP_RE.fullmatch(name):
             raise InvalidGroup(
                 "group name must be 1-100 characters of letters, digits, '_' and '-'"
@@ -203,9 +384,11 @@ class GroupManager:
             raise GroupExists(f"group {name!r} already exists")
         group = GroupConfig(name, fifo, max_attempts, self.store.clock())
         self.groups[name] = group
-        self._dirty = True
+        _, fut = self._journal(
+            {"op": "G", "n": name, "f": fifo, "m": max_attempts, "c": group.created_at}
+        )
         log.info("group.created", group=name, fifo=fifo, max_attempts=max_attempts)
-        return group
+        return group, fut
 
     async def _subscription(self, group: str, topic: str, *, create: bool = False) -> Subscription:
         """The group's state on ``topic``. Only a receive creates an unknown group: reads and
@@ -217,7 +400,7 @@ class GroupManager:
         if cfg is None:
             if not create:
                 raise GroupNotFound(f"group {group!r} does not exist")
-            cfg = self.create_group(group)
+            cfg = await self.create_group(group)
         topic_cfg = self.store.topic(topic)
         retry = retry_topic(group, topic)
         names = [(topic, q) for q in range(topic_cfg.queues)]
@@ -258,7 +441,9 @@ class GroupManager:
         deadline = self.timers.now_ms() + wait_ms
         loop = asyncio.get_running_loop()
         while True:
-            out = self._poll(sub, max_messages, invisible_ms, tags)
+            out, written = self._poll(sub, max_messages, invisible_ms, tags)
+            if written is not None:
+                await written  # the deliveries (or a cursor moved past filtered ones) are durable
             if out:
                 metrics.RECEIVED_MESSAGES.inc(len(out))
                 return out
@@ -292,9 +477,10 @@ class GroupManager:
                     if not f.done():
                         f.set_result(None)
 
-    def _poll(
+    def _poll(  # noqa: C901 - the receive hot path, one frame on purpose
         self, sub: Subscription, max_n: int, invisible_ms: int, tags: frozenset[str] | None
-    ) -> list[Delivery]:
+    ) -> tuple[list[Delivery], asyncio.Future[None] | None]:
+        """Hand out what is ready; returns the deliveries and the write of their record."""
         now = self.timers.now_ms()
         deadline = now + invisible_ms
         tag_hashes = None if tags is None else {tag_hash(t) for t in tags}
@@ -302,6 +488,7 @@ class GroupManager:
         store = self.store
         out: list[Delivery] = []
         issued: list[tuple[Cursor, Pending]] = []
+        moved: list[Cursor] = []
         cursors = sub.cursors
         n = len(cursors)
         start = sub.rr
@@ -316,6 +503,8 @@ class GroupManager:
             cq = store.consume_queue(cur.topic, cur.queue_id)
             if cur.next < cq.min_offset:
                 cur.next = cq.min_offset  # retention removed what this group had not read
+            if cur.next < cq.max_offset:
+                moved.append(cur)
             while len(out) < max_n and cur.next < cq.max_offset:
                 offset = cur.next
                 cur.next = offset + 1
@@ -336,9 +525,22 @@ class GroupManager:
             if len(out) >= max_n:
                 break
         if issued:
-            self._dirty = True
             self.timers.call_at(deadline, partial(self._expire, sub, issued))
-        return out
+        if not moved and not issued:
+            return out, None
+        _, fut = self._journal(
+            {
+                "op": "D",
+                "g": sub.config.name,
+                "t": sub.topic,
+                "d": [
+                    (c.topic, c.queue_id, p.offset, p.phy, p.attempt, p.deadline_ms)
+                    for c, p in issued
+                ],
+                "n": [(c.topic, c.queue_id, c.next) for c in moved],
+            }
+        )
+        return out, fut
 
     def _issue(self, cur: Cursor, offset: int, phy: int, attempt: int, deadline: int) -> Pending:
         self._token += 1
@@ -397,19 +599,26 @@ class GroupManager:
     # -- ack / nack / timeout ------------------------------------------------------------------
 
     async def ack(self, topic: str, group: str, receipts: list[object]) -> int:
+        """Finish the deliveries; returns how many. Answered once their record is written: an
+        acknowledged message is never delivered again, even after a crash."""
         sub = await self._subscription(group, topic)
         resolved = [self._resolve(sub, r) for r in receipts]
-        done = 0
+        finished = []
         for cur, p in resolved:
             if cur.pending.get(p.offset) is p:  # the same receipt twice in one call
                 del cur.pending[p.offset]
-                done += 1
-        if done:
-            self._dirty = True
-            metrics.ACKED_MESSAGES.inc(done)
+                finished.append((cur.topic, cur.queue_id, p.offset))
+        if finished:
+            _, fut = self._journal(self._finish_op(sub, finished))
+            metrics.ACKED_MESSAGES.inc(len(finished))
             if sub.config.fifo:
                 self.wake({topic})
-        return done
+            await fut
+        return len(finished)
+
+    @staticmethod
+    def _finish_op(sub: Subscription, done: Iterable[tuple[str, int, int]]) -> dict[str, Any]:
+        return {"op": "A", "g": sub.config.name, "t": sub.topic, "a": list(done)}
 
     async def nack(
         self, topic: str, group: str, receipt: object, retry_after_ms: int | None
@@ -447,44 +656,101 @@ class GroupManager:
         if cfg.fifo and p.attempt < cfg.max_attempts:
             wait = retry_after_ms if retry_after_ms is not None else self._backoff(p.attempt)
             p.ready_at_ms = now + max(wait, 0)
+            _, fut = self._journal(
+                {
+                    "op": "F",
+                    "g": cfg.name,
+                    "t": sub.topic,
+                    "ct": cur.topic,
+                    "q": cur.queue_id,
+                    "off": p.offset,
+                    "a": p.attempt,
+                    "r": p.ready_at_ms,
+                }
+            )
             self.timers.call_at(p.ready_at_ms, partial(self.wake, {sub.topic}))
+            await fut
             return
         msg = self.store.read(p.phy)
         token = p.token
         p.token = 0  # receipt dead; the offset stays unfinished until the copy is stored
         try:
-            if msg is not None:
-                plan = plan_redelivery(
-                    msg,
-                    group=cfg.name,
-                    attempt=p.attempt,
-                    max_attempts=cfg.max_attempts,
-                    schedule=self.config.backoff_ms,
-                    now_ms=now,
-                    retry_after_ms=retry_after_ms,
-                )
-                if plan.dead:
-                    await self.store.ensure_topic(dlq_topic(cfg.name), 1)
-                    await self.store.put(plan.message)
-                    metrics.DLQ_MESSAGES.inc()
-                    log.warning(
-                        "group.dead_letter",
-                        group=cfg.name,
-                        msg_id=msg.origin_msg_id,
-                        attempts=p.attempt,
-                    )
-                elif plan.deliver_at_ms <= now or self.scheduler is None:
-                    await self.store.put(plan.message)
-                else:
-                    await self.scheduler.schedule([plan.message], [plan.deliver_at_ms])
+            await self._store_copy(sub, cur, p, msg, now, retry_after_ms)
         except BaseException:
             p.token = token  # not stored: the delivery stays out and times out again
+            p.finish_at = None
             raise
         if cur.pending.get(p.offset) is p:
             del cur.pending[p.offset]
         self._dirty = True
         if cfg.fifo:
             self.wake({sub.topic})
+
+    async def _store_copy(
+        self,
+        sub: Subscription,
+        cur: Cursor,
+        p: Pending,
+        msg: StoredMessage | None,
+        now: int,
+        retry_after_ms: int | None,
+    ) -> None:
+        """Store the retry or dead-letter copy of a failed delivery and the record that
+        finishes the delivery, so that after any crash the copy exists exactly once."""
+        cfg = sub.config
+        finish = self._finish_op(sub, [(cur.topic, cur.queue_id, p.offset)])
+        if msg is None:  # gone (retention) or damaged: nothing to redeliver
+            p.finish_at, fut = self._journal(finish)
+            await fut
+            return
+        plan = plan_redelivery(
+            msg,
+            group=cfg.name,
+            attempt=p.attempt,
+            max_attempts=cfg.max_attempts,
+            schedule=self.config.backoff_ms,
+            now_ms=now,
+            retry_after_ms=retry_after_ms,
+        )
+        deliver_at = plan.deliver_at_ms if p.copy_at_ms is None else p.copy_at_ms
+        if plan.dead or deliver_at <= now or self.scheduler is None:
+            if plan.dead:
+                await self.store.ensure_topic(dlq_topic(cfg.name), 1)
+            # The copy and the finishing record in one write: both are stored, or neither.
+            _, waits = self.store.stage([plan.message])
+            p.finish_at, fut = self._journal(finish)
+            for w in waits:
+                await w
+            await fut
+            if plan.dead:
+                metrics.DLQ_MESSAGES.inc()
+                log.warning(
+                    "group.dead_letter",
+                    group=cfg.name,
+                    msg_id=msg.origin_msg_id,
+                    attempts=p.attempt,
+                )
+            return
+        if p.copy_id is None:  # first try: choose the copy's id and time, durably
+            p.copy_id, p.copy_at_ms = self.scheduler.new_msg_id(), deliver_at
+            _, fut = self._journal(
+                {
+                    "op": "I",
+                    "g": cfg.name,
+                    "t": sub.topic,
+                    "ct": cur.topic,
+                    "q": cur.queue_id,
+                    "off": p.offset,
+                    "id": p.copy_id.hex(),
+                    "at": deliver_at,
+                }
+            )
+            await fut
+        plan.message.msg_id = p.copy_id
+        # Idempotent by msg_id: a retry scheduled again after a crash keeps its first time.
+        await self.scheduler.schedule([plan.message], [deliver_at])
+        p.finish_at, fut = self._journal(finish)
+        await fut
 
     def _backoff(self, attempt: int) -> int:
         schedule = self.config.backoff_ms
@@ -538,9 +804,17 @@ class GroupManager:
             cur.pending.clear()
             cur.order.clear()
             out.append({"queue_id": cur.queue_id, "offset": offset})
-        self._dirty = True
+        _, fut = self._journal(
+            {
+                "op": "R",
+                "g": group,
+                "t": topic,
+                "n": [(topic, q["queue_id"], q["offset"]) for q in out],
+            }
+        )
         self.wake({topic})
         log.info("group.reset", group=group, topic=topic, timestamp=timestamp_ms)
+        await fut
         return out
 
     def lag_by_group(self) -> list[tuple[str, str, int]]:

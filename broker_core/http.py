@@ -381,7 +381,7 @@ async def reset(request: web.Request) -> web.Response:
 @routes.post("/v1/groups")
 async def create_group(request: web.Request) -> web.Response:
     body = await _object(request)
-    group = request.app[BROKER].create_group(
+    group = await request.app[BROKER].create_group(
         body.get("name"), fifo=body.get("fifo", False), max_attempts=body.get("max_attempts")
     )
     return json_response(group.to_json(), status=201)

@@ -30,6 +30,8 @@ _HEADER_SIZE = 64
 _SLOT = struct.Struct(">I")
 _ENTRY = struct.Struct(">Qqi")
 _ENTRY_SIZE = _ENTRY.size  # 20
+#: Entries allocated on disk at a time ahead of use (80 KiB).
+_ALLOCATE_ENTRIES = 4096
 _slot_unpack = _SLOT.unpack_from
 _slot_pack = _SLOT.pack_into
 _entry_pack = _ENTRY.pack_into
@@ -49,6 +51,7 @@ def id_hash(msg_id: bytes) -> int:
 
 class _IndexFile:
     __slots__ = (
+        "allocated",
         "capacity",
         "clean",
         "count",
@@ -66,8 +69,15 @@ class _IndexFile:
         self.name = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         fresh = os.fstat(self.fd).st_size == 0
+        self.allocated = 0  # entries whose disk space is allocated (see Index.preallocate)
         if fresh:
             os.ftruncate(self.fd, size)
+            try:  # the header and slots are written at random: allocate them up front
+                os.posix_fallocate(self.fd, 0, _HEADER_SIZE + slots * 4)
+            except OSError:
+                os.close(self.fd)
+                path.unlink(missing_ok=True)
+                raise
         self.view = mmap.mmap(self.fd, os.fstat(self.fd).st_size)
         if fresh:
             _HEADER.pack_into(self.view, 0, _MAGIC, slots, capacity, 0, -1, -1, 0)
@@ -93,6 +103,19 @@ class _IndexFile:
             slot_pos = _HEADER_SIZE + (h % slots) * 4
             _entry_pack(view, pos, h, phy, _slot_unpack(view, slot_pos)[0])
             _slot_pack(view, slot_pos, n)
+
+    def allocate(self, entries: int) -> None:
+        """Allocate the disk space of the first ``entries`` entries (a chunk at a time)."""
+        entries = min(entries, self.capacity)
+        if entries <= self.allocated:
+            return
+        upto = min(self.capacity, max(entries, self.allocated + _ALLOCATE_ENTRIES))
+        os.posix_fallocate(
+            self.fd,
+            self.entries_at + self.allocated * _ENTRY_SIZE,
+            (upto - self.allocated) * _ENTRY_SIZE,
+        )
+        self.allocated = upto
 
     def add(self, h: int, phy: int) -> None:
         slot_pos = _HEADER_SIZE + (h % self.slots) * 4
@@ -151,6 +174,8 @@ class Index:
         self.slots = slots
         self.capacity = capacity
         self._files: list[_IndexFile] = []
+        #: The next file, created ahead by :meth:`preallocate` when the active one is filling.
+        self._spare: _IndexFile | None = None
 
     def load(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -179,10 +204,27 @@ class Index:
                 full = self._files[-1]
                 full.sync_header(clean=True)
                 full.view.flush()  # sealed: a later crash cannot leave it half written
-            seq = len(self._files) and int(self._files[-1].name.stem) + 1
-            f = _IndexFile(self.dir / f"{seq:012d}.idx", slots=self.slots, capacity=self.capacity)
+            f, self._spare = self._spare or self._new_file(), None
             self._files.append(f)
         return self._files[-1]
+
+    def _new_file(self) -> _IndexFile:
+        seq = len(self._files) and int(self._files[-1].name.stem) + 1
+        return _IndexFile(self.dir / f"{seq:012d}.idx", slots=self.slots, capacity=self.capacity)
+
+    def preallocate(self, n: int) -> None:
+        """Allocate the disk space of the next ``n`` entries, creating the next file ahead when
+        the active one fills, so adding them through the mappings can never fault on a full
+        disk (SIGBUS). Runs on the writer thread before the CommitLog write of their records;
+        raises ``OSError`` (ENOSPC), which fails that write cleanly instead."""
+        f = self._files[-1] if self._files else None
+        room = 0 if f is None else f.capacity - f.count
+        if f is not None and room > 0:
+            f.allocate(f.count + min(n, room))
+        if n > room:
+            if self._spare is None:
+                self._spare = self._new_file()
+            self._spare.allocate(n - room)
 
     def add(self, phy: int, msg_id: bytes, topic: str, keys: tuple[str, ...]) -> None:
         files = self._files
@@ -237,3 +279,6 @@ class Index:
         for f in self._files:
             f.close()
         self._files = []
+        if self._spare is not None:
+            self._spare.close()
+            self._spare = None

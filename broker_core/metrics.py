@@ -15,6 +15,14 @@ NACKED_MESSAGES = Counter(
     "tempomq_redelivered_messages", "Messages sent back for redelivery (nack or timeout)"
 )
 DLQ_MESSAGES = Counter("tempomq_dead_lettered_messages", "Messages moved to a dead-letter topic")
+CORRUPT_RECORDS = Counter(
+    "tempomq_corrupt_records",
+    "Damaged CommitLog ranges found and skipped (never delivered), by who found them",
+    ["found_by"],
+)
+WRITE_FAILURES = Counter(
+    "tempomq_store_write_failures", "CommitLog writes that failed (disk full, I/O error)"
+)
 FLUSH_SECONDS = Histogram(
     "tempomq_flush_seconds",
     "CommitLog fsync latency (each group commit in sync mode, each periodic flush in async)",

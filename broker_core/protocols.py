@@ -40,3 +40,7 @@ class Scheduler(Protocol):
     async def schedule(
         self, messages: Sequence[Message], deliver_at_ms: Sequence[int]
     ) -> list[int]: ...
+
+    def new_msg_id(self) -> bytes:
+        """A fresh id for a message this scheduler will keep (one it releases itself)."""
+        ...

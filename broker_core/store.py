@@ -7,18 +7,30 @@ each batch to the writer thread (one ``pwrite``, one fdatasync in ``sync`` mode)
 the batch into ConsumeQueues and the index and resolves the one future every put of the batch
 awaits. A record is therefore readable through a ConsumeQueue only after it is on disk (``sync``)
 or in the OS (``async``): consumers never see what a crash could take back in that mode.
+
+Each write ends with a unit marker, so a batch is stored all or nothing (see
+:mod:`broker_core.commitlog`). A failed write (disk full, I/O error) fails every put it carried
+and those queued behind it with ``503 store_unavailable`` naming the cause, gives their space and
+queue offsets back, and leaves the store taking puts: while the disk stays full each write is
+refused after a cheap allocation probe, and the first probe that succeeds (on the next put, or
+within a second when idle) heals the store without a restart.
+
+Consumer state (``broker_core.groups``) is journalled as records flagged
+:data:`~broker_core.codec.FLAG_STATE` in the same CommitLog, written in the same group commits as
+messages (:meth:`MessageStore.stage_state`), and never dispatched to a queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +38,7 @@ import orjson
 import structlog
 
 from broker_core import codec, metrics
-from broker_core.commitlog import CommitLog
+from broker_core.commitlog import CommitLog, FileIO
 from broker_core.config import BrokerConfig
 from broker_core.consumequeue import ConsumeQueue, tag_hash
 from broker_core.errors import (
@@ -48,6 +60,22 @@ log = structlog.get_logger(__name__)
 
 _CHECKPOINT = "checkpoint.json"
 _TOPICS = "topics.json"
+#: Topic name carried by consumer-state records (never a real topic, never dispatched).
+STATE_TOPIC = "SYS_CONSUMER_STATE"
+_HEAL_PROBE_S = 1.0
+
+
+#: What dispatch needs of a written record: topic, queue, queue offset, CommitLog offset, size,
+#: tag hash, msg_id, keys.
+_Dispatch = tuple[str, int, int, int, int, int, bytes, tuple[str, ...]]
+
+
+def _is_message(view: codec.Buffer, pos: int) -> bool:
+    return not codec.record_flags(view, pos) & codec.FLAG_STATE
+
+
+def _is_state(view: codec.Buffer, pos: int) -> bool:
+    return bool(codec.record_flags(view, pos) & codec.FLAG_STATE)
 
 
 @dataclass(slots=True, frozen=True)
@@ -95,12 +123,20 @@ def now_ms() -> int:
 
 
 class MessageStore:
-    def __init__(self, config: BrokerConfig, *, clock: Callable[[], int] = now_ms) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        *,
+        clock: Callable[[], int] = now_ms,
+        io: FileIO | None = None,
+    ) -> None:
         self.config = config
         self.clock = clock
         root = Path(config.data_dir)
         self.root = root
-        self.commitlog = CommitLog(root / "commitlog", segment_bytes=config.segment_bytes)
+        self.commitlog = CommitLog(
+            root / "commitlog", segment_bytes=config.segment_bytes, io=io
+        )
         self.index = Index(root / "index", slots=config.index_slots, capacity=config.index_entries)
         self.topics: dict[str, TopicConfig] = {}
         self._cqs: dict[tuple[str, int], ConsumeQueue] = {}
@@ -112,8 +148,9 @@ class MessageStore:
         # the one future all their puts await.
         self._buf: list[bytes] = []
         self._buf_start = 0
-        self._buf_dispatch: list[tuple[str, int, int, int, int, int, bytes, tuple[str, ...]]] = []
+        self._buf_dispatch: list[_Dispatch] = []
         self._buf_future: _CommitFuture | None = None
+        self._buf_records = 0
         #: Client-supplied ids of records not yet written, with the write their puts await.
         self._pending_ids: dict[tuple[bytes, str], tuple[PutResult, _CommitFuture]] = {}
         self._wake_writer: asyncio.Event | None = None
@@ -137,14 +174,15 @@ class MessageStore:
 
     def _open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        end = self.commitlog.open()
+        checkpoint = self._read_checkpoint()
+        scan_from = checkpoint.get("dispatched")
+        end = self.commitlog.open(scan_from=None if scan_from is None else int(scan_from))
         self._buf_start = end
         self._load_topics()
         self.index.load()
         for topic in self.topics.values():
             for q in range(topic.queues):
                 self._cq(topic.name, q)
-        checkpoint = self._read_checkpoint()
         index_max_phy = self.index.max_phy
         for cq in self._cqs.values():
             cq.truncate_to(end)
@@ -172,7 +210,7 @@ class MessageStore:
     def _redispatch(self, start: int, end: int, index_max_phy: int) -> int:
         """Feed records in ``[start, end)`` to the ConsumeQueues and index, idempotently."""
         n = 0
-        for phy, view, pos in self.commitlog.iter_records(start, end):
+        for phy, view, pos in self.commitlog.iter_records(start, end, include=_is_message):
             m = codec.decode(view, pos)
             if m.topic not in self.topics:
                 # topics.json lost or older than the log: learn the topic from its records.
@@ -241,11 +279,15 @@ class MessageStore:
             raise TopicExists(f"topic {name!r} already exists")
         topic = TopicConfig(name, queues, self.clock())
         self.topics[name] = topic
-        for q in range(queues):
-            self._next_qoff[(name, q)] = self._cq(name, q).max_offset
-        await asyncio.get_running_loop().run_in_executor(
-            self._flush_pool, write_json_atomic, self.root / _TOPICS, self._topics_json()
-        )
+        try:
+            for q in range(queues):
+                self._next_qoff[(name, q)] = self._cq(name, q).max_offset
+            await asyncio.get_running_loop().run_in_executor(
+                self._flush_pool, write_json_atomic, self.root / _TOPICS, self._topics_json()
+            )
+        except OSError as e:  # disk full: the topic does not exist (it could not be saved)
+            del self.topics[name]
+            raise StoreUnavailable(f"cannot save topic {name!r}: {e.strerror or e}") from e
         log.info("topic.created", topic=name, queues=queues)
         return topic
 
@@ -301,20 +343,21 @@ class MessageStore:
     ) -> list[PutResult]:
         """Store ``msgs`` (topics must exist). With ``check_duplicate``, a message whose
         ``msg_id`` is already in its topic is not stored again; its first result is returned."""
-        if self._failure is not None or self._closing:
-            raise StoreUnavailable(self._failure or "the store is shutting down")
-        results, waits = self._append(msgs, check_duplicate)
+        if self._closing:
+            raise StoreUnavailable("the store is shutting down")
+        results, waits = self.stage(msgs, check_duplicate=check_duplicate)
         for fut in waits:
             await fut
         return results
 
-    def _append(  # noqa: C901 - the put hot path, one frame on purpose
-        self, msgs: Iterable[Message], check_duplicate: bool
+    def stage(  # noqa: C901 - the put hot path, one frame on purpose
+        self, msgs: Iterable[Message], *, check_duplicate: bool = False
     ) -> tuple[list[PutResult], list[_CommitFuture]]:
-        """Append ``msgs`` to the pending batch; returns their results and the writes to await
-        (this batch's, and those of in-flight originals that a duplicate refers to)."""
+        """Append ``msgs`` to the pending write; returns their results and the writes to await
+        (this batch's, and those of in-flight originals that a duplicate refers to). What one
+        call (and any :meth:`stage_state` in the same step of the event loop) stages goes out
+        in one write: all of it is stored, or none."""
         now = self.clock()
-        reserve = self.commitlog.reserve
         buf = self._buf
         dispatch = self._buf_dispatch
         topics = self.topics
@@ -331,14 +374,9 @@ class MessageStore:
         batch = self._buf_future
         if batch is None:
             batch = self._buf_future = _CommitFuture()
-        appended = False
+        appended = 0
         new_id = self._ids.next
-
-        def place(size: int) -> int:
-            phy, filler = reserve(size)
-            if filler is not None:
-                buf.append(filler)
-            return phy
+        place = self._place
 
         for m in msgs:
             topic = topics[m.topic]
@@ -365,7 +403,7 @@ class MessageStore:
             phy = self.commitlog.reserved_end - len(record)
             size = len(record)
             buf.append(record)
-            appended = True
+            appended += 1
             tags = m.tags
             dispatch.append(
                 (m.topic, qid, qoff, phy, size, tag_hash(tags) if tags else 0, m.msg_id, m.keys)
@@ -375,11 +413,51 @@ class MessageStore:
                 self._pending_ids[(m.msg_id, m.topic)] = (result, batch)
             results.append(result)
         if appended:
+            self._buf_records += appended
             assert self._wake_writer is not None
             self._wake_writer.set()
             if batch not in waits:
                 waits.append(batch)
         return results, waits
+
+    def _place(self, size: int) -> int:
+        """Reserve CommitLog space for a frame of ``size`` bytes in the pending write."""
+        phy, filler = self.commitlog.reserve(size)
+        if filler is not None:
+            self._buf.append(filler)
+        return phy
+
+    def stage_state(self, payload: bytes) -> tuple[int, asyncio.Future[None]]:
+        """Append a consumer-state record to the pending write. Returns its CommitLog offset
+        and the write to await; see :meth:`stage` for what goes out together."""
+        if self._closing:
+            raise StoreUnavailable("the store is shutting down")
+        batch = self._buf_future
+        if batch is None:
+            batch = self._buf_future = _CommitFuture()
+        m = Message(topic=STATE_TOPIC, body=payload, flags=codec.FLAG_STATE, queue_id=0)
+        record = codec.encode_record(m, b"", 0, self.clock(), self._place)
+        self._buf.append(record)
+        self._buf_records += 1
+        assert self._wake_writer is not None
+        self._wake_writer.set()
+        return self.commitlog.reserved_end - len(record), batch
+
+    def state_records(self, start: int) -> list[tuple[int, bytes]]:
+        """Consumer-state records from ``start`` to the end of the log: (offset, payload)."""
+        out = []
+        for phy, view, pos in self.commitlog.iter_records(
+            max(start, self.commitlog.min_offset), self.commitlog.written_end, include=_is_state
+        ):
+            out.append((phy, codec.decode(view, pos).body))
+        return out
+
+    def has_state_record(self, phy_offset: int) -> bool:
+        """Is a valid consumer-state record stored at ``phy_offset``?"""
+        if not self.commitlog.min_offset <= phy_offset < self.commitlog.written_end:
+            return False
+        found = self.commitlog.check(phy_offset)
+        return found is not None and _is_state(*found)
 
     def _check_fits(self, m: Message) -> None:
         """Exact size check for a body large enough that the record might not fit a segment."""
@@ -404,25 +482,34 @@ class MessageStore:
         """The one task that moves pending batches to disk, in order."""
         assert self._wake_writer is not None
         loop = asyncio.get_running_loop()
-        write = self.commitlog.write
+        write = self._prepare_and_write
         while True:
-            await self._wake_writer.wait()
+            if self._failure is None:
+                await self._wake_writer.wait()
+            else:  # failed: probe now and then even with nothing to write, to heal
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake_writer.wait(), _HEAL_PROBE_S)
+                await self._heal()
             self._wake_writer.clear()
             while self._buf:
-                data = b"".join(self._buf)
+                if self._failure is not None and not await self._heal():
+                    self._refuse_pending(self._failure)
+                    break
                 start = self._buf_start
+                marker_at = self._place(codec.UNIT_SIZE)
+                self._buf.append(codec.encode_unit(start, self._buf_records))
+                data = b"".join(self._buf)
                 dispatch = self._buf_dispatch
                 fut = self._buf_future
                 self._buf, self._buf_dispatch, self._buf_future = [], [], None
+                self._buf_records = 0
                 self._buf_start = start + len(data)
                 t0 = time.perf_counter()
                 try:
-                    await loop.run_in_executor(
-                        self._write_pool, partial(write, start, data, sync=self._sync)
-                    )
-                except Exception as e:  # disk full, I/O error: stop taking writes
-                    self._fail(f"commitlog write failed: {e}", fut)
-                    return
+                    await loop.run_in_executor(self._write_pool, write, start, data, dispatch)
+                except OSError as e:  # disk full, I/O error: fail this write, keep going
+                    await self._write_failed(e, fut, start, marker_at)
+                    continue
                 if self._sync:
                     metrics.FLUSH_SECONDS.observe(time.perf_counter() - t0)
                 self.commitlog.written_end = start + len(data)
@@ -432,18 +519,72 @@ class MessageStore:
             if self._closing:
                 return
 
-    def _fail(self, reason: str, fut: _CommitFuture | None) -> None:
-        log.error("store.failed", reason=reason)
+    def _prepare_and_write(self, start: int, data: bytes, dispatch: list[_Dispatch]) -> None:
+        """On the writer thread: allocate the ConsumeQueue and index space the write's records
+        will take (a full disk fails the write here, before anything is written, rather than
+        with SIGBUS in a mapping later), then write."""
+        last: dict[tuple[str, int], int] = {}
+        n_index = 0
+        for topic, qid, qoff, _p, _s, _t, _id, keys in dispatch:
+            last[(topic, qid)] = qoff
+            n_index += 1 + len(keys)
+        cqs = self._cqs
+        for key, qoff in last.items():
+            cqs[key].preallocate(qoff)
+        if n_index:
+            self.index.preallocate(n_index)
+        self.commitlog.write(start, data, sync=self._sync)
+
+    async def _write_failed(
+        self, e: OSError, fut: _CommitFuture | None, start: int, marker_at: int
+    ) -> None:
+        """A write failed: nothing of it or of what queued behind it is acknowledged; its space
+        and queue offsets are given back, and its marker is kept off the disk."""
+        reason = f"cannot write to the CommitLog: {e.strerror or e}"
+        if e.errno == errno.ENOSPC:
+            reason += " (free space on the data directory's file system)"
+        metrics.WRITE_FAILURES.inc()
+        log.error("store.write_failed", reason=reason, offset=start)
         self._failure = reason
-        err = StoreUnavailable(reason)
-        for f in (fut, self._buf_future):
-            if f is not None and not f.done():
-                f.set_exception(err)
+        if fut is not None and not fut.done():
+            fut.set_exception(StoreUnavailable(reason))
+        self._refuse_pending(reason)
+        await asyncio.get_running_loop().run_in_executor(
+            self._write_pool, self.commitlog.unwrite, start, marker_at
+        )
+
+    def _refuse_pending(self, reason: str) -> None:
+        """Fail every put staged but not written, and give back what they reserved."""
+        fut = self._buf_future
         self._buf, self._buf_dispatch, self._buf_future = [], [], None
+        self._buf_records = 0
         self._pending_ids.clear()
+        self.commitlog.rewind()
+        self._buf_start = self.commitlog.written_end
+        for key, cq in self._cqs.items():
+            self._next_qoff[key] = cq.max_offset
+        if fut is not None and not fut.done():
+            fut.set_exception(StoreUnavailable(reason))
+
+    async def _heal(self) -> bool:
+        """After a failed write: True (and the store healthy again) once the disk takes writes."""
+        if self._failure is None:
+            return True
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._write_pool, self.commitlog.probe
+            )
+        except OSError as e:
+            cause = f"cannot write to the CommitLog: {e.strerror or e}"
+            if cause not in self._failure:
+                self._failure = cause
+            return False
+        log.info("store.write_recovered", after=self._failure)
+        self._failure = None
+        return True
 
     def _dispatch(
-        self, batch: list[tuple[str, int, int, int, int, int, bytes, tuple[str, ...]]]
+        self, batch: list[_Dispatch]
     ) -> None:
         cqs = self._cqs
         index_add = self.index.add
@@ -468,11 +609,8 @@ class MessageStore:
         """The record at ``phy_offset``, or None when retention removed it."""
         if phy_offset < self.commitlog.min_offset or phy_offset >= self.commitlog.written_end:
             return None
-        try:
-            view, pos = self.commitlog.view_at(phy_offset)
-        except KeyError:
-            return None
-        return codec.decode(view, pos)
+        found = self.commitlog.check(phy_offset)  # CRC on every read: damage is never handed out
+        return None if found is None else codec.decode(*found)
 
     def stored_at(self, phy_offset: int) -> int | None:
         if phy_offset < self.commitlog.min_offset:

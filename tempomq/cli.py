@@ -63,6 +63,34 @@ def _serve(args: argparse.Namespace) -> int:
         return run(settings)
 
 
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("TEMPOMQ_DATA_DIR", "./data"),
+        help="the data directory to check (env TEMPOMQ_DATA_DIR, default ./data)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import orjson
+
+    from broker_core.verify import verify
+
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        print(f"tempomq verify: no data directory at {data_dir}", file=sys.stderr)
+        return 2
+    report = verify(data_dir)
+    if args.json:
+        print(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print("\n".join(report.lines()))
+    return 1 if report.damaged else 0
+
+
 def _from_op(entry: ops.Op | ops.OpGroup) -> Command:
     if isinstance(entry, ops.OpGroup):
         return Command(entry.help, subcommands={n: _from_op(e) for n, e in entry.ops.items()})
@@ -74,6 +102,11 @@ COMMANDS: dict[str, Command] = {
         help="run the broker and its HTTP API in this process",
         add_arguments=config.add_arguments,
         run=_serve,
+    ),
+    "verify": Command(
+        help="check every file of a stopped server's data directory; exit 1 on damage",
+        add_arguments=_verify_arguments,
+        run=_verify,
     ),
     **{name: _from_op(entry) for name, entry in ops.OPERATIONS.items()},
 }

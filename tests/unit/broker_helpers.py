@@ -16,7 +16,7 @@ from typing import Any
 
 from broker_core.broker import Broker
 from broker_core.config import BrokerConfig
-from broker_core.message import Message
+from broker_core.message import Message, MsgIdGenerator
 from broker_core.store import MessageStore
 
 #: A fixed, realistic epoch-ms start for manual clocks (2025-01-01T00:00:00Z).
@@ -85,6 +85,10 @@ class FakeScheduler:
     """In-memory ``Scheduler``: records what would be delayed; the test releases it."""
 
     scheduled: list[tuple[Message, int]] = field(default_factory=list)
+    ids: MsgIdGenerator = field(default_factory=MsgIdGenerator)
+
+    def new_msg_id(self) -> bytes:
+        return self.ids.next()
 
     async def schedule(
         self, messages: Sequence[Message], deliver_at_ms: Sequence[int]

@@ -332,7 +332,7 @@ async def test_acked_before_timeout_is_not_redelivered(env: Env) -> None:
 
 
 async def test_dead_letter_after_max_attempts(env: Env) -> None:
-    env.b.create_group("three", fifo=False, max_attempts=3)
+    await env.b.create_group("three", fifo=False, max_attempts=3)
     [sent] = await env.send("orders", "a", keys=["order-1"])
     for attempt in (1, 2, 3):
         [d] = await env.recv(group="three")
@@ -356,7 +356,7 @@ async def test_dead_letter_after_max_attempts(env: Env) -> None:
 
 
 async def test_invisibility_timeouts_also_lead_to_the_dlq(env: Env) -> None:
-    env.b.create_group("two", fifo=False, max_attempts=2)
+    await env.b.create_group("two", fifo=False, max_attempts=2)
     [sent] = await env.send("orders", "a")
     [d] = await env.recv(group="two", invisible_ms=1000)
     await env.advance(1000)
@@ -387,7 +387,7 @@ async def test_a_slow_message_does_not_block_the_others(env: Env) -> None:
 
 @pytest.fixture
 async def fifo(env: Env) -> Env:
-    env.b.create_group("f", fifo=True, max_attempts=3)
+    await env.b.create_group("f", fifo=True, max_attempts=3)
     return env
 
 
@@ -408,7 +408,7 @@ async def test_fifo_queues_are_independent(tmp_path: Path) -> None:
     await e.start()
     try:
         await e.b.create_topic("orders", 2)
-        e.b.create_group("f", fifo=True, max_attempts=3)
+        await e.b.create_group("f", fifo=True, max_attempts=3)
         await e.send("orders", "q0-a", "q0-b", queue_id=0)
         await e.send("orders", "q1-a", "q1-b", queue_id=1)
         got = await e.recv(group="f")
@@ -556,7 +556,7 @@ async def test_long_poll_ignores_messages_its_filter_skips(live: Env) -> None:
 
 
 async def test_fifo_long_poll_is_woken_by_the_ack(live: Env) -> None:
-    live.b.create_group("f", fifo=True, max_attempts=3)
+    await live.b.create_group("f", fifo=True, max_attempts=3)
     await live.send("orders", "m0", "m1", queue_id=0)
     [d0] = await live.recv(group="f")
     task = asyncio.create_task(live.recv(group="f", wait_ms=30_000))
@@ -570,7 +570,7 @@ async def test_fifo_long_poll_is_woken_by_the_ack(live: Env) -> None:
 
 
 async def test_lag_and_inflight(env: Env) -> None:
-    env.b.create_group("g", fifo=False, max_attempts=None)
+    await env.b.create_group("g", fifo=False, max_attempts=None)
     await env.send("orders", *[f"m{i}" for i in range(5)])
     stats = await env.b.group_stats("orders", "g")
     assert (stats["lag"], stats["inflight"]) == (5, 0)
@@ -609,7 +609,7 @@ async def test_unknown_group_is_not_found_and_not_created(env: Env) -> None:
         await env.b.ack("orders", "newcomer", ["0-0-0-1"])
     with pytest.raises(GroupNotFound):
         await env.b.nack("orders", "newcomer", "0-0-0-1", None)
-    g = env.b.create_group("newcomer", fifo=True, max_attempts=3)
+    g = await env.b.create_group("newcomer", fifo=True, max_attempts=3)
     assert g.fifo is True
     stats = await env.b.group_stats("orders", "newcomer")
     assert (stats["fifo"], stats["lag"], stats["inflight"]) == (True, 0, 0)
@@ -663,14 +663,26 @@ async def test_committed_offsets_survive_a_restart(env: Env) -> None:
     got = await env.recv(n=4)
     await env.ack(*got[:2])  # m2 and m3 are out, unacked, at the restart
     await env.restart()
-    again = await env.recv()
-    assert bodies(again) == [b"m2", b"m3", b"m4", b"m5"]
-    assert all(d.attempt == 1 for d in again)
+    fresh = await env.recv()
+    assert bodies(fresh) == [b"m4", b"m5"]
+    assert all(d.attempt == 1 for d in fresh)
     # Receipts of the previous run are dead.
     with pytest.raises(ReceiptExpired):
         await env.ack(got[2])
+    await env.ack(*fresh)
+    # What was out at the restart comes back once its deadline passes, one attempt further:
+    # never as attempt 1 again.
+    await env.advance(INVISIBLE_MS)
+    await env.advance(10 * S)
+    await env.release()
+    again = await env.recv()
+    assert sorted(bodies(again)) == [b"m2", b"m3"]
+    assert all(d.attempt == 2 for d in again)
     await env.ack(*again)
     await env.restart()
+    await env.advance(INVISIBLE_MS)
+    await env.advance(10 * S)
+    await env.release()
     assert await env.recv() == []
 
 
@@ -699,10 +711,10 @@ async def test_acked_retries_stay_acked_after_a_restart(env: Env) -> None:
 
 
 async def test_groups_survive_a_restart(env: Env) -> None:
-    env.b.create_group("f", fifo=True, max_attempts=5)
+    await env.b.create_group("f", fifo=True, max_attempts=5)
     await env.restart()
     with pytest.raises(GroupExists):
-        env.b.create_group("f", fifo=False, max_attempts=16)
+        await env.b.create_group("f", fifo=False, max_attempts=16)
     stats = await env.b.group_stats("orders", "f")
     assert (stats["fifo"], stats["max_attempts"]) == (True, 5)
 
@@ -711,27 +723,27 @@ async def test_groups_survive_a_restart(env: Env) -> None:
 
 
 async def test_create_group_twice(env: Env) -> None:
-    g = env.b.create_group("billing", fifo=False, max_attempts=4)
+    g = await env.b.create_group("billing", fifo=False, max_attempts=4)
     assert (g.name, g.fifo, g.max_attempts) == ("billing", False, 4)
     with pytest.raises(GroupExists):
-        env.b.create_group("billing", fifo=False, max_attempts=4)
+        await env.b.create_group("billing", fifo=False, max_attempts=4)
 
 
 async def test_create_group_defaults(env: Env) -> None:
-    g = env.b.create_group("defaults", fifo=False, max_attempts=None)
+    g = await env.b.create_group("defaults", fifo=False, max_attempts=None)
     assert (g.fifo, g.max_attempts) == (False, 16)
 
 
 async def test_group_created_by_first_receive(env: Env) -> None:
     await env.recv(group="auto")
     with pytest.raises(GroupExists):
-        env.b.create_group("auto", fifo=False, max_attempts=None)
+        await env.b.create_group("auto", fifo=False, max_attempts=None)
 
 
 @pytest.mark.parametrize("name", ["", "a b", "a/b", "x" * 101, "%DLQ%", "a+b", "g\n", None, 5, "é"])
 async def test_bad_group_names(env: Env, name: object) -> None:
     with pytest.raises(InvalidGroup):
-        env.b.create_group(name, fifo=False, max_attempts=None)
+        await env.b.create_group(name, fifo=False, max_attempts=None)
 
 
 @pytest.mark.parametrize(
@@ -740,7 +752,7 @@ async def test_bad_group_names(env: Env, name: object) -> None:
 )  # fmt: skip
 async def test_bad_group_settings(env: Env, fifo: object, max_attempts: object) -> None:
     with pytest.raises(InvalidGroup):
-        env.b.create_group("ok-name", fifo=fifo, max_attempts=max_attempts)
+        await env.b.create_group("ok-name", fifo=fifo, max_attempts=max_attempts)
 
 
 async def test_receive_with_a_bad_group_name(env: Env) -> None:

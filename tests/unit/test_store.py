@@ -4,15 +4,13 @@ search by time, flush modes and write failures. Real files in tmp dirs, tiny seg
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,79 +18,23 @@ from broker_core import codec
 from broker_core.commitlog import CommitLog
 from broker_core.errors import MessageTooLarge, StoreUnavailable, TopicExists, TopicNotFound
 from broker_core.message import Message, MsgIdGenerator
-from broker_core.store import MessageStore, PutResult
-from tests.unit.broker_helpers import T0_MS, msg, no_hang, small_config
-
-SEG = 64 * 1024
-
-
-class Stores:
-    """Starts stores and stops, at the end of the test, those the test left running."""
-
-    def __init__(self) -> None:
-        self.running: list[MessageStore] = []
-
-    async def start(
-        self, data_dir: Path, clock: Callable[[], int] | None = None, **overrides: Any
-    ) -> MessageStore:
-        config = small_config(data_dir, **overrides)
-        store = MessageStore(config) if clock is None else MessageStore(config, clock=clock)
-        await store.start()
-        self.running.append(store)
-        return store
-
-    async def stop(self, store: MessageStore) -> None:
-        self.running.remove(store)
-        await store.stop()
+from tests.unit.broker_helpers import T0_MS, msg, no_hang
+from tests.unit.store_helpers import (
+    SEG,
+    Stores,
+    all_in_queues,
+    body_for,
+    crash_copy,
+    put_numbered,
+    segments,
+    write_at,
+)
 
 
 @pytest.fixture(autouse=True)
 def _no_hang() -> Iterator[None]:
     with no_hang(10):
         yield
-
-
-@pytest.fixture
-async def stores() -> AsyncIterator[Stores]:
-    s = Stores()
-    yield s
-    for store in list(s.running):
-        with contextlib.suppress(Exception):  # a test that broke its store on purpose
-            await s.stop(store)
-
-
-def segments(data_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in (data_dir / "commitlog").iterdir() if p.name.isdigit())
-
-
-def body_for(i: int, size: int = 0) -> bytes:
-    head = f"message-{i}:".encode()
-    return head + bytes((i * 7 + j) % 251 for j in range(size))
-
-
-async def put_numbered(
-    store: MessageStore, topic: str, n: int, *, size: int = 0, start: int = 0, **kw: Any
-) -> list[PutResult]:
-    out = []
-    for i in range(start, start + n):
-        out.append(await store.put(msg(topic, body_for(i, size), keys=[f"k{i}"], **kw)))
-    return out
-
-
-def all_in_queues(store: MessageStore, topic: str) -> list[bytes]:
-    """Every body reachable through the topic's ConsumeQueues, queue by queue."""
-    bodies = []
-    for q in range(store.topic(topic).queues):
-        lo, hi = store.queue_bounds(topic, q)
-        cq = store.consume_queue(topic, q)
-        for i in range(lo, hi):
-            phy, size, _ = cq.get(i)
-            m = store.read(phy)
-            assert m is not None, (topic, q, i)
-            assert (m.topic, m.queue_id, m.queue_offset, m.size) == (topic, q, i, size)
-            bodies.append(m.body)
-    return bodies
-
 
 # -- put / read ----------------------------------------------------------------------------------
 
@@ -208,20 +150,22 @@ async def test_record_exactly_filling_a_segment_tail(stores: Stores, tmp_path: P
     first = await store.put(msg("t", b"x"))
     size = store.read(first.phy_offset).size  # type: ignore[union-attr]
     overhead = size - 1
-    # Fill the segment exactly: the next record starts the next segment with no filler at all.
-    fill = SEG - store.commitlog.written_end - overhead
+    # Fill the segment exactly (the record, then its write's unit marker): the next record
+    # starts the next segment with no filler at all.
+    fill = SEG - store.commitlog.written_end - overhead - codec.UNIT_SIZE
     r = await store.put(msg("t", b"y" * fill))
-    assert r.phy_offset + store.read(r.phy_offset).size == SEG  # type: ignore[union-attr]
+    r_size = store.read(r.phy_offset).size  # type: ignore[union-attr]
+    assert r.phy_offset + r_size + codec.UNIT_SIZE == SEG
     nxt = await store.put(msg("t", b"z"))
     assert nxt.phy_offset == SEG
-    # A record leaving fewer than 8 bytes in the segment: the rest reads as the segment's end.
-    fill = SEG - overhead - 5 - (store.commitlog.written_end - SEG)
+    # A write leaving fewer than 8 bytes in the segment: the rest reads as the segment's end.
+    fill = SEG - overhead - 5 - codec.UNIT_SIZE - (store.commitlog.written_end - SEG)
     await store.put(msg("t", b"w" * fill))
     after = await store.put(msg("t", b"v"))
     assert after.phy_offset == 2 * SEG
     assert [m for m in all_in_queues(store, "t")] == [
         b"x",
-        b"y" * (SEG - size - overhead),
+        b"y" * (SEG - size - overhead - 2 * codec.UNIT_SIZE),
         b"z",
         b"w" * fill,
         b"v",
@@ -404,7 +348,8 @@ async def test_restart_right_after_a_segment_filled(stores: Stores, tmp_path: Pa
     await store.create_topic("t", 1)
     first = await store.put(msg("t", b"x"))
     overhead = store.read(first.phy_offset).size - 1  # type: ignore[union-attr]
-    await store.put(msg("t", b"y" * (SEG - store.commitlog.written_end - overhead)))
+    fill = SEG - store.commitlog.written_end - overhead - codec.UNIT_SIZE
+    await store.put(msg("t", b"y" * fill))
     assert store.commitlog.written_end == SEG
     await stores.stop(store)
     store = await stores.start(tmp_path)
@@ -414,21 +359,6 @@ async def test_restart_right_after_a_segment_filled(stores: Stores, tmp_path: Pa
 
 
 # -- crash recovery ------------------------------------------------------------------------------
-
-
-async def crash_copy(store: MessageStore, src: Path, dst: Path) -> int:
-    """What a kill -9 leaves behind: the files as the OS holds them, no clean-stop marker."""
-    shutil.copytree(src, dst)
-    assert not (dst / "commitlog" / "clean_shutdown").exists()
-    return store.commitlog.written_end
-
-
-def write_at(data_dir: Path, offset: int, data: bytes) -> None:
-    start = offset - offset % SEG
-    path = data_dir / "commitlog" / f"{start:020d}"
-    with open(path, "r+b") as f:
-        f.seek(offset - start)
-        f.write(data)
 
 
 def torn_record(topic: str) -> bytes:
@@ -503,8 +433,9 @@ async def test_crash_that_lost_indexed_records_keeps_index_chains_sound(
     store = await stores.start(live_dir, **one_slot)
     await store.create_topic("t", 1)
     rs = [await store.put(msg("t", f"m{i}", keys=[f"k{i}"])) for i in range(5)]
-    await crash_copy(store, live_dir, crash_dir)
-    write_at(crash_dir, rs[3].phy_offset + 20, b"\xff")  # records 3 and 4 never made it
+    end = await crash_copy(store, live_dir, crash_dir)
+    # Records 3 and 4 never made it: their bytes are zeros (the pages were never written).
+    write_at(crash_dir, rs[3].phy_offset, bytes(end - rs[3].phy_offset))
 
     recovered = await stores.start(crash_dir, **one_slot)
     assert recovered.commitlog.written_end == rs[3].phy_offset
@@ -727,38 +658,6 @@ async def test_flush_modes(
     await stores.stop(store)
     store = await stores.start(tmp_path, flush=mode)
     assert all_in_queues(store, "orders") == [body_for(i) for i in range(5)]
-
-
-async def test_write_failure_fails_the_store(
-    stores: Stores, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    broken = {"on": False}
-    orig = CommitLog.write
-
-    def write(self: CommitLog, offset: int, data: bytes, *, sync: bool) -> None:
-        if broken["on"]:
-            raise OSError(5, "Input/output error")
-        orig(self, offset, data, sync=sync)
-
-    monkeypatch.setattr(CommitLog, "write", write)
-    store = await stores.start(tmp_path)
-    await store.create_topic("orders", 1)
-    ok = await store.put(msg("orders", "before"))
-    assert store.failure is None
-    broken["on"] = True
-    with pytest.raises(StoreUnavailable):
-        await store.put(msg("orders", "lost"))
-    assert store.failure is not None and "Input/output error" in store.failure
-    broken["on"] = False  # even once the disk is back, the store stays failed until restarted
-    with pytest.raises(StoreUnavailable):
-        await store.put(msg("orders", "refused"))
-    with pytest.raises(StoreUnavailable):
-        await store.put_many([msg("orders", "refused too")])
-    assert [m.body for m in store.lookup_id(ok.msg_id)] == [b"before"]
-    await stores.stop(store)
-    assert not (tmp_path / "commitlog" / "clean_shutdown").exists()
-    store = await stores.start(tmp_path)
-    assert all_in_queues(store, "orders") == [b"before"]
 
 
 async def test_puts_after_stop_are_refused(stores: Stores, tmp_path: Path) -> None:
