@@ -13,6 +13,11 @@ from tests.chaos.runner import run_series, seed_from_env, trials_from_env
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.xfail(
+    reason="a retry copy released before a crash can come back next to a new one after the "
+    "restart: the same attempt twice and two copies in %DLQ%<group> (issue 9, fault 7)",
+    strict=False,
+)
 async def test_kill_9_trials_keep_every_promise(tmp_path: Path) -> None:
     trials, seed = trials_from_env(2), seed_from_env()
     lines: list[str] = []

@@ -57,7 +57,6 @@ def assert_out_of_space(status: int, body: Any) -> None:
     assert status == 503, body
     assert body["error"] == "store_unavailable"
     assert "No space left on device" in body["message"]
-    assert "topics.json" in body["message"]
 
 
 async def test_create_topic_on_a_full_disk_is_503_with_the_cause(
@@ -66,7 +65,8 @@ async def test_create_topic_on_a_full_disk_is_503_with_the_cause(
     disk.full = True
     assert_out_of_space(*await post(client, "/v1/topics", {"name": "a", "queues": 1}))
     disk.full = False
-    status, body = await post(client, "/v1/topics", {"name": "b", "queues": 1})
+    # The topic that could not be saved does not exist: creating it again works.
+    status, body = await post(client, "/v1/topics", {"name": "a", "queues": 1})
     assert status == 201, body
 
 
@@ -80,6 +80,6 @@ async def test_first_receive_of_a_new_group_on_a_full_disk_is_503_with_the_cause
     disk.full = True
     assert_out_of_space(*await post(client, "/v1/topics/t/groups/g/receive", {"wait_ms": 0}))
     disk.full = False
-    status, body = await post(client, "/v1/topics/t/groups/g2/receive", {"wait_ms": 0})
+    status, body = await post(client, "/v1/topics/t/groups/g/receive", {"wait_ms": 0})
     assert status == 200, body
     assert [m["body"] for m in body["messages"]] == ["hello"]
