@@ -9,7 +9,6 @@ Needs ``mount`` (root): skipped with the reason elsewhere, except under ``CI=tru
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import subprocess
@@ -20,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.e2e.server import Server, call, drain
+from tests.e2e.server import Server, call, drain, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -136,11 +135,7 @@ async def test_a_full_disk_is_503_with_the_cause_and_heals_once_space_is_freed(
 
         filler.unlink()
         # No restart: the server notices by itself that writes succeed again.
-        for _ in range(600):
-            status, ready = await call(session, "GET", f"{base}/readyz")
-            if status == 200:
-                break
-            await asyncio.sleep(0.1)
+        status, ready = await wait_ready(session, base)
         assert status == 200, ready
 
         status, _ = await send(session, base, {"body": "after"})
