@@ -173,3 +173,43 @@ def attempt_resets(ledger: Ledger) -> list[Delivery]:
             found.append(d)
         highest[key] = max(d.attempt, before or 0)
     return found
+
+
+def explain(ledger: Ledger, limit: int = 3) -> list[str]:
+    """Up to ``limit`` examples of each broken promise, for a failing trial's report."""
+    lines = []
+    for m in sorted(lost(ledger))[:limit]:
+        where = [f"stored {ledger.stored[m]}x"]
+        where += [
+            f"unfinished by {g}"
+            for g in ledger.groups
+            if (g, m) not in ledger.acked and ledger.dead.get(g, Counter())[m] == 0
+        ]
+        lines.append(f"lost {m}: " + ", ".join(where))
+    dupes = [(m, n) for m, n in ledger.stored.items() if n > 1]
+    lines += [f"duplicated {m}: stored {n}x" for m, n in dupes[:limit]]
+    lines += [
+        f"early {d.group} {d.msg_id} attempt {d.attempt}: answered at {d.answered_ms}, "
+        f"deliver_at {ledger.acknowledged.get(d.msg_id)}, "
+        f"DELIVER_AT {d.deliver_at_prop_ms} RELEASED_AT {d.released_at_prop_ms}"
+        for d in early(ledger)[:limit]
+    ]
+    lines += [
+        f"delivered after ack {d.group} {d.msg_id} attempt {d.attempt}: receive sent at "
+        f"{d.requested_ms}, ack answered at {ledger.acked[(d.group, d.msg_id)]}"
+        for d in delivered_after_ack(ledger)[:limit]
+    ]
+    for d in attempt_resets(ledger)[:limit]:
+        seen = [
+            x.attempt
+            for x in sorted(ledger.deliveries, key=lambda x: x.answered_ms)
+            if (x.group, x.msg_id) == (d.group, d.msg_id)
+        ]
+        lines.append(f"attempt reset {d.group} {d.msg_id}: attempts in order {seen}")
+    lines += [
+        f"DLQ duplicate {g} {m}: {n} copies"
+        for g, dead in ledger.dead.items()
+        for m, n in list(dead.items())[:limit]
+        if n > 1
+    ]
+    return lines

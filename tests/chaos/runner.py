@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.chaos.ledger import Counts, judge
+from tests.chaos.ledger import Counts, explain, judge
 from tests.chaos.trial import Plan, run_trial
 
 
@@ -39,11 +39,14 @@ async def run_series(
     series = Series()
     for i in range(trials):
         seed = first_seed + i
-        counts = judge(await run_trial(root / f"trial-{seed}" / "data", Plan(seed=seed)))
+        ledger = await run_trial(root / f"trial-{seed}" / "data", Plan(seed=seed))
+        counts = judge(ledger)
         series.total += counts
         bad = counts.failures()
         if bad:
             series.failed[seed] = bad
         outcome = bad or "ok"
         report(f"trial {i + 1}/{trials} seed {seed}: {counts.acknowledged} acknowledged, {outcome}")
+        for line in explain(ledger) if bad else []:
+            report(f"    {line}")
     return series

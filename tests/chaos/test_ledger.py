@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tests.chaos.ledger import Counts, Delivery, Ledger, Nack, judge
+from tests.chaos.ledger import Counts, Delivery, Ledger, Nack, explain, judge
 
 A, B = "a" * 32, "b" * 32
 
@@ -136,3 +136,18 @@ def test_counts_add_up_and_print_as_a_table() -> None:
     assert lines[0].split() == ["trials", "2"]
     assert lines[2].split() == ["lost", "1"]
     assert [line.split()[-1] for line in lines] == ["2", "5", "1", "0", "0", "0", "0", "0"]
+
+
+def test_explain_names_an_example_of_each_broken_promise() -> None:
+    ledger = clean()
+    assert explain(ledger) == []
+    del ledger.stored[B]
+    ledger.stored[A] = 2
+    ledger.dead["poison"] = Counter({A: 2})
+    ledger.deliveries.append(Delivery("work", A, 1, requested_ms=121, answered_ms=130))
+    lines = explain(ledger)
+    assert f"lost {B}: stored 0x" in lines
+    assert f"duplicated {A}: stored 2x" in lines
+    assert f"attempt reset work {A}: attempts in order [1, 1]" in lines
+    assert f"DLQ duplicate poison {A}: 2 copies" in lines
+    assert any(line.startswith(f"delivered after ack work {A}") for line in lines)
