@@ -6,9 +6,10 @@ stops, so the broker flushes everything it acknowledged while the timers it uses
 
 Errors become JSON in exactly one place, :func:`error_middleware`: domain errors
 (:class:`~broker_core.errors.TempoError`) with their own status and code, aiohttp's HTTP
-exceptions (unknown route, wrong method, body over the limit) with codes of the same shape, and
-anything unexpected as a 500 that points to the server log by request id and never carries a
-traceback.
+exceptions (unknown route, wrong method, body over the limit) with codes of the same shape, a
+full or failing disk (``ENOSPC``, ``EIO``, ...) from a file write as ``503 store_unavailable``
+with the cause, and anything unexpected as a 500 that points to the server log by request id
+and never carries a traceback.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The ``tempomq`` command line: one subcommand per entry in :data:`COMMANDS`.
 
-``serve`` runs the service. The operator commands (topic, send, receive, ..., probe) are defined
-as data in :mod:`tempomq.ops` and joined into the same registry here; they speak HTTP through
-the SDK, which is why ``serve`` imports the server only when it runs.
+``serve`` runs the service, after locking its data directory (:mod:`broker_core.dirlock`): a
+second server on a directory in use exits 1 naming the owner's pid. The operator commands
+(topic, send, receive, ..., probe) are defined as data in :mod:`tempomq.ops` and joined into the
+same registry here; they speak HTTP through the SDK, which is why ``serve`` imports the server
+only when it runs.
 
 Exit codes: 0 ok, 1 runtime or server failure, 2 usage error, 3 not found, 4 conflict, 5 the
 probe found a problem, 130 interrupted (:mod:`tempomq.ops` has the details).
