@@ -63,6 +63,8 @@ class Ledger:
     #: The audit after the restart: msg_id -> copies in the topic, and per group in its DLQ.
     stored: Counter[str] = field(default_factory=Counter)
     dead: dict[str, Counter[str]] = field(default_factory=dict)
+    #: The groups had not finished when the trial stopped waiting for them.
+    gave_up_waiting: bool = False
 
     def ack(self, group: str, msg_id: str, answered_ms: int) -> None:
         self.acked.setdefault((group, msg_id), answered_ms)
@@ -177,7 +179,9 @@ def attempt_resets(ledger: Ledger) -> list[Delivery]:
 
 def explain(ledger: Ledger, limit: int = 3) -> list[str]:
     """Up to ``limit`` examples of each broken promise, for a failing trial's report."""
-    lines = []
+    lines = (
+        ["the groups never finished: the trial stopped waiting"] if ledger.gave_up_waiting else []
+    )
     for m in sorted(lost(ledger))[:limit]:
         where = [f"stored {ledger.stored[m]}x"]
         where += [
@@ -186,6 +190,14 @@ def explain(ledger: Ledger, limit: int = 3) -> list[str]:
             if (g, m) not in ledger.acked and ledger.dead.get(g, Counter())[m] == 0
         ]
         lines.append(f"lost {m}: " + ", ".join(where))
+        for g in ledger.groups:
+            seen = [
+                f"{x.attempt}@{x.answered_ms}"
+                for x in sorted(ledger.deliveries, key=lambda x: x.answered_ms)
+                if (x.group, x.msg_id) == (g, m)
+            ]
+            nacks = [n.requested_ms for n in ledger.nacks if (n.group, n.msg_id) == (g, m)]
+            lines.append(f"    {g}: delivered (attempt@ms) {seen}, nacked at {nacks}")
     dupes = [(m, n) for m, n in ledger.stored.items() if n > 1]
     lines += [f"duplicated {m}: stored {n}x" for m, n in dupes[:limit]]
     lines += [

@@ -151,3 +151,14 @@ def test_explain_names_an_example_of_each_broken_promise() -> None:
     assert f"attempt reset work {A}: attempts in order [1, 1]" in lines
     assert f"DLQ duplicate poison {A}: 2 copies" in lines
     assert any(line.startswith(f"delivered after ack work {A}") for line in lines)
+
+
+def test_explain_says_when_the_trial_stopped_waiting_and_what_a_group_saw() -> None:
+    ledger = clean()
+    ledger.gave_up_waiting = True
+    del ledger.acked[("work", A)]
+    ledger.nacks.append(Nack("work", A, 112, None))
+    lines = explain(ledger)
+    assert lines[0] == "the groups never finished: the trial stopped waiting"
+    assert f"lost {A}: stored 1x, unfinished by work" in lines
+    assert "    work: delivered (attempt@ms) ['1@110'], nacked at [112]" in lines

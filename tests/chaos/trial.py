@@ -261,7 +261,10 @@ async def _finish_after_restart(server: Server, run: _Run) -> None:
             for group in GROUPS
         ]
         deadline = time.monotonic() + FINISH_GUARD_S
-        while not run.finished() and time.monotonic() < deadline:
+        while not run.finished():
+            if time.monotonic() >= deadline:
+                run.ledger.gave_up_waiting = True
+                break
             await asyncio.sleep(0.2)
         stop.set()
         await asyncio.gather(*tasks)
