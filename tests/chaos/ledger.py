@@ -191,11 +191,7 @@ def explain(ledger: Ledger, limit: int = 3) -> list[str]:
         ]
         lines.append(f"lost {m}: " + ", ".join(where))
         for g in ledger.groups:
-            seen = [
-                f"{x.attempt}@{x.answered_ms}"
-                for x in sorted(ledger.deliveries, key=lambda x: x.answered_ms)
-                if (x.group, x.msg_id) == (g, m)
-            ]
+            seen = [f"{x.attempt}@{x.answered_ms}" for x in _history(ledger, g, m)]
             nacks = [n.requested_ms for n in ledger.nacks if (n.group, n.msg_id) == (g, m)]
             lines.append(f"    {g}: delivered (attempt@ms) {seen}, nacked at {nacks}")
     dupes = [(m, n) for m, n in ledger.stored.items() if n > 1]
@@ -212,12 +208,8 @@ def explain(ledger: Ledger, limit: int = 3) -> list[str]:
         for d in delivered_after_ack(ledger)[:limit]
     ]
     for d in attempt_resets(ledger)[:limit]:
-        seen = [
-            x.attempt
-            for x in sorted(ledger.deliveries, key=lambda x: x.answered_ms)
-            if (x.group, x.msg_id) == (d.group, d.msg_id)
-        ]
-        lines.append(f"attempt reset {d.group} {d.msg_id}: attempts in order {seen}")
+        attempts = [x.attempt for x in _history(ledger, d.group, d.msg_id)]
+        lines.append(f"attempt reset {d.group} {d.msg_id}: attempts in order {attempts}")
     lines += [
         f"DLQ duplicate {g} {m}: {n} copies"
         for g, dead in ledger.dead.items()
@@ -225,3 +217,9 @@ def explain(ledger: Ledger, limit: int = 3) -> list[str]:
         if n > 1
     ]
     return lines
+
+
+def _history(ledger: Ledger, group: str, msg_id: str) -> list[Delivery]:
+    """The deliveries of ``msg_id`` to ``group``, in the order their answers came."""
+    mine = [d for d in ledger.deliveries if (d.group, d.msg_id) == (group, msg_id)]
+    return sorted(mine, key=lambda d: d.answered_ms)

@@ -20,11 +20,11 @@ groups read the topic and the DLQs from the start. Every choice comes from the t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import random
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,9 @@ SERVER_ARGS = (
     "--backoff", "100ms,200ms", "--log-level", "warning",
 )  # fmt: skip
 INVISIBLE_MS = 1500
-#: Only ends a trial that would otherwise never finish; what is unfinished then counts as lost.
-FINISH_GUARD_S = 120.0
+#: Only ends a trial that would otherwise never finish (trials take 10-20 s on two busy
+#: cores); what is unfinished then counts as lost.
+FINISH_GUARD_S = 240.0
 
 
 def now_ms() -> int:
@@ -173,50 +174,91 @@ async def _handle(
                     run.ledger.ack(group, msg_id, answered)
 
 
-async def _consumer(
-    session: aiohttp.ClientSession, base: str, run: _Run, group: str, stop: asyncio.Event
-) -> None:
-    url = f"{_topic_url(base, TOPIC)}/groups/{group}"
+async def _receive_once(session: aiohttp.ClientSession, url: str, run: _Run, group: str) -> None:
     body = {"max_messages": 16, "wait_ms": 200, "invisible_ms": INVISIBLE_MS}
-    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-        while not stop.is_set():
-            requested = now_ms()
-            status, data = await call(session, "POST", f"{url}/receive", body)
-            answered = now_ms()
-            if status != 200:
-                await asyncio.sleep(0.05)
-                continue
-            msgs = data["messages"]
-            run.ledger.deliveries.extend(
-                Delivery(
-                    group,
-                    m["msg_id"],
-                    m["delivery_attempt"],
-                    requested,
-                    answered,
-                    _prop_ms(m, "DELIVER_AT"),
-                    _prop_ms(m, "RELEASED_AT"),
-                )
-                for m in msgs
-            )
-            await _handle(session, url, run, group, msgs)
-
-
-async def _dlq_watcher(
-    session: aiohttp.ClientSession, base: str, run: _Run, group: str, stop: asyncio.Event
-) -> None:
-    url = f"{_topic_url(base, f'%DLQ%{group}')}/groups/dlq-watch"
-    while not stop.is_set():
-        status, data = await call(
-            session, "POST", f"{url}/receive", {"max_messages": 100, "wait_ms": 200}
+    requested = now_ms()
+    status, data = await call(session, "POST", f"{url}/receive", body)
+    answered = now_ms()
+    if status != 200:
+        await asyncio.sleep(0.05)
+        return
+    msgs = data["messages"]
+    run.ledger.deliveries.extend(
+        Delivery(
+            group,
+            m["msg_id"],
+            m["delivery_attempt"],
+            requested,
+            answered,
+            _prop_ms(m, "DELIVER_AT"),
+            _prop_ms(m, "RELEASED_AT"),
         )
-        if status != 200:  # no such topic yet: nothing was dead-lettered
+        for m in msgs
+    )
+    await _handle(session, url, run, group, msgs)
+
+
+async def _watch_dlq_once(session: aiohttp.ClientSession, url: str, run: _Run, group: str) -> None:
+    status, data = await call(
+        session, "POST", f"{url}/receive", {"max_messages": 100, "wait_ms": 200}
+    )
+    if status != 200:  # no such topic yet: nothing was dead-lettered
+        await asyncio.sleep(0.1)
+        return
+    run.dead_seen[group].update(m["msg_id"] for m in data["messages"])
+    if data["messages"]:
+        receipts = [m["receipt"] for m in data["messages"]]
+        await call(session, "POST", f"{url}/ack", {"receipts": receipts})
+
+
+Step = Callable[[aiohttp.ClientSession, str, _Run, str], Awaitable[None]]
+
+
+async def _repeat(
+    step: Step,
+    session: aiohttp.ClientSession,
+    url: str,
+    run: _Run,
+    group: str,
+    stop: asyncio.Event,
+    *,
+    until_error: bool,
+) -> None:
+    """Run ``step`` until ``stop``; with ``until_error``, also until a call fails (the kill
+    came). Otherwise a failed call (a slow machine's timeout) is only tried again: after the
+    restart a consumer that gave up would leave its group unfinished."""
+    while not stop.is_set():
+        try:
+            await step(session, url, run, group)
+        except (aiohttp.ClientError, TimeoutError):
+            if until_error:
+                return
             await asyncio.sleep(0.1)
-            continue
-        run.dead_seen[group].update(m["msg_id"] for m in data["messages"])
-        if data["messages"]:
-            receipts = [m["receipt"] for m in data["messages"]]
-            await call(session, "POST", f"{url}/ack", {"receipts": receipts})
+
+
+def _consumers(
+    session: aiohttp.ClientSession,
+    base: str,
+    run: _Run,
+    stop: asyncio.Event,
+    *,
+    until_error: bool,
+) -> list[asyncio.Task[None]]:
+    return [
+        asyncio.create_task(
+            _repeat(
+                _receive_once,
+                session,
+                f"{_topic_url(base, TOPIC)}/groups/{group}",
+                run,
+                group,
+                stop,
+                until_error=until_error,
+            )
+        )
+        for group in GROUPS
+        for _ in range(run.plan.consumers_per_group)
+    ]
 
 
 # -- the trial ------------------------------------------------------------------------------------
@@ -234,11 +276,7 @@ async def _load_until_killed(server: Server, run: _Run) -> None:
             asyncio.create_task(_producer(session, server.url, run, stop))
             for _ in range(run.plan.producers)
         ]
-        tasks += [
-            asyncio.create_task(_consumer(session, server.url, run, group, stop))
-            for group in GROUPS
-            for _ in range(run.plan.consumers_per_group)
-        ]
+        tasks += _consumers(session, server.url, run, stop, until_error=True)
         await asyncio.sleep(run.rng.uniform(*run.plan.kill_after_s))
         server.kill()
         stop.set()
@@ -246,18 +284,29 @@ async def _load_until_killed(server: Server, run: _Run) -> None:
 
 
 async def _finish_after_restart(server: Server, run: _Run) -> None:
-    timeout = aiohttp.ClientTimeout(total=30)
+    timeout = aiohttp.ClientTimeout(total=120)  # no crash now: a slow answer is no failure
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        for batch in run.unanswered:
-            await _send(session, server.url, run, batch)
+        for batch in run.unanswered:  # as a client would: again, same ids, until answered
+            while True:
+                try:
+                    await _send(session, server.url, run, batch)
+                    break
+                except (aiohttp.ClientError, TimeoutError):
+                    await asyncio.sleep(0.1)
         stop = asyncio.Event()
-        tasks = [
-            asyncio.create_task(_consumer(session, server.url, run, group, stop))
-            for group in GROUPS
-            for _ in range(run.plan.consumers_per_group)
-        ]
+        tasks = _consumers(session, server.url, run, stop, until_error=False)
         tasks += [
-            asyncio.create_task(_dlq_watcher(session, server.url, run, group, stop))
+            asyncio.create_task(
+                _repeat(
+                    _watch_dlq_once,
+                    session,
+                    f"{_topic_url(server.url, f'%DLQ%{group}')}/groups/dlq-watch",
+                    run,
+                    group,
+                    stop,
+                    until_error=False,
+                )
+            )
             for group in GROUPS
         ]
         deadline = time.monotonic() + FINISH_GUARD_S
