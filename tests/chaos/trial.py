@@ -107,7 +107,7 @@ def _new_batch(run: _Run) -> list[dict[str, Any]]:
 
 
 async def _send(session: aiohttp.ClientSession, base: str, run: _Run, batch: list[Any]) -> None:
-    """Send until answered 201 (an error answer: again, same ids); ClientError when the server
+    """Send until answered 201 (a 5xx answer: again, same ids); ClientError when the server
     is gone."""
     while True:
         async with session.post(
@@ -117,6 +117,8 @@ async def _send(session: aiohttp.ClientSession, base: str, run: _Run, batch: lis
                 for m in batch:
                     run.ledger.acknowledged[m["msg_id"]] = m.get("deliver_at")
                 return
+            if r.status < 500:  # the request is wrong: sending it again would not help
+                raise AssertionError(f"send answered {r.status}: {await r.text()}")
             await r.read()
         await asyncio.sleep(0.05)
 
