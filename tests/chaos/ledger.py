@@ -6,7 +6,8 @@ read (epoch ms, the server's clock too: same machine) and the final audit of wha
 client's side, so a slow machine cannot produce a false count:
 
 - **lost**: an acknowledged send (``201``) whose ``msg_id`` is not in the topic after the
-  restart, or that a working group never finished (acked, or dead-lettered into its DLQ).
+  restart, or that a working group never finished (acked, or dead-lettered into its DLQ). An
+  ack the kill left unanswered may have been applied: its message counts as finished.
 - **duplicated**: a ``msg_id`` stored in the topic more than once (a retried send, a release
   after a crash, ...), acknowledged or not.
 - **early**: a delayed message in a response that came back before its ``deliver_at``, a
@@ -57,6 +58,9 @@ class Ledger:
     deliveries: list[Delivery] = field(default_factory=list)
     #: (group, msg_id) -> when the first confirmed ack of it was answered.
     acked: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: (group, msg_id) of acks sent whose answer the kill took: the server may have applied
+    #: them, so the message may rightly never come back; neither lost nor confirmed.
+    unsure_acks: set[tuple[str, str]] = field(default_factory=set)
     nacks: list[Nack] = field(default_factory=list)
     #: The working groups, each of which must finish every acknowledged message.
     groups: tuple[str, ...] = ()
@@ -117,10 +121,14 @@ def lost(ledger: Ledger) -> set[str]:
     missing = {m for m in ledger.acknowledged if ledger.stored[m] == 0}
     for group in ledger.groups:
         dead = ledger.dead.get(group, Counter())
-        missing.update(
-            m for m in ledger.acknowledged if (group, m) not in ledger.acked and dead[m] == 0
-        )
+        missing.update(m for m in ledger.acknowledged if not finished(ledger, group, m, dead))
     return missing
+
+
+def finished(ledger: Ledger, group: str, msg_id: str, dead: Counter[str]) -> bool:
+    """Acked by ``group`` (or an ack the kill left unanswered), or in its DLQ ``dead``."""
+    key = (group, msg_id)
+    return key in ledger.acked or key in ledger.unsure_acks or dead[msg_id] > 0
 
 
 def early(ledger: Ledger) -> list[Delivery]:
@@ -187,7 +195,7 @@ def explain(ledger: Ledger, limit: int = 3) -> list[str]:
         where += [
             f"unfinished by {g}"
             for g in ledger.groups
-            if (g, m) not in ledger.acked and ledger.dead.get(g, Counter())[m] == 0
+            if not finished(ledger, g, m, ledger.dead.get(g, Counter()))
         ]
         lines.append(f"lost {m}: " + ", ".join(where))
         for g in ledger.groups:

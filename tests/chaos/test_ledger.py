@@ -162,3 +162,13 @@ def test_explain_says_when_the_trial_stopped_waiting_and_what_a_group_saw() -> N
     assert lines[0] == "the groups never finished: the trial stopped waiting"
     assert f"lost {A}: stored 1x, unfinished by work" in lines
     assert "    work: delivered (attempt@ms) ['1@110'], nacked at [112]" in lines
+
+
+def test_an_ack_the_kill_left_unanswered_may_have_finished_the_message() -> None:
+    ledger = clean()
+    del ledger.acked[("work", A)]
+    assert judge(ledger).lost == 1
+    ledger.unsure_acks.add(("work", A))
+    assert judge(ledger).lost == 0
+    del ledger.stored[A]  # but it must still be in the topic
+    assert judge(ledger).lost == 1

@@ -32,7 +32,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from tests.chaos.ledger import Delivery, Ledger, Nack
+from tests.chaos.ledger import Delivery, Ledger, Nack, finished
 from tests.e2e.server import Server, call, drain
 
 TOPIC = "chaos"
@@ -72,7 +72,9 @@ class _Run:
     #: Batches whose answer the kill took: sent again, same ids, after the restart.
     unanswered: list[list[dict[str, Any]]] = field(default_factory=list)
     #: msg_ids each group saw in its DLQ while running.
-    dead_seen: dict[str, set[str]] = field(default_factory=lambda: {g: set() for g in GROUPS})
+    dead_seen: dict[str, Counter[str]] = field(
+        default_factory=lambda: {g: Counter() for g in GROUPS}
+    )
 
     def choice(self, *parts: object) -> int:
         """A number in 0..99 fixed by the seed and ``parts`` (a consumer's decision)."""
@@ -80,9 +82,8 @@ class _Run:
         return hashlib.blake2b(text.encode(), digest_size=2).digest()[0] * 100 // 256
 
     def finished(self) -> bool:
-        acked = self.ledger.acked
         return all(
-            (group, m) in acked or m in self.dead_seen[group]
+            finished(self.ledger, group, m, self.dead_seen[group])
             for group in GROUPS
             for m in self.ledger.acknowledged
         )
@@ -167,7 +168,11 @@ async def _handle(
             if status == 200:
                 run.ledger.nacks.append(Nack(group, msg_id, sent, retry_after))
     if to_ack:
-        status, data = await call(session, "POST", f"{url}/ack", {"receipts": list(to_ack)})
+        try:
+            status, data = await call(session, "POST", f"{url}/ack", {"receipts": list(to_ack)})
+        except (aiohttp.ClientError, TimeoutError):
+            run.ledger.unsure_acks.update((group, m) for m in to_ack.values())
+            raise
         answered = now_ms()
         if status == 200:
             failed = {f["receipt"] for f in data.get("failed", [])}
