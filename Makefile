@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 RUN_ARGS ?=
 
-.PHONY: install run test lint bench chaos
+.PHONY: install run test lint bench compose-token compose-test chaos
 
 install: $(STAMP)
 
@@ -28,7 +28,12 @@ run: $(STAMP)
 	$(BIN)/tempomq serve $(RUN_ARGS)
 
 test: $(STAMP)
-	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not compose" $(PYTEST_ARGS)
+
+# The compose dev stack in Docker, on images built here from Debian's packages
+# (compose/docker-compose.local.yml): needs a running Docker engine and Compose v2, as root.
+compose-test: $(STAMP)
+	$(BIN)/pytest -q -m compose tests/compose $(PYTEST_ARGS)
 
 # kill -9 trials of a real server under load (tests/chaos); prints the counts of what was lost,
 # duplicated, early, delivered after its ack, attempt resets and DLQ duplicates; exit 1 on any.
@@ -58,3 +63,15 @@ bench: $(STAMP)
 	done
 	$(BIN)/python bench/delay_release.py --save $(RESULTS)/delay_release.json
 	$(BIN)/python bench/plots.py $(RESULTS)/*.json
+
+# The compose stack's admin token, a Docker secret: random, made once, kept out of git. Mode
+# 644 because compose bind-mounts the file for the container's own user; the directory is 700.
+COMPOSE_TOKEN := compose/secrets/admin-token
+
+compose-token: $(COMPOSE_TOKEN)
+
+$(COMPOSE_TOKEN):
+	@mkdir -p -m 700 $(dir $@)
+	@$(PYTHON) -c "import secrets; print('tmq_' + secrets.token_urlsafe(32))" > $@
+	@chmod 644 $@
+	@echo "made $@: send it as Authorization: Bearer <token>, or export TEMPOMQ_TOKEN"

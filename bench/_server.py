@@ -35,6 +35,7 @@ class BenchServer:
     def __enter__(self) -> BenchServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPOMQ_")}
         env["TEMPOMQ_LOG_LEVEL"] = "warning"
+        env["TEMPOMQ_GRPC"] = "off"  # its default port would collide; --grpc in extra wins
         self.proc = subprocess.Popen(
             [
                 sys.executable,

@@ -19,17 +19,20 @@ import orjson
 from _server import BenchServer, percentile
 
 
-async def produce(url: str, clients: int, batch: int, seconds: float) -> tuple[float, list[float]]:
+async def produce(
+    url: str, clients: int, batch: int, seconds: float, token: str | None = None
+) -> tuple[float, list[float]]:
     body = "x" * 256
     payload = orjson.dumps(
         {"messages": [{"body": body} for _ in range(batch)]} if batch > 1 else {"body": body}
     )
-    headers = {"Content-Type": "application/json"}
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = {"Content-Type": "application/json", **auth}
     latencies: list[float] = []
     sent = 0
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=connector) as session:
-        await session.post(f"{url}/v1/topics", json={"name": "bench", "queues": 8})
+        await session.post(f"{url}/v1/topics", json={"name": "bench", "queues": 8}, headers=auth)
         deadline = time.perf_counter() + seconds
 
         async def client() -> None:

@@ -147,6 +147,10 @@ class Broker:
     ) -> GroupConfig:
         return await self.groups.create_group(name, fifo=fifo, max_attempts=max_attempts)
 
+    def group_config(self, name: str) -> GroupConfig | None:
+        """The group's settings, or None for a group not created yet."""
+        return self.groups.groups.get(name)
+
     async def receive(self, topic: str, group: str, **kw: Any) -> list[Delivery]:
         return await self.groups.receive(topic, group, **kw)
 
@@ -157,6 +161,12 @@ class Broker:
         self, topic: str, group: str, receipt: object, retry_after_ms: int | None
     ) -> None:
         await self.groups.nack(topic, group, receipt, retry_after_ms)
+
+    async def change_invisible(
+        self, topic: str, group: str, receipt: object, invisible_ms: int
+    ) -> str:
+        """Keep a delivery out for ``invisible_ms`` from now under the returned new receipt."""
+        return await self.groups.change_invisible(topic, group, receipt, invisible_ms)
 
     async def group_stats(self, topic: str, group: str) -> dict[str, object]:
         return await self.groups.stats(topic, group)

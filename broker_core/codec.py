@@ -174,6 +174,17 @@ def record_flags(buf: Buffer, pos: int) -> int:
     return int(buf[pos + 12]) << 8 | int(buf[pos + 13])
 
 
+def claimed_record_size(buf: Buffer, pos: int, limit: int, phy_offset: int) -> int:
+    """The length a record header at ``pos`` claims, when the header looks whole (magic, a
+    length that fits, written at ``phy_offset``) whether or not its CRC matches; else 0."""
+    if pos + HEADER_SIZE > limit:
+        return 0
+    total, magic = _BLANK.unpack_from(buf, pos)
+    if magic != RECORD_MAGIC or total < HEADER_SIZE or pos + total > limit:
+        return 0
+    return int(total) if record_phy_offset(buf, pos) == phy_offset else 0
+
+
 def scan(buf: Buffer, pos: int, limit: int) -> tuple[Scan, int]:
     """Classify what starts at ``pos`` in ``buf[:limit]``; returns (kind, size)."""
     if pos + BLANK_SIZE > limit:
@@ -207,24 +218,38 @@ def check_record(buf: Buffer, pos: int, limit: int, phy_offset: int) -> bool:
     return kind is Scan.RECORD and record_phy_offset(buf, pos) == phy_offset
 
 
-def find_next_frame(buf: Buffer, pos: int, limit: int, base: int) -> int | None:
-    """The first position after ``pos`` in ``buf[:limit]`` where a valid frame starts: a record
-    whose header names its own offset (``base`` + position), or a unit marker. None if there is
-    none. Used to step over damage: a frame that checks is never mistaken, since both its CRC
-    and its self-reference must match."""
+def find_next_frame(
+    buf: Buffer, first: int, end: int, limit: int, base: int
+) -> int | None:
+    """The first position in ``[first, end)`` of ``buf[:limit]`` where a valid frame starts: a
+    record whose header names its own offset (``base`` + position), or a unit marker. None if
+    there is none. Used to step over damage: a frame that checks is never mistaken, since both
+    its CRC and its self-reference must match."""
     view = buf if isinstance(buf, mmap.mmap | bytes | bytearray) else bytes(buf)
-    at = pos + 1
-    while at + BLANK_SIZE <= limit:
-        r = view.find(_RECORD_MAGIC_BYTES, at + 4, limit)
-        u = view.find(_UNIT_MAGIC_BYTES, at + 4, limit)
+    at = first
+    stop = min(end + PRE_SIZE, limit)  # a magic is 4 bytes in, at most 8 bytes past ``end``
+    while at < end and at + BLANK_SIZE <= limit:
+        r = view.find(_RECORD_MAGIC_BYTES, at + 4, stop)
+        u = view.find(_UNIT_MAGIC_BYTES, at + 4, stop)
         hits = [h for h in (r, u) if h >= 0]
         if not hits:
             return None
         cand = min(hits) - 4
-        kind, _ = scan(view, cand, limit)
-        if kind is Scan.UNIT or (
-            kind is Scan.RECORD and record_phy_offset(view, cand) == base + cand
-        ):
+        # Cheap checks first (a header names its own offset; a marker follows its write's
+        # start), so a body full of look-alike headers costs no CRC each.
+        if cand == r - 4:
+            ok = (
+                cand + HEADER_SIZE <= limit
+                and record_phy_offset(view, cand) == base + cand
+                and scan(view, cand, limit)[0] is Scan.RECORD
+            )
+        else:
+            ok = (
+                cand + UNIT_SIZE <= limit
+                and unit_start(view, cand) <= base + cand
+                and scan(view, cand, limit)[0] is Scan.UNIT
+            )
+        if ok:
             return cand
         at = cand + 1
     return None
@@ -232,7 +257,28 @@ def find_next_frame(buf: Buffer, pos: int, limit: int, base: int) -> int | None:
 
 def decode(buf: Buffer, pos: int = 0) -> StoredMessage:
     """Decode the record at ``pos``. The caller has checked it (``scan``) or trusts it."""
-    total, _magic, _crc = _PRE.unpack_from(buf, pos)
+    decoded = _decode(buf, pos, -1, -1)
+    assert decoded is not None
+    return decoded
+
+
+def decode_checked(buf: Buffer, pos: int, limit: int, phy_offset: int) -> StoredMessage | None:
+    """Decode the record at ``pos`` of ``buf[:limit]`` if it is whole, its CRC matches and it
+    was written at ``phy_offset``; else None. The read path's check, in one pass."""
+    return _decode(buf, pos, limit, phy_offset)
+
+
+def _decode(buf: Buffer, pos: int, limit: int, phy_check: int) -> StoredMessage | None:
+    """Decode; when ``limit`` >= 0, first check frame, CRC and self-offset (None if bad)."""
+    total, magic, crc = _PRE.unpack_from(buf, pos)
+    mv = memoryview(buf)
+    if limit >= 0 and (
+        magic != RECORD_MAGIC
+        or total < HEADER_SIZE
+        or pos + total > limit
+        or _crc32(mv[pos + PRE_SIZE : pos + total]) != crc
+    ):
+        return None
     (
         flags,
         queue_id,
@@ -248,8 +294,9 @@ def decode(buf: Buffer, pos: int = 0) -> StoredMessage:
         props_len,
         body_len,
     ) = _REST.unpack_from(buf, pos + PRE_SIZE)
+    if limit >= 0 and phy_offset != phy_check:
+        return None
     p = pos + HEADER_SIZE
-    mv = memoryview(buf)
     topic = str(mv[p : p + topic_len], "utf-8")
     p += topic_len
     tags = str(mv[p : p + tags_len], "utf-8") if tags_len else ""

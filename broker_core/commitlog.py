@@ -35,7 +35,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -43,6 +43,7 @@ import structlog
 
 from broker_core import codec, metrics
 from broker_core.codec import Scan
+from broker_core.message import StoredMessage
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +55,29 @@ _NAME_DIGITS = 20
 _NO_UNITS = 1 << 62
 #: How much the self-heal probe allocates ahead of the write position after a failed write.
 _PROBE_BYTES = 1 << 20
+
+
+def _data_ranges(fd: int, pos: int, limit: int) -> list[tuple[int, int]]:
+    """The ranges of ``[pos, limit)`` of a sparse file that hold data (``SEEK_DATA`` /
+    ``SEEK_HOLE``); the whole range where the file system cannot tell."""
+    out = []
+    while pos < limit:
+        try:
+            lo = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but holes from here
+                break
+            return [(pos, limit)]
+        if lo >= limit:
+            break
+        hi = min(os.lseek(fd, lo, os.SEEK_HOLE), limit)
+        out.append((lo, hi))
+        pos = hi
+    return out
+
+
+class StorageError(RuntimeError):
+    """The data directory cannot be opened as it is; the message says what to do."""
 
 
 class FileIO:
@@ -84,6 +108,58 @@ class LogScan:
     damage: list[tuple[int, int]]
     #: The last write had lost records: a write torn by a crash, dropped whole.
     torn_last_write: bool
+
+
+@dataclass(slots=True)
+class _Walk:
+    """What :meth:`CommitLog.walk` keeps while it steps from frame to frame."""
+
+    good: int  # end of the last committed write
+    units_from: int
+    records: int = 0
+    units: int = 0
+    recs: list[int] = field(default_factory=list)  # starts of valid records since ``good``
+    damaged: list[tuple[int, int]] = field(default_factory=list)  # damage since ``good``
+    committed_damage: list[tuple[int, int]] = field(default_factory=list)
+    last_unit_damaged: bool = False
+    last_unit_start: int = 0
+
+    def record(self, pos: int, end: int) -> None:
+        self.recs.append(pos)
+        if end <= self.units_from:  # written before unit markers: commits itself
+            self.good = self.last_unit_start = end
+            self.records += 1
+            self.recs = []
+            self.committed_damage += self.damaged
+            self.damaged = []
+
+    def unit(self, ustart: int, count: int, pos: int, end: int) -> None:
+        if not self.good <= ustart <= pos:
+            return  # a stale marker (of a write that failed or was cut): commits nothing
+        # Records before ``ustart`` are an earlier write whose marker was damaged: a later write
+        # committed after it, so it was written whole.
+        own = sum(1 for r in self.recs if r >= ustart)
+        self.last_unit_damaged = own != count or any(hi > ustart for _, hi in self.damaged)
+        self.last_unit_start = ustart
+        self.committed_damage += self.damaged
+        self.records += len(self.recs)
+        self.units += 1
+        self.damaged, self.recs = [], []
+        self.good = end
+
+    def segment_end(self, end: int) -> None:
+        if end <= self.units_from:
+            self.good = self.last_unit_start = end
+
+    def result(self) -> LogScan:
+        good = self.good
+        torn = self.last_unit_damaged and good > self.last_unit_start
+        if torn:
+            # The last write lost some of its records: a write torn by a crash, never
+            # acknowledged whole. It ends the data, whole, rather than keep part of it.
+            good = self.last_unit_start
+        kept = [d for d in self.committed_damage if d[1] <= good]
+        return LogScan(good, self.records, self.units, kept, torn)
 
 
 @dataclass(slots=True)
@@ -169,6 +245,8 @@ class CommitLog:
         self._dirty: set[int] = set()
         #: Offsets below this commit record by record (written before unit markers existed).
         self.units_from = 0
+        #: Segments found shorter than their size (cut) at open.
+        self._short_segments: set[int] = set()
         self.damage = DamageLog(directory / _DAMAGE)
 
     # -- layout arithmetic (pure) ------------------------------------------------------------
@@ -235,43 +313,56 @@ class CommitLog:
             seg = self._open_segment(start, create=True)
         return seg
 
-    def _check_sizes(self, starts: list[int]) -> None:
-        """Refuse a real change of segment size; a short *last* segment is a torn tail."""
-        fmt_path = self.dir / _FORMAT
-        recorded: int | None = None
-        if fmt_path.exists():
-            fmt = orjson.loads(fmt_path.read_bytes())
+    def _read_format(self) -> int | None:
+        """The segment size ``format.json`` records (None without one); sets ``units_from``."""
+        path = self.dir / _FORMAT
+        if not path.exists():
+            return None
+        try:
+            fmt = orjson.loads(path.read_bytes())
             recorded = int(fmt["segment_bytes"])
             self.units_from = int(fmt.get("units_from", 0))
-        elif starts:
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise StorageError(
+                f"{path} is unreadable ({e}); restore it from a backup, or delete it and the "
+                "segment files' sizes will stand for the segment size"
+            ) from None
+        return recorded
+
+    def _check_sizes(self, starts: list[int]) -> None:
+        """Refuse a real change of segment size. A segment shorter than the size
+        ``format.json`` records was cut: it is grown back and its lost end is damage (or, at the
+        end of the log, a torn tail). Without ``format.json`` only the last segment may be short."""
+        recorded = self._read_format()
+        known = recorded is not None
+        if recorded is None and starts:
             self.units_from = _NO_UNITS  # written before unit markers: set after recovery
         sizes = {s: self._path(s).stat().st_size for s in starts}
-        if recorded is None and len(starts) > 1:
-            recorded = sizes[starts[0]]
         if recorded is None and starts:
-            # A lone segment in a directory from before format.json: its size is the only
+            # A directory from before format.json: its first segment's size is the only
             # record of the segment size, so a different size is refused as a size change.
             recorded = sizes[starts[0]]
         for start in starts:
             size = sizes[start]
-            short_tail = start == starts[-1] and size < self.segment_bytes
+            short = size < self.segment_bytes and (known or start == starts[-1])
             if (
                 recorded != self.segment_bytes
                 or start % self.segment_bytes
-                or (size != self.segment_bytes and not short_tail)
+                or (size != self.segment_bytes and not short)
             ):
-                raise RuntimeError(
+                raise StorageError(
                     f"CommitLog segment {start} is {size} bytes but --segment-bytes is "
                     f"{self.segment_bytes} (the data directory was written with "
                     f"{recorded}); the segment size of an existing data directory cannot change"
                 )
-            if short_tail:
+            if short:
+                self._short_segments.add(start)
                 log.error(
                     "commitlog.short_segment",
                     segment=start,
                     size=size,
                     expected=self.segment_bytes,
-                    note="its lost end is treated as a torn tail",
+                    note="cut short: grown back; what it lost is damage or a torn tail",
                 )
 
     def _write_format(self) -> None:
@@ -319,18 +410,17 @@ class CommitLog:
         """Map the segments read-only for an offline check (``tempomq verify``), changing
         nothing on disk; returns problems with the files themselves (sizes, format)."""
         problems = []
-        fmt_path = self.dir / _FORMAT
-        if fmt_path.exists():
-            try:
-                fmt = orjson.loads(fmt_path.read_bytes())
-                self.segment_bytes = int(fmt["segment_bytes"])
-                self.units_from = int(fmt.get("units_from", 0))
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                problems.append(f"{fmt_path}: unreadable ({e})")
-        else:
-            self.units_from = _NO_UNITS
+        recorded = None
+        try:
+            recorded = self._read_format()
+            if recorded is None:
+                self.units_from = _NO_UNITS  # from before format.json: no unit markers
+        except StorageError as e:
+            problems.append(str(e))  # written by this version: unit markers from the start
         starts = sorted(int(p.name) for p in self.dir.iterdir() if p.name.isdigit())
-        if starts and not fmt_path.exists():
+        if recorded is not None:
+            self.segment_bytes = recorded
+        elif starts:  # no (readable) format.json: the first segment's size stands for it
             self.segment_bytes = self._path(starts[0]).stat().st_size
         for start in starts:
             path = self._path(start)
@@ -356,83 +446,98 @@ class CommitLog:
         return kind is Scan.END and not any(s > start for s in self._segments)
 
     def next_frame(self, offset: int) -> int | None:
-        """The first valid frame after ``offset`` in this or a later segment, or None."""
+        """The first valid frame after ``offset`` in this or a later segment, or None. Only the
+        parts of the files that hold data are searched: sparse holes (the unwritten end of a
+        segment) are skipped without being read."""
         start = self.segment_start(offset)
-        pos = offset - start
         for s in sorted(x for x in self._segments if x >= start):
             seg = self._segments[s]
-            limit = len(seg.view)
-            if s > start:
-                pos = -1  # from the segment's first byte
-                kind, _ = codec.scan(seg.view, 0, limit)
-                if kind is Scan.UNIT or (
-                    kind is Scan.RECORD and codec.record_phy_offset(seg.view, 0) == s
-                ):
-                    return s
-            found = codec.find_next_frame(seg.view, max(pos, 0), limit, s)
-            if found is not None:
-                return s + found
+            first = offset - s + 1 if s == start else 0
+            for lo, hi in _data_ranges(seg.fd, first, len(seg.view)):
+                found = codec.find_next_frame(seg.view, max(lo, first), hi, len(seg.view), s)
+                if found is not None:
+                    return s + found
         return None
 
     def walk(self, scan_from: int | None = None) -> LogScan:
-        """Walk every frame from the start of ``scan_from``'s segment (None: from the first
-        segment) and tell where the committed data ends, what damage lies before that end and
-        whether the last write was torn. Reads only."""
+        """Walk every frame from ``scan_from`` (None: from the first segment) and tell where
+        the committed data ends, what damage lies before that end and whether the last write
+        was torn. Reads only."""
         starts = sorted(self._segments)
         if not starts:
             return LogScan(0, 0, 0, [], False)
-        # From the start of the checkpoint's segment: a segment cut short since the checkpoint
-        # ends the data before the checkpoint's offset.
-        pos = starts[0] if scan_from is None else max(self.segment_start(scan_from), starts[0])
-        good = pos  # end of the last committed write
-        records = units = unit_records = 0  # unit_records: valid records since ``good``
-        damaged: list[tuple[int, int]] = []  # damage since ``good``
-        committed_damage: list[tuple[int, int]] = []
-        last_unit_damaged = False
-        last_unit_start = good
+        pos = self._walk_start(starts[0], scan_from)
+        w = _Walk(pos, self.units_from, last_unit_start=pos)
         while True:
             seg = self._segments.get(self.segment_start(pos))
-            if seg is None:
-                break
+            if seg is None:  # past the last segment, or a segment file is missing
+                later = next((s for s in starts if s > pos), None)
+                if later is None:
+                    break
+                w.damaged.append((pos, later))
+                pos = later
+                continue
             rel, limit = pos - seg.start, len(seg.view)
             kind, size = codec.scan(seg.view, rel, limit)
             if kind is Scan.RECORD:
-                pos += size
-                unit_records += 1
-                if pos <= self.units_from:  # written before unit markers: commits itself
-                    good, last_unit_start = pos, pos
-                    records, unit_records = records + 1, 0
-                continue
-            if kind is Scan.UNIT:
-                ustart = codec.unit_start(seg.view, rel)
-                if good <= ustart <= pos:
-                    count = int.from_bytes(seg.view[rel + 20 : rel + 24], "big")
-                    last_unit_damaged = bool(damaged) or count != unit_records
-                    last_unit_start = good
-                    committed_damage += damaged
-                    records, units = records + unit_records, units + 1
-                    damaged, unit_records = [], 0
-                    good = pos + size
-                pos += size
-                continue
-            if kind is Scan.BLANK or (kind is Scan.END and rel + codec.BLANK_SIZE > limit):
-                pos = seg.start + self.segment_bytes  # segment full; data continues after it
-                if pos <= self.units_from:
-                    good, last_unit_start = pos, pos
-                continue
-            # Zeros inside a segment or a frame that does not check: the end of data, unless
-            # valid frames follow, in which case it is damage to step over.
-            nxt = self.next_frame(pos)
-            if nxt is None:
-                break
-            damaged.append((pos, nxt))
-            pos = nxt
-        torn = last_unit_damaged and good > last_unit_start
-        if torn:
-            # The last write lost some of its records: a write torn by a crash, never
-            # acknowledged whole. It ends the data, whole, rather than keep part of it.
-            good = last_unit_start
-        return LogScan(good, records, units, [d for d in committed_damage if d[1] <= good], torn)
+                w.record(pos, pos + size)
+            elif kind is Scan.UNIT:
+                count = int.from_bytes(seg.view[rel + 20 : rel + 24], "big")
+                w.unit(codec.unit_start(seg.view, rel), count, pos, pos + size)
+            elif kind is Scan.BLANK or (kind is Scan.END and rel + codec.BLANK_SIZE > limit):
+                size = seg.start + self.segment_bytes - pos  # the segment is full
+                w.segment_end(pos + size)
+            else:
+                # Zeros inside a segment or a frame that does not check: the end of data,
+                # unless valid frames follow, in which case it is damage to step over.
+                nxt = self.skip_damage(pos)
+                if nxt is None:
+                    break
+                w.damaged.append((pos, nxt))
+                size = nxt - pos
+            pos += size
+        return w.result()
+
+    def skip_damage(self, offset: int) -> int | None:
+        """Where valid frames resume after damage at ``offset``, or None when none follow.
+
+        A record whose header is whole (magic, a length that fits, its own offset) but whose
+        CRC fails is stepped over by its length when a valid frame follows it: its body is
+        never searched, so frames a client wrote into a message body cannot be mistaken for the
+        log's. Otherwise the search goes byte by byte (:meth:`next_frame`)."""
+        seg = self._segments.get(self.segment_start(offset))
+        if seg is not None:
+            rel, limit = offset - seg.start, len(seg.view)
+            claimed = codec.claimed_record_size(seg.view, rel, limit, offset)
+            if claimed:
+                after = offset + claimed
+                aseg = self._segments.get(self.segment_start(after))
+                if aseg is not None and after < aseg.start + len(aseg.view):
+                    kind, _ = codec.scan(aseg.view, after - aseg.start, len(aseg.view))
+                    if kind is not Scan.CORRUPT and (
+                        kind is not Scan.END or self.next_frame(after) is not None
+                    ):
+                        return after
+        return self.next_frame(offset)
+
+    def _walk_start(self, first: int, scan_from: int | None) -> int:
+        """Where recovery begins: at the checkpoint when a unit marker ends right before it (it
+        is where a write ended), else at the start of its segment (a cut segment, an edited
+        checkpoint: the data may end before it)."""
+        if scan_from is None or scan_from < first:
+            return first
+        start = self.segment_start(scan_from)
+        seg = self._segments.get(start)
+        if seg is None:
+            return first
+        rel = scan_from - start
+        if (
+            start not in self._short_segments
+            and rel >= codec.UNIT_SIZE
+            and codec.scan(seg.view, rel - codec.UNIT_SIZE, len(seg.view))[0] is Scan.UNIT
+        ):
+            return scan_from
+        return start
 
     def _recover(self, scan_from: int | None) -> int:
         """Walk the frames after ``scan_from``; report damage, cut the torn tail, return the
@@ -556,9 +661,21 @@ class CommitLog:
             raise KeyError(offset)
         return seg.view, offset - start
 
-    def check(self, offset: int) -> tuple[mmap.mmap, int] | None:
+    def read(self, offset: int) -> StoredMessage | None:
         """The record at ``offset`` if it is whole, CRC-valid and written there, else None
         (reported to the damage log when it is damaged, not when retention removed it)."""
+        start = offset - offset % self.segment_bytes
+        seg = self._segments.get(start)
+        if seg is None:
+            return None
+        found = codec.decode_checked(seg.view, offset - start, self.segment_bytes, offset)
+        if found is None:
+            self._report_bad_read(offset)
+        return found
+
+    def check(self, offset: int) -> tuple[mmap.mmap, int] | None:
+        """Where the record at ``offset`` is, if it is whole, CRC-valid and written there, else
+        None (reported like a bad :meth:`read`)."""
         start = offset - offset % self.segment_bytes
         seg = self._segments.get(start)
         if seg is None:
@@ -566,14 +683,17 @@ class CommitLog:
         pos = offset - start
         if codec.check_record(seg.view, pos, self.segment_bytes, offset):
             return seg.view, pos
+        self._report_bad_read(offset)
+        return None
+
+    def _report_bad_read(self, offset: int) -> None:
         self.damage.report(
-            segment=start,
+            segment=self.segment_start(offset),
             offset=offset,
             length=0,
             found_by="read",
             reason="record failed its CRC or self-offset check; not delivered",
         )
-        return None
 
     def iter_records(
         self,
@@ -605,7 +725,7 @@ class CommitLog:
             ):
                 offset = seg_start + self.segment_bytes
             else:  # damage (recovery reported it): resume at the next valid frame
-                nxt = self.next_frame(offset)
+                nxt = self.skip_damage(offset)
                 if nxt is None or nxt >= end:
                     break
                 offset = nxt

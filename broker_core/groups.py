@@ -26,6 +26,7 @@ F     a FIFO delivery failed and waits in place until ``ready_at``
 I     the retry copy a failed delivery is about to schedule (its id and time), so a retry that
       a crash interrupted is scheduled again with the same id and keeps its time
 R     a reset: cursors moved, deliveries out dropped
+X     a group deleted: its config, cursors and offsets forgotten
 ====  ===========================================================================
 
 ``groups.json`` is a snapshot of the whole state as of a CommitLog offset (``state_at``), saved
@@ -60,10 +61,10 @@ from broker_core.errors import (
     ReceiptExpired,
     StoreUnavailable,
 )
-from broker_core.message import StoredMessage
+from broker_core.message import StoredMessage, is_system_topic
 from broker_core.protocols import Scheduler, Timers
 from broker_core.retry import delivery_attempt, dlq_topic, plan_redelivery, retry_topic
-from broker_core.store import MessageStore, write_json_atomic
+from broker_core.store import MessageStore, set_aside, write_json_atomic
 from broker_core.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
@@ -135,6 +136,18 @@ class Cursor:
         while order and order[0] not in pending:
             order.popleft()
         return order[0] if order else self.next
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A delivery not finished, as the console lists it."""
+
+    message: StoredMessage
+    topic: str
+    offset: int
+    attempt: int
+    deadline_ms: int
+    ready_at_ms: int | None
 
 
 @dataclass(slots=True)
@@ -233,10 +246,16 @@ class GroupManager:
 
     def _read_state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         data: dict[str, Any] = {}
-        if self._path.exists():
-            data = orjson.loads(self._path.read_bytes())
         # Without a snapshot of this format, replay from where this version began writing.
-        start = int(data.get("state_at", self.store.commitlog.units_from))
+        start = self.store.commitlog.units_from
+        if self._path.exists():
+            try:
+                data = orjson.loads(self._path.read_bytes())
+                start = int(data.get("state_at", start))
+            except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+                kept = set_aside(self._path)
+                log.error("group.snapshot_unreadable", error=str(e), kept_as=str(kept))
+                data, start = {}, self.store.commitlog.min_offset  # rebuild from the records
         ops = [orjson.loads(body) for _phy, body in self.store.state_records(start)]
         return data, ops
 
@@ -266,6 +285,9 @@ class GroupManager:
         if kind == "G":
             if op["n"] not in self.groups:
                 self.groups[op["n"]] = GroupConfig(op["n"], op["f"], op["m"], op["c"])
+            return
+        if kind == "X":
+            self._forget_group(op["n"])
             return
         sub = await self._restored_sub(op["g"], op["t"])
         if sub is None:
@@ -340,7 +362,9 @@ class GroupManager:
             subs.append({"g": group, "t": topic, "c": cursors})
         return {
             "version": 2,
-            "state_at": self.store.commitlog.reserved_end,
+            # Records not yet written when the snapshot is taken are replayed over it too
+            # (replay is idempotent in log order), and a failed write gives its space back.
+            "state_at": self.store.commitlog.written_end,
             "groups": [g.to_json() for g in self.groups.values()],
             "subs": subs,
             "offsets": offsets,
@@ -627,6 +651,51 @@ class GroupManager:
         cur, p = self._resolve(sub, receipt)
         await self._fail_delivery(sub, cur, p, retry_after_ms)
 
+    async def change_invisible(
+        self, topic: str, group: str, receipt: object, invisible_ms: int
+    ) -> str:
+        """RocketMQ's ChangeInvisibleDuration: the delivery stays out under a new receipt,
+        invisible until now + ``invisible_ms``; the old receipt stops working. Only if that new
+        deadline passes is the message delivered again (attempt + 1), at once: the caller chose
+        the wait, so no backoff is added. Not a nack: the attempt is not used up early.
+        Answered once its record (a D record with the new deadline) is written."""
+        sub = await self._subscription(group, topic)
+        cur, old = self._resolve(sub, receipt)
+        deadline = self.timers.now_ms() + max(invisible_ms, 0)
+        # A new entry under the same offset: the old receipt's token and the old batch timer
+        # no longer match it, so neither can finish or fail this delivery.
+        again = self._issue(cur, old.offset, old.phy, old.attempt, deadline)
+        _, written = self._journal(
+            {
+                "op": "D",
+                "g": sub.config.name,
+                "t": sub.topic,
+                "d": [(cur.topic, cur.queue_id, again.offset, again.phy, again.attempt, deadline)],
+                "n": [],
+            }
+        )
+
+        async def redeliver() -> None:
+            try:
+                await self._fail_delivery(sub, cur, again, 0)
+            except StoreUnavailable as e:
+                log.error("group.redelivery_failed", group=sub.config.name, reason=str(e))
+
+        def expire() -> None:
+            if cur.pending.get(again.offset) is again and again.token and again.ready_at_ms is None:
+                task = asyncio.get_running_loop().create_task(redeliver())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+        self.timers.call_at(deadline, expire)
+        try:
+            await written
+        except BaseException:
+            if cur.pending.get(again.offset) is again:  # not durable: the old receipt stands
+                cur.pending[again.offset] = old
+            raise
+        return self._receipt(sub, cur, again)
+
     def _expire(self, sub: Subscription, issued: list[tuple[Cursor, Pending]]) -> None:
         """Invisibility timer of one receive batch: what is still out has failed."""
         failed = [
@@ -713,7 +782,11 @@ class GroupManager:
             retry_after_ms=retry_after_ms,
         )
         deliver_at = plan.deliver_at_ms if p.copy_at_ms is None else p.copy_at_ms
-        if plan.dead or deliver_at <= now or self.scheduler is None:
+        # A copy already handed to the scheduler (record I) goes through it again under the same
+        # id, even when its time has passed: the scheduler may hold it from before a crash, and
+        # only the same id keeps it from being stored twice.
+        direct = p.copy_id is None and (deliver_at <= now or self.scheduler is None)
+        if plan.dead or direct:
             if plan.dead:
                 await self.store.ensure_topic(dlq_topic(cfg.name), 1)
             # The copy and the finishing record in one write: both are stored, or neither.
@@ -731,6 +804,7 @@ class GroupManager:
                     attempts=p.attempt,
                 )
             return
+        assert self.scheduler is not None
         if p.copy_id is None:  # first try: choose the copy's id and time, durably
             p.copy_id, p.copy_at_ms = self.scheduler.new_msg_id(), deliver_at
             _, fut = self._journal(
@@ -815,6 +889,82 @@ class GroupManager:
         self.wake({topic})
         log.info("group.reset", group=group, topic=topic, timestamp=timestamp_ms)
         await fut
+        return out
+
+    async def delete_group(self, name: str) -> None:
+        """Forget group ``name`` durably (record X): its config, cursors and offsets. Its retry
+        and dead-letter topics stay, as stored messages do; receipts it handed out expire."""
+        if name not in self.groups:
+            raise GroupNotFound(f"group {name!r} does not exist")
+        # Forgotten in the same step as its record is staged, like every change of state, so a
+        # snapshot never holds a group whose deletion it does not replay.
+        cfg, saved = self.groups[name], self._saved_offsets.get(name)
+        subs = {k: v for k, v in self._subs.items() if k[0] == name}
+        _, fut = self._journal({"op": "X", "n": name})
+        self._forget_group(name)
+        try:
+            await fut
+        except StoreUnavailable:  # not durable: the group stays
+            self.groups[name] = cfg
+            self._subs.update(subs)
+            if saved is not None:
+                self._saved_offsets[name] = saved
+            raise
+        log.info("group.deleted", group=name)
+
+    def _forget_group(self, name: str) -> None:
+        self.groups.pop(name, None)
+        for key in [k for k in self._subs if k[0] == name]:
+            del self._subs[key]
+        self._saved_offsets.pop(name, None)
+        self._dirty = True
+
+    def subscriptions(self, group: str) -> list[str]:
+        """The topics ``group`` has received from since the server started or it was saved."""
+        topics = {t for g, t in self._subs if g == group}
+        topics.update(t for t in self._saved_offsets.get(group, {}) if t in self.store.topics)
+        return sorted(t for t in topics if not is_system_topic(t))
+
+    async def inflight(self, topic: str, group: str, limit: int) -> list[InFlight]:
+        """Up to ``limit`` deliveries of ``group`` on ``topic`` not yet acked, oldest offset
+        first per queue: out now (with their invisibility deadline), or failed and waiting for
+        their redelivery (FIFO). Reads only the messages it returns."""
+        sub = await self._subscription(group, topic)
+        out: list[InFlight] = []
+        for cur in sub.cursors:
+            for offset in sorted(cur.pending):
+                if len(out) >= limit:
+                    return out
+                p = cur.pending[offset]
+                if not p.token:
+                    continue  # its redelivery copy is being stored
+                msg = self.store.read(p.phy)
+                if msg is not None:
+                    out.append(
+                        InFlight(msg, cur.topic, offset, p.attempt, p.deadline_ms, p.ready_at_ms)
+                    )
+        return out
+
+    def consumed_by(self, topic: str, queue_id: int, offset: int) -> list[dict[str, object]]:
+        """Each group subscribed to ``topic`` and where it stands with the message at
+        ``offset`` of queue ``queue_id``: ``acked``, ``inflight`` (with its attempt) or
+        ``waiting``."""
+        out: list[dict[str, object]] = []
+        for (group, t), sub in sorted(self._subs.items()):
+            if t != topic:
+                continue
+            for cur in sub.cursors:
+                if cur.topic != topic or cur.queue_id != queue_id:
+                    continue
+                p = cur.pending.get(offset)
+                entry: dict[str, object] = {"group": group}
+                if p is not None:
+                    entry.update(state="inflight", delivery_attempt=p.attempt)
+                elif offset < cur.next:  # handed out and finished
+                    entry["state"] = "acked"
+                else:
+                    entry["state"] = "waiting"
+                out.append(entry)
         return out
 
     def lag_by_group(self) -> list[tuple[str, str, int]]:

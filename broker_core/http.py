@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -45,6 +46,9 @@ from broker_core.retry import real_topic
 
 BROKER = web.AppKey("broker", Broker)
 routes = web.RouteTableDef()
+#: Request key an outer layer (the app's authorization) may set to a predicate on names; a
+#: listing then shows only the names it accepts. Unset: the listing shows everything.
+VISIBLE: web.RequestKey[Callable[[str], bool]] = web.RequestKey("visible")
 
 MAX_BATCH = 1000
 MAX_DELAY_MS = 10 * 365 * 24 * 3600 * 1000 + 3 * 24 * 3600 * 1000  # ten years, leap days included
@@ -298,8 +302,11 @@ async def create_topic(request: web.Request) -> web.Response:
 
 @routes.get("/v1/topics")
 async def list_topics(request: web.Request) -> web.Response:
-    broker = request.app[BROKER]
-    return json_response({"topics": [t.to_json() for t in broker.list_topics()]})
+    topics = request.app[BROKER].list_topics()
+    visible = request.get(VISIBLE)
+    if visible is not None:
+        topics = [t for t in topics if visible(t.name)]
+    return json_response({"topics": [t.to_json() for t in topics]})
 
 
 @routes.get("/v1/topics/{topic}")
@@ -351,15 +358,31 @@ async def ack(request: web.Request) -> web.Response:
     return json_response({"acked": await broker.ack(topic, group, receipts)})
 
 
-@routes.post("/v1/topics/{topic}/groups/{group}/nack")
-async def nack(request: web.Request) -> web.Response:
+async def _receipt_args(request: web.Request) -> tuple[Broker, str, str, dict[str, Any]]:
+    """A request about one delivery: the group's arguments and a body naming its receipt."""
     broker, topic, group = _group_args(request)
     body = await _object(request)
     if "receipt" not in body:
         raise InvalidRequest("'receipt' is required")
+    return broker, topic, group, body
+
+
+@routes.post("/v1/topics/{topic}/groups/{group}/nack")
+async def nack(request: web.Request) -> web.Response:
+    broker, topic, group, body = await _receipt_args(request)
     retry_after = _int_field(body, "retry_after_ms", None, 0, MAX_DELAY_MS)
     await broker.nack(topic, group, body["receipt"], retry_after)
     return json_response({"nacked": 1})
+
+
+@routes.post("/v1/topics/{topic}/groups/{group}/change-invisible")
+async def change_invisible(request: web.Request) -> web.Response:
+    broker, topic, group, body = await _receipt_args(request)
+    invisible = _int_field(body, "invisible_ms", None, 0, 12 * 3600_000)
+    if invisible is None:
+        raise InvalidRequest("'invisible_ms' is required")
+    receipt = await broker.change_invisible(topic, group, body["receipt"], invisible)
+    return json_response({"receipt": receipt})
 
 
 @routes.get("/v1/topics/{topic}/groups/{group}")
@@ -376,6 +399,14 @@ async def reset(request: web.Request) -> web.Response:
     if ts is None:
         raise InvalidRequest("'timestamp' (epoch milliseconds) is required")
     return json_response({"queues": await broker.reset(topic, group, ts)})
+
+
+@routes.get("/v1/admin/damage")
+async def list_damage(request: web.Request) -> web.Response:
+    """Damaged CommitLog ranges found since the data directory was created (see
+    :class:`broker_core.commitlog.DamageLog`): what was skipped and never delivered."""
+    entries = request.app[BROKER].store.commitlog.damage.entries
+    return json_response({"damage": entries, "count": len(entries)})
 
 
 @routes.post("/v1/groups")

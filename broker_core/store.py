@@ -118,6 +118,13 @@ def write_json_atomic(path: Path, data: object) -> None:
     tmp.replace(path)
 
 
+def set_aside(path: Path) -> Path:
+    """Rename an unreadable file out of the way (kept for inspection); its new path."""
+    kept = path.with_name(f"{path.name}.unreadable-{time.time_ns() // 1_000_000}")
+    path.replace(kept)
+    return kept
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -178,7 +185,7 @@ class MessageStore:
         scan_from = checkpoint.get("dispatched")
         end = self.commitlog.open(scan_from=None if scan_from is None else int(scan_from))
         self._buf_start = end
-        self._load_topics()
+        topics_ok = self._load_topics()
         self.index.load()
         for topic in self.topics.values():
             for q in range(topic.queues):
@@ -192,6 +199,7 @@ class MessageStore:
             not checkpoint
             or cq_total < int(checkpoint.get("cq_entries", 0))
             or self.index.entry_count < int(checkpoint.get("index_entries", 0))
+            or not topics_ok
         ):
             start = self.commitlog.min_offset  # derived files were lost: rebuild everything
         n = self._redispatch(start, end, index_max_phy)
@@ -256,13 +264,23 @@ class MessageStore:
 
     # -- topics ----------------------------------------------------------------------------------
 
-    def _load_topics(self) -> None:
+    def _load_topics(self) -> bool:
+        """Load topics.json; False when it is unreadable (set aside, topics relearned from the
+        CommitLog's records)."""
         path = self.root / _TOPICS
-        if path.exists():
-            for t in orjson.loads(path.read_bytes()):
-                self.topics[t["name"]] = TopicConfig(
-                    t["name"], int(t["queues"]), int(t["created_at"])
-                )
+        if not path.exists():
+            return True
+        try:
+            loaded = [
+                TopicConfig(t["name"], int(t["queues"]), int(t["created_at"]))
+                for t in orjson.loads(path.read_bytes())
+            ]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            kept = set_aside(path)
+            log.error("store.topics_unreadable", error=str(e), kept_as=str(kept))
+            return False
+        self.topics.update((t.name, t) for t in loaded)
+        return True
 
     def _topics_json(self) -> list[dict[str, object]]:
         return [t.to_json() for t in sorted(self.topics.values(), key=lambda t: t.name)]
@@ -546,12 +564,14 @@ class MessageStore:
         metrics.WRITE_FAILURES.inc()
         log.error("store.write_failed", reason=reason, offset=start)
         self._failure = reason
-        if fut is not None and not fut.done():
-            fut.set_exception(StoreUnavailable(reason))
-        self._refuse_pending(reason)
+        # The marker goes first: only then may anyone hear that the write failed (a crash
+        # right after the answer must not find the batch committed).
         await asyncio.get_running_loop().run_in_executor(
             self._write_pool, self.commitlog.unwrite, start, marker_at
         )
+        if fut is not None and not fut.done():
+            fut.set_exception(StoreUnavailable(reason))
+        self._refuse_pending(reason)
 
     def _refuse_pending(self, reason: str) -> None:
         """Fail every put staged but not written, and give back what they reserved."""
@@ -609,8 +629,7 @@ class MessageStore:
         """The record at ``phy_offset``, or None when retention removed it."""
         if phy_offset < self.commitlog.min_offset or phy_offset >= self.commitlog.written_end:
             return None
-        found = self.commitlog.check(phy_offset)  # CRC on every read: damage is never handed out
-        return None if found is None else codec.decode(*found)
+        return self.commitlog.read(phy_offset)  # CRC on every read: damage is never handed out
 
     def stored_at(self, phy_offset: int) -> int | None:
         if phy_offset < self.commitlog.min_offset:

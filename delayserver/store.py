@@ -97,6 +97,11 @@ class DelayStore(Protocol):
         """How many messages are scheduled."""
         ...
 
+    async def count_due(self, bounds_ms: Sequence[int]) -> list[int]:
+        """For each bound, how many scheduled messages fall due before it: counted from the
+        time index, without reading the messages."""
+        ...
+
     async def purge(self, finished_before_ms: int) -> int:
         """Forget delivered and cancelled messages finished before the given time."""
         ...

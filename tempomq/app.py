@@ -21,11 +21,12 @@ import gc
 import re
 import secrets
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs; types-PyYAML is not a dep
@@ -42,12 +43,19 @@ from delayserver.http import DELAY
 from delayserver.http import routes as delay_routes
 from delayserver.service import DelayService
 from delayserver.timers import TimerService
-from tempomq.config import HostPort, Settings
+from tempomq.auth import Auth, ConnectionGuard, GuardedSite, RateLimit, server_context
+from tempomq.auth.principals import AuthFileError
+from tempomq.config import HostPort, Settings, is_loopback
+from tempomq.console import add_console
 from tempomq.logs import bound, get_logger
 from tempomq.probe import ProbeSchedule
+from txcoord.checkurl import CheckUrlPolicy
 from txcoord.coordinator import Coordinator, TxSettings
 from txcoord.http import TX
 from txcoord.http import routes as tx_routes
+
+if TYPE_CHECKING:
+    from tempomq.grpc.server import GrpcEndpoint
 
 log = get_logger(__name__)
 
@@ -98,6 +106,8 @@ class Readiness:
 
 
 SETTINGS = web.AppKey("settings", Settings)
+AUTH = web.AppKey("auth", Auth)
+GUARD = web.AppKey("guard", ConnectionGuard)
 TIMERS = web.AppKey("timers", TimerService)
 READINESS = web.AppKey("readiness", Readiness)
 
@@ -174,7 +184,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 raise
             response = _http_error(request, exc)
         except TempoError as exc:
-            response = error_response(exc.status, exc.code, exc.message)
+            # Some errors carry headers of their own (WWW-Authenticate, Retry-After).
+            response = error_response(
+                exc.status, exc.code, exc.message, headers=getattr(exc, "headers", None)
+            )
         except Exception as exc:
             if _is_storage_error(exc):
                 log.error("storage.write_failed", path=request.path, error=str(exc))
@@ -297,6 +310,16 @@ def make_delay_service(settings: Settings, broker: Broker, timers: TimerService)
     return DelayService(embedded, broker.store, timers)
 
 
+def make_auth(settings: Settings) -> Auth:
+    rate = RateLimit(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
+    return Auth(
+        auth_file=settings.auth_file,
+        admin_token=settings.admin_token,
+        rate_limit=rate,
+        metrics_public=settings.metrics_public,
+    )
+
+
 def build_app(settings: Settings) -> web.Application:
     """The application with all components constructed; nothing runs until the server starts."""
     timers = TimerService()
@@ -313,6 +336,10 @@ def build_app(settings: Settings) -> web.Application:
             check_interval_ms=settings.tx_check_interval_ms,
             check_max=settings.tx_check_max,
             check_timeout_ms=settings.tx_check_timeout_ms,
+            check_url=CheckUrlPolicy(
+                settings.check_url_allow,
+                secret=settings.check_url_secret.encode() if settings.check_url_secret else None,
+            ),
         ),
         sync=settings.flush == "sync",
     )
@@ -325,10 +352,20 @@ def build_app(settings: Settings) -> web.Application:
     readiness.add("delay_store", delay.health)
     readiness.add("transactions", tx.health)
 
+    auth = make_auth(settings)
+    guard = ConnectionGuard(
+        max_connections=settings.max_connections,
+        header_timeout_s=settings.header_timeout_ms / 1000,
+    )
     app = web.Application(
-        client_max_size=settings.max_request_bytes, middlewares=[error_middleware]
+        client_max_size=settings.max_request_bytes,
+        # The guard first, so a request's headers count as in whatever comes after; auth
+        # inside the error middleware, so its 401/403/429 get the API's error shape.
+        middlewares=[guard.middleware, error_middleware, auth.middleware],
     )
     app[SETTINGS] = settings
+    app[AUTH] = auth
+    app[GUARD] = guard
     app[TIMERS] = timers
     app[BROKER] = broker
     app[READINESS] = readiness
@@ -340,6 +377,7 @@ def build_app(settings: Settings) -> web.Application:
     app.add_routes(broker_routes)
     app.add_routes(delay_routes)
     app.add_routes(tx_routes)
+    add_console(app)
     app[DELAY] = delay
     app[TX] = tx
     return app
@@ -358,6 +396,7 @@ def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
         # A client that hangs up cancels its request: a long poll it abandoned must not go on
         # to take messages (and hide them for invisible_ms) with nobody to hand them to.
         handler_cancellation=True,
+        keepalive_timeout=settings.keepalive_timeout_ms / 1000,
     )
 
 
@@ -376,30 +415,52 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    runner = make_runner(build_app(settings), settings)
+    try:
+        app = build_app(settings)
+        ssl_context = (
+            server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+            if settings.tls_cert is not None and settings.tls_key is not None
+            else None
+        )
+    except (OSError, ValueError, AuthFileError) as exc:
+        log.error("startup failed", error=str(exc))
+        return 1
+    auth = app[AUTH]
+    if auth.enabled:
+        log.info("auth on", principals=len(auth.directory.principals))
+        loop.add_signal_handler(signal.SIGHUP, auth.reload)
+    elif settings.insecure_no_auth and not is_loopback(settings.http.host):
+        log.warning("auth is off on a non-loopback address (--insecure-no-auth)")
+    runner = make_runner(app, settings)
     probe: ProbeSchedule | None = None
+    rocketmq: GrpcEndpoint | None = None
     try:
         try:
             await runner.setup()
         except (OSError, RuntimeError, TempoError) as exc:
             log.error("startup failed", error=str(exc))
             return 1
-        site = web.TCPSite(runner, settings.http.host, settings.http.port)
+        site = GuardedSite(
+            runner,
+            settings.http.host,
+            settings.http.port,
+            guard=app[GUARD],
+            ssl_context=ssl_context,
+        )
         try:
-            await site.start()
-        except OSError as exc:
-            log.error("cannot listen", address=str(settings.http), error=str(exc))
+            rocketmq = await listen(settings, runner, site, tls=ssl_context is not None)
+        except OSError:
             return 1
-        for host, port, *_ in runner.addresses:
-            log.info("listening", url=f"http://{HostPort(host, port)}")
         # The probe goes through HTTP like any client, so it starts once the port listens and
         # stops before the server does.
-        probe = start_probe(settings, runner)
+        probe = start_probe(settings, runner, auth, tls=ssl_context is not None)
         await stop.wait()
     finally:
         if probe is not None:
             await probe.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        if rocketmq is not None:
+            await rocketmq.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         # Stops accepting, waits up to shutdown_timeout for in-flight requests, then runs the
         # cleanup contexts: broker.stop() (flush) and timers.stop().
@@ -408,17 +469,65 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-def start_probe(settings: Settings, runner: web.AppRunner) -> ProbeSchedule | None:
-    """The in-server reconciliation probe, when ``--probe-interval`` asks for one."""
+async def listen(
+    settings: Settings, runner: web.AppRunner, site: web.BaseSite, *, tls: bool
+) -> GrpcEndpoint | None:
+    """Open the HTTP port, then the RocketMQ one; raises ``OSError`` (logged) if either fails."""
+    address: HostPort | None = settings.http
+    try:
+        await site.start()
+        scheme = "https" if tls else "http"
+        for host, port, *_ in runner.addresses:
+            log.info("listening", url=f"{scheme}://{HostPort(host, port)}")
+        address = settings.grpc
+        return await start_rocketmq(settings, runner.app)
+    except OSError as exc:
+        log.error("cannot listen", address=str(address), error=str(exc))
+        raise
+
+
+async def start_rocketmq(settings: Settings, app: web.Application) -> GrpcEndpoint | None:
+    """The RocketMQ 5 gRPC endpoint on the started cores, unless ``--grpc off``."""
+    if settings.grpc is None:
+        return None
+    # grpcio loads only when the endpoint is on.
+    from tempomq.grpc.auth import PrincipalAuth
+    from tempomq.grpc.server import start_grpc
+
+    auth = app[AUTH]
+    return await start_grpc(
+        settings.grpc,
+        settings.grpc_advertise,
+        broker=app[BROKER],
+        delay=app[DELAY],
+        tx=app[TX],
+        auth=PrincipalAuth(auth) if auth.enabled else None,
+    )
+
+
+def start_probe(
+    settings: Settings, runner: web.AppRunner, auth: Auth, *, tls: bool
+) -> ProbeSchedule | None:
+    """The in-server reconciliation probe, when ``--probe-interval`` asks for one. With auth
+    on it holds a token of its own, made now and known only to this process."""
     if settings.probe_interval_ms <= 0:
         return None
     host, port = runner.addresses[0][:2]
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    client_tls: ssl.SSLContext | None = None
+    if tls:
+        # The probe calls this very process over loopback: the certificate names the public
+        # host, not the loopback address, and there is nobody in between to verify away.
+        client_tls = ssl.create_default_context()
+        client_tls.check_hostname = False
+        client_tls.verify_mode = ssl.CERT_NONE
     probe = ProbeSchedule(
-        f"http://{HostPort(host, port)}",
+        f"{'https' if tls else 'http'}://{HostPort(host, port)}",
         interval_s=settings.probe_interval_ms / 1000,
         duration_s=settings.probe_duration_ms / 1000,
         rate=settings.probe_rate,
+        token=auth.internal_token("probe"),
+        ssl_context=client_tls,
     )
     probe.start()
     return probe

@@ -7,7 +7,7 @@ same registry here; they speak HTTP through the SDK, which is why ``serve`` impo
 only when it runs.
 
 Exit codes: 0 ok, 1 runtime or server failure, 2 usage error, 3 not found, 4 conflict, 5 the
-probe found a problem, 130 interrupted (:mod:`tempomq.ops` has the details).
+probe found a problem, 6 not allowed, 130 interrupted (:mod:`tempomq.ops` has the details).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from broker_core import dirlock
 from tempomq import config, ops
@@ -26,8 +27,10 @@ PROG = "tempomq"
 
 EPILOG = """\
 exit codes: 0 ok; 1 server failure or unreachable; 2 usage error; 3 not found;
-4 conflict; 5 the probe found lost, duplicated or unexpected messages; 130 interrupted.
-Client commands talk to --url (env TEMPOMQ_URL, default http://127.0.0.1:8080).
+4 conflict; 5 the probe found lost, duplicated or unexpected messages; 6 not allowed
+(401/403); 130 interrupted.
+Client commands talk to --url (env TEMPOMQ_URL, default http://127.0.0.1:8080) with the
+token in TEMPOMQ_TOKEN.
 """
 
 
@@ -65,6 +68,39 @@ def _serve(args: argparse.Namespace) -> int:
         return run(settings)
 
 
+def _token_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--file",
+        metavar="PATH",
+        help="write the token to PATH (mode 600) unless PATH exists already; print only its hash",
+    )
+
+
+def _token(args: argparse.Namespace) -> int:
+    """A new token and the line for the auth file; with --file, kept in a file, not shown."""
+    from tempomq.auth.principals import hash_token, new_token
+
+    if args.file is None:
+        token = new_token()
+        print(f"token:         {token}\ntokens_sha256: [\"{hash_token(token)}\"]")
+        return 0
+    path = Path(args.file)
+    try:
+        # O_EXCL: a token once written is never replaced (a restarted stack keeps its token).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        print(f"{PROG}: error: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    else:
+        token = new_token()
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(token + "\n")
+    print(f"tokens_sha256: [\"{hash_token(token)}\"]")
+    return 0
+
+
 def _verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
@@ -75,8 +111,6 @@ def _verify_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import orjson
 
     from broker_core.verify import verify
@@ -111,6 +145,16 @@ COMMANDS: dict[str, Command] = {
         run=_verify,
     ),
     **{name: _from_op(entry) for name, entry in ops.OPERATIONS.items()},
+    "auth": Command(
+        help="credentials for the auth file (docs/security.md)",
+        subcommands={
+            "token": Command(
+                help="make a random token and print it with its SHA-256 for tokens_sha256",
+                add_arguments=_token_arguments,
+                run=_token,
+            )
+        },
+    ),
 }
 
 

@@ -13,6 +13,7 @@ whichever way they set it.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Generic, Literal, NamedTuple, TypeVar, get_args
 
 from broker_core.config import BrokerConfig, FlushMode
+from txcoord.checkurl import parse_allow_entry
 
 ENV_PREFIX = "TEMPOMQ_"
 
@@ -158,6 +160,25 @@ def _bounded_int(minimum: int, maximum: int | None = None) -> Callable[[str], in
     return parse
 
 
+def _bounded_float(text: str, minimum: float) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not value >= minimum:  # also refuses NaN
+        raise ValueError(f"must be at least {minimum:g}, got {text.strip()}")
+    return value
+
+
+def parse_allow_list(text: str) -> tuple[str, ...]:
+    """Comma-separated host names, networks and either with a port:
+    ``hooks.internal, 10.0.0.0/8, 127.0.0.1:8081``."""
+    items = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    for item in items:
+        parse_allow_entry(item)  # raises ValueError naming the bad entry
+    return items
+
+
 def _choice(values: Iterable[str]) -> Callable[[str], str]:
     allowed = tuple(values)
 
@@ -183,8 +204,25 @@ DURATION = Kind("DURATION", parse_duration_ms, format_duration_ms)
 DURATIONS = Kind("DURATION,...", parse_duration_list_ms, format_duration_list_ms)
 BOOL: Kind[bool] = Kind("BOOL", parse_bool, lambda v: "true" if v else "false")
 PATH = Kind("PATH", Path)
+OPTIONAL_PATH: Kind[Path | None] = Kind("PATH", Path, lambda v: str(v) if v else "none")
+#: A secret's value is never shown in --help or errors, only whether it is set.
+SECRET: Kind[str | None] = Kind("SECRET", str, lambda v: "set" if v else "unset")
+RATE = Kind("PER_S", lambda text: _bounded_float(text, 0.0), lambda v: f"{v:g}")
 HOST_PORT = Kind("HOST:PORT", parse_host_port)
 REDIS_URL: Kind[str | None] = Kind("URL", parse_redis_url, lambda v: v or "none")
+
+
+def parse_listen_or_off(text: str) -> HostPort | None:
+    """``host:port``, or ``off`` for a listener that is not started."""
+    return None if text.strip().lower() == "off" else parse_host_port(text)
+
+
+LISTEN_OR_OFF: Kind[HostPort | None] = Kind(
+    "HOST:PORT|off", parse_listen_or_off, lambda v: "off" if v is None else str(v)
+)
+OPTIONAL_HOST_PORT: Kind[HostPort | None] = Kind(
+    "HOST:PORT", parse_host_port, lambda v: "the listen address" if v is None else str(v)
+)
 
 
 def count(minimum: int, maximum: int | None = None) -> Kind[int]:
@@ -201,6 +239,8 @@ def choice(literal: object) -> Kind[str]:
 # The settings.
 
 DEFAULT_HTTP = HostPort("127.0.0.1", 8080)
+#: The RocketMQ 5 gRPC protocol, on the port of RocketMQ's proxy.
+DEFAULT_GRPC = HostPort("127.0.0.1", 8081)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -240,6 +280,39 @@ class Settings:
     probe_interval_ms: int = 0
     probe_duration_ms: int = 10_000
     probe_rate: int = 20
+    #: The RocketMQ 5 gRPC endpoint (None: off), and the address routes hand to its clients.
+    grpc: HostPort | None = DEFAULT_GRPC
+    grpc_advertise: HostPort | None = None
+    #: Principals and their grants (YAML or TOML); auth is on when this or admin_token is set.
+    auth_file: Path | None = None
+    #: The bootstrap admin's token, from the environment only (never a flag: ps shows flags).
+    admin_token: str | None = field(default=None, repr=False)
+    #: Serve on a non-loopback address without auth (refused otherwise).
+    insecure_no_auth: bool = False
+    #: Serve /metrics without credentials when auth is on.
+    metrics_public: bool = False
+    #: Requests a second per principal (per client address when auth is off); 0: no limit.
+    #: About twice what one benchmark client makes (5,200 single sends a second): generous
+    #: by default; per-principal limits in the auth file share a server between tenants.
+    rate_limit: float = 10_000.0
+    rate_burst: float = 20_000.0
+    #: Most open HTTP connections; one more is answered 503 and closed.
+    max_connections: int = 1000
+    #: A request's headers must be in within this time of its first byte.
+    header_timeout_ms: int = 10_000
+    #: An idle keep-alive connection is closed after this time.
+    keepalive_timeout_ms: int = 60_000
+    #: Hosts and CIDRs (each optionally with a port) check_url may name; empty: loopback only.
+    check_url_allow: tuple[str, ...] = ()
+    #: Key of the HMAC-SHA256 signature header on check_url calls; None: unsigned.
+    check_url_secret: str | None = field(default=None, repr=False)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth_file is not None or self.admin_token is not None
 
     def __post_init__(self) -> None:
         for check in _CROSS_CHECKS:
@@ -272,6 +345,8 @@ class Option:
     field: str
     kind: Kind[Any]
     help: str
+    #: Read from the environment only, never a flag (secrets: a flag shows in ps).
+    env_only: bool = False
 
     @property
     def cli(self) -> str:
@@ -287,7 +362,7 @@ class Option:
 
     @property
     def label(self) -> str:
-        return f"{self.cli} / {self.env}"
+        return self.env if self.env_only else f"{self.cli} / {self.env}"
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -385,6 +460,88 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("probe-duration", "probe_duration_ms", DURATION, "how long one in-server probe sends"),
     Option("probe-rate", "probe_rate", count(1), "probe messages per second during a run"),
+    Option(
+        "grpc",
+        "grpc",
+        LISTEN_OR_OFF,
+        "address the RocketMQ 5 gRPC protocol (the official RocketMQ clients) listens on; "
+        "off: not at all",
+    ),
+    Option(
+        "grpc-advertise",
+        "grpc_advertise",
+        OPTIONAL_HOST_PORT,
+        "address RocketMQ clients are told to connect to (behind NAT, a proxy or a wildcard "
+        "listen address)",
+    ),
+    Option(
+        "auth-file",
+        "auth_file",
+        OPTIONAL_PATH,
+        "principals, credentials and grants (YAML or TOML; reloaded on SIGHUP); turns auth on",
+    ),
+    Option(
+        "admin-token",
+        "admin_token",
+        SECRET,
+        "token of a bootstrap admin principal; turns auth on",
+        env_only=True,
+    ),
+    Option(
+        "insecure-no-auth",
+        "insecure_no_auth",
+        BOOL,
+        "allow listening on a non-loopback address with auth off (anyone reaching the port "
+        "can do anything)",
+    ),
+    Option("metrics-public", "metrics_public", BOOL, "serve /metrics without credentials"),
+    Option(
+        "rate-limit",
+        "rate_limit",
+        RATE,
+        "requests a second per principal (per client address with auth off); 0: no limit",
+    ),
+    Option("rate-burst", "rate_burst", RATE, "requests a principal may make at once"),
+    Option(
+        "max-connections",
+        "max_connections",
+        count(1),
+        "most open HTTP connections; more are answered 503 and closed",
+    ),
+    Option(
+        "header-timeout",
+        "header_timeout_ms",
+        DURATION,
+        "close a connection whose request headers are not in within this time",
+    ),
+    Option(
+        "keepalive-timeout",
+        "keepalive_timeout_ms",
+        DURATION,
+        "close a kept-alive connection idle this long",
+    ),
+    Option(
+        "check-url-allow",
+        "check_url_allow",
+        Kind("HOSTS", parse_allow_list, lambda v: ",".join(v) or "loopback only"),
+        "host names and CIDRs, each optionally with :port, a transaction's check_url may call "
+        "(comma-separated)",
+    ),
+    Option(
+        "check-url-secret",
+        "check_url_secret",
+        SECRET,
+        "sign check_url calls with HMAC-SHA256 under this key (X-Tempomq-Signature)",
+        env_only=True,
+    ),
+    Option("tls-cert", "tls_cert", OPTIONAL_PATH, "serve HTTPS with this certificate (PEM)"),
+    Option("tls-key", "tls_key", OPTIONAL_PATH, "private key of --tls-cert (PEM)"),
+    Option(
+        "tls-client-ca",
+        "tls_client_ca",
+        OPTIONAL_PATH,
+        "verify client certificates against this CA; a certificate's subject names a principal",
+    ),
 )
 
 _BY_FIELD = {opt.field: opt for opt in OPTIONS}
@@ -445,7 +602,60 @@ def _check_probe(s: Settings) -> None:
         raise _fail("probe_rate", "rate x duration must stay within 500,000 messages a run")
 
 
+def is_loopback(host: str) -> bool:
+    """Does listening on ``host`` keep the port off the network?"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_bind(s: Settings) -> None:
+    # Redis's protected mode: with no credentials configured, stay off the network unless the
+    # operator says otherwise in so many words.
+    if s.auth_enabled or s.insecure_no_auth or is_loopback(s.http.host):
+        return
+    raise _fail(
+        "http",
+        f"{s.http} is not a loopback address and auth is off; give --auth-file or "
+        "TEMPOMQ_ADMIN_TOKEN (see docs/security.md), or --insecure-no-auth to serve anyone",
+    )
+
+
+def _check_grpc_bind(s: Settings) -> None:
+    # The RocketMQ listener follows the same rule as the HTTP one.
+    if s.grpc is None or s.auth_enabled or s.insecure_no_auth or is_loopback(s.grpc.host):
+        return
+    raise _fail(
+        "grpc",
+        f"{s.grpc} is not a loopback address and auth is off; give --auth-file or "
+        "TEMPOMQ_ADMIN_TOKEN (see docs/security.md), or --insecure-no-auth to serve anyone",
+    )
+
+
+def _check_limits(s: Settings) -> None:
+    if s.header_timeout_ms <= 0:
+        raise _fail("header_timeout_ms", "must be longer than 0")
+    if s.keepalive_timeout_ms <= 0:
+        raise _fail("keepalive_timeout_ms", "must be longer than 0")
+    if s.rate_limit > 0 and s.rate_burst < 1:
+        raise _fail("rate_burst", "must be at least 1 when --rate-limit is on")
+
+
+def _check_tls(s: Settings) -> None:
+    if (s.tls_cert is None) != (s.tls_key is None):
+        raise _fail("tls_cert", "give --tls-cert and --tls-key together")
+    if s.tls_client_ca is not None and s.tls_cert is None:
+        raise _fail("tls_client_ca", "needs --tls-cert and --tls-key")
+
+
 _CROSS_CHECKS: tuple[Callable[[Settings], None], ...] = (
+    _check_bind,
+    _check_grpc_bind,
+    _check_limits,
+    _check_tls,
     _check_positive_times,
     _check_sizes,
     _check_queues,
@@ -468,6 +678,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per option. Defaults stay ``None`` so the loader can tell "not given"."""
     defaults = Settings()
     for opt in OPTIONS:
+        if opt.env_only:
+            continue
         help_text = _help_text(opt, defaults)
         if opt.kind is BOOL:
             parser.add_argument(
@@ -487,8 +699,11 @@ def load_settings(cli: Mapping[str, object], environ: Mapping[str, str]) -> Sett
     """Settings from parsed flags (``vars(namespace)``) over environment over defaults."""
     values: dict[str, Any] = {}
     for opt in OPTIONS:
-        raw = cli.get(opt.dest)
+        raw = None if opt.env_only else cli.get(opt.dest)
         where = "the command line"
+        if opt.env_only and environ.get(opt.env + FILE_SUFFIX):
+            raw = _read_secret_file(opt, environ)
+            where = f"the file named by {opt.env}{FILE_SUFFIX}"
         if raw is None:
             # An empty variable counts as unset: compose files and shells often export "".
             raw = environ.get(opt.env) or None
@@ -503,9 +718,28 @@ def load_settings(cli: Mapping[str, object], environ: Mapping[str, str]) -> Sett
     return Settings(**values)
 
 
+FILE_SUFFIX = "_FILE"
+
+
+def _read_secret_file(opt: Option, environ: Mapping[str, str]) -> str:
+    """A secret from the file ``<VAR>_FILE`` names (a Docker or Kubernetes secret mount)."""
+    name = opt.env + FILE_SUFFIX
+    if environ.get(opt.env):
+        raise ConfigError(f"give {opt.env} or {name}, not both")
+    path = Path(environ[name])
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    if not text:
+        raise ConfigError(f"{name}: {path} is empty")
+    return text
+
+
 def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
     """``TEMPOMQ_*`` variables that set nothing, most likely misspelt; the CLI warns about them."""
     known = {opt.env for opt in OPTIONS}
+    known |= {opt.env + FILE_SUFFIX for opt in OPTIONS if opt.env_only}
     return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
 
 

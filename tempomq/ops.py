@@ -4,7 +4,8 @@ Every operation talks HTTP through the SDK (:class:`~tempomq.client.Client`) and
 server code, so ``tempomq topic list`` works from any host that reaches the service. An
 operation is data in :data:`OPERATIONS`: its help, its arguments and an async function
 ``(client, args) -> Output``. What they share lives once, in :meth:`Op.execute`: the client from
-``--url`` / ``TEMPOMQ_URL`` (several comma-separated URLs fail over), a table or one JSON
+``--url`` / ``TEMPOMQ_URL`` (several comma-separated URLs fail over; the token from
+``TEMPOMQ_TOKEN``, the CA from ``--ca-file`` / ``TEMPOMQ_CA_FILE``), a table or one JSON
 document (``--json``) on stdout, and the exit code scripts can rely on:
 
 ====  ========================================================================================
@@ -16,6 +17,7 @@ document (``--json``) on stdout, and the exit code scripts can rely on:
 4     conflict (409): exists already, already delivered / cancelled / committed / rolled back,
       receipt expired
 5     the probe found lost, duplicated or unexpected messages
+6     not allowed: no or a wrong token (401), or the token lacks a permission (403)
 130   interrupted (Ctrl-C)
 ====  ========================================================================================
 
@@ -45,6 +47,7 @@ from tempomq.client import (
     Client,
     Conflict,
     DelayedState,
+    Forbidden,
     Message,
     NotFound,
     OutgoingMessage,
@@ -53,7 +56,10 @@ from tempomq.client import (
     TempoClientError,
     TooLarge,
     Topic,
+    Unauthenticated,
 )
+from tempomq.client.client import CA_FILE_ENV, TOKEN_ENV
+from tempomq.client.client import CLIENT_ENV_VARS as SDK_ENV_VARS
 from tempomq.probe import (
     DELIVERABLE,
     MAX_RATE,
@@ -67,7 +73,7 @@ from tempomq.probe import (
 URL_ENV = "TEMPOMQ_URL"
 DEFAULT_URL = "http://127.0.0.1:8080"
 #: Variables the client commands read; ``serve`` must not call them misspelt options.
-CLIENT_ENV_VARS = frozenset({URL_ENV})
+CLIENT_ENV_VARS = frozenset({URL_ENV, *SDK_ENV_VARS})
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -75,6 +81,7 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_CONFLICT = 4
 EXIT_PROBE_FAILED = 5
+EXIT_DENIED = 6
 EXIT_INTERRUPTED = 130
 
 #: First match wins; any other SDK error (5xx, unavailable, no connection) is EXIT_FAILURE.
@@ -83,6 +90,8 @@ _ERROR_EXITS: tuple[tuple[type[TempoClientError], int], ...] = (
     (Conflict, EXIT_CONFLICT),
     (BadRequest, EXIT_USAGE),
     (TooLarge, EXIT_USAGE),
+    (Unauthenticated, EXIT_DENIED),
+    (Forbidden, EXIT_DENIED),
 )
 
 #: ``send --count``: messages per request, and bytes of bodies per request.
@@ -238,6 +247,12 @@ COMMON: tuple[Arg, ...] = (
         help=f"the service; several, comma-separated, fail over "
         f"[env {URL_ENV}; default {DEFAULT_URL}]",
     ),
+    arg(
+        "--ca-file",
+        metavar="PATH",
+        help=f"CA certificates (PEM) that verify an https:// server [env {CA_FILE_ENV}; "
+        f"default the system's]. The token comes from {TOKEN_ENV} (or {TOKEN_ENV}_FILE)",
+    ),
     arg("--json", action="store_true", help="print one JSON document instead of a table"),
     arg(
         "--timeout",
@@ -273,9 +288,11 @@ class Op:
     async def execute(self, args: argparse.Namespace) -> int:
         url = args.url or os.environ.get(URL_ENV) or DEFAULT_URL
         try:
-            client = OpsClient(url, timeout_s=args.timeout / 1000)
+            client = OpsClient(url, timeout_s=args.timeout / 1000, ca_file=args.ca_file)
         except ValueError as e:
             return fail("invalid_url", str(e), EXIT_USAGE)
+        except OSError as e:  # an unreadable CA file or token file
+            return fail("invalid_credentials", str(e), EXIT_USAGE)
         try:
             async with client:
                 output = await self.call(client, args)

@@ -45,6 +45,7 @@ import logging
 import math
 import random
 import secrets
+import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -706,8 +707,13 @@ class ProbeSchedule:
         config: ProbeConfig | None = None,
         metrics: ProbeMetrics | None = None,
         first_delay_s: float | None = None,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         check_bounds(duration_s, rate)
+        # "" rather than None: the probe must not pick up a TEMPOMQ_TOKEN meant for others.
+        self._token = token or ""
+        self._ssl_context = ssl_context
         if interval_s <= 0:
             raise ValueError("interval_s must be above 0")
         self.endpoints = endpoints
@@ -741,7 +747,13 @@ class ProbeSchedule:
         loop = asyncio.get_running_loop()
         # A bound per run: every call is bounded, this only guards against a wedged server.
         limit_s = self.duration_s + self.config.tail_s + 60
-        async with Client(self.endpoints, timeout_s=10, retries=2) as client:
+        async with Client(
+            self.endpoints,
+            timeout_s=10,
+            retries=2,
+            token=self._token,
+            ssl_context=self._ssl_context,
+        ) as client:
             await asyncio.sleep(self._first_delay_s)
             while True:
                 began = loop.time()

@@ -15,7 +15,8 @@ transaction committed, and exactly once.
 Check-back: each open transaction has a timer in the service's timing wheel for its next check
 (``check_immunity_ms`` after prepare, then every ``check_interval_ms``). A check asks the
 producer group at its ``check_url``, or, for SDK producers, hands the request to a long poll the
-producer holds open (``GET /v1/producers/{group}/checks``) and waits ``check_timeout_ms`` for the
+producer holds open (``GET /v1/producers/{group}/checks``), or pushes it down another protocol's
+stream (a :class:`CheckChannel`, e.g. RocketMQ's Telemetry), and waits ``check_timeout_ms`` for the
 answer. No answer, an error or ``unknown`` counts one check; after ``check_max`` the transaction
 is parked as ``check_max``, logged, listed, and still resolvable by hand. A restart re-arms every
 open transaction's timer from the database.
@@ -26,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +46,7 @@ from broker_core.store import MessageStore
 from broker_core.tasks import cancel_and_wait
 from delayserver.sqlite import SqliteRunner
 from delayserver.store import decode_message, encode_message
+from txcoord.checkurl import SIGNATURE_HEADER, AllowListResolver, CheckUrlPolicy
 from txcoord.states import Step, TxEvent, TxState, step
 
 log = structlog.get_logger(__name__)
@@ -72,6 +75,17 @@ CREATE INDEX IF NOT EXISTS tx_open ON tx (state) WHERE state IN ('prepared', 'ch
 CREATE INDEX IF NOT EXISTS tx_undelivered ON tx (delivered) WHERE delivered = 0;
 CREATE INDEX IF NOT EXISTS tx_finished ON tx (updated_at)
     WHERE state IN ('committed', 'rolled_back');
+-- Counting and paging transactions by state reads this index only.
+CREATE INDEX IF NOT EXISTS tx_state ON tx (state, created_at, tx_id);
+-- Every check-back asked and how it was answered, for operators (bounded: check_max per tx).
+CREATE TABLE IF NOT EXISTS tx_check (
+    tx_id  TEXT NOT NULL,
+    at     INTEGER NOT NULL,
+    answer TEXT NOT NULL,
+    via    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tx_check_tx ON tx_check (tx_id, at);
+CREATE INDEX IF NOT EXISTS tx_check_at ON tx_check (at);
 """
 _COLUMNS = (
     "tx_id, msg_id, topic, producer_group, check_url, state, check_count, next_check_at, "
@@ -130,6 +144,7 @@ class TxRow:
             "state": self.state.value,
             "check_count": self.check_count,
             "created_at": self.created_at,
+            "updated_at": self.updated_at,
         }
 
 
@@ -139,6 +154,21 @@ class Clock(Protocol):
     def call_at(self, when_ms: int, callback: Callable[[], None]) -> object: ...
 
 
+class CheckChannel(Protocol):
+    """A third way to ask producers, beside ``check_url`` and the SDK's long poll: streams the
+    producers hold open in another protocol (the RocketMQ clients' Telemetry). A channel claims
+    the transactions whose ``producer_group`` it recognises; a check is pushed to it and then
+    counted exactly like an SDK check: the answer comes through :meth:`Coordinator.answer`,
+    none within ``check_timeout_ms`` counts as unknown."""
+
+    def claims(self, producer_group: str) -> bool: ...
+
+    def push(self, row: TxRow, message: Message | None) -> None:
+        """Hand the check of ``row`` (its half message: ``message``) to a producer; must not
+        block. Nothing to hand it to is fine: the check then times out like any other."""
+        ...
+
+
 @dataclass(slots=True, frozen=True)
 class TxSettings:
     check_immunity_ms: int = 6_000
@@ -146,6 +176,7 @@ class TxSettings:
     check_max: int = 15
     check_timeout_ms: int = 5_000
     history_ms: int = 72 * 3600_000
+    check_url: CheckUrlPolicy = field(default_factory=CheckUrlPolicy)
 
 
 class Coordinator:
@@ -176,13 +207,16 @@ class Coordinator:
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
         self._closing = False
+        #: Further check channels (see :class:`CheckChannel`), wired in by the app.
+        self.check_channels: list[CheckChannel] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.db.open()
         self._http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.settings.check_timeout_ms / 1000)
+            timeout=aiohttp.ClientTimeout(total=self.settings.check_timeout_ms / 1000),
+            connector=aiohttp.TCPConnector(resolver=AllowListResolver(self.settings.check_url)),
         )
         rows = await self.db.read(
             lambda db: [
@@ -308,14 +342,54 @@ class Coordinator:
         return row
 
     async def list_state(self, state: TxState, limit: int = 1000) -> list[TxRow]:
+        return await self.list_page(state, limit=limit)
+
+    async def list_page(
+        self, state: TxState, *, limit: int, after: tuple[int, str] | None = None
+    ) -> list[TxRow]:
+        """Up to ``limit`` transactions in ``state``, oldest first, after the (created_at,
+        tx_id) of the last one of the previous page: one range of the ``tx_state`` index."""
+        at, tx_id = after if after is not None else (-1, "")
         return await self.db.read(
             lambda db: [
                 TxRow.from_sql(r)
                 for r in db.execute(
-                    f"SELECT {_COLUMNS} FROM tx WHERE state = ? ORDER BY created_at LIMIT ?",
-                    (state.value, limit),
+                    f"SELECT {_COLUMNS} FROM tx INDEXED BY tx_state WHERE state = ? "
+                    "AND (created_at, tx_id) > (?, ?) ORDER BY created_at, tx_id LIMIT ?",
+                    (state.value, at, tx_id, limit),
                 )
             ]
+        )
+
+    async def count_states(self) -> dict[str, int]:
+        """How many transactions are in each state (finished ones until they are purged)."""
+        rows = await self.db.read(
+            lambda db: db.execute(
+                "SELECT state, COUNT(*) FROM tx INDEXED BY tx_state GROUP BY state"
+            ).fetchall()
+        )
+        counts = dict.fromkeys((s.value for s in TxState), 0)
+        counts.update({state: int(n) for state, n in rows})
+        return counts
+
+    async def check_history(self, tx_id: str, limit: int = 100) -> list[dict[str, object]]:
+        """The check-backs of ``tx_id``, oldest first: when, the answer, and who answered."""
+        rows = await self.db.read(
+            lambda db: db.execute(
+                "SELECT at, answer, via FROM tx_check WHERE tx_id = ? ORDER BY at LIMIT ?",
+                (tx_id, limit),
+            ).fetchall()
+        )
+        return [{"at": at, "answer": answer, "via": via} for at, answer, via in rows]
+
+    async def _record_check(self, tx_id: str, answer: str, via: str) -> None:
+        CHECKS.labels(answer).inc()
+        now = self.timers.now_ms()
+        await self.db.write(
+            lambda db: db.execute(
+                "INSERT INTO tx_check (tx_id, at, answer, via) VALUES (?, ?, ?, ?)",
+                (tx_id, now, answer, via),
+            )
         )
 
     async def commit(self, tx_id: str) -> TxRow:
@@ -327,7 +401,7 @@ class Coordinator:
     async def answer(self, tx_id: str, event: TxEvent) -> TxRow:
         """A producer's answer to a check-back (over the SDK's connection)."""
         self._withdraw(tx_id)
-        CHECKS.labels(event.value).inc()
+        await self._record_check(tx_id, event.value, "producer")
         return await self._apply(tx_id, event)
 
     async def _apply(self, tx_id: str, event: TxEvent) -> TxRow:
@@ -405,11 +479,16 @@ class Coordinator:
         request = self._check_request(row)
         if row.check_url:
             answer = await self._ask_url(row.check_url, request)
-            CHECKS.labels(answer.value).inc()
+            await self._record_check(tx_id, answer.value, "check_url")
             await self._apply(tx_id, answer)
             return
-        self._asks.setdefault(row.producer_group, {})[tx_id] = request
-        self.wake(row.producer_group)
+        channel = next((c for c in self.check_channels if c.claims(row.producer_group)), None)
+        if channel is not None:
+            self._handed[tx_id] = row.producer_group
+            channel.push(row, decode_message(row.record) if row.record is not None else None)
+        else:
+            self._asks.setdefault(row.producer_group, {})[tx_id] = request
+            self.wake(row.producer_group)
         self._later(self.settings.check_timeout_ms, self._no_answer, tx_id)
 
     def _check_request(self, row: TxRow) -> dict[str, object]:
@@ -425,10 +504,18 @@ class Coordinator:
 
     async def _ask_url(self, url: str, request: dict[str, object]) -> TxEvent:
         assert self._http is not None
+        policy = self.settings.check_url
+        if not policy.check_now(url):
+            # Stored before the allow-list changed: never called, the check counts unanswered.
+            log.warning("tx.check_url_refused", url=url[:200])
+            return TxEvent.UNKNOWN
+        body = orjson.dumps(request)
+        headers = {"Content-Type": "application/json"}
+        signature = policy.signature(body, int(time.time()))
+        if signature is not None:
+            headers[SIGNATURE_HEADER] = signature
         try:
-            async with self._http.post(
-                url, data=orjson.dumps(request), headers={"Content-Type": "application/json"}
-            ) as r:
+            async with self._http.post(url, data=body, headers=headers, allow_redirects=False) as r:
                 if r.status != 200:
                     return TxEvent.UNKNOWN
                 answer = orjson.loads(await r.read()).get("state")
@@ -442,7 +529,7 @@ class Coordinator:
 
     async def _no_answer(self, tx_id: str) -> None:
         if self._withdraw(tx_id):
-            CHECKS.labels("unanswered").inc()
+            await self._record_check(tx_id, "unanswered", "producer")
             await self._apply(tx_id, TxEvent.UNKNOWN)
 
     def _withdraw(self, tx_id: str) -> bool:
@@ -493,15 +580,20 @@ class Coordinator:
     async def purge(self) -> int:
         """Forget finished transactions older than ``history_ms``."""
         before = self.timers.now_ms() - self.settings.history_ms
-        return await self.db.write(
-            lambda db: (
-                db.execute(
-                    "DELETE FROM tx WHERE state IN ('committed', 'rolled_back') AND delivered = 1 "
-                    "AND updated_at < ?",
-                    (before,),
-                ).rowcount
+
+        def run(db: sqlite3.Connection) -> int:
+            # Checks of transactions still kept stay, however old (a parked one's history).
+            db.execute(
+                "DELETE FROM tx_check WHERE at < ? AND tx_id NOT IN (SELECT tx_id FROM tx)",
+                (before,),
             )
-        )
+            return db.execute(
+                "DELETE FROM tx WHERE state IN ('committed', 'rolled_back') AND delivered = 1 "
+                "AND updated_at < ?",
+                (before,),
+            ).rowcount
+
+        return await self.db.write(run)
 
 
 def _select(db: sqlite3.Connection, *, tx_id: str) -> TxRow | None:

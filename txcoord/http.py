@@ -4,12 +4,11 @@ channel SDK producers hold open (``GET /v1/producers/{group}/checks``)."""
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from broker_core.errors import InvalidRequest
-from broker_core.http import json_response, parse_message, read_json
+from broker_core.http import VISIBLE, json_response, parse_message, read_json
 from broker_core.message import PROP_SHARDING_KEY, validate_topic_name
 from txcoord.coordinator import Coordinator
 from txcoord.states import TxEvent, TxState
@@ -19,6 +18,8 @@ routes = web.RouteTableDef()
 
 _GROUP_RE = re.compile(r"[A-Za-z0-9_\-]{1,100}")
 MAX_CHECK_WAIT_MS = 60_000
+#: Most transactions one list call answers.
+MAX_LIST = 1000
 
 
 def _int(body: dict[str, object], name: str, lo: int, hi: int) -> int | None:
@@ -36,13 +37,12 @@ def _group(value: object) -> str:
     return value
 
 
-def _check_url(value: object) -> str | None:
+async def _check_url(coordinator: Coordinator, value: object) -> str | None:
     if value is None:
         return None
-    parts = urlsplit(value) if isinstance(value, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+    if not isinstance(value, str):
         raise InvalidRequest("'check_url' must be an http:// or https:// URL")
-    return str(value)
+    return await coordinator.settings.check_url.validate(value)
 
 
 @routes.post("/v1/transactions")
@@ -53,7 +53,7 @@ async def prepare(request: web.Request) -> web.Response:
         raise InvalidRequest("expected a JSON object with 'topic', 'message', 'producer_group'")
     topic_name = validate_topic_name(body.get("topic"), client=True)
     group = _group(body.get("producer_group"))
-    check_url = _check_url(body.get("check_url"))
+    check_url = await _check_url(coordinator, body.get("check_url"))
     immunity = _int(body, "check_immunity_ms", 0, 24 * 3600_000)
     store = coordinator.broker_store
     topic = store.topic(topic_name)
@@ -96,8 +96,34 @@ async def list_transactions(request: web.Request) -> web.Response:
         state = TxState(request.query.get("state", "check_max"))
     except ValueError:
         raise InvalidRequest(f"state must be one of {[s.value for s in TxState]}") from None
-    rows = await request.app[TX].list_state(state)
-    return json_response({"transactions": [r.to_json() for r in rows]})
+    try:
+        limit = int(request.query.get("limit", str(MAX_LIST)))
+        after = _after(request.query.get("after"))
+    except ValueError:
+        raise InvalidRequest(
+            "limit must be an integer; after a 'created_at:tx_id' cursor"
+        ) from None
+    if not 1 <= limit <= MAX_LIST:
+        raise InvalidRequest(f"limit must be from 1 to {MAX_LIST}")
+    rows = await request.app[TX].list_page(state, limit=limit, after=after)
+    next_page = f"{rows[-1].created_at}:{rows[-1].tx_id}" if len(rows) == limit else None
+    visible = request.get(VISIBLE)
+    if visible is not None:  # a page may then hold fewer than ``limit``; ``next`` still pages on
+        rows = [r for r in rows if visible(r.producer_group)]
+    out: dict[str, object] = {"transactions": [r.to_json() for r in rows]}
+    if next_page is not None:  # there may be more: the cursor of the next page
+        out["next"] = next_page
+    return json_response(out)
+
+
+def _after(cursor: str | None) -> tuple[int, str] | None:
+    """A page cursor ``created_at:tx_id`` as the ``next`` of the previous page gave it."""
+    if not cursor:
+        return None
+    at, sep, tx_id = cursor.partition(":")
+    if not sep:
+        raise ValueError(cursor)
+    return int(at), tx_id
 
 
 @routes.post("/v1/transactions/{tx_id}/check")

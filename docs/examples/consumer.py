@@ -7,6 +7,9 @@ A new group starts at the oldest message of the topic, so what was sent before t
 started arrives too. Each message prints one line, ``<msg_id> attempt=<n> tags=<tags> <body>``,
 and is acked when the handler returns (had it raised, the message would be nacked and
 redelivered after the group's backoff). A delayed message also shows how late it was released.
+
+With auth on (as in the compose stack), the token comes from ``TEMPOMQ_TOKEN``, or from the file
+``TEMPOMQ_TOKEN_FILE`` names (a Docker secret); ``TEMPOMQ_CA_FILE`` verifies an https:// server.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ payment leaves neither. Each line printed is ``<kind> <msg_id> <body>``, kind be
 ``plain``, ``delayed``, ``committed`` or ``rolled-back``.
 
 Then run ``docs/examples/consumer.py`` to watch them arrive.
+
+With auth on (as in the compose stack), the token comes from ``TEMPOMQ_TOKEN``, or from the file
+``TEMPOMQ_TOKEN_FILE`` names (a Docker secret); ``TEMPOMQ_CA_FILE`` verifies an https:// server.
 """
 
 from __future__ import annotations

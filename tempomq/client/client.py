@@ -19,6 +19,8 @@ commit / rollback of a transaction     yes       the coordinator answers a repea
 ``ack``                                no        a repeat of a successful ack answers 409
                                                  ``receipt_expired`` for every receipt
 ``nack``                               no        same; and the message is redelivered anyway
+``change_invisible``                   no        the first call replaced the receipt; a repeat
+                                                 answers 409 ``receipt_expired``
 prepare (``POST /v1/transactions``)    no        a repeat would prepare a second half message
 =====================================  ========  ==============================================
 
@@ -27,10 +29,13 @@ Calls that are not repeated still move to the next endpoint when the connection 
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import ssl
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, overload
 from urllib.parse import quote
 
 import aiohttp
@@ -51,6 +56,25 @@ from tempomq.client.models import (
 )
 from tempomq.client.transport import Transport
 
+#: Where the client finds its token and CA file when the caller gives none; the token may
+#: also be in the file ``TEMPOMQ_TOKEN_FILE`` names (a Docker or Kubernetes secret).
+TOKEN_ENV = "TEMPOMQ_TOKEN"
+TOKEN_FILE_ENV = "TEMPOMQ_TOKEN_FILE"
+CA_FILE_ENV = "TEMPOMQ_CA_FILE"
+CLIENT_ENV_VARS = frozenset({TOKEN_ENV, TOKEN_FILE_ENV, CA_FILE_ENV})
+
+
+def token_from_env(environ: Mapping[str, str]) -> str | None:
+    """``TEMPOMQ_TOKEN``, else the content of the file ``TEMPOMQ_TOKEN_FILE`` names, else None."""
+    token = environ.get(TOKEN_ENV)
+    if token:
+        return token
+    path = environ.get(TOKEN_FILE_ENV)
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip() or None
+
 MAX_BATCH = 1000  # messages per send request, and receipts per ack request (API.md)
 
 
@@ -66,6 +90,10 @@ class Client:
     last answered. ``timeout_s`` bounds each request (long polls get their wait on top);
     ``retries`` is how many more attempts a call may make (see the module docstring for which).
     Pass ``session`` to share your own :class:`aiohttp.ClientSession`; it is then yours to close.
+
+    ``token`` is sent as ``Authorization: Bearer <token>`` (default: the ``TEMPOMQ_TOKEN``
+    environment variable); ``ca_file`` is the CA bundle (PEM) that verifies an ``https://``
+    server (default: ``TEMPOMQ_CA_FILE``, else the system's CAs).
     """
 
     def __init__(
@@ -75,8 +103,22 @@ class Client:
         timeout_s: float = 10.0,
         retries: int = 3,
         session: aiohttp.ClientSession | None = None,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._http = Transport(endpoints, timeout_s=timeout_s, retries=retries, session=session)
+        token = token if token is not None else token_from_env(os.environ)
+        ca_file = ca_file if ca_file is not None else os.environ.get(CA_FILE_ENV) or None
+        if ssl_context is None and ca_file is not None:
+            ssl_context = ssl.create_default_context(cafile=os.fspath(ca_file))
+        self._http = Transport(
+            endpoints,
+            timeout_s=timeout_s,
+            retries=retries,
+            session=session,
+            token=token,
+            ssl_context=ssl_context,
+        )
 
     @property
     def endpoints(self) -> tuple[str, ...]:
@@ -262,6 +304,31 @@ class Client:
             body["retry_after_ms"] = retry_after_ms
         path = self._group_path(topic, group, "nack")
         await self._http.call("POST", path, body, idempotent=False, endpoint=endpoint)
+
+    @overload
+    async def change_invisible(
+        self, topic: str, group: str, receipt: ReceivedMessage, invisible_ms: int
+    ) -> ReceivedMessage: ...
+
+    @overload
+    async def change_invisible(
+        self, topic: str, group: str, receipt: str, invisible_ms: int
+    ) -> str: ...
+
+    async def change_invisible(
+        self, topic: str, group: str, receipt: ReceivedMessage | str, invisible_ms: int
+    ) -> ReceivedMessage | str:
+        """Keep a delivery out until ``invisible_ms`` from now under a new receipt; the old one
+        stops working. Returns the message with its new receipt (or the new receipt string)."""
+        endpoint = receipt.endpoint if isinstance(receipt, ReceivedMessage) else None
+        token = receipt.receipt if isinstance(receipt, ReceivedMessage) else receipt
+        path = self._group_path(topic, group, "change-invisible")
+        body = {"receipt": token, "invisible_ms": invisible_ms}
+        _, answer = await self._http.call("POST", path, body, idempotent=False, endpoint=endpoint)
+        new = str(answer["receipt"])
+        if isinstance(receipt, ReceivedMessage):
+            return dataclasses.replace(receipt, receipt=new)
+        return new
 
     async def group_stats(self, topic: str, group: str) -> GroupStats:
         path = self._group_path(topic, group)

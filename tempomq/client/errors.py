@@ -48,6 +48,24 @@ class TooLarge(TempoClientError):
     status, code = 413, "message_too_large"
 
 
+class Unauthenticated(TempoClientError):
+    """401: no token, or one the server does not know (``TEMPOMQ_TOKEN``, ``token=``)."""
+
+    status, code = 401, "unauthenticated"
+
+
+class Forbidden(TempoClientError):
+    """403: the token's principal lacks a permission; the message names it."""
+
+    status, code = 403, "forbidden"
+
+
+class TooManyRequests(TempoClientError):
+    """429: the principal's rate limit is reached; try again after a short wait."""
+
+    status, code = 429, "too_many_requests"
+
+
 class ServerError(TempoClientError):
     """A 500: a bug on the server; its message carries the request id to look for in its log."""
 
@@ -182,6 +200,9 @@ _STATUS_CLASSES: tuple[type[TempoClientError], ...] = (
     NotFound,
     Conflict,
     TooLarge,
+    Unauthenticated,
+    Forbidden,
+    TooManyRequests,
     ServerError,
 )
 _BY_STATUS = {cls.status: cls for cls in _STATUS_CLASSES}

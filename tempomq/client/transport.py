@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -66,10 +67,17 @@ class Transport:
         timeout_s: float,
         retries: int,
         session: aiohttp.ClientSession | None,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError("retries must be >= 0")
         self.endpoints = normalize_endpoints(endpoints)
+        # Built once: every call sends the same credentials.
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._headers = {**auth, "Accept": "application/json"}
+        self._json_headers = {**auth, **_JSON_HEADERS}
+        self._ssl_context = ssl_context
         self.timeout_s = timeout_s
         self.retries = retries
         self._session = session
@@ -83,7 +91,12 @@ class Transport:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or (self._owns_session and self._session.closed):
-            self._session = aiohttp.ClientSession()
+            connector = (
+                aiohttp.TCPConnector(ssl=self._ssl_context)
+                if self._ssl_context is not None
+                else None
+            )
+            self._session = aiohttp.ClientSession(connector=connector)
             self._owns_session = True
         return self._session
 
@@ -142,7 +155,7 @@ class Transport:
         extra_timeout_s: float,
     ) -> Any:
         timeout = aiohttp.ClientTimeout(total=self.timeout_s + extra_timeout_s)
-        headers = _JSON_HEADERS if data is not None else None
+        headers = self._json_headers if data is not None else self._headers
         try:
             async with self._http().request(
                 method, url, data=data, params=params, headers=headers, timeout=timeout

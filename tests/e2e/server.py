@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +24,19 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, data_dir: Path, *extra: str) -> None:
+    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.extra = list(extra)
+        #: TEMPOMQ_* variables for the server (the test's own are never passed on).
+        self.env = env or {}
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"server-{self.port}.log"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if "--tls-cert" in self.extra else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> None:
         cmd = [
@@ -45,9 +50,14 @@ class Server:
             str(self.data_dir),
             "--log-format",
             "json",
+            # The RocketMQ endpoint's fixed default port would collide between test servers;
+            # tests that use it pass their own --grpc (the last one given wins).
+            "--grpc",
+            "off",
             *self.extra,
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPOMQ_")}
+        env.update(self.env)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process's lifetime
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout_s
@@ -78,6 +88,50 @@ class Server:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+@contextmanager
+def running(data_dir: Path, *extra: str) -> Iterator[Server]:
+    """A started server, killed on the way out if it is still running."""
+    server = Server(data_dir, *extra)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.ensure_stopped()
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without its TEMPOMQ_* variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPOMQ_")}
+    return {**env, **extra}
+
+
+def run_tempomq(
+    *args: str, env: dict[str, str], stdin: str | None = None, timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``tempomq ARGS...`` as a process, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "tempomq", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=env,
+        check=False,
+    )
+
+
+async def probe_ok(session: aiohttp.ClientSession, url: str) -> tuple[float | None, str]:
+    """Poll ``/metrics`` until the in-server probe reports a run: (tempomq_probe_ok, metrics)."""
+    text = ""
+    for _ in range(300):  # the first run starts after the interval and waits for its delayed
+        async with session.get(f"{url}/metrics") as r:
+            assert r.status == 200, await r.text()
+            text = await r.text()
+        line = next((x for x in text.splitlines() if x.startswith("tempomq_probe_ok ")), "")
+        if line and not line.endswith("NaN"):
+            return float(line.split()[1]), text
+        await asyncio.sleep(0.1)
+    return None, text
 
 
 async def call(

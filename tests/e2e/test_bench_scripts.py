@@ -20,10 +20,14 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 SMALL = {
     "put_inprocess": ["--messages", "4000"],
+    "read_check": ["--messages", "2000", "--rounds", "1"],
     "sync_flush": ["--single-messages", "20", "--concurrent-messages", "640"],
     "http_produce": ["--seconds", "0.5"],
     "http_consume": ["--messages", "2000"],
     "wheel_bench": ["--max-pending", "10000", "--ops", "2000"],
+    "rocketmq_bench": ["--seconds", "0.5", "--runs", "1", "--threads", "2"],
+    "console_api": ["--messages", "3000", "--pending", "300", "--transactions", "5", "--runs", "3"],
+    "auth_overhead": ["--seconds", "0.3", "--runs", "1"],
 }
 NEEDS_REDIS = {
     "http_schedule": ["--seconds", "0.5"],

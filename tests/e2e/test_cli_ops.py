@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.server import Server, free_port
+from tests.e2e.server import Server, clean_env, free_port, run_tempomq
 
 pytestmark = pytest.mark.e2e
 
@@ -29,20 +28,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def _env(url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPOMQ_")}
-    return {**env, "TEMPOMQ_URL": url}
+    return clean_env(TEMPOMQ_URL=url)
 
 
 def tq(server: Server, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tempomq", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=_env(server.url),
-        check=False,
-    )
+    return run_tempomq(*args, env=_env(server.url), stdin=stdin, timeout_s=30)
 
 
 def tq_all(url: str, *commands: tuple[str, ...]) -> list[tuple[int, str, str]]:

@@ -131,3 +131,57 @@ async def test_sigterm_stops_cleanly_and_keeps_everything(server_factory) -> Non
     async with aiohttp.ClientSession() as session:
         status, msg = await call(session, "GET", f"{server.url}/v1/messages/{data['msg_id']}")
     assert status == 200 and msg["body"] == "kept"
+
+
+async def test_sigkill_after_a_new_groups_nack_keeps_the_group_and_the_retry_time(
+    server_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    # A group created by its first receive, a nack asking for a retry in 3 s, then kill -9
+    # 0.3 s later (--flush sync): the group, the delivery's attempt count and the retry's time
+    # survive; the message comes back once, as attempt 2, not before its time.
+    # A long flush interval: no periodic snapshot can hide what the crash would lose.
+    server = server_factory("--flush", "sync", "--max-attempts", "3", "--flush-interval", "60s")
+    server.start()
+    async with aiohttp.ClientSession() as session:
+        base = server.url
+        await call(session, "POST", f"{base}/v1/topics", {"name": "t", "queues": 1})
+        status, sent = await call(session, "POST", f"{base}/v1/topics/t/messages", {"body": "x"})
+        assert status == 201
+        status, got = await call(
+            session, "POST", f"{base}/v1/topics/t/groups/fresh/receive", {"max_messages": 1}
+        )
+        [m] = got["messages"]
+        status, _ = await call(
+            session,
+            "POST",
+            f"{base}/v1/topics/t/groups/fresh/nack",
+            {"receipt": m["receipt"], "retry_after_ms": 3000},
+        )
+        assert status == 200
+        nacked_at = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.3)
+        server.kill()
+    server.start()
+    async with aiohttp.ClientSession() as session:
+        base = server.url
+        status, group = await call(session, "GET", f"{base}/v1/topics/t/groups/fresh")
+        assert status == 200 and group["lag"] >= 0
+        deliveries = []
+        while asyncio.get_running_loop().time() - nacked_at < 6:
+            status, got = await call(
+                session,
+                "POST",
+                f"{base}/v1/topics/t/groups/fresh/receive",
+                {"max_messages": 10, "wait_ms": 500},
+            )
+            for d in got["messages"]:
+                deliveries.append((asyncio.get_running_loop().time() - nacked_at, d))
+                await call(
+                    session,
+                    "POST",
+                    f"{base}/v1/topics/t/groups/fresh/ack",
+                    {"receipts": [d["receipt"]]},
+                )
+        assert [d["delivery_attempt"] for _, d in deliveries] == [2]
+        assert deliveries[0][0] >= 2.9  # the retry kept its time
+        assert deliveries[0][1]["msg_id"] == sent["msg_id"]

@@ -1,5 +1,6 @@
 """docs/examples/producer.py and consumer.py run as written against a real server (as the compose
-profile ``example`` runs them), and the image's health probe passes against a serving server."""
+profile ``example`` runs them: auth on, the token in a secret's file), and the image's health
+probe passes against a serving server."""
 
 from __future__ import annotations
 
@@ -16,17 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from tempomq.auth import new_token
 from tests.e2e.server import Server
+from tests.example_output import received_lines, sent_by_kind
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "docs" / "examples"
 PROBE = ROOT / "compose" / "healthcheck.py"
-#: The producer prints ``<kind> <msg_id>  <body>`` per message.
-SENT = re.compile(r"^(plain|delayed|committed|rolled-back)\s+([0-9a-f]+)\s+(.+)$")
-#: The consumer prints ``<msg_id> attempt=<n> tags=<tags> <body>`` per message.
-RECEIVED = re.compile(r"^([0-9a-f]+) attempt=(\d+) tags=(\S+) (.+)$")
 #: The delayed messages are due 2 s and 4 s after they are sent: the first consumer run outlasts
 #: both. Further runs only pick up what a run's cut-off long poll took (and hid for 30 s: the
 #: server still hands messages to a poll whose client has gone, for the rest of its wait_ms).
@@ -36,8 +35,19 @@ DEADLINE_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("examples") / "data")
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("secrets") / "admin-token"
+    path.write_text(new_token() + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, token_file: Path) -> Iterator[Server]:
+    # As compose starts it: auth on, the admin token read from a secret's file.
+    srv = Server(
+        tmp_path_factory.mktemp("examples") / "data",
+        env={"TEMPOMQ_ADMIN_TOKEN_FILE": str(token_file)},
+    )
     srv.start()
     try:
         yield srv
@@ -48,6 +58,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def client_env(server: Server, database: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPOMQ_")}
     env["TEMPOMQ_URL"] = server.url
+    assert "TEMPOMQ_ADMIN_TOKEN_FILE" in server.env
+    env["TEMPOMQ_TOKEN_FILE"] = server.env["TEMPOMQ_ADMIN_TOKEN_FILE"]
     env["DATABASE_URL"] = f"sqlite+aiosqlite:///{database}"
     return env
 
@@ -65,19 +77,6 @@ def run_example(
     )
     assert done.returncode == 0, f"{name} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done
-
-
-def sent_by_kind(stdout: str) -> dict[str, list[str]]:
-    kinds: dict[str, list[str]] = {}
-    for line in stdout.splitlines():
-        match = SENT.match(line)
-        if match:
-            kinds.setdefault(match.group(1), []).append(match.group(2))
-    return kinds
-
-
-def received_lines(stdout: str) -> dict[str, str]:
-    return {m.group(1): line for line in stdout.splitlines() if (m := RECEIVED.match(line))}
 
 
 def test_the_producer_sends_and_the_consumer_receives(server: Server, tmp_path: Path) -> None:
@@ -167,3 +166,18 @@ def test_the_examples_import_without_side_effects(capsys: pytest.CaptureFixture[
         spec.loader.exec_module(module)
         assert callable(module.main)
     assert capsys.readouterr() == ("", "")
+
+
+def test_without_the_token_the_examples_are_refused(server: Server, tmp_path: Path) -> None:
+    env = client_env(server, tmp_path / "refused.db")
+    del env["TEMPOMQ_TOKEN_FILE"]
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "producer.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "unauthenticated" in done.stderr

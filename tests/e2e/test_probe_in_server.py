@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.e2e.server import Server
+from tests.e2e.server import Server, probe_ok
 
 pytestmark = pytest.mark.e2e
 
@@ -20,15 +19,7 @@ async def test_in_server_probe_exports_a_clean_run(tmp_path: Path) -> None:
     server.start()
     try:
         async with aiohttp.ClientSession() as session:
-            ok = None
-            for _ in range(300):  # first run after 2 s: sends for 1 s, waits for the delayed ones
-                async with session.get(f"{server.url}/metrics") as r:
-                    text = await r.text()
-                line = next((x for x in text.splitlines() if x.startswith("tempomq_probe_ok ")), "")
-                if line and not line.endswith("NaN"):
-                    ok = float(line.split()[1])
-                    break
-                await asyncio.sleep(0.1)
+            ok, text = await probe_ok(session, server.url)
         assert ok == 1.0, "the in-server probe did not report a clean run"
         assert "tempomq_probe_lost" in text
     finally:

@@ -90,11 +90,23 @@ class FakeScheduler:
     def new_msg_id(self) -> bytes:
         return self.ids.next()
 
+    #: Time each id was first scheduled for: like the real delay stores, a resend of an id is
+    #: stored once and answers its first time.
+    first_at: dict[bytes, int] = field(default_factory=dict)
+
     async def schedule(
         self, messages: Sequence[Message], deliver_at_ms: Sequence[int]
     ) -> list[int]:
-        self.scheduled.extend(zip(messages, deliver_at_ms, strict=True))
-        return list(deliver_at_ms)
+        out = []
+        for m, at in zip(messages, deliver_at_ms, strict=True):
+            if m.msg_id and m.msg_id in self.first_at:
+                out.append(self.first_at[m.msg_id])
+                continue
+            if m.msg_id:
+                self.first_at[m.msg_id] = at
+            self.scheduled.append((m, at))
+            out.append(at)
+        return out
 
     async def release(self, store: MessageStore, now_ms: int | None = None) -> int:
         """Put every scheduled message (due by ``now_ms`` if given) into its topic."""

@@ -89,3 +89,18 @@ def write_at(data_dir: Path, offset: int, data: bytes) -> None:
     with open(path, "r+b") as f:
         f.seek(offset - start)
         f.write(data)
+
+
+def readable_bodies(store: MessageStore, topic: str) -> list[bytes]:
+    """Bodies of the records the topic's ConsumeQueues point at that can be read (damaged
+    ones are skipped, as a receive skips them), queue by queue."""
+    out = []
+    for q in range(store.topic(topic).queues):
+        lo, hi = store.queue_bounds(topic, q)
+        cq = store.consume_queue(topic, q)
+        for i in range(lo, hi):
+            phy, size, _ = cq.get(i)
+            m = None if size == 0 else store.read(phy)  # size 0: a hole, never written
+            if m is not None:
+                out.append(m.body)
+    return out

@@ -443,7 +443,7 @@ async def test_sigterm_drains_in_flight_requests_then_stops(
     app_module: types.ModuleType, tmp_data_dir: Path, json_log: io.StringIO, events: list[str]
 ) -> None:
     port = _free_port()
-    settings = Settings(data_dir=tmp_data_dir, http=HostPort("127.0.0.1", port))
+    settings = Settings(data_dir=tmp_data_dir, http=HostPort("127.0.0.1", port), grpc=None)
     server = asyncio.create_task(app_module.serve(settings))
     for _ in range(100):  # wait until it listens
         await asyncio.sleep(0.02)
@@ -470,7 +470,7 @@ async def test_busy_port_exits_1_after_stopping_what_started(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        settings = Settings(data_dir=tmp_data_dir, http=HostPort("127.0.0.1", port))
+        settings = Settings(data_dir=tmp_data_dir, http=HostPort("127.0.0.1", port), grpc=None)
         assert await app_module.serve(settings) == 1
     assert events == LIFECYCLE
     assert any(x["event"] == "cannot listen" for x in log_lines(json_log))

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from broker_core.broker import Broker
 from broker_core.errors import TempoError
 from broker_core.http import BROKER, routes
-from tests.unit.broker_helpers import FakeScheduler, FakeTimers, small_config
+from tests.unit.broker_helpers import FakeScheduler, FakeTimers, settle, small_config
 
 Client = TestClient[web.Request, web.Application]
 MAX_BODY = 1024
@@ -538,6 +538,31 @@ async def test_nack_bad_request(client: Client, body: dict[str, Any]) -> None:
     assert resp.status == 400
 
 
+async def test_change_invisible_swaps_the_receipt(client: Client, broker: Broker) -> None:
+    _, a = await send(client, {"body": "a"})
+    [m] = await receive(client)
+    path = "/v1/topics/orders/groups/g/change-invisible"
+    resp = await client.post(path, json={"receipt": m["receipt"], "invisible_ms": 0})
+    assert resp.status == 200
+    new = (await resp.json())["receipt"]
+    assert new != m["receipt"]
+    resp = await client.post(path, json={"receipt": m["receipt"], "invisible_ms": 1000})
+    await expect_error(resp, 409, "receipt_expired")
+    broker.timers.advance(0)  # type: ignore[attr-defined]
+    await settle(broker)  # the redelivery's record is written by the store's writer thread
+    [again] = await receive(client)
+    assert (again["msg_id"], again["delivery_attempt"]) == (a["msg_id"], 2)
+
+
+@pytest.mark.parametrize(
+    "body", [{}, {"receipt": "x"}, {"receipt": "x", "invisible_ms": -1}, {"invisible_ms": 5}]
+)
+async def test_change_invisible_bad_request(client: Client, body: dict[str, Any]) -> None:
+    await receive(client)
+    resp = await client.post("/v1/topics/orders/groups/g/change-invisible", json=body)
+    assert resp.status == 400
+
+
 async def test_group_stats(client: Client) -> None:
     await send(client, {"messages": [{"body": "x"}] * 5})
     got = await receive(client, max_messages=2)
@@ -636,3 +661,26 @@ async def test_dead_letters_are_readable_by_id_as_the_original(
     [dead] = (await resp.json())["messages"]
     assert (dead["msg_id"], dead["body"], dead["topic"]) == (a["msg_id"], "doomed", "%DLQ%once")
     assert dead["properties"]["DLQ_ORIGIN_TOPIC"] == "orders"
+
+
+async def test_a_damaged_record_is_skipped_on_receive_and_listed(
+    client: Client, broker: Broker
+) -> None:
+    sent = [(await send(client, {"body": f"m{i}"}))[1]["msg_id"] for i in range(3)]
+    resp = await client.get("/v1/admin/damage")
+    assert (resp.status, await resp.json()) == (200, {"damage": [], "count": 0})
+    # Damage the middle record under the running server (a bad sector appearing).
+    [m] = broker.store.lookup_id(bytes.fromhex(sent[1]))
+    _view, pos = broker.store.commitlog.view_at(m.phy_offset)
+    with open(broker.store.commitlog.dir / f"{m.phy_offset - pos:020d}", "r+b") as f:
+        f.seek(pos + 80)
+        f.write(b"\xde\xad")
+    resp = await client.post("/v1/topics/orders/groups/g/receive", json={"max_messages": 10})
+    got = [x["msg_id"] for x in (await resp.json())["messages"]]
+    assert sorted(got) == sorted([sent[0], sent[2]])
+    resp = await client.get("/v1/admin/damage")
+    body = await resp.json()
+    assert body["count"] == 1
+    assert (body["damage"][0]["offset"], body["damage"][0]["found_by"]) == (m.phy_offset, "read")
+    resp = await client.get(f"/v1/messages/{sent[1]}")
+    assert resp.status == 404

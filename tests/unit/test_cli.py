@@ -21,6 +21,9 @@ def test_serve_help_lists_every_option_and_its_env_var(capsys: pytest.CaptureFix
     # argparse wraps help text, which may split a long variable name across lines.
     flat = " ".join(out.split())
     for opt in OPTIONS:
+        if opt.env_only:  # a secret: no flag, and not shown
+            assert opt.cli not in flat
+            continue
         assert opt.cli in flat
         assert opt.env in flat
 
@@ -125,3 +128,31 @@ def test_serve_on_a_taken_data_directory_exits_1_before_running_the_app(
     assert ran == []
     err = capsys.readouterr().err
     assert err == f"data directory {tmp_data_dir} is in use by pid {os.getpid()}\n"
+
+
+def test_auth_token_prints_a_token_and_the_line_for_the_auth_file(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tempomq.auth import hash_token
+
+    assert cli.main(["auth", "token"]) == 0
+    token_line, hash_line = capsys.readouterr().out.splitlines()
+    token = token_line.split()[1]
+    assert token.startswith("tmq_") and len(token) >= 40
+    assert hash_line == f'tokens_sha256: ["{hash_token(token)}"]'
+
+
+def test_auth_token_file_is_made_once_private_and_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tempomq.auth import hash_token
+
+    path = tmp_path / "admin-token"
+    assert cli.main(["auth", "token", "--file", str(path)]) == 0
+    token = path.read_text().strip()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert token not in capsys.readouterr().out  # the token itself is never printed
+    assert cli.main(["auth", "token", "--file", str(path)]) == 0
+    assert path.read_text().strip() == token, "an existing token is kept"
+    assert hash_token(token) in capsys.readouterr().out
+    assert cli.main(["auth", "token", "--file", str(tmp_path / "no" / "dir")]) == 1

@@ -344,6 +344,28 @@ async def test_acks_and_nacks_go_to_the_endpoint_that_issued_the_receipt(
     assert all(path == "/v1/messages/" + "0" * 32 for _, path, _ in b.requests)
 
 
+async def test_change_invisible_goes_to_the_issuer_and_returns_the_new_receipt(
+    aiohttp_server: ServerFactory,
+) -> None:
+    async def issuer(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/receive"):
+            return web.json_response({"messages": [delivery("r-1")]})
+        if request.path.endswith("/change-invisible"):
+            return web.json_response({"receipt": "r-2"})
+        return web.json_response({"error": "store_unavailable", "message": "x"}, status=503)
+
+    a, a_url = await fake(aiohttp_server, issuer)
+    _, b_url = await fake(aiohttp_server, answer(200, STORED))
+    async with Client([a_url, b_url]) as client:
+        [m] = await client.receive("orders", "g", wait_ms=0)
+        await client.get_message("0" * 32)  # a answers 503: the client moves to b
+        changed = await client.change_invisible("orders", "g", m, 60_000)
+        assert (changed.receipt, changed.endpoint, changed.msg_id) == ("r-2", m.endpoint, m.msg_id)
+        assert m.receipt == "r-1"
+    assert a.requests[-1][1] == "/v1/topics/orders/groups/g/change-invisible"
+    assert a.requests[-1][2] == {"receipt": "r-1", "invisible_ms": 60_000}
+
+
 async def test_a_long_poll_gets_its_wait_on_top_of_the_timeout(
     aiohttp_server: ServerFactory,
 ) -> None:

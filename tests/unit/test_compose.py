@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import json
+import re
 import shlex
 import socket
 import tomllib
@@ -29,10 +30,12 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 DOCKERFILE = COMPOSE_DIR / "Dockerfile"
+LOCAL_OVERRIDE = COMPOSE_DIR / "docker-compose.local.yml"
 SERVER = "tempomq"
 EXAMPLE_PROFILE = "example"
 EXAMPLES = ("producer", "consumer")
-CLIENT_ENV = {"TEMPOMQ_URL"}  # read by the SDK examples, not by the server
+CLIENT_ENV = {"TEMPOMQ_URL", "TEMPOMQ_TOKEN_FILE"}  # read by the SDK examples, not the server
+SECRET = "tempomq_admin_token"
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -132,8 +135,12 @@ def load_module(path: Path) -> ModuleType:
 
 
 def server_settings() -> config.Settings:
-    """The settings tempomq starts with in the stack: image ENV, overridden by compose's."""
+    """The settings tempomq starts with in the stack: image ENV, overridden by compose's. A
+    secret's file exists only in the container: its content is taken as given."""
     env = {**dockerfile_env(), **environment(services()[SERVER])}
+    for name in [n for n in env if n.endswith(config.FILE_SUFFIX)]:
+        env[name.removesuffix(config.FILE_SUFFIX)] = "tmq_" + "x" * 40
+        del env[name]
     return config.load_settings(vars(server_args()), env)
 
 
@@ -186,6 +193,7 @@ def test_infrastructure_healthchecks_ask_the_service_itself() -> None:
 def test_the_server_environment_is_known_to_the_cli_and_parses() -> None:
     env = environment(services()[SERVER])
     known = {option.env for option in config.OPTIONS}
+    known |= {o.env + config.FILE_SUFFIX for o in config.OPTIONS if o.env_only}
     for name in env:
         if name.startswith(config.ENV_PREFIX):
             assert name in known, f"{name} sets no option of tempomq serve"
@@ -302,11 +310,86 @@ def test_services_running_the_image_build_it_from_the_dockerfile() -> None:
     assert len(images) == len(set(images)), "services sharing an image name race to build it"
 
 
+def test_auth_is_on_with_the_token_in_a_secret_not_a_literal() -> None:
+    assert server_settings().auth_enabled, "the stack listens on 0.0.0.0 in its network"
+    secrets = compose()["secrets"]
+    (source,) = {Path(spec["file"]).parent for spec in secrets.values()}
+    assert (COMPOSE_DIR / source).resolve() == COMPOSE_DIR / "secrets"
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "compose/secrets/" in ignored, "the token must never be committed"
+    for name in (SERVER, *EXAMPLES):
+        service = services()[name]
+        env = environment(service)
+        assert not {"TEMPOMQ_ADMIN_TOKEN", "TEMPOMQ_TOKEN"} & set(env), f"{name}: a literal"
+        (path,) = [v for k, v in env.items() if k.endswith("TOKEN_FILE")]
+        assert path == f"/run/secrets/{SECRET}" and service["secrets"] == [SECRET], name
+
+
+# -- the local-images override (compose/docker-compose.local.yml) ------------------------------
+
+
+@cache
+def local_override() -> dict[str, Any]:
+    data = yaml.safe_load(LOCAL_OVERRIDE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_the_override_changes_only_images_and_the_python_base() -> None:
+    # The stack the tests run is the users' stack: same commands, environment, healthchecks,
+    # volumes, dependencies; only where the images come from differs.
+    overridden = local_override()["services"]
+    assert set(overridden) <= set(services())
+    for name, service in overridden.items():
+        assert set(service) <= {"image", "pull_policy", "build"}, name
+        if "build" in service:
+            assert "build" in services()[name], f"{name} has nothing to build"
+            assert set(service["build"]) == {"args"}, name
+            assert set(service["build"]["args"]) <= set(build_arg_defaults()), name
+
+
+def local_image_dockerfile(image: str) -> Path:
+    """compose/local/<name>/Dockerfile, from which build-images.sh builds tempomq-local/<name>."""
+    assert image.startswith("tempomq-local/"), image
+    name = image.removeprefix("tempomq-local/").partition(":")[0]
+    return COMPOSE_DIR / "local" / name / "Dockerfile"
+
+
+def test_the_override_replaces_every_registry_image() -> None:
+    overridden = local_override()["services"]
+    for name, service in services().items():
+        if "build" in service:
+            image = overridden[name]["build"]["args"]["PYTHON_IMAGE"]
+        else:
+            image = overridden[name]["image"]
+            assert overridden[name]["pull_policy"] == "never", name
+        assert local_image_dockerfile(image).is_file(), f"{name}: nothing builds {image}"
+    # Its own name: a locally based image never replaces a user's tempomq:dev.
+    assert overridden[SERVER]["image"] != services()[SERVER]["image"]
+
+
+def test_the_published_port_can_move_and_stays_on_loopback() -> None:
+    (port,) = services()[SERVER]["ports"]
+    match = re.fullmatch(r"127\.0\.0\.1:\$\{STACK_PORT:-(\d+)\}:(\d+)", str(port))
+    assert match, port
+    assert match.groups() == ("8080", str(server_settings().http.port))
+
+
 # -- the Dockerfile -----------------------------------------------------------------------------
 
 
-def test_the_base_image_is_slim_python_of_the_supported_version() -> None:
+def build_arg_defaults() -> dict[str, str]:
+    """The Dockerfile's ``ARG NAME=default`` values."""
+    return dict(arg.split("=", 1) for arg in args_of("ARG") if "=" in arg)
+
+
+def base_image() -> str:
     (base,) = args_of("FROM")
+    return re.sub(r"\$\{(\w+)\}", lambda m: build_arg_defaults()[m.group(1)], base)
+
+
+def test_the_base_image_is_slim_python_of_the_supported_version() -> None:
+    base = base_image()
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     assert base.startswith("python:") and base.endswith("-slim"), base
     assert requires == ">=" + base.removeprefix("python:").removesuffix("-slim")
@@ -353,7 +436,10 @@ def test_every_path_it_copies_exists() -> None:
 
 def test_it_listens_and_keeps_data_where_compose_expects() -> None:
     env = dockerfile_env()
-    settings = config.load_settings({}, env)
+    # The image listens on every address, so it refuses to start without credentials.
+    with pytest.raises(config.ConfigError, match="auth is off"):
+        config.load_settings({}, env)
+    settings = config.load_settings({}, {**env, "TEMPOMQ_ADMIN_TOKEN": "tmq_" + "x" * 40})
     (exposed,) = args_of("EXPOSE")
     assert exposed == str(settings.http.port)
     assert settings.http.host == "0.0.0.0"

@@ -86,6 +86,7 @@ def test_env_sets_values() -> None:
         env={
             "TEMPOMQ_DATA_DIR": "/var/lib/tq",
             "TEMPOMQ_HTTP": "0.0.0.0:9000",
+            "TEMPOMQ_INSECURE_NO_AUTH": "yes",
             "TEMPOMQ_FLUSH_INTERVAL": "50ms",
             "TEMPOMQ_AUTO_CREATE_TOPICS": "yes",
             "TEMPOMQ_REDIS_URL": "redis://localhost:6379/0",
@@ -93,6 +94,7 @@ def test_env_sets_values() -> None:
     )
     assert s.data_dir == Path("/var/lib/tq")
     assert s.http == HostPort("0.0.0.0", 9000)
+    assert s.insecure_no_auth is True
     assert s.flush_interval_ms == 50
     assert s.auto_create_topics is True
     assert s.redis_url == "redis://localhost:6379/0"
@@ -118,7 +120,7 @@ def test_empty_env_var_counts_as_unset() -> None:
 def test_every_option_is_settable_from_env() -> None:
     # One valid value per kind of option; each must land in its own field.
     samples = {
-        "http": "1.2.3.4:5",
+        "http": "127.0.0.2:5",
         "data-dir": "/d",
         "flush": "sync",
         "redis-url": "redis://r",
@@ -127,14 +129,39 @@ def test_every_option_is_settable_from_env() -> None:
         "backoff": "1s",
         "auto-create-topics": "on",
         "max-queues": "16",
+        "grpc": "127.0.0.2:9876",
+        "grpc-advertise": "mq.example.com:443",
+        "insecure-no-auth": "on",
+        "metrics-public": "on",
+        "check-url-allow": "hooks.internal",
     }
     sizes = {"segment-bytes": "2GiB", "max-body-bytes": "1MiB", "max-request-bytes": "32MiB"}
+    # Options that are only valid with a companion.
+    tls = {"TEMPOMQ_TLS_CERT": "/c", "TEMPOMQ_TLS_KEY": "/k"}
+    companions = {"tls-cert": tls, "tls-key": tls, "tls-client-ca": tls}
     for opt in OPTIONS:
         value = samples.get(opt.flag) or sizes.get(opt.flag)
         if value is None:
             value = "3s" if opt.kind.metavar == "DURATION" else "3"
-        s = load(env={opt.env: value})
+        s = load(env={**companions.get(opt.flag, {}), opt.env: value})
         assert getattr(s, opt.field) != getattr(Settings(), opt.field), opt.flag
+
+
+def test_grpc_listener_defaults_on_and_can_be_turned_off() -> None:
+    assert load().grpc == HostPort("127.0.0.1", 8081)
+    assert load().grpc_advertise is None
+    assert load(["--grpc", "off"]).grpc is None
+    assert load(env={"TEMPOMQ_GRPC": "OFF"}).grpc is None
+    assert load(["--grpc", "[::1]:0"]).grpc == HostPort("::1", 0)
+    with pytest.raises(ConfigError, match="--grpc-advertise / TEMPOMQ_GRPC_ADVERTISE"):
+        load(["--grpc-advertise", "off"])
+
+
+def test_a_non_loopback_grpc_listener_needs_auth_like_http() -> None:
+    with pytest.raises(ConfigError, match=r"--grpc / TEMPOMQ_GRPC: 0\.0\.0\.0:8081 is not a loop"):
+        load(["--grpc", "0.0.0.0:8081"])
+    assert load(["--grpc", "0.0.0.0:8081", "--insecure-no-auth"]).grpc == HostPort("0.0.0.0", 8081)
+    assert load(["--grpc", "0.0.0.0:8081"], {"TEMPOMQ_ADMIN_TOKEN": "x" * 32}).grpc is not None
 
 
 def test_unknown_env_vars_are_reported() -> None:
@@ -266,3 +293,55 @@ def test_inconsistent_values_are_refused(argv: list[str], names: str) -> None:
 def test_checks_apply_to_settings_built_in_code() -> None:
     with pytest.raises(ConfigError, match="--max-body-bytes"):
         Settings(max_body_bytes=0)
+
+
+# -- security settings ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:8080", "[::]:8080", "10.1.2.3:8080", "myhost:80"])
+def test_a_network_address_without_auth_is_refused(address: str) -> None:
+    with pytest.raises(ConfigError, match="not a loopback address and auth is off") as e:
+        load(env={"TEMPOMQ_HTTP": address})
+    assert "--insecure-no-auth" in str(e.value) and "TEMPOMQ_ADMIN_TOKEN" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"TEMPOMQ_INSECURE_NO_AUTH": "true"},
+        {"TEMPOMQ_ADMIN_TOKEN": "t" * 32},
+        {"TEMPOMQ_AUTH_FILE": "/etc/tempomq/auth.yaml"},
+    ],
+)
+def test_a_network_address_is_fine_with_auth_or_the_explicit_flag(env: dict[str, str]) -> None:
+    assert load(env={"TEMPOMQ_HTTP": "0.0.0.0:8080", **env}).http.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:8080", "[::1]:8080", "localhost:8080"])
+def test_loopback_needs_no_auth(address: str) -> None:
+    assert not load(env={"TEMPOMQ_HTTP": address}).auth_enabled
+
+
+def test_secrets_come_from_the_environment_only_and_are_never_shown() -> None:
+    s = load(env={"TEMPOMQ_ADMIN_TOKEN": "s3cret" * 6, "TEMPOMQ_CHECK_URL_SECRET": "k" * 20})
+    assert s.admin_token == "s3cret" * 6 and s.check_url_secret == "k" * 20
+    assert "s3cret" not in repr(s)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert "--admin-token" not in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--admin-token", "x"])
+
+
+def test_tls_files_go_together() -> None:
+    with pytest.raises(ConfigError, match="together"):
+        load(["--tls-cert", "/c.pem"])
+    with pytest.raises(ConfigError, match="needs --tls-cert"):
+        load(["--tls-client-ca", "/ca.pem"])
+
+
+def test_check_url_allow_list_parses_hosts_and_cidrs() -> None:
+    s = load(["--check-url-allow", "hooks.internal, 10.0.0.0/8,::1,127.0.0.1:8081"])
+    assert s.check_url_allow == ("hooks.internal", "10.0.0.0/8", "::1", "127.0.0.1:8081")
+    with pytest.raises(ConfigError, match="neither a host name nor a network"):
+        load(["--check-url-allow", "10.0.0.0/33"])

@@ -172,6 +172,29 @@ async def test_two_servers_split_the_shards_and_release_what_each_accepted(
         assert info is not None and info.state is DelayState.DELIVERED
 
 
+async def test_the_lease_table_shows_each_shards_holder_and_each_servers_heartbeat(
+    cluster: Callable[[], Node],
+) -> None:
+    a = await cluster().start()
+    b = await cluster().start()
+    await _split(a, b)
+    shards, servers = await a.store.lease_table()
+    assert len(shards) == a.store.shards
+    for shard, (holder, ttl_ms) in enumerate(shards):
+        owner = a if shard in a.leases.owned else b
+        assert holder == owner.store.owner
+        assert 0 < ttl_ms <= TTL_MS
+    now = a.timers.now_ms()
+    assert sorted(name for name, _ in servers) == sorted([a.store.owner, b.store.owner])
+    assert all(now < until <= now + TTL_MS for _, until in servers)
+    await b.stop()
+    shards, servers = await a.store.lease_table()
+    assert [name for name, _ in servers] == [a.store.owner]
+    # What b held is free (it gave its leases up) until a takes it.
+    assert {h for h, _ in shards} <= {a.store.owner, None}
+    assert all(ttl == -2 for h, ttl in shards if h is None)
+
+
 async def test_a_client_id_in_another_servers_shard_is_released_on_time_by_its_holder(
     cluster: Callable[[], Node],
 ) -> None:

@@ -509,6 +509,18 @@ async def test_pending_counts_only_scheduled(store: DelayStore) -> None:
     assert await store.pending() == 6
 
 
+async def test_count_due_counts_scheduled_ones_before_each_bound(store: DelayStore) -> None:
+    msgs = await schedule_at(store, T0_MS, T0_MS + 10, T0_MS + 10, T0_MS + 500, FAR_MS - 1)
+    await store.cancel(msgs[1].msg_id, T0_MS)
+    await store.mark_delivered([msgs[0].msg_id], T0_MS)
+    await store.reschedule(msgs[4].msg_id, T0_MS + 499)
+
+    bounds = [T0_MS, T0_MS + 10, T0_MS + 11, T0_MS + 500, T0_MS + 501, FAR_MS]
+    assert await store.count_due(bounds) == [0, 0, 1, 2, 3, 3]
+    assert await store.count_due([T0_MS + 501, T0_MS + 11, T0_MS + 11]) == [3, 1, 1]
+    assert await store.count_due([]) == []
+
+
 async def test_pending_under_concurrent_calls(store: DelayStore) -> None:
     """The service schedules and releases from many coroutines at once."""
     batches = [[message() for _ in range(20)] for _ in range(10)]

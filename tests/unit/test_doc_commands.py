@@ -11,7 +11,9 @@ are read, and each command is checked by its program:
 - ``curl ...`` in the README has a call with the same method and path in docs/walkthrough.sh,
   which tests/e2e/test_walkthrough.py runs against a real server;
 - ``python bench/X.py ...`` names a script that exists and accepts every ``--flag`` used
-  (tests/e2e/test_bench_scripts.py runs the scripts for real).
+  (tests/e2e/test_bench_scripts.py runs the scripts for real);
+- ``compose/.../X.sh`` is an executable script in the repository (``make compose-test`` runs
+  compose/local/build-images.sh).
 
 Any other program fails, so a new kind of command cannot reach the docs unchecked. No server, no
 network: only the bench scripts' ``--help`` runs in a subprocess.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import re
 import shlex
 import subprocess
@@ -45,7 +48,7 @@ SHELL_LANGS = frozenset({"sh", "bash", "shell"})
 CONSOLE_LANGS = frozenset({"console"})
 # Fenced blocks that hold no commands. A tag in neither set fails test_every_fence_tag_is_known,
 # so e.g. a new ```zsh block is classified on purpose instead of being skipped in silence.
-NOT_COMMAND_LANGS = frozenset({"", "python", "yaml", "mermaid", "sql", "json", "text"})
+NOT_COMMAND_LANGS = frozenset({"", "python", "yaml", "mermaid", "sql", "json", "text", "java"})
 
 FENCE = re.compile(r"^\s{0,3}(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
 PROMPT = "$ "
@@ -189,6 +192,8 @@ def kind_of(argv: tuple[str, ...]) -> str:
         return "docker compose"
     if program == "curl":
         return "curl"
+    if program.startswith("compose/") and program.endswith(".sh"):
+        return "compose script"
     if (
         any(_is_program(program, py) for py in ("python", "python3"))
         and len(argv) > 1
@@ -398,6 +403,13 @@ def check_bench(cmd: DocCommand) -> str | None:
     return f"{script} does not accept {unknown}" if unknown else None
 
 
+def check_compose_script(cmd: DocCommand) -> str | None:
+    script = ROOT / cmd.argv[0]
+    if not script.is_file():
+        return f"{cmd.argv[0]} is not a file in the repository"
+    return None if os.access(script, os.X_OK) else f"{cmd.argv[0]} is not executable"
+
+
 def check_unknown(cmd: DocCommand) -> str | None:
     return (
         f"no check for the program {cmd.argv[0]!r}: add one to tests/unit/test_doc_commands.py "
@@ -411,6 +423,7 @@ CHECKS: dict[str, Callable[[DocCommand], str | None]] = {
     "docker compose": check_docker_compose,
     "curl": check_curl,
     "bench": check_bench,
+    "compose script": check_compose_script,
     "unknown": check_unknown,
 }
 
@@ -484,6 +497,7 @@ def _cmd(text: str, doc: str = README) -> DocCommand:
         "python bench/wheel_bench.py --max-pending 1000000",
         ".venv/bin/python bench/delay_release.py --save=x.json --memory 10",
         ".venv/bin/python docs/examples/consumer.py --seconds 10",
+        "compose/local/build-images.sh",
     ],
 )
 def test_checks_accept_valid_forms(text: str) -> None:
@@ -509,6 +523,8 @@ def test_checks_accept_valid_forms(text: str) -> None:
         ("rm -rf data", README, "no check for the program 'rm'"),
         ("python docs/examples/consumer.py --frobnicate", README, "does not accept"),
         (".venv/bin/python scripts/other.py", README, "no check for the program"),
+        ("compose/local/nope.sh", README, "not a file in the repository"),
+        ("compose/healthcheck.py", README, "no check for the program"),
     ],
 )
 def test_checks_reject_invalid_forms(text: str, doc: str, expected: str) -> None:

@@ -165,3 +165,64 @@ async def test_replay_after_a_snapshot_applies_only_later_records(env: Crashable
     again = await env.recv()
     assert sorted(bodies(again)) == sorted([first[1].message.body, second[0].message.body])
     assert all(d.attempt == 2 for d in again)
+
+
+async def test_a_deleted_group_stays_deleted_after_a_crash(env: CrashableEnv) -> None:
+    await env.send("orders", "a", "b")
+    [first, _] = await env.recv()
+    await env.ack(first)
+    await env.b.groups.delete_group("g")
+    await env.crash()
+    assert "g" not in env.b.groups.groups
+    with pytest.raises(GroupNotFound):
+        await env.b.groups.delete_group("g")
+    # The name starts afresh: from the oldest message, every one a first attempt.
+    got = await env.recv()
+    assert [(d.message.body, d.attempt) for d in got] == [(b"a", 1), (b"b", 1)]
+
+
+async def test_a_retry_handed_to_the_scheduler_before_a_crash_is_not_stored_twice(
+    env: CrashableEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The retry copy reached the (durable) scheduler, then the server died before the record
+    # that finishes the delivery was written. After the restart the delivery fails again, past
+    # the copy's time: the copy must go through the scheduler again under the same id, not be
+    # stored a second time under a new one.
+    [sent] = await env.send("orders", "a")
+    [d] = await env.recv()
+    real = env.scheduler.schedule
+
+    async def then_die(*args: object, **kw: object) -> list[int]:
+        await real(*args, **kw)  # type: ignore[arg-type]
+        raise ConnectionError("the server died here")
+
+    monkeypatch.setattr(env.scheduler, "schedule", then_die)
+    with pytest.raises(ConnectionError):
+        await env.nack(d, retry_after_ms=1000)
+    monkeypatch.setattr(env.scheduler, "schedule", real)
+    await env.crash()
+    await env.advance(INVISIBLE_MS)  # the delivery's deadline and the copy's time have passed
+    await env.advance(1000)
+    await env.release()
+    got = await env.recv()
+    assert [(x.message.origin_msg_id, x.attempt) for x in got] == [(sent.hex(), 2)]
+    await env.ack(*got)
+    await env.advance(INVISIBLE_MS + 3600 * S)
+    await env.release()
+    assert await env.recv() == []
+
+
+async def test_an_unreadable_snapshot_is_rebuilt_from_the_records(env: CrashableEnv) -> None:
+    await env.send("orders", "a", "b", "c")
+    got = await env.recv()
+    await env.ack(got[0])
+    await env.stop()
+    (env.data_dir / "groups.json").write_text("{garbage")
+    await env.start()
+    assert list(env.data_dir.glob("groups.json.unreadable-*"))
+    await env.advance(INVISIBLE_MS)
+    await env.advance(10 * S)
+    await env.release()
+    again = await env.recv()
+    assert sorted(bodies(again)) == [b"b", b"c"]
+    assert [d.attempt for d in again] == [2, 2]

@@ -104,3 +104,21 @@ def test_every_operation_has_a_unique_id_and_responses(spec: dict[str, Any]) -> 
                 ids.append(op["operationId"])
                 assert op["responses"]
     assert len(ids) == len(set(ids))
+
+
+def test_the_spec_says_which_operations_need_credentials(spec: dict[str, Any]) -> None:
+    """docs/openapi.yaml and the permission table (tempomq/auth/routes.py) agree on which
+    operations are public, and every other one documents 401, 403 and 429."""
+    from tempomq.auth.routes import ROUTES
+
+    assert {"bearerAuth", "mutualTLS"} <= set(spec["components"]["securitySchemes"])
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            if method not in HTTP_METHODS:
+                continue
+            rule = ROUTES[(method.upper(), path)]
+            if rule.public:
+                assert op.get("security") == [], f"{method.upper()} {path} is public"
+            else:
+                assert "security" not in op, f"{method.upper()} {path} needs credentials"
+                assert {"401", "403", "429"} <= set(op["responses"]), f"{method.upper()} {path}"

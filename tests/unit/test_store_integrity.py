@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import orjson
 import pytest
 
 from broker_core import codec
-from broker_core.commitlog import FileIO
+from broker_core.commitlog import FileIO, StorageError
 from broker_core.errors import StoreUnavailable
-from broker_core.store import MessageStore
+from broker_core.message import Message, MsgIdGenerator
 from tests.unit.broker_helpers import msg, no_hang
 from tests.unit.store_helpers import (
     SEG,
@@ -25,6 +26,9 @@ from tests.unit.store_helpers import (
     put_numbered,
     segments,
     write_at,
+)
+from tests.unit.store_helpers import (
+    readable_bodies as bodies,
 )
 
 
@@ -69,18 +73,6 @@ def damage_entries(data_dir: Path) -> list[dict[str, object]]:
     if not path.exists():
         return []
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
-
-
-def bodies(store: MessageStore, topic: str) -> list[bytes]:
-    out = []
-    for q in range(store.topic(topic).queues):
-        lo, hi = store.queue_bounds(topic, q)
-        cq = store.consume_queue(topic, q)
-        for i in range(lo, hi):
-            m = store.read(cq.get(i)[0])
-            if m is not None:
-                out.append(m.body)
-    return out
 
 
 # -- damage in the middle of the log -------------------------------------------------------------
@@ -345,3 +337,146 @@ async def test_derived_file_space_is_allocated_before_the_write(
     await stores.stop(store)
     store = await stores.start(tmp_path)
     assert bodies(store, "t") == got
+
+
+# -- found by trying to break it -------------------------------------------------------------
+
+
+async def test_a_damaged_marker_loses_neither_its_write_nor_the_next(
+    stores: Stores, tmp_path: Path
+) -> None:
+    live, crash = tmp_path / "live", tmp_path / "crash"
+    store = await stores.start(live)
+    await store.create_topic("t", 1)
+    batches = [
+        await store.put_many([msg("t", body_for(10 * b + i, 50)) for i in range(10)])
+        for b in range(5)
+    ]
+    end = await crash_copy(store, live, crash)
+    # The marker of the second-to-last write: right after its last record.
+    last_of_fourth = batches[3][-1]
+    m = store.read(last_of_fourth.phy_offset)
+    assert m is not None
+    write_at(crash, last_of_fourth.phy_offset + m.size + 14, b"\xff\xff\xff\xff")
+
+    recovered = await stores.start(crash)
+    assert recovered.commitlog.written_end == end
+    assert sorted(bodies(recovered, "t")) == sorted(body_for(i, 50) for i in range(50))
+    assert [e["offset"] for e in damage_entries(crash)] == [
+        last_of_fourth.phy_offset + m.size
+    ]
+
+
+async def test_frames_written_into_a_body_are_never_taken_for_the_log(
+    stores: Stores, tmp_path: Path
+) -> None:
+    # A client sends a body holding a forged unit marker and a forged record that names the
+    # offset it will land at. Damage to the real record's CRC must not make recovery look
+    # inside its body: the real record is skipped by its length, the forged one never appears.
+    live, crash = tmp_path / "live", tmp_path / "crash"
+    store = await stores.start(live)
+    await store.create_topic("t", 1)
+    first = await store.put(msg("t", "before"))
+    m = store.read(first.phy_offset)
+    assert m is not None
+    host_at = first.phy_offset + m.size + codec.UNIT_SIZE
+    fake = Message(
+        topic="t", body=b"FORGED BY A CLIENT", msg_id=MsgIdGenerator().next(), queue_id=0
+    )
+    probe = msg("t", b"")
+    header = codec.record_size(probe, b"")  # the host record's size without its body
+    forged_at = host_at + header + codec.UNIT_SIZE
+    forged = codec.encode_unit(host_at, 0) + codec.encode(fake, 5000, forged_at, 1)
+    host = await store.put(msg("t", forged))
+    assert host.phy_offset == host_at
+    after = await put_numbered(store, "t", 5, size=20, start=100)
+    await crash_copy(store, live, crash)
+    write_at(crash, host_at + 8, b"\x00\x00\x00\x01")  # the host's CRC field
+    shutil.rmtree(crash / "consumequeue")
+    shutil.rmtree(crash / "index")
+
+    recovered = await stores.start(crash)
+    got = bodies(recovered, "t")
+    assert b"FORGED BY A CLIENT" not in got
+    assert got == [b"before", *(body_for(100 + i, 20) for i in range(5))]
+    assert recovered.queue_bounds("t", 0)[1] < 100
+    assert [r.msg_id for r in after] == [
+        x.msg_id for r in after for x in recovered.lookup_id(r.msg_id)
+    ]
+
+
+async def test_a_missing_segment_loses_only_itself(stores: Stores, tmp_path: Path) -> None:
+    live, crash = tmp_path / "live", tmp_path / "crash"
+    store = await stores.start(live)
+    await store.create_topic("t", 1)
+    rs = await put_numbered(store, "t", 80, size=3000)
+    end = await crash_copy(store, live, crash)
+    gone = segments(crash)[1]
+    (crash / "commitlog" / f"{gone:020d}").unlink()
+
+    recovered = await stores.start(crash)
+    assert recovered.commitlog.written_end == end
+    kept = [i for i, r in enumerate(rs) if not gone <= r.phy_offset < gone + SEG]
+    assert bodies(recovered, "t") == [body_for(i, 3000) for i in kept]
+    assert [e["offset"] for e in damage_entries(crash)] == [gone]
+
+
+async def test_a_segment_cut_short_mid_log_loses_only_its_end(
+    stores: Stores, tmp_path: Path
+) -> None:
+    live, crash = tmp_path / "live", tmp_path / "crash"
+    store = await stores.start(live)
+    await store.create_topic("t", 1)
+    rs = await put_numbered(store, "t", 80, size=3000)
+    end = await crash_copy(store, live, crash)
+    cut_seg = segments(crash)[1]
+    os.truncate(crash / "commitlog" / f"{cut_seg:020d}", SEG // 2)
+
+    recovered = await stores.start(crash)
+    assert recovered.commitlog.written_end == end
+    lost = [r for r in rs if cut_seg + SEG // 2 - 3100 < r.phy_offset < cut_seg + SEG]
+    assert 0 < len(lost) < 20
+    kept = bodies(recovered, "t")
+    assert len(kept) >= 80 - len(lost)
+    assert body_for(79, 3000) in kept
+
+
+async def test_a_checkpoint_past_the_data_does_not_move_the_end(
+    stores: Stores, tmp_path: Path
+) -> None:
+    live, crash = tmp_path / "live", tmp_path / "crash"
+    store = await stores.start(live)
+    await store.create_topic("t", 1)
+    await put_numbered(store, "t", 5, size=100)
+    await store.flush()
+    end = await crash_copy(store, live, crash)
+    cp = orjson.loads((crash / "checkpoint.json").read_bytes())
+    cp["dispatched"] = end + 10_000
+    (crash / "checkpoint.json").write_bytes(orjson.dumps(cp))
+    recovered = await stores.start(crash)
+    assert recovered.commitlog.written_end == end
+
+
+async def test_an_unreadable_format_file_is_a_clear_refusal(
+    stores: Stores, tmp_path: Path
+) -> None:
+    store = await stores.start(tmp_path)
+    await store.create_topic("t", 1)
+    await stores.stop(store)
+    (tmp_path / "commitlog" / "format.json").write_text("{garbage")
+    with pytest.raises(StorageError, match=r"format\.json is unreadable"):
+        await stores.start(tmp_path)
+
+
+async def test_an_unreadable_topics_file_is_relearned_from_the_log(
+    stores: Stores, tmp_path: Path
+) -> None:
+    store = await stores.start(tmp_path)
+    await store.create_topic("t", 2)
+    await put_numbered(store, "t", 6, size=10)
+    await stores.stop(store)
+    (tmp_path / "topics.json").write_text("{garbage")
+    store = await stores.start(tmp_path)
+    assert store.topic("t").queues == 2
+    assert sorted(bodies(store, "t")) == sorted(body_for(i, 10) for i in range(6))
+    assert list(tmp_path.glob("topics.json.unreadable-*"))

@@ -107,3 +107,18 @@ async def test_a_crash_leaves_notes_not_damage(stores: Stores, tmp_path: Path) -
     report = verify(crash)
     assert not report.damaged
     assert report.end == end
+
+
+async def test_a_missing_segment_and_an_unreadable_format_are_reported(
+    stores: Stores, tmp_path: Path
+) -> None:
+    await stopped_store(stores, tmp_path, n=60)
+    segs = sorted((tmp_path / "commitlog").glob("0*"))
+    assert len(segs) >= 3
+    segs[1].unlink()
+    (tmp_path / "commitlog" / "format.json").write_text("{garbage")
+    report = verify(tmp_path)
+    damage = [f for f in report.findings if f.severity == "damage"]
+    assert any("format.json" in f.what for f in damage)
+    assert any(f.where.startswith(f"commitlog offset {int(segs[1].name)}") for f in damage)
+    assert not any("bytes, expected" in f.what for f in damage)  # sizes judged by the files
