@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 RUN_ARGS ?=
 
-.PHONY: install run test lint bench compose-token compose-test
+.PHONY: install run test lint bench compose-token compose-test chaos
 
 # The interpreter .venv is made with, recorded in it: another PYTHON (or an upgraded one)
 # rebuilds .venv instead of mixing two Pythons' packages.
@@ -54,6 +54,14 @@ test: $(STAMP)
 # (compose/docker-compose.local.yml): needs a running Docker engine and Compose v2, as root.
 compose-test: $(STAMP)
 	$(BIN)/pytest -q -m compose tests/compose $(PYTEST_ARGS)
+
+# kill -9 trials of a real server under load (tests/chaos); prints the counts of what was lost,
+# duplicated, early, delivered after its ack, attempt resets and DLQ duplicates; exit 1 on any.
+# CHAOS_TRIALS sets how many, CHAOS_SEED the first trial's seed (to repeat a series).
+CHAOS_TRIALS ?= 100
+
+chaos: $(STAMP)
+	CHAOS_TRIALS=$(CHAOS_TRIALS) $(BIN)/python -m tests.chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -70,7 +70,7 @@ class EmbeddedDelayStore:
         await self._db.close()
 
     async def health(self) -> str | None:
-        return self._db.health()
+        return await self._db.check()
 
     # -- operations ------------------------------------------------------------------------------
 

@@ -4,11 +4,19 @@ The event loop never waits on SQLite or fsync: reads and writes are functions of
 run on the database's own thread. Writes that queue up while a transaction runs are committed
 together in the next one (one commit, one fsync in ``sync`` mode, for all of them). Used by the
 embedded delay store and by the transaction coordinator.
+
+A failed write (a full disk, an I/O error) fails its batch with the database's own error and
+marks the runner unhealthy; nothing latches: the next write that succeeds clears the mark, and
+:meth:`SqliteRunner.check` makes such a write (a rewrite of the header's ``user_version``) so a
+readiness probe turns green again once the disk takes writes, even when no client writes.
+The connection comes from ``connect`` (by default :func:`connect`), the seam through which
+tests inject faults such as ``database or disk is full`` without a real disk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +29,20 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
+Connect = Callable[[Path], sqlite3.Connection]
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), usable from the runner's
+    thread."""
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+
+def _probe_write(db: sqlite3.Connection) -> None:
+    # Rewrites page 1 with what it holds: a real write (a WAL frame at commit) that changes
+    # nothing, so it fails exactly when the database cannot take writes.
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    db.execute(f"PRAGMA user_version = {version}")
 
 
 class SqliteRunner:
@@ -32,12 +54,14 @@ class SqliteRunner:
         sync: bool,
         name: str,
         unavailable: type[Exception],
+        connect: Connect = connect,
     ) -> None:
         self.path = path
         self.schema = schema
         self.sync = sync
         self.name = name
         self.unavailable = unavailable
+        self._connect = connect
         self._db: sqlite3.Connection | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tempomq-{name}")
         self._queued: list[tuple[Op, asyncio.Future[Any]]] = []
@@ -49,7 +73,7 @@ class SqliteRunner:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db = self._connect(self.path)
         db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: a commit survives kill -9 (it is in the WAL) but not a power loss until the
         # next checkpoint; FULL fsyncs every commit.
@@ -75,6 +99,14 @@ class SqliteRunner:
         if self._db is None:
             return f"{self.name} is not open"
         return self.failure
+
+    async def check(self) -> str | None:
+        """:meth:`health`, after trying a write when the last one failed: None once the
+        database takes writes again."""
+        if self._db is not None and self.failure is not None:
+            with contextlib.suppress(self.unavailable):  # self.failure says why
+                await self.write(_probe_write)
+        return self.health()
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         db = self._db
@@ -129,6 +161,8 @@ class SqliteRunner:
         db = self._db
         assert db is not None
         results: list[tuple[bool, Any]] = []
+        if db.in_transaction:  # left open by a rollback that failed: end it first
+            db.execute("ROLLBACK")
         db.execute("BEGIN IMMEDIATE")
         try:
             for fn, _fut in batch:
@@ -142,7 +176,18 @@ class SqliteRunner:
                     results.append((False, e))
                 db.execute("RELEASE op")
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
+        except BaseException as exc:
+            # SQLite ends the transaction itself on some errors (a full disk at COMMIT):
+            # roll back only what is still open, and never let the rollback hide the cause.
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error as rollback_error:
+                    log.error(
+                        "sqlite.rollback_failed",
+                        db=self.name,
+                        error=str(rollback_error),
+                        cause=str(exc),
+                    )
             raise
         return results

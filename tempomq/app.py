@@ -6,14 +6,16 @@ stops, so the broker flushes everything it acknowledged while the timers it uses
 
 Errors become JSON in exactly one place, :func:`error_middleware`: domain errors
 (:class:`~broker_core.errors.TempoError`) with their own status and code, aiohttp's HTTP
-exceptions (unknown route, wrong method, body over the limit) with codes of the same shape, and
-anything unexpected as a 500 that points to the server log by request id and never carries a
-traceback.
+exceptions (unknown route, wrong method, body over the limit) with codes of the same shape, a
+full or failing disk (``ENOSPC``, ``EIO``, ...) from a file write as ``503 store_unavailable``
+with the cause, and anything unexpected as a 500 that points to the server log by request id
+and never carries a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import gc
 import re
@@ -33,7 +35,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 
 from broker_core.broker import Broker
-from broker_core.errors import TempoError
+from broker_core.errors import StoreUnavailable, TempoError
 from broker_core.http import BROKER
 from broker_core.http import routes as broker_routes
 from delayserver.embedded import EmbeddedDelayStore
@@ -171,6 +173,13 @@ HTTP_REQUESTS = Histogram(
 def _route(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
+#: What a full or failing disk raises from a file write (topics.json, groups.json, ...):
+#: the store cannot take writes for now, which is ``503 store_unavailable``, not a bug.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+
+
+def _is_storage_error(exc: Exception) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
 
 
 def _request_id(request: web.Request) -> str:
@@ -196,11 +205,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             response = error_response(
                 exc.status, exc.code, exc.message, headers=getattr(exc, "headers", None)
             )
-        except Exception:
-            log.exception("unhandled error", method=request.method, path=request.path)
-            response = error_response(
-                500, "internal", f"internal error, see server log (request id {request_id})"
-            )
+        except Exception as exc:
+            if _is_storage_error(exc):
+                log.error("storage.write_failed", path=request.path, error=str(exc))
+                response = error_response(
+                    StoreUnavailable.status, StoreUnavailable.code, f"storage write failed: {exc}"
+                )
+            else:
+                log.exception("unhandled error", method=request.method, path=request.path)
+                response = error_response(
+                    500, "internal", f"internal error, see server log (request id {request_id})"
+                )
         response.headers["X-Request-Id"] = request_id
         elapsed_s = time.perf_counter() - started
         HTTP_REQUESTS.labels(request.method, _route(request), str(response.status)).observe(
@@ -356,11 +371,7 @@ def build_app(settings: Settings) -> web.Application:
     readiness = Readiness()
     readiness.add("broker", broker_ready)
     readiness.add("delay_store", delay.health)
-
-    async def tx_ready() -> str | None:
-        return tx.health()
-
-    readiness.add("transactions", tx_ready)
+    readiness.add("transactions", tx.health)
 
     auth = make_auth(settings)
     guard = ConnectionGuard(

@@ -1,8 +1,10 @@
 """The ``tempomq`` command line: one subcommand per entry in :data:`COMMANDS`.
 
-``serve`` runs the service. The operator commands (topic, send, receive, ..., probe) are defined
-as data in :mod:`tempomq.ops` and joined into the same registry here; they speak HTTP through
-the SDK, which is why ``serve`` imports the server only when it runs.
+``serve`` runs the service, after locking its data directory (:mod:`broker_core.dirlock`): a
+second server on a directory in use exits 1 naming the owner's pid. The operator commands
+(topic, send, receive, ..., probe) are defined as data in :mod:`tempomq.ops` and joined into the
+same registry here; they speak HTTP through the SDK, which is why ``serve`` imports the server
+only when it runs.
 
 Exit codes: 0 ok, 1 runtime or server failure, 2 usage error, 3 not found, 4 conflict, 5 the
 probe found a problem, 6 not allowed, 130 interrupted (:mod:`tempomq.ops` has the details).
@@ -19,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker_core import dirlock
 from tempomq import config, ops
 from tempomq.logs import configure_logging, get_logger
 
@@ -54,9 +57,17 @@ def _serve(args: argparse.Namespace) -> int:
     for name in config.unknown_env_vars(os.environ):
         if name not in ops.CLIENT_ENV_VARS:
             log.warning("environment variable sets no option; misspelt?", variable=name)
+    # One owner per data directory, taken before anything in it is opened and before the port
+    # is bound: a second server started by mistake exits here without touching the files.
+    try:
+        lock = dirlock.acquire(settings.data_dir)
+    except dirlock.DataDirInUse as exc:
+        print(exc, file=sys.stderr)
+        return 1
     from tempomq.app import run
 
-    return run(settings)
+    with lock:
+        return run(settings)
 
 
 def _token_arguments(parser: argparse.ArgumentParser) -> None:

@@ -248,8 +248,9 @@ class Coordinator:
             await self._http.close()
         await self.db.close()
 
-    def health(self) -> str | None:
-        return self.db.health()
+    async def health(self) -> str | None:
+        """None when the transaction DB takes writes (tried again after a failed one)."""
+        return await self.db.check()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

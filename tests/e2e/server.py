@@ -180,5 +180,17 @@ async def drain(
     return got
 
 
+async def wait_ready(
+    session: aiohttp.ClientSession, base: str, *, timeout_s: float = 60.0
+) -> tuple[int, Any]:
+    """Poll ``/readyz`` until it answers 200 or ``timeout_s`` has passed; its last answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, body = await call(session, "GET", f"{base}/readyz")
+        if status == 200 or time.monotonic() >= deadline:
+            return status, body
+        await asyncio.sleep(0.1)
+
+
 def run(coro: Any) -> Any:
     return asyncio.get_event_loop_policy().new_event_loop().run_until_complete(coro)

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.e2e.server import Server, call
+from tests.e2e.server import Server, call, wait_ready
 from tests.integration.redis_process import RedisProcess
 
 pytestmark = pytest.mark.integration
@@ -76,11 +76,7 @@ async def test_delayed_sends_survive_a_redis_outage(
 
             await asyncio.sleep(3.0)  # the "before" ones fall due while Redis is down
             redis_process.start()
-            for _ in range(100):
-                status, _ = await call(session, "GET", f"{base}/readyz")
-                if status == 200:
-                    break
-                await asyncio.sleep(0.1)
+            status, _ = await wait_ready(session, base, timeout_s=10.0)
             assert status == 200
             status, _ = await call(
                 session, "POST", f"{base}/v1/topics/t/messages", {"body": "after", "delay_ms": 200}

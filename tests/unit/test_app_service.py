@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import importlib
 import io
 import json
@@ -80,7 +81,7 @@ class FakeTx:
     async def stop(self) -> None:
         self.events.append("tx.stop")
 
-    def health(self) -> str | None:
+    async def health(self) -> str | None:
         return None
 
     def begin_shutdown(self) -> None:
@@ -119,6 +120,12 @@ async def boom(request: web.Request) -> web.Response:
 @stand_in_routes.get("/v1/raise/{name}")
 async def raise_named(request: web.Request) -> web.Response:
     raise getattr(errors, request.match_info["name"])("what went wrong")
+
+
+@stand_in_routes.get("/v1/oserror/{errno}")
+async def os_error(request: web.Request) -> web.Response:
+    code = int(request.match_info["errno"])
+    raise OSError(code, os.strerror(code), "/data/topics.json.tmp")
 
 
 @stand_in_routes.get("/v1/http-error")
@@ -547,3 +554,20 @@ def test_metrics_of_the_embedded_delay_store_have_no_shard_gauges(tmp_path: Path
     assert "tempomq_put_messages_total" in done.stdout
     assert "tempomq_delay_shards_owned" not in done.stdout
     assert "tempomq_delay_servers" not in done.stdout
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS])
+async def test_a_storage_os_error_is_503_store_unavailable_with_the_cause(
+    client: Client, code: int
+) -> None:
+    resp = await client.get(f"/v1/oserror/{code}")
+    assert resp.status == 503
+    assert await resp.json() == {
+        "error": "store_unavailable",
+        "message": f"storage write failed: [Errno {code}] {os.strerror(code)}: "
+        "'/data/topics.json.tmp'",
+    }
+
+
+async def test_any_other_os_error_is_still_an_internal_error(client: Client) -> None:
+    resp = await client.get(f"/v1/oserror/{errno.ECONNREFUSED}")
+    assert resp.status == 500
+    assert (await resp.json())["error"] == "internal"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from broker_core import dirlock
 from tempomq import cli
 from tempomq.config import OPTIONS, HostPort, Settings
 
@@ -102,6 +104,39 @@ def test_python_dash_m_tempomq() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: tempomq serve")
+
+
+def test_serve_holds_the_data_directory_lock_while_the_app_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_data_dir: Path
+) -> None:
+    refused: list[str] = []
+
+    def fake_run(settings: Settings) -> int:
+        # While the app runs, the directory is taken.
+        with pytest.raises(dirlock.DataDirInUse) as info:
+            dirlock.acquire(settings.data_dir)
+        refused.append(str(info.value))
+        return 0
+
+    monkeypatch.setitem(sys.modules, "tempomq.app", types.SimpleNamespace(run=fake_run))
+    monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
+    assert cli.main(["serve", "--http", "127.0.0.1:0", "--data-dir", str(tmp_data_dir)]) == 0
+    assert refused == [f"data directory {tmp_data_dir} is in use by pid {os.getpid()}"]
+    dirlock.acquire(tmp_data_dir).release()  # and it is given back when the app returns
+
+
+def test_serve_on_a_taken_data_directory_exits_1_before_running_the_app(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_data_dir: Path
+) -> None:
+    ran: list[Settings] = []
+    monkeypatch.setitem(sys.modules, "tempomq.app", types.SimpleNamespace(run=ran.append))
+    monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
+    with dirlock.acquire(tmp_data_dir):
+        code = cli.main(["serve", "--http", "127.0.0.1:0", "--data-dir", str(tmp_data_dir)])
+    assert code == 1
+    assert ran == []
+    err = capsys.readouterr().err
+    assert err == f"data directory {tmp_data_dir} is in use by pid {os.getpid()}\n"
 
 
 def test_auth_token_prints_a_token_and_the_line_for_the_auth_file(
