@@ -40,12 +40,17 @@ class Broker:
 
     @scheduler.setter
     def scheduler(self, scheduler: Scheduler | None) -> None:
-        # The delay server is built on top of a started store, so it is wired in afterwards.
+        # The delay server is built on top of a started store, so it is wired in afterwards;
+        # only then may the deliveries restored at start fail over to their retries.
         self.groups.scheduler = scheduler
+        if scheduler is not None and self._tasks:
+            self.groups.resume()
 
     async def start(self) -> None:
         await self.store.start()
         await self.groups.restore()
+        if self.groups.scheduler is not None:
+            self.groups.resume()
         self.store.on_dispatch = self.groups.wake
         self._tasks = [
             asyncio.create_task(self._flusher(), name="tempomq-flusher"),

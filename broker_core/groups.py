@@ -74,6 +74,8 @@ log = structlog.get_logger(__name__)
 _GROUP_RE = re.compile(CLIENT_NAME_PATTERN)
 MAX_ATTEMPTS = 1000
 _GROUPS_FILE = "groups.json"
+#: When a redelivery could not be stored (a full disk, say), it is tried again this much later.
+_REDELIVERY_RETRY_MS = 1000
 
 
 @dataclass(slots=True)
@@ -236,6 +238,7 @@ class GroupManager:
         self._token = 0
         self._dirty = False
         self._closing = False
+        self._unarmed = False
         self._path = Path(config.data_dir) / _GROUPS_FILE
 
     # -- persistence ---------------------------------------------------------------------------
@@ -272,7 +275,7 @@ class GroupManager:
                     cur.pending[p.offset] = p
         for op in ops:
             await self._apply(op)
-        self._arm_restored()
+        self._unarmed = True  # see resume()
         self._dirty = True  # a fresh snapshot, so the next restart replays from here
 
     def _read_state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -352,6 +355,14 @@ class GroupManager:
                 if cur is not None:
                     cur.next = nxt
                     cur.pending.clear()
+
+    def resume(self) -> None:
+        """Arm the timers of the deliveries restored by :meth:`restore`, once the scheduler
+        their retries go through is wired in (the broker does it; a deadline long past fires
+        at once). Idempotent."""
+        if self._unarmed:
+            self._unarmed = False
+            self._arm_restored()
 
     def _arm_restored(self) -> None:
         """Deliveries out at the last stop: their receipts died with it; they are redelivered
@@ -761,8 +772,9 @@ class GroupManager:
         async def redeliver() -> None:
             try:
                 await self._fail_delivery(sub, cur, again, 0)
-            except StoreUnavailable as e:
+            except Exception as e:  # a delivery left without a timer would never come back
                 log.error("group.redelivery_failed", group=sub.config.name, reason=str(e))
+                self.timers.call_at(self.timers.now_ms() + _REDELIVERY_RETRY_MS, expire)
 
         def expire() -> None:
             if cur.pending.get(again.offset) is again and again.token and again.ready_at_ms is None:
@@ -796,8 +808,17 @@ class GroupManager:
             if cur.pending.get(p.offset) is p:
                 try:
                     await self._fail_delivery(sub, cur, p, None)
-                except StoreUnavailable as e:
-                    log.error("group.redelivery_failed", group=sub.config.name, reason=str(e))
+                except Exception as e:  # a delivery left without a timer would never come back
+                    log.error(
+                        "group.redelivery_failed",
+                        group=sub.config.name,
+                        reason=str(e) or type(e).__name__,
+                        retry_in_ms=_REDELIVERY_RETRY_MS,
+                    )
+                    self.timers.call_at(
+                        self.timers.now_ms() + _REDELIVERY_RETRY_MS,
+                        partial(self._expire, sub, [(cur, p)]),
+                    )
 
     async def _fail_delivery(
         self, sub: Subscription, cur: Cursor, p: Pending, retry_after_ms: int | None
@@ -887,7 +908,14 @@ class GroupManager:
                     attempts=p.attempt,
                 )
             return
-        assert self.scheduler is not None
+        if self.scheduler is None:  # a restored copy, and no scheduler: stored at once, once
+            plan.message.msg_id = p.copy_id or b""
+            _, waits = self.store.stage([plan.message], check_duplicate=True)
+            p.finish_at, fut = self._journal(finish)
+            for w in waits:
+                await w
+            await fut
+            return
         if p.copy_id is None:  # first try: choose the copy's id and time, durably
             p.copy_id, p.copy_at_ms = self.scheduler.new_msg_id(), deliver_at
             _, fut = self._journal(

@@ -226,3 +226,59 @@ async def test_an_unreadable_snapshot_is_rebuilt_from_the_records(env: Crashable
     again = await env.recv()
     assert sorted(bodies(again)) == [b"b", b"c"]
     assert [d.attempt for d in again] == [2, 2]
+
+
+async def test_restored_deliveries_wait_for_the_scheduler_and_survive_a_failed_redelivery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A broker restarts with a delivery whose retry copy was already handed to the scheduler
+    # and whose deadline has passed. Its timer must not fire before the scheduler is wired in
+    # (as the app does, after the broker starts); and a redelivery that fails is tried again
+    # rather than leaving the message out for good.
+    env = CrashableEnv(tmp_path / "data")
+    await env.start()
+    try:
+        await env.b.create_topic("orders", 1)
+        [sent] = await env.send("orders", "a")
+        [d] = await env.recv()
+        real = env.scheduler.schedule
+
+        async def then_die(*args: object, **kw: object) -> list[int]:
+            await real(*args, **kw)  # type: ignore[arg-type]
+            raise ConnectionError("the server died here")
+
+        monkeypatch.setattr(env.scheduler, "schedule", then_die)
+        with pytest.raises(ConnectionError):
+            await env.nack(d, retry_after_ms=1000)
+        monkeypatch.setattr(env.scheduler, "schedule", real)
+        env.timers.advance(INVISIBLE_MS + 1000)  # everything is overdue when it comes back
+        # Restart the way the app does: broker first, scheduler wired in afterwards.
+        scheduler, env.scheduler = env.scheduler, None  # type: ignore[assignment]
+        await env.crash()
+        await env.advance(0)  # due timers run: none may act before the scheduler is wired in
+        fails = {"n": 1}
+        real_fail = env.b.groups._fail_delivery
+
+        async def fail_once(*args: object, **kw: object) -> None:
+            if fails["n"]:
+                fails["n"] -= 1
+                raise RuntimeError("a passing fault")
+            await real_fail(*args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(env.b.groups, "_fail_delivery", fail_once)
+        env.scheduler = scheduler
+        env.b.scheduler = scheduler
+        await env.advance(0)
+        await env.advance(1000)  # the failed redelivery is tried again
+        await env.release()
+        got = await env.recv()
+        assert [(x.message.origin_msg_id, x.attempt) for x in got] == [(sent.hex(), 2)]
+        await env.ack(*got)
+        # The original delivery was finished too (not left out for ever, holding the offset).
+        stats = await env.b.group_stats("orders", "g")
+        assert (stats["inflight"], stats["lag"]) == (0, 0)
+        await env.advance(INVISIBLE_MS + 3600 * S)
+        await env.release()
+        assert await env.recv() == []
+    finally:
+        await env.stop()
