@@ -40,12 +40,6 @@ def test_acknowledged_messages_are_kept_and_stored_once(series: tuple[Series, st
     assert not _broken(done, {"lost", "duplicated"}), text
 
 
-@pytest.mark.xfail(
-    reason="after a crash, a retry copy released before it can come back next to the message "
-    "itself: delivered again after its ack, before its retry time, at the same attempt, and "
-    "twice into %DLQ%<group> (issue 9, fault 7)",
-    strict=False,
-)
 def test_deliveries_are_on_time_once_with_rising_attempts_and_no_dlq_duplicate(
     series: tuple[Series, str],
 ) -> None:
