@@ -2,7 +2,7 @@
 every page opens and is captured, a topic is created and a message sent and found by key, a
 delayed message leaves the timeline for its topic, another is rescheduled and cancelled, a parked
 transaction is committed, a group is reset and deleted, two delay servers on one Redis show their
-shards, and a login form guards a server that wants a token."""
+shards, and a login form guards a server with authentication on."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from aiohttp.typedefs import Handler
 
 from tempomq.app import build_app
 from tempomq.config import Settings
+from tests.auth_helpers import ADMIN_TOKEN, write_auth_file
 from tests.e2e.browser import chromium_path, open_page, screenshot
 from tests.e2e.server import Server, call, running
 
@@ -367,26 +368,17 @@ async def test_the_delay_servers_page_shows_who_holds_each_shard(
 
 # -- log in -----------------------------------------------------------------------------------
 
-TOKEN = "s3cret-token"
-
-
-@web.middleware
-async def demand_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """What authentication looks like to the console: 401 on the API without the token."""
-    if request.path.startswith("/v1/") and request.headers.get("Authorization") != (
-        f"Bearer {TOKEN}"
-    ):
-        return web.json_response(
-            {"error": "unauthorized", "message": "a valid token is required"}, status=401
-        )
-    return await handler(request)
+TOKEN = ADMIN_TOKEN  # an admin principal of the auth file the server is given
 
 
 @pytest.fixture
 async def guarded(tmp_path: Path) -> AsyncIterator[tuple[str, list[str]]]:
-    """The real app behind a token check, in this process; and the API paths it refused."""
+    """The real app with authentication on (an auth file), in this process; and the API paths
+    it refused."""
     chromium_path()
-    app = build_app(Settings(data_dir=tmp_path / "data"))
+    app = build_app(
+        Settings(data_dir=tmp_path / "data", auth_file=write_auth_file(tmp_path / "auth.yaml"))
+    )
     refused: list[str] = []
 
     @web.middleware
@@ -396,7 +388,7 @@ async def guarded(tmp_path: Path) -> AsyncIterator[tuple[str, list[str]]]:
             refused.append(request.path)
         return response
 
-    app.middlewares[:0] = [record, demand_token]
+    app.middlewares.insert(0, record)
     server = TestServer(app)
     await server.start_server()
     try:
