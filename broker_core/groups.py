@@ -63,7 +63,7 @@ from broker_core.errors import (
     ReceiptMismatch,
     StoreUnavailable,
 )
-from broker_core.message import CLIENT_NAME_PATTERN, StoredMessage, is_system_topic
+from broker_core.message import CLIENT_NAME_PATTERN, Message, StoredMessage, is_system_topic
 from broker_core.protocols import Scheduler, Timers
 from broker_core.retry import delivery_attempt, dlq_topic, plan_redelivery, retry_topic
 from broker_core.store import MessageStore, set_aside, write_json_atomic
@@ -859,6 +859,17 @@ class GroupManager:
         if cfg.fifo:
             self.wake({sub.topic})
 
+    async def _store_finishing(
+        self, p: Pending, copy: Message, finish: dict[str, Any], *, check_duplicate: bool
+    ) -> None:
+        """Stage ``copy`` and the record ``finish`` that ends ``p`` in one write (both are
+        stored, or neither) and wait for it."""
+        _, waits = self.store.stage([copy], check_duplicate=check_duplicate)
+        p.finish_at, fut = self._journal(finish)
+        for w in waits:
+            await w
+        await fut
+
     async def _store_copy(
         self,
         sub: Subscription,
@@ -893,12 +904,7 @@ class GroupManager:
         if plan.dead or direct:
             if plan.dead:
                 await self.store.ensure_topic(dlq_topic(cfg.name), 1)
-            # The copy and the finishing record in one write: both are stored, or neither.
-            _, waits = self.store.stage([plan.message])
-            p.finish_at, fut = self._journal(finish)
-            for w in waits:
-                await w
-            await fut
+            await self._store_finishing(p, plan.message, finish, check_duplicate=False)
             if plan.dead:
                 metrics.DLQ_MESSAGES.inc()
                 log.warning(
@@ -910,11 +916,7 @@ class GroupManager:
             return
         if self.scheduler is None:  # a restored copy, and no scheduler: stored at once, once
             plan.message.msg_id = p.copy_id or b""
-            _, waits = self.store.stage([plan.message], check_duplicate=True)
-            p.finish_at, fut = self._journal(finish)
-            for w in waits:
-                await w
-            await fut
+            await self._store_finishing(p, plan.message, finish, check_duplicate=True)
             return
         if p.copy_id is None:  # first try: choose the copy's id and time, durably
             p.copy_id, p.copy_at_ms = self.scheduler.new_msg_id(), deliver_at
