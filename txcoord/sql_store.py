@@ -231,11 +231,12 @@ class SqlTxStore(SharedTxStore):
             try:
                 found = await self._run(migrate)
                 break
-            except TxStoreUnavailable:
-                # Two nodes starting at once may both create a table; the loser sees "exists".
+            except (TxStoreUnavailable, IntegrityError) as e:
+                # Two nodes starting at once may both create a table; the loser sees "exists"
+                # (PostgreSQL: a duplicate key in its catalog) and finds it the next time.
                 if attempt == 2:
                     await self.close()
-                    raise
+                    raise e if isinstance(e, TxStoreUnavailable) else self._unavailable(e) from e
                 await asyncio.sleep(0.2)
         if found is None:
             with contextlib.suppress(IntegrityError):  # another node wrote it first
