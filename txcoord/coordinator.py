@@ -186,6 +186,13 @@ class Coordinator:
     async def stop(self) -> None:
         self.begin_shutdown()
         await cancel_and_wait(self._tasks)
+        if isinstance(self.store, SharedTxStore) and self._claimed:
+            # Let go at once rather than at the leases' end: the others take over now.
+            try:
+                await self.store.renew(self.node_id, self._claimed, self.timers.now_ms())
+            except TxStoreUnavailable as e:
+                log.warning("tx.release_failed", error=str(e))
+            self._claimed.clear()
         if self._http is not None:
             await self._http.close()
         await self.store.close()
