@@ -194,7 +194,10 @@ class SqlTxStore(SharedTxStore):
         )
 
     def _unavailable(self, e: BaseException) -> TxStoreUnavailable:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, TimeoutError):
+            reason = f"no answer within {self.op_timeout_s:g}s"
+        else:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         return TxStoreUnavailable(f"{self.name} unavailable: {reason[:300]}")
 
     async def _run(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
