@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Awaitable, Callable, Collection
+from functools import partial
 from typing import Any, TypeVar
 
 import structlog
@@ -68,6 +69,8 @@ DEFAULT_PREFIX = "tempomq_"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_]{0,40}")
 #: One database operation (pool wait, connect and statements) may take this long, else 503.
 OP_TIMEOUT_S = 5.0
+#: Most prepares (or deliveries) one group commit writes.
+BATCH = 500
 
 
 class TxStoreUrlError(ValueError):
@@ -148,6 +151,10 @@ def _tables(prefix: str) -> tuple[MetaData, Table, Table, Table]:
 _WRITTEN = (*MUTABLE, "owner", "due_at")
 
 
+async def _execute(stmt: Any, params: Any, conn: AsyncConnection) -> Any:
+    return await conn.execute(stmt, params)
+
+
 def _values(row: TxRow) -> dict[str, object]:
     out: dict[str, object] = {name: getattr(row, name) for name in COLUMNS}
     out["state"] = row.state.value
@@ -169,6 +176,11 @@ class SqlTxStore(SharedTxStore):
         self.metadata, self.tx, self.checks, self.version = _tables(self.prefix)
         self._cols = [self.tx.c[name] for name in (*COLUMNS, "owner", "due_at")]
         self._engine: AsyncEngine | None = None
+        #: Group commit of prepares and of deliveries (see _drain_inserts, _drain_marks).
+        self._inserts: list[tuple[TxRow, asyncio.Future[TxRow | None]]] = []
+        self._inserter: asyncio.Task[None] | None = None
+        self._marks: list[tuple[str, asyncio.Future[None]]] = []
+        self._marker: asyncio.Task[None] | None = None
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -188,7 +200,7 @@ class SqlTxStore(SharedTxStore):
             pool_timeout=timeout,
             # A connection the database dropped (a restart, a proxy) is found and replaced
             # before use instead of failing the next request.
-            pool_pre_ping=True,
+            pool_pre_ping=False,
             pool_recycle=3600,
             connect_args=connect_args,
         )
@@ -255,6 +267,9 @@ class SqlTxStore(SharedTxStore):
         log.info("tx.store_open", store=self.name, schema=SCHEMA_VERSION)
 
     async def close(self) -> None:
+        for task in (self._inserter, self._marker):
+            if task is not None and not task.done():
+                await task  # what is queued is written (or failed) first
         if self._engine is not None:
             engine, self._engine = self._engine, None
             await engine.dispose()
@@ -276,16 +291,48 @@ class SqlTxStore(SharedTxStore):
         return select(*self._cols)
 
     async def insert(self, row: TxRow) -> TxRow | None:
+        fut: asyncio.Future[TxRow | None] = asyncio.get_running_loop().create_future()
+        self._inserts.append((row, fut))
+        if self._inserter is None or self._inserter.done():
+            self._inserter = asyncio.create_task(self._drain_inserts())
+        return await fut
+
+    async def _drain_inserts(self) -> None:
+        """Group commit: the prepares queued meanwhile go in one multi-row INSERT (one
+        transaction, one log flush); a batch with a taken ``msg_id`` is redone row by row."""
+        while self._inserts:
+            batch, self._inserts = self._inserts[:BATCH], self._inserts[BATCH:]
+            values = [_values(row) for row, _ in batch]
+            try:
+                await self._run(partial(_execute, insert(self.tx), values))
+                outcomes: list[TxRow | BaseException | None] = [None] * len(batch)
+            except IntegrityError:
+                outcomes = [await self._insert_one(row) for row, _ in batch]
+            except TxStoreUnavailable as e:
+                outcomes = [e] * len(batch)
+            for (_, fut), out in zip(batch, outcomes, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(out, BaseException):
+                    fut.set_exception(out)
+                else:
+                    fut.set_result(out)
+
+    async def _insert_one(self, row: TxRow) -> TxRow | BaseException | None:
         try:
             await self._run(lambda c: c.execute(insert(self.tx).values(**_values(row))))
             return None
         except IntegrityError:
             pass  # the msg_id is taken: a resent prepare
+        except TxStoreUnavailable as e:
+            return e
         stmt = self._select().where(self.tx.c.msg_id == row.msg_id)
-        found = await self._run(lambda c: c.execute(stmt))
-        first = found.first()
+        try:
+            first = (await self._run(lambda c: c.execute(stmt))).first()
+        except TxStoreUnavailable as e:
+            return e
         if first is None:
-            raise TxStoreUnavailable(f"{self.name}: insert of {row.tx_id} refused")
+            return TxStoreUnavailable(f"{self.name}: insert of {row.tx_id} refused")
         return TxRow.from_sql(first)
 
     async def get(self, tx_id: str) -> TxRow | None:
@@ -313,13 +360,33 @@ class SqlTxStore(SharedTxStore):
         return await self._run(run)
 
     async def mark_delivered(self, tx_id: str) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._marks.append((tx_id, fut))
+        if self._marker is None or self._marker.done():
+            self._marker = asyncio.create_task(self._drain_marks())
+        await fut
+
+    async def _drain_marks(self) -> None:
+        """Group commit of deliveries: one UPDATE for those queued meanwhile."""
         tx = self.tx
-        stmt = (
-            update(tx)
-            .where(tx.c.tx_id == tx_id)
-            .values(delivered=True, record=None, owner=None, due_at=None)
-        )
-        await self._run(lambda c: c.execute(stmt))
+        while self._marks:
+            batch, self._marks = self._marks[:BATCH], self._marks[BATCH:]
+            stmt = (
+                update(tx)
+                .where(tx.c.tx_id.in_([t for t, _ in batch]))
+                .values(delivered=True, record=None, owner=None, due_at=None)
+            )
+            error: TxStoreUnavailable | None = None
+            try:
+                await self._run(partial(_execute, stmt, None))
+            except TxStoreUnavailable as e:
+                error = e
+            for _, fut in batch:
+                if not fut.done():
+                    if error is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(error)
 
     async def open_rows(self) -> list[TxRow]:
         tx = self.tx
