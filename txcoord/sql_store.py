@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 from collections.abc import Awaitable, Callable, Collection
 from functools import partial
@@ -51,7 +52,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from txcoord.states import TxState
@@ -69,8 +70,21 @@ DEFAULT_PREFIX = "tempomq_"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_]{0,40}")
 #: One database operation (pool wait, connect and statements) may take this long, else 503.
 OP_TIMEOUT_S = 5.0
-#: Most prepares (or deliveries) one group commit writes.
+#: Most prepares (or changes, or deliveries) one group commit writes.
 BATCH = 500
+#: Times a transaction chosen as a deadlock victim is run again before it is a 503.
+DEADLOCK_RETRIES = 3
+#: MySQL/MariaDB: deadlock, lock wait timeout; PostgreSQL: deadlock_detected.
+_DEADLOCK_CODES = {1213, 1205}
+_DEADLOCK_SQLSTATE = "40P01"
+
+
+def _is_deadlock(e: DBAPIError) -> bool:
+    orig = e.orig
+    if getattr(orig, "sqlstate", None) == _DEADLOCK_SQLSTATE:
+        return True
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return len(args) > 0 and args[0] in _DEADLOCK_CODES
 
 
 class TxStoreUrlError(ValueError):
@@ -147,6 +161,9 @@ def _tables(prefix: str) -> tuple[MetaData, Table, Table, Table]:
     return md, tx, checks, version
 
 
+#: A queued :meth:`SqlTxStore.change`: the row, the function, and the caller's future.
+_Change = tuple[str, Callable[[TxRow], Any], asyncio.Future[Any]]
+
 #: What a changed row writes back: the store's mutable columns and the lease.
 _WRITTEN = (*MUTABLE, "owner", "due_at")
 
@@ -181,6 +198,8 @@ class SqlTxStore(SharedTxStore):
         self._inserter: asyncio.Task[None] | None = None
         self._marks: list[tuple[str, asyncio.Future[None]]] = []
         self._marker: asyncio.Task[None] | None = None
+        self._changes: list[_Change] = []
+        self._changer: asyncio.Task[None] | None = None
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -214,18 +233,25 @@ class SqlTxStore(SharedTxStore):
 
     async def _run(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """``fn`` in one database transaction, bounded by ``op_timeout_s``; database failures
-        become TxStoreUnavailable, the store's own errors (TxNotFound, 409s) pass."""
+        become TxStoreUnavailable, the store's own errors (TxNotFound, 409s) pass. A transaction
+        the database chose as a deadlock victim is run again (``fn`` must allow that)."""
         engine = self._engine
         if engine is None:
             raise TxStoreUnavailable(f"{self.name} is not open")
-        try:
-            async with asyncio.timeout(self.op_timeout_s):
-                async with engine.begin() as conn:
-                    return await fn(conn)
-        except IntegrityError:
-            raise
-        except (SQLAlchemyError, OSError, TimeoutError) as e:
-            raise self._unavailable(e) from e
+        for attempt in range(DEADLOCK_RETRIES + 1):
+            try:
+                async with asyncio.timeout(self.op_timeout_s):
+                    async with engine.begin() as conn:
+                        return await fn(conn)
+            except IntegrityError:
+                raise
+            except DBAPIError as e:
+                if attempt < DEADLOCK_RETRIES and _is_deadlock(e):
+                    continue
+                raise self._unavailable(e) from e
+            except (SQLAlchemyError, OSError, TimeoutError) as e:
+                raise self._unavailable(e) from e
+        raise AssertionError("unreachable")
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -267,7 +293,7 @@ class SqlTxStore(SharedTxStore):
         log.info("tx.store_open", store=self.name, schema=SCHEMA_VERSION)
 
     async def close(self) -> None:
-        for task in (self._inserter, self._marker):
+        for task in (self._inserter, self._changer, self._marker):
             if task is not None and not task.done():
                 await task  # what is queued is written (or failed) first
         if self._engine is not None:
@@ -341,23 +367,59 @@ class SqlTxStore(SharedTxStore):
         return None if r is None else TxRow.from_sql(r)
 
     async def change(self, tx_id: str, fn: Callable[[TxRow], T]) -> T:
-        tx = self.tx
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._changes.append((tx_id, fn, fut))
+        if self._changer is None or self._changer.done():
+            self._changer = asyncio.create_task(self._drain_changes())
+        result: T = await fut
+        return result
 
-        async def run(conn: AsyncConnection) -> T:
-            stmt = self._select().where(tx.c.tx_id == tx_id).with_for_update()
-            r = (await conn.execute(stmt)).first()
-            if r is None:
-                raise TxNotFound(f"no transaction {tx_id}")
-            row = TxRow.from_sql(r)
-            before = _values(row)
-            out = fn(row)
-            after = _values(row)
-            changed = {k: after[k] for k in _WRITTEN if after[k] != before[k]}
+    async def _drain_changes(self) -> None:
+        """Group commit of state changes: the changes queued meanwhile run in one transaction
+        (their rows locked in ``tx_id`` order, so two servers' batches cannot deadlock), each
+        function on its own copy of its row, applied in arrival order."""
+        while self._changes:
+            batch, self._changes = self._changes[:BATCH], self._changes[BATCH:]
+            outcomes: list[tuple[bool, Any]]
+            try:
+                outcomes = await self._run(partial(self._change_batch, batch))
+            except TxStoreUnavailable as e:
+                outcomes = [(False, e)] * len(batch)
+            for (_, _, fut), (ok, value) in zip(batch, outcomes, strict=True):
+                if fut.done():
+                    continue
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+
+    async def _change_batch(
+        self, batch: list[_Change], conn: AsyncConnection
+    ) -> list[tuple[bool, Any]]:
+        tx = self.tx
+        ids = sorted({tx_id for tx_id, _, _ in batch})
+        stmt = self._select().where(tx.c.tx_id.in_(ids)).order_by(tx.c.tx_id).with_for_update()
+        rows = {r.tx_id: r for r in map(TxRow.from_sql, await conn.execute(stmt))}
+        before = {tx_id: _values(r) for tx_id, r in rows.items()}
+        outcomes: list[tuple[bool, Any]] = []
+        for tx_id, fn, _ in batch:
+            current = rows.get(tx_id)
+            if current is None:
+                outcomes.append((False, TxNotFound(f"no transaction {tx_id}")))
+                continue
+            row = dataclasses.replace(current)
+            try:
+                outcomes.append((True, fn(row)))
+            except Exception as e:  # this change is refused (a 409, say); the others stand
+                outcomes.append((False, e))
+                continue
+            rows[tx_id] = row
+        for tx_id, row in rows.items():
+            after, was = _values(row), before[tx_id]
+            changed = {k: after[k] for k in _WRITTEN if after[k] != was[k]}
             if changed:
                 await conn.execute(update(tx).where(tx.c.tx_id == tx_id).values(**changed))
-            return out
-
-        return await self._run(run)
+        return outcomes
 
     async def mark_delivered(self, tx_id: str) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -139,6 +139,38 @@ async def test_concurrent_changes_of_one_row_serialise(store: TxStore) -> None:
 
 
 @every
+async def test_changes_at_once_stand_or_fall_each_on_its_own(store: TxStore) -> None:
+    # Concurrent changes may share one database transaction: a refused one, or one of a
+    # missing row, must neither undo nor block the others.
+    a, b = make_row(), make_row()
+    await store.insert(a)
+    await store.insert(b)
+
+    def commit(r: TxRow) -> TxState:
+        r.state = TxState.COMMITTED
+        return r.state
+
+    def refused(r: TxRow) -> None:
+        r.state, r.check_count = TxState.ROLLED_BACK, 99
+        raise AlreadyCommitted("the transaction was committed")
+
+    results = await asyncio.gather(
+        store.change(a.tx_id, commit),
+        store.change(a.tx_id, refused),
+        store.change("no-such-tx", commit),
+        store.change(b.tx_id, refused),
+        store.change(b.tx_id, commit),
+        return_exceptions=True,
+    )
+    assert results[0] is TxState.COMMITTED and results[4] is TxState.COMMITTED
+    assert isinstance(results[1], AlreadyCommitted) and isinstance(results[3], AlreadyCommitted)
+    assert isinstance(results[2], TxNotFound)
+    for tx_id in (a.tx_id, b.tx_id):
+        got = await store.get(tx_id)
+        assert got is not None and got.state is TxState.COMMITTED and got.check_count == 0
+
+
+@every
 async def test_delivery_drops_the_record_and_open_rows_are_those_with_work_left(
     store: TxStore,
 ) -> None:
