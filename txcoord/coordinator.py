@@ -149,6 +149,7 @@ class Coordinator:
         #: Shared stores: when each group last long-polled here; rows this node holds a lease on.
         self._polled: dict[str, int] = {}
         self._claimed: set[str] = set()
+        self._delivering: set[str] = set()  # of those, committed ones being put
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
         self._closing = False
@@ -186,13 +187,16 @@ class Coordinator:
     async def stop(self) -> None:
         self.begin_shutdown()
         await cancel_and_wait(self._tasks)
-        if isinstance(self.store, SharedTxStore) and self._claimed:
-            # Let go at once rather than at the leases' end: the others take over now.
+        # Check-backs awaiting an answer are let go at once rather than at the leases' end, so
+        # the others ask again now. Deliveries are not: one stopped between its put and its
+        # mark would be put again elsewhere; they pass on when their leases end.
+        checks = self._claimed - self._delivering
+        if isinstance(self.store, SharedTxStore) and checks:
             try:
-                await self.store.renew(self.node_id, self._claimed, self.timers.now_ms())
+                await self.store.renew(self.node_id, checks, self.timers.now_ms())
             except TxStoreUnavailable as e:
                 log.warning("tx.release_failed", error=str(e))
-            self._claimed.clear()
+        self._claimed.clear()
         if self._http is not None:
             await self._http.close()
         await self.store.close()
@@ -353,6 +357,7 @@ class Coordinator:
     async def _deliver(self, row: TxRow) -> None:
         """Make a committed message visible (idempotent), then record that it is."""
         assert row.record is not None
+        self._delivering.add(row.tx_id)
         msg = decode_message(row.record)
         try:
             if row.deliver_at > self.timers.now_ms():
@@ -381,6 +386,7 @@ class Coordinator:
             return
         row.delivered, row.record, row.owner, row.due_at = True, None, None, None
         self._claimed.discard(row.tx_id)
+        self._delivering.discard(row.tx_id)
 
     # -- claims (shared stores) ------------------------------------------------------------------
 
@@ -403,6 +409,8 @@ class Coordinator:
         until = now + settings.lease_ms
         if self._claimed:
             await store.renew(self.node_id, list(self._claimed), until)
+        if self._closing:
+            return 0  # stopping: take on nothing new
         # Groups whose SDK producers long-poll this node: their checks are asked here first.
         recent = now - settings.check_timeout_ms - 2 * settings.poll_ms
         groups = set(self._waiters) | {g for g, at in self._polled.items() if at >= recent}
@@ -458,8 +466,12 @@ class Coordinator:
                 answer = await self._ask_url(row.check_url, request)
                 await self._record_check(tx_id, answer.value, "check_url")
                 await self._apply(tx_id, answer)
-            finally:
-                self._claimed.discard(tx_id)
+            except asyncio.CancelledError:
+                raise  # stopping: the claim stays listed for stop() to let go of
+            except BaseException:
+                self._claimed.discard(tx_id)  # the lease runs out; then it is asked again
+                raise
+            self._claimed.discard(tx_id)
             return
         channel = next((c for c in self.check_channels if c.claims(row.producer_group)), None)
         if channel is not None:

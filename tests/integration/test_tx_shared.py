@@ -59,7 +59,8 @@ async def pair(store_url: str, tmp_path: Path) -> AsyncIterator[tuple[Node, Node
         nodes.append(node)
     yield nodes[0], nodes[1]
     for node in nodes:
-        await node.stop()
+        if not node.stopped:
+            await node.stop()
 
 
 def delivered(*nodes: Node) -> Counter[bytes]:
@@ -215,3 +216,35 @@ async def test_a_dead_nodes_undelivered_commit_is_delivered_by_the_other(
         await asyncio.sleep(0.05)
     assert row.delivered and row.record is None and row.owner is None
     assert delivered(a, b) == Counter([b"decided-then-died"])
+
+
+async def test_a_stopping_node_lets_go_of_its_check_backs_at_once(
+    pair: tuple[Node, Node],
+) -> None:
+    a, b = pair
+    long_lease = dataclasses.replace(SHARED, lease_ms=30_000)
+    a.tx.settings = b.tx.settings = long_lease
+    asks: list[float] = []
+    first_asked = asyncio.Event()
+
+    async def check(request: web.Request) -> web.Response:
+        asks.append(time.monotonic())
+        if len(asks) == 1:
+            first_asked.set()
+            await asyncio.sleep(60)  # a's stop cuts this call short
+        return web.json_response({"state": "commit"})
+
+    app = web.Application()
+    app.router.add_post("/check", check)
+    async with TestServer(app) as server:
+        await die(b)  # only a claims the first check
+        tx_id = await a.prepare(b"released", check_url=str(server.make_url("/check")))
+        await asyncio.wait_for(first_asked.wait(), 10)
+        await a.stop()
+        stopped = time.monotonic()
+        b.tx._closing = False
+        b.tx._spawn(b.tx._claimer())
+        await wait_for(lambda: len(asks) >= 2, timeout_s=10)
+        await wait_for(lambda: b.bodies("orders") == [b"released"], timeout_s=10)
+    assert asks[1] - stopped < 5  # far within the 30 s lease: released, not expired
+    assert (await b.tx.get(tx_id)).state is TxState.COMMITTED

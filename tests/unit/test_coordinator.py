@@ -48,6 +48,7 @@ class Node:
         )
 
     async def start(self) -> Node:
+        self.stopped = False
         self.timers.start()
         await self.broker.start()
         await self.delay.start()
@@ -56,6 +57,7 @@ class Node:
         return self
 
     async def stop(self) -> None:
+        self.stopped = True
         await self.tx.stop()
         await self.delay.stop()
         await self.broker.stop()
