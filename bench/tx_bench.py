@@ -18,12 +18,21 @@ producers) as plain sends, in the same run:
   no MariaDB answers at ``--mysql-url`` (default as in the integration tests:
   ``TEMPOMQ_TEST_MYSQL_URL`` or ``mysql+aiomysql://root@127.0.0.1:3306/test``).
 
-Each case gets a fresh server (default settings, async flush) and a check-back listener running
+Each case gets a fresh server (default settings, async flush; ``--tx-store URL`` puts its
+transactions in that database instead of its SQLite file) and a check-back listener running
 as a producer service would; a warm-up second is not counted. Tables are created with names of
 their own and dropped at the end. Bars: transactional with SQLite >= 40 % of plain; MariaDB
 >= 500 tx/s.
 
+``--nodes``: the coordinator's own store instead, SDK prepare + commit per transaction (no
+producer database) from the same producers spread over servers: the tx store in each server's
+SQLite file on 1 server (reference), then the shared ``--tx-store`` (default: MariaDB at
+``--mysql-url``) on 1 and on 2 servers. Each case runs ``--runs`` times (3) on fresh servers
+and tables; the median and the spread (min-max) are printed. Every transaction counted must be
+committed in the store at the end (checked).
+
 Prints a table and one JSON line. Usage: python bench/tx_bench.py [--seconds S] [--producers N]
+[--tx-store URL] [--nodes [--runs N]]
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import itertools
 import json
 import os
 import socket
+import statistics
 import tempfile
 import time
 import uuid
@@ -44,9 +54,11 @@ from urllib.parse import urlsplit
 
 from _server import BenchServer, percentile
 from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from tempomq.client import Barrier, Client, OutgoingMessage, TransactionalProducer
+from txcoord.sql_store import SqlTxStore
 
 BODY = "x" * 256
 GROUP = "bench-tx"
@@ -227,6 +239,114 @@ async def mysql_case(
         await engine.dispose()
 
 
+async def protocol_on_nodes(
+    urls: list[str], producers: int, seconds: float, warmup_s: float
+) -> tuple[dict[str, Any], int]:
+    """Prepare + commit through the SDK, producer ``i`` on server ``i % len(urls)``; the
+    summary and how many transactions were committed in all (warm-up included)."""
+    clients = [Client(u) for u in urls]
+    try:
+        for c in clients:
+            await c.create_topic("orders", 8)
+
+        async def op(n: int) -> None:
+            client = clients[n % len(clients)]
+            message = OutgoingMessage(BODY, keys=[f"order-{n}"])
+            tx = await client.prepare_transaction("orders", message, producer_group=GROUP)
+            await client.commit_transaction(tx)
+
+        rate, lat, done = await load(op, producers, seconds, warmup_s)
+    finally:
+        for c in clients:
+            await c.close()
+    return summary(rate, lat), done
+
+
+def unique_store(url: str) -> str:
+    """``url`` with a table prefix of its own."""
+    return (
+        make_url(url)
+        .update_query_dict({"table_prefix": f"bench{uuid.uuid4().hex[:8]}_"})
+        .render_as_string(hide_password=False)
+    )
+
+
+async def committed_and_drop(store_url: str) -> int:
+    """How many transactions the store holds committed; then its tables are dropped."""
+    store = SqlTxStore(store_url)
+    await store.open()
+    try:
+        return (await store.count_states()).get("committed", 0)
+    finally:
+        await store.drop()
+        await store.close()
+
+
+def nodes_case(
+    tx_store: str | None, nodes: int, producers: int, seconds: float, warmup_s: float
+) -> dict[str, Any]:
+    """One run on ``nodes`` fresh servers sharing ``tx_store`` (None: each its SQLite file)."""
+    store_url = unique_store(tx_store) if tx_store else None
+    extra = ("--tx-store", store_url) if store_url else ()
+    servers = [BenchServer(*extra) for _ in range(nodes)]
+    committed = 0
+    try:
+        for srv in servers:
+            srv.__enter__()
+        result, done = asyncio.run(
+            protocol_on_nodes([srv.url for srv in servers], producers, seconds, warmup_s)
+        )
+    finally:
+        for srv in servers:
+            srv.__exit__(None, None, None)
+        if store_url is not None:
+            committed = asyncio.run(committed_and_drop(store_url))
+    if store_url is not None and committed != done:
+        raise RuntimeError(f"{done} transactions committed by producers, {committed} in store")
+    return result
+
+
+def median_spread(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    rates = sorted(r["per_s"] for r in runs)
+    p50s = sorted(r["p50_ms"] for r in runs)
+    return {
+        "per_s": statistics.median(rates),
+        "min": rates[0],
+        "max": rates[-1],
+        "p50_ms": statistics.median(p50s),
+        "runs": rates,
+    }
+
+
+def nodes_main(args: argparse.Namespace) -> None:
+    n, secs, warm = args.producers, args.seconds, args.warmup
+    shared = args.tx_store or args.mysql_url
+    if not reachable(shared):
+        print(f"nothing answers at {shared}: no shared tx store to measure")
+        print(json.dumps({"bench": "tx_bench_nodes", "skipped": shared}))
+        return
+    cases = [("sqlite", None, 1), ("shared_1", shared, 1), ("shared_2", shared, 2)]
+    results = {
+        name: median_spread([nodes_case(url, k, n, secs, warm) for _ in range(args.runs)])
+        for name, url, k in cases
+    }
+    shown = make_url(shared).render_as_string(hide_password=True)
+    print(f"SDK prepare + commit, {n} producers, {secs:g} s x {args.runs} runs; shared: {shown}")
+    print(f"{'case':<40} {'median tx/s':>12} {'spread (min-max)':>18} {'p50':>10}")
+    labels = {
+        "sqlite": "tx store SQLite, 1 server (reference)",
+        "shared_1": "tx store shared, 1 server",
+        "shared_2": "tx store shared, 2 servers",
+    }
+    for name, r in results.items():
+        spread = f"{r['min']:,}-{r['max']:,}"
+        print(f"{labels[name]:<40} {r['per_s']:>12,} {spread:>18} {r['p50_ms']:>7.2f} ms")
+    out: dict[str, Any] = {"bench": "tx_bench_nodes", "producers": n, "runs": args.runs}
+    for name, r in results.items():
+        out |= {f"{name}_tx_{k}": v for k, v in r.items()}
+    print(json.dumps(out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=8.0)
@@ -236,20 +356,36 @@ def main() -> None:
     ap.add_argument(
         "--mysql-url", default=os.environ.get("TEMPOMQ_TEST_MYSQL_URL", DEFAULT_MYSQL_URL)
     )
+    ap.add_argument(
+        "--tx-store",
+        default=None,
+        help="the servers' --tx-store (default: each its SQLite file; with --nodes: --mysql-url)",
+    )
+    ap.add_argument(
+        "--nodes", action="store_true", help="the tx store on 1 and 2 servers (see the docstring)"
+    )
+    ap.add_argument("--runs", type=int, default=3, help="with --nodes: runs per case")
     args = ap.parse_args()
+    if args.nodes:
+        nodes_main(args)
+        return
     n, secs, warm = args.producers, args.seconds, args.warmup
+    store_url = unique_store(args.tx_store) if args.tx_store else None
+    extra = ("--tx-store", store_url) if store_url else ()
 
-    with BenchServer() as server:
+    with BenchServer(*extra) as server:
         base = asyncio.run(plain(server.url, n, secs, warm))
-    with BenchServer() as server:
+    with BenchServer(*extra) as server:
         lite = asyncio.run(sqlite_case(server.url, args.sqlite_pool, n, secs, warm))
-    with BenchServer() as server:
+    with BenchServer(*extra) as server:
         proto = asyncio.run(protocol_only(server.url, n, secs, warm))
     local = asyncio.run(sqlite_case(None, args.sqlite_pool, n, secs, warm))
     maria: dict[str, Any] | None = None
     if reachable(args.mysql_url):
-        with BenchServer() as server:
+        with BenchServer(*extra) as server:
             maria = asyncio.run(mysql_case(server.url, args.mysql_url, n, secs, warm))
+    if store_url is not None:
+        asyncio.run(committed_and_drop(store_url))
     ratio = lite["per_s"] / base["per_s"]
 
     rows = [
@@ -275,7 +411,7 @@ def main() -> None:
     if maria is None:
         print(f"transactional send, MariaDB: skipped, nothing answers at {args.mysql_url}")
 
-    out: dict[str, Any] = {"bench": "tx_bench", "producers": n}
+    out: dict[str, Any] = {"bench": "tx_bench", "producers": n, "tx_store": bool(store_url)}
     out |= {f"plain_msg_{k}": v for k, v in base.items()}
     out |= {f"sqlite_tx_{k}": v for k, v in lite.items()}
     out["sqlite_ratio"] = round(ratio, 3)

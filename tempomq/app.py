@@ -54,6 +54,7 @@ from txcoord.checkurl import CheckUrlPolicy
 from txcoord.coordinator import Coordinator, TxSettings
 from txcoord.http import TX
 from txcoord.http import routes as tx_routes
+from txcoord.store import SqliteTxStore, TxStore
 
 if TYPE_CHECKING:
     from tempomq.grpc.server import GrpcEndpoint
@@ -331,6 +332,20 @@ def make_delay_service(settings: Settings, broker: Broker, timers: TimerService)
     return DelayService(embedded, broker.store, timers)
 
 
+def make_tx_store(settings: Settings) -> TxStore:
+    """The SQLite file in the data directory (or at a ``sqlite:///`` URL), else the shared SQL
+    database of ``--tx-store``."""
+    sync = settings.flush == "sync"
+    url = settings.tx_store
+    if url is None:
+        return SqliteTxStore(settings.data_dir / "tx" / "tx.db", sync=sync)
+    if url.startswith("sqlite:///"):
+        return SqliteTxStore(Path(url.removeprefix("sqlite:///")), sync=sync)
+    from txcoord.sql_store import SqlTxStore
+
+    return SqlTxStore(url)
+
+
 def make_auth(settings: Settings) -> Auth:
     rate = RateLimit(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
     return Auth(
@@ -347,7 +362,7 @@ def build_app(settings: Settings) -> web.Application:
     broker = Broker(settings.broker_config(), timers=timers, scheduler=None)
     delay = make_delay_service(settings, broker, timers)
     tx = Coordinator(
-        settings.data_dir / "tx" / "tx.db",
+        make_tx_store(settings),
         broker.store,
         delay,
         timers,
@@ -361,8 +376,8 @@ def build_app(settings: Settings) -> web.Application:
                 settings.check_url_allow,
                 secret=settings.check_url_secret.encode() if settings.check_url_secret else None,
             ),
+            lease_ms=settings.tx_lease_ms,
         ),
-        sync=settings.flush == "sync",
     )
 
     async def broker_ready() -> str | None:

@@ -148,6 +148,18 @@ def parse_redis_url(text: str) -> str:
     return text
 
 
+def parse_tx_store_url(text: str) -> str:
+    """``sqlite:///PATH`` or a MySQL/MariaDB or PostgreSQL URL the SQL store can use."""
+    if text.startswith("sqlite:///"):
+        if len(text) == len("sqlite:///"):
+            raise ValueError("sqlite:///PATH needs a file path")
+        return text
+    from txcoord.sql_store import parse_url  # SQLAlchemy only when the option is used
+
+    parse_url(text)  # ValueError (TxStoreUrlError) saying what is wrong
+    return text
+
+
 def _bounded_int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -212,6 +224,9 @@ SECRET: Kind[str | None] = Kind("SECRET", str, lambda v: "set" if v else "unset"
 RATE = Kind("PER_S", lambda text: _bounded_float(text, 0.0), lambda v: f"{v:g}")
 HOST_PORT = Kind("HOST:PORT", parse_host_port)
 REDIS_URL: Kind[str | None] = Kind("URL", parse_redis_url, lambda v: v or "none")
+TX_STORE_URL: Kind[str | None] = Kind(
+    "URL", parse_tx_store_url, lambda v: v or "sqlite:///<data-dir>/tx/tx.db"
+)
 
 
 def parse_listen_or_off(text: str) -> HostPort | None:
@@ -278,6 +293,11 @@ class Settings:
     tx_check_interval_ms: int = 30_000
     tx_check_max: int = 15
     tx_check_timeout_ms: int = 5_000
+    #: Where transactions live: None is the SQLite file in data_dir; a MySQL/MariaDB or
+    #: PostgreSQL URL is shared by every server given it.
+    tx_store: str | None = None
+    #: With a shared tx store: how long a server's claim on a check-back or delivery lasts.
+    tx_lease_ms: int = 10_000
     #: Run the reconciliation probe inside the server this often (0: never).
     probe_interval_ms: int = 0
     probe_duration_ms: int = 10_000
@@ -454,6 +474,21 @@ OPTIONS: tuple[Option, ...] = (
         "how long a producer has to answer one check-back",
     ),
     Option(
+        "tx-store",
+        "tx_store",
+        TX_STORE_URL,
+        "where transactions live: sqlite:///PATH, or mysql+aiomysql://… / "
+        "postgresql+asyncpg://… shared by several servers (any of them commits, rolls back "
+        "and checks back any transaction)",
+    ),
+    Option(
+        "tx-lease",
+        "tx_lease_ms",
+        DURATION,
+        "with a shared --tx-store: how long a server's claim on a check-back or a delivery "
+        "lasts unrenewed; a dead server's claims move to the others within this time",
+    ),
+    Option(
         "probe-interval",
         "probe_interval_ms",
         DURATION,
@@ -592,6 +627,8 @@ def _check_queues(s: Settings) -> None:
 def _check_leases(s: Settings) -> None:
     if s.delay_lease_ttl_ms < 300:
         raise _fail("delay_lease_ttl_ms", "must be at least 300ms (it is renewed every third)")
+    if s.tx_lease_ms < 300:
+        raise _fail("tx_lease_ms", "must be at least 300ms (it is renewed every fifth)")
 
 
 def _check_probe(s: Settings) -> None:

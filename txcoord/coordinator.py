@@ -20,15 +20,25 @@ stream (a :class:`CheckChannel`, e.g. RocketMQ's Telemetry), and waits ``check_t
 answer. No answer, an error or ``unknown`` counts one check; after ``check_max`` the transaction
 is parked as ``check_max``, logged, listed, and still resolvable by hand. A restart re-arms every
 open transaction's timer from the database.
+
+Several nodes on one shared store (:class:`~txcoord.store.SharedTxStore`, ``--tx-store
+mysql+aiomysql://…`` or ``postgresql+asyncpg://…``): any node takes any prepare, commit,
+rollback and check answer, since the state is only in the database. Work that needs a node, a
+check-back due or a committed message to hand over, is claimed instead of timed: every
+``poll`` each node claims the due rows nobody holds (``SELECT … FOR UPDATE SKIP LOCKED``) under a
+lease of ``lease_ms``, renews the leases of the work it is still doing, and lets go when done.
+A node that dies stops renewing; its rows fall due at the lease's end and another node claims
+them. So each check-back is asked by one node, and a committed message is handed to the broker
+or delay service by one node (the put is idempotent by ``msg_id`` besides). This is the lease
+scheme of :mod:`delayserver.leases` (delay shards on Redis) applied per row.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -39,113 +49,32 @@ import orjson
 import structlog
 from prometheus_client import Counter
 
-from broker_core.errors import StoreUnavailable, TempoError
+from broker_core.errors import StoreUnavailable
 from broker_core.message import Message
 from broker_core.protocols import Scheduler
 from broker_core.store import MessageStore
 from broker_core.tasks import cancel_and_wait
-from delayserver.sqlite import SqliteRunner
 from delayserver.store import decode_message, encode_message
 from txcoord.checkurl import SIGNATURE_HEADER, AllowListResolver, CheckUrlPolicy
 from txcoord.states import Step, TxEvent, TxState, step
+from txcoord.store import (
+    SharedTxStore,
+    SqliteTxStore,
+    TxNotFound,
+    TxRow,
+    TxStore,
+    TxStoreUnavailable,
+)
+
+__all__ = ["Coordinator", "TxNotFound", "TxRow", "TxSettings", "TxStoreUnavailable"]
 
 log = structlog.get_logger(__name__)
 
 CHECKS = Counter("tempomq_tx_checks", "Check-backs asked", ["answer"])
 OUTCOMES = Counter("tempomq_tx_outcomes", "Transactions finished", ["state"])
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tx (
-    tx_id          TEXT PRIMARY KEY,
-    msg_id         BLOB NOT NULL,
-    topic          TEXT NOT NULL,
-    producer_group TEXT NOT NULL,
-    check_url      TEXT,
-    state          TEXT NOT NULL,
-    check_count    INTEGER NOT NULL DEFAULT 0,
-    next_check_at  INTEGER NOT NULL,
-    deliver_at     INTEGER NOT NULL,
-    delivered      INTEGER NOT NULL DEFAULT 0,
-    created_at     INTEGER NOT NULL,
-    updated_at     INTEGER NOT NULL,
-    record         BLOB
-);
-CREATE UNIQUE INDEX IF NOT EXISTS tx_msg_id ON tx (msg_id);
-CREATE INDEX IF NOT EXISTS tx_open ON tx (state) WHERE state IN ('prepared', 'check_max');
-CREATE INDEX IF NOT EXISTS tx_undelivered ON tx (delivered) WHERE delivered = 0;
-CREATE INDEX IF NOT EXISTS tx_finished ON tx (updated_at)
-    WHERE state IN ('committed', 'rolled_back');
--- Counting and paging transactions by state reads this index only.
-CREATE INDEX IF NOT EXISTS tx_state ON tx (state, created_at, tx_id);
--- Every check-back asked and how it was answered, for operators (bounded: check_max per tx).
-CREATE TABLE IF NOT EXISTS tx_check (
-    tx_id  TEXT NOT NULL,
-    at     INTEGER NOT NULL,
-    answer TEXT NOT NULL,
-    via    TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS tx_check_tx ON tx_check (tx_id, at);
-CREATE INDEX IF NOT EXISTS tx_check_at ON tx_check (at);
-"""
-_COLUMNS = (
-    "tx_id, msg_id, topic, producer_group, check_url, state, check_count, next_check_at, "
-    "deliver_at, delivered, created_at, updated_at, record"
-)
-
-
-class TxNotFound(TempoError):
-    status, code = 404, "transaction_not_found"
-
-
-class TxStoreUnavailable(StoreUnavailable):
-    code = "transaction_store_unavailable"
-
-
-@dataclass(slots=True)
-class TxRow:
-    tx_id: str
-    msg_id: bytes
-    topic: str
-    producer_group: str
-    check_url: str | None
-    state: TxState
-    check_count: int
-    next_check_at: int
-    deliver_at: int
-    delivered: bool
-    created_at: int
-    updated_at: int
-    record: bytes | None
-
-    @classmethod
-    def from_sql(cls, r: Sequence[Any]) -> TxRow:
-        return cls(
-            r[0],
-            bytes(r[1]),
-            r[2],
-            r[3],
-            r[4],
-            TxState(r[5]),
-            r[6],
-            r[7],
-            r[8],
-            bool(r[9]),
-            r[10],
-            r[11],
-            None if r[12] is None else bytes(r[12]),
-        )
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "tx_id": self.tx_id,
-            "msg_id": self.msg_id.hex(),
-            "topic": self.topic,
-            "producer_group": self.producer_group,
-            "state": self.state.value,
-            "check_count": self.check_count,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-        }
+#: How many due rows one claim round takes at most.
+CLAIM_BATCH = 200
 
 
 class Clock(Protocol):
@@ -177,12 +106,20 @@ class TxSettings:
     check_timeout_ms: int = 5_000
     history_ms: int = 72 * 3600_000
     check_url: CheckUrlPolicy = field(default_factory=CheckUrlPolicy)
+    #: Shared stores: how long a node's claim on a row lasts unrenewed (a dead node's check-backs
+    #: and deliveries move to the others within this time).
+    lease_ms: int = 10_000
+
+    @property
+    def poll_ms(self) -> int:
+        """Shared stores: how often a node claims due rows and renews its leases."""
+        return max(50, min(1000, self.lease_ms // 5))
 
 
 class Coordinator:
     def __init__(
         self,
-        path: Path,
+        store: TxStore | Path,
         broker_store: MessageStore,
         scheduler: Scheduler,
         timers: Clock,
@@ -190,10 +127,15 @@ class Coordinator:
         settings: TxSettings = TxSettings(),
         sync: bool = False,
         new_msg_id: Callable[[], bytes] | None = None,
+        node_id: str | None = None,
     ) -> None:
-        self.db = SqliteRunner(
-            path, schema=_SCHEMA, sync=sync, name="tx-store", unavailable=TxStoreUnavailable
-        )
+        """``store``: a :class:`TxStore`, or the path of a SQLite file (``sync``: fsync each
+        commit)."""
+        self.store = SqliteTxStore(store, sync=sync) if isinstance(store, Path) else store
+        #: Several nodes share the store: work is claimed under leases, not timed locally.
+        self.shared = isinstance(self.store, SharedTxStore)
+        #: This node's name on its leases (unique per process).
+        self.node_id = node_id or f"{os.uname().nodename[:40]}-{os.urandom(6).hex()}"
         self.broker_store = broker_store
         #: Ids for half messages; the delay service's, so a delayed one stays on this server.
         self.new_msg_id = broker_store.new_msg_id if new_msg_id is None else new_msg_id
@@ -204,6 +146,10 @@ class Coordinator:
         self._asks: dict[str, dict[str, dict[str, object]]] = {}
         self._handed: dict[str, str] = {}  # tx_id -> group, while its answer is awaited
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        #: Shared stores: when each group last long-polled here; rows this node holds a lease on.
+        self._polled: dict[str, int] = {}
+        self._claimed: set[str] = set()
+        self._delivering: set[str] = set()  # of those, committed ones being put
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
         self._closing = False
@@ -213,27 +159,24 @@ class Coordinator:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.db.open()
+        await self.store.open()
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.settings.check_timeout_ms / 1000),
             connector=aiohttp.TCPConnector(resolver=AllowListResolver(self.settings.check_url)),
         )
-        rows = await self.db.read(
-            lambda db: [
-                TxRow.from_sql(r)
-                for r in db.execute(
-                    f"SELECT {_COLUMNS} FROM tx WHERE state = 'prepared' OR delivered = 0"
-                )
-            ]
-        )
-        now = self.timers.now_ms()
-        for row in rows:
-            if row.state is TxState.COMMITTED and not row.delivered:
-                self._spawn(self._deliver(row))  # decided before a crash, not yet visible
-            elif row.state is TxState.PREPARED:
-                self._arm(row.tx_id, max(row.next_check_at, now))
+        if self.shared:
+            self._spawn(self._claimer())
+            log.info("tx.started", store=self.store.name, node=self.node_id)
+        else:
+            rows = await self.store.open_rows()
+            now = self.timers.now_ms()
+            for row in rows:
+                if row.state is TxState.COMMITTED and not row.delivered:
+                    self._spawn(self._deliver(row))  # decided before a crash, not yet visible
+                elif row.state is TxState.PREPARED:
+                    self._arm(row.tx_id, max(row.next_check_at, now))
+            log.info("tx.started", open=sum(r.state is TxState.PREPARED for r in rows))
         self._spawn(self._housekeeper())
-        log.info("tx.started", open=sum(r.state is TxState.PREPARED for r in rows))
 
     def begin_shutdown(self) -> None:
         """Answer every producer's long poll now (empty): the server is stopping."""
@@ -244,13 +187,23 @@ class Coordinator:
     async def stop(self) -> None:
         self.begin_shutdown()
         await cancel_and_wait(self._tasks)
+        # Check-backs awaiting an answer are let go at once rather than at the leases' end, so
+        # the others ask again now. Deliveries are not: one stopped between its put and its
+        # mark would be put again elsewhere; they pass on when their leases end.
+        checks = self._claimed - self._delivering
+        if isinstance(self.store, SharedTxStore) and checks:
+            try:
+                await self.store.renew(self.node_id, checks, self.timers.now_ms())
+            except TxStoreUnavailable as e:
+                log.warning("tx.release_failed", error=str(e))
+        self._claimed.clear()
         if self._http is not None:
             await self._http.close()
-        await self.db.close()
+        await self.store.close()
 
     async def health(self) -> str | None:
-        """None when the transaction DB takes writes (tried again after a failed one)."""
-        return await self.db.check()
+        """None when the transaction store takes writes (tried again after a failed one)."""
+        return await self.store.health()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -258,7 +211,8 @@ class Coordinator:
         task.add_done_callback(self._tasks.discard)
 
     def _arm(self, tx_id: str, when_ms: int) -> None:
-        self.timers.call_at(when_ms, partial(self._spawn_check, tx_id))
+        if not self.shared:  # a shared store's due rows are claimed by _claimer
+            self.timers.call_at(when_ms, partial(self._spawn_check, tx_id))
 
     def _spawn_check(self, tx_id: str) -> None:
         self._later_now(self._check, tx_id)
@@ -304,39 +258,16 @@ class Coordinator:
             now,
             now,
             encode_message(msg),
+            due_at=now + immunity,
         )
-        values = (
-            row.tx_id,
-            row.msg_id,
-            row.topic,
-            row.producer_group,
-            row.check_url,
-            row.state.value,
-            0,
-            row.next_check_at,
-            row.deliver_at,
-            0,
-            now,
-            now,
-            row.record,
-        )
-
-        def run(db: sqlite3.Connection) -> TxRow | None:
-            prior = db.execute(f"SELECT {_COLUMNS} FROM tx WHERE msg_id = ?", (row.msg_id,))
-            found = prior.fetchone()
-            if found is not None:
-                return TxRow.from_sql(found)
-            db.execute(f"INSERT INTO tx ({_COLUMNS}) VALUES ({','.join('?' * 13)})", values)
-            return None
-
-        first = await self.db.write(run)
+        first = await self.store.insert(row)
         if first is not None:
             return first
         self._arm(row.tx_id, row.next_check_at)
         return row
 
     async def get(self, tx_id: str) -> TxRow:
-        row = await self.db.read(partial(_select, tx_id=tx_id))
+        row = await self.store.get(tx_id)
         if row is None:
             raise TxNotFound(f"no transaction {tx_id}")
         return row
@@ -348,49 +279,23 @@ class Coordinator:
         self, state: TxState, *, limit: int, after: tuple[int, str] | None = None
     ) -> list[TxRow]:
         """Up to ``limit`` transactions in ``state``, oldest first, after the (created_at,
-        tx_id) of the last one of the previous page: one range of the ``tx_state`` index."""
-        at, tx_id = after if after is not None else (-1, "")
-        return await self.db.read(
-            lambda db: [
-                TxRow.from_sql(r)
-                for r in db.execute(
-                    f"SELECT {_COLUMNS} FROM tx INDEXED BY tx_state WHERE state = ? "
-                    "AND (created_at, tx_id) > (?, ?) ORDER BY created_at, tx_id LIMIT ?",
-                    (state.value, at, tx_id, limit),
-                )
-            ]
-        )
+        tx_id) of the last one of the previous page."""
+        return await self.store.list_page(state, limit=limit, after=after)
 
     async def count_states(self) -> dict[str, int]:
         """How many transactions are in each state (finished ones until they are purged)."""
-        rows = await self.db.read(
-            lambda db: db.execute(
-                "SELECT state, COUNT(*) FROM tx INDEXED BY tx_state GROUP BY state"
-            ).fetchall()
-        )
         counts = dict.fromkeys((s.value for s in TxState), 0)
-        counts.update({state: int(n) for state, n in rows})
+        counts.update(await self.store.count_states())
         return counts
 
     async def check_history(self, tx_id: str, limit: int = 100) -> list[dict[str, object]]:
         """The check-backs of ``tx_id``, oldest first: when, the answer, and who answered."""
-        rows = await self.db.read(
-            lambda db: db.execute(
-                "SELECT at, answer, via FROM tx_check WHERE tx_id = ? ORDER BY at LIMIT ?",
-                (tx_id, limit),
-            ).fetchall()
-        )
+        rows = await self.store.check_history(tx_id, limit)
         return [{"at": at, "answer": answer, "via": via} for at, answer, via in rows]
 
     async def _record_check(self, tx_id: str, answer: str, via: str) -> None:
         CHECKS.labels(answer).inc()
-        now = self.timers.now_ms()
-        await self.db.write(
-            lambda db: db.execute(
-                "INSERT INTO tx_check (tx_id, at, answer, via) VALUES (?, ?, ?, ?)",
-                (tx_id, now, answer, via),
-            )
-        )
+        await self.store.record_check(tx_id, self.timers.now_ms(), answer, via)
 
     async def commit(self, tx_id: str) -> TxRow:
         return await self._apply(tx_id, TxEvent.COMMIT)
@@ -405,37 +310,29 @@ class Coordinator:
         return await self._apply(tx_id, event)
 
     async def _apply(self, tx_id: str, event: TxEvent) -> TxRow:
+        return (await self._step(tx_id, event))[0]
+
+    async def _step(self, tx_id: str, event: TxEvent) -> tuple[TxRow, Step, bool]:
+        """Apply ``event``; returns the row after it, the step, and whether the row changed."""
         now = self.timers.now_ms()
         settings = self.settings
+        shared = self.shared
 
-        def run(db: sqlite3.Connection) -> tuple[TxRow, Step]:
-            row = _select(db, tx_id=tx_id)
-            if row is None:
-                raise TxNotFound(f"no transaction {tx_id}")
+        def run(row: TxRow) -> tuple[TxRow, Step, bool]:
             s = step(row.state, event, check_count=row.check_count, check_max=settings.check_max)
-            if s.state is not row.state or s.check_count != row.check_count:
+            changed = s.state is not row.state or s.check_count != row.check_count
+            if changed:
                 row.state, row.check_count, row.updated_at = s.state, s.check_count, now
                 if s.check_again:
                     row.next_check_at = now + settings.check_interval_ms
                 if s.state is TxState.ROLLED_BACK:
                     row.record = None  # nothing will ever need it
                     row.delivered = True  # nothing left to deliver either
-                db.execute(
-                    "UPDATE tx SET state = ?, check_count = ?, next_check_at = ?, updated_at = ?, "
-                    "record = ?, delivered = ? WHERE tx_id = ?",
-                    (
-                        row.state.value,
-                        row.check_count,
-                        row.next_check_at,
-                        now,
-                        row.record,
-                        int(row.delivered),
-                        tx_id,
-                    ),
-                )
-            return row, s
+                if shared:
+                    self._lease_after(row, s, now)
+            return row, s, changed
 
-        row, s = await self.db.write(run)
+        row, s, changed = await self.store.change(tx_id, run)
         if s.deliver:
             OUTCOMES.labels("committed").inc()
             await self._deliver(row)
@@ -445,11 +342,22 @@ class Coordinator:
             self._arm(tx_id, row.next_check_at)
         if s.state is TxState.CHECK_MAX and event is TxEvent.UNKNOWN:
             log.warning("tx.check_max", tx_id=tx_id, group=row.producer_group, checks=s.check_count)
-        return row
+        return row, s, changed
+
+    def _lease_after(self, row: TxRow, s: Step, now: int) -> None:
+        """Shared stores: who holds ``row`` after a state change, and when it is next due."""
+        if s.deliver:  # this node hands the message over, under a lease
+            row.owner, row.due_at = self.node_id, now + self.settings.lease_ms
+            self._claimed.add(row.tx_id)
+        elif row.state is TxState.PREPARED:  # the next check-back, by whichever node
+            row.owner, row.due_at = None, row.next_check_at
+        else:  # parked or finished: nothing to do
+            row.owner, row.due_at = None, None
 
     async def _deliver(self, row: TxRow) -> None:
         """Make a committed message visible (idempotent), then record that it is."""
         assert row.record is not None
+        self._delivering.add(row.tx_id)
         msg = decode_message(row.record)
         try:
             if row.deliver_at > self.timers.now_ms():
@@ -461,26 +369,109 @@ class Coordinator:
             log.error("tx.deliver_failed", tx_id=row.tx_id, error=str(e))
             self._later(1000, self._deliver, row)
             return
-        await self.db.write(
-            lambda db: db.execute(
-                "UPDATE tx SET delivered = 1, record = NULL WHERE tx_id = ?", (row.tx_id,)
-            )
+        await self._mark_delivered(row)
+
+    async def _mark_delivered(self, row: TxRow, *, again: bool = False) -> None:
+        try:
+            await self.store.mark_delivered(row.tx_id)
+        except TxStoreUnavailable as e:
+            if not self.shared:
+                raise  # the next start delivers it again, idempotently, into the same broker
+            # Another node would hand it over again once this node's lease ran out: keep the
+            # lease and retry the mark (only the mark) until the store answers.
+            log.error("tx.mark_delivered_failed", tx_id=row.tx_id, error=str(e))
+            self._later(1000, partial(self._mark_delivered, again=True), row)
+            if not again:
+                raise
+            return
+        row.delivered, row.record, row.owner, row.due_at = True, None, None, None
+        self._claimed.discard(row.tx_id)
+        self._delivering.discard(row.tx_id)
+
+    # -- claims (shared stores) ------------------------------------------------------------------
+
+    async def _claimer(self) -> None:
+        """Every ``poll_ms``: renew this node's leases, then claim and start the due work."""
+        poll_s = self.settings.poll_ms / 1000
+        while True:
+            try:
+                await self.claim_round()
+            except TxStoreUnavailable as e:
+                log.warning("tx.claim_failed", error=str(e))
+            await asyncio.sleep(poll_s)
+
+    async def claim_round(self) -> int:
+        """One renewal and one claim; returns how many rows were claimed."""
+        store = self.store
+        assert isinstance(store, SharedTxStore)
+        settings = self.settings
+        now = self.timers.now_ms()
+        until = now + settings.lease_ms
+        if self._claimed:
+            await store.renew(self.node_id, list(self._claimed), until)
+        if self._closing:
+            return 0  # stopping: take on nothing new
+        # Groups whose SDK producers long-poll this node: their checks are asked here first.
+        recent = now - settings.check_timeout_ms - 2 * settings.poll_ms
+        groups = set(self._waiters) | {g for g, at in self._polled.items() if at >= recent}
+        for g in [g for g, at in self._polled.items() if at < recent]:
+            del self._polled[g]
+        rows = await store.claim_due(
+            now=now,
+            until=until,
+            owner=self.node_id,
+            groups=groups,
+            others_after=now - 3 * settings.poll_ms,
+            limit=CLAIM_BATCH,
         )
-        row.delivered, row.record = True, None
+        for row in rows:
+            self._claimed.add(row.tx_id)
+            if row.state is TxState.PREPARED:
+                self._spawn(self._ask(row))
+            elif row.state is TxState.COMMITTED and not row.delivered and row.record is not None:
+                self._spawn(self._deliver(row))
+            else:
+                self._spawn(self._release(row.tx_id))
+        return len(rows)
+
+    async def _release(self, tx_id: str) -> None:
+        """Let go of a claimed row that needs nothing (it changed meanwhile)."""
+
+        def run(row: TxRow) -> None:
+            if row.owner == self.node_id:
+                needs = row.state is TxState.PREPARED
+                row.owner, row.due_at = None, (row.next_check_at if needs else None)
+
+        try:
+            await self.store.change(tx_id, run)
+        finally:
+            self._claimed.discard(tx_id)
 
     # -- check-back ------------------------------------------------------------------------------
 
     async def _check(self, tx_id: str) -> None:
-        row = await self.db.read(partial(_select, tx_id=tx_id))
+        row = await self.store.get(tx_id)
         if row is None or row.state is not TxState.PREPARED:
             return
+        await self._ask(row)
+
+    async def _ask(self, row: TxRow) -> None:
+        """Ask the producer of the open transaction ``row`` (claimed, on a shared store)."""
+        tx_id = row.tx_id
         if tx_id in self._handed or tx_id in self._asks.get(row.producer_group, {}):
             return  # already asked, answer pending
         request = self._check_request(row)
         if row.check_url:
-            answer = await self._ask_url(row.check_url, request)
-            await self._record_check(tx_id, answer.value, "check_url")
-            await self._apply(tx_id, answer)
+            try:
+                answer = await self._ask_url(row.check_url, request)
+                await self._record_check(tx_id, answer.value, "check_url")
+                await self._apply(tx_id, answer)
+            except asyncio.CancelledError:
+                raise  # stopping: the claim stays listed for stop() to let go of
+            except BaseException:
+                self._claimed.discard(tx_id)  # the lease runs out; then it is asked again
+                raise
+            self._claimed.discard(tx_id)
             return
         channel = next((c for c in self.check_channels if c.claims(row.producer_group)), None)
         if channel is not None:
@@ -530,12 +521,16 @@ class Coordinator:
             return TxEvent.UNKNOWN
 
     async def _no_answer(self, tx_id: str) -> None:
-        if self._withdraw(tx_id):
+        if not self._withdraw(tx_id):
+            return
+        # Counted only if still open: on a shared store the answer may have come to another
+        # node, which then decided the transaction.
+        if (await self._step(tx_id, TxEvent.UNKNOWN))[2]:
             await self._record_check(tx_id, "unanswered", "producer")
-            await self._apply(tx_id, TxEvent.UNKNOWN)
 
     def _withdraw(self, tx_id: str) -> bool:
         """Take an outstanding check request back; True if there was one."""
+        self._claimed.discard(tx_id)
         if self._handed.pop(tx_id, None) is not None:
             return True
         return any(asks.pop(tx_id, None) is not None for asks in self._asks.values())
@@ -544,27 +539,33 @@ class Coordinator:
         """The long poll of an SDK producer: check requests for its group, up to ``max_n``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
-        while True:
-            asks = self._asks.get(group)
-            if asks:
-                out = []
-                for tx_id in list(asks)[:max_n]:
-                    out.append(asks.pop(tx_id))
-                    self._handed[tx_id] = group
-                return out
-            remaining = deadline - loop.time()
-            if remaining <= 0 or self._closing:
-                return []
-            fut: asyncio.Future[None] = loop.create_future()
-            self._waiters.setdefault(group, []).append(fut)
-            try:
-                await asyncio.wait_for(fut, remaining)
-            except TimeoutError:
-                pass
-            finally:
-                waiters = self._waiters.get(group)
-                if waiters and fut in waiters:
-                    waiters.remove(fut)
+        if self.shared:
+            self._polled[group] = self.timers.now_ms()
+        try:
+            while True:
+                asks = self._asks.get(group)
+                if asks:
+                    out = []
+                    for tx_id in list(asks)[:max_n]:
+                        out.append(asks.pop(tx_id))
+                        self._handed[tx_id] = group
+                    return out
+                remaining = deadline - loop.time()
+                if remaining <= 0 or self._closing:
+                    return []
+                fut: asyncio.Future[None] = loop.create_future()
+                self._waiters.setdefault(group, []).append(fut)
+                try:
+                    await asyncio.wait_for(fut, remaining)
+                except TimeoutError:
+                    pass
+                finally:
+                    waiters = self._waiters.get(group)
+                    if waiters and fut in waiters:
+                        waiters.remove(fut)
+        finally:
+            if self.shared:
+                self._polled[group] = self.timers.now_ms()
 
     def wake(self, group: str) -> None:
         for f in self._waiters.pop(group, []):
@@ -581,23 +582,4 @@ class Coordinator:
 
     async def purge(self) -> int:
         """Forget finished transactions older than ``history_ms``."""
-        before = self.timers.now_ms() - self.settings.history_ms
-
-        def run(db: sqlite3.Connection) -> int:
-            # Checks of transactions still kept stay, however old (a parked one's history).
-            db.execute(
-                "DELETE FROM tx_check WHERE at < ? AND tx_id NOT IN (SELECT tx_id FROM tx)",
-                (before,),
-            )
-            return db.execute(
-                "DELETE FROM tx WHERE state IN ('committed', 'rolled_back') AND delivered = 1 "
-                "AND updated_at < ?",
-                (before,),
-            ).rowcount
-
-        return await self.db.write(run)
-
-
-def _select(db: sqlite3.Connection, *, tx_id: str) -> TxRow | None:
-    r = db.execute(f"SELECT {_COLUMNS} FROM tx WHERE tx_id = ?", (tx_id,)).fetchone()
-    return None if r is None else TxRow.from_sql(r)
+        return await self.store.purge(self.timers.now_ms() - self.settings.history_ms)

@@ -88,3 +88,14 @@ def test_delay_bench_runs_and_its_plots_are_drawn(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "lateness.png").stat().st_size > 0
     assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+def test_tx_bench_on_one_and_two_servers_sharing_a_tx_store_runs(tmp_path: Path) -> None:
+    _require("MariaDB", "127.0.0.1", 3306)
+    small = ["--seconds", "0.5", "--warmup", "0.2", "--producers", "4", "--runs", "1"]
+    result = _run("tx_bench", ["--nodes", *small], tmp_path)
+    assert result["bench"] == "tx_bench_nodes"
+    for case in ("sqlite", "shared_1", "shared_2"):
+        assert (
+            isinstance(result[f"{case}_tx_per_s"], int | float) and result[f"{case}_tx_per_s"] > 0
+        )

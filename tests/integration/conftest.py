@@ -1,6 +1,7 @@
 """Connection URLs of the real services the integration tests run against.
 
-Override with ``TEMPOMQ_TEST_REDIS_URL`` / ``TEMPOMQ_TEST_MYSQL_URL``; a service that does not
+Override with ``TEMPOMQ_TEST_REDIS_URL`` / ``TEMPOMQ_TEST_MYSQL_URL`` /
+``TEMPOMQ_TEST_POSTGRES_URL``; a service that does not
 answer skips the test locally and fails it under CI (see ``tests/services.py``).
 """
 
@@ -20,6 +21,7 @@ from tests.services import require_service, services_required
 # Database 15 so that a developer's Redis data in db 0 is never touched by a flush in a test.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 DEFAULT_MYSQL_URL = "mysql+aiomysql://root@127.0.0.1:3306/test"
+DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
 
 def _require(name: str, url: str, default_port: int) -> str:
@@ -36,6 +38,12 @@ def redis_url() -> str:
 @pytest.fixture
 def mysql_url() -> str:
     return _require("MariaDB", os.environ.get("TEMPOMQ_TEST_MYSQL_URL", DEFAULT_MYSQL_URL), 3306)
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    url = os.environ.get("TEMPOMQ_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+    return _require("PostgreSQL", url, 5432)
 
 
 @pytest.fixture

@@ -134,6 +134,7 @@ def test_every_option_is_settable_from_env() -> None:
         "insecure-no-auth": "on",
         "metrics-public": "on",
         "check-url-allow": "hooks.internal",
+        "tx-store": "postgresql+asyncpg://u@db/tx",
     }
     sizes = {"segment-bytes": "2GiB", "max-body-bytes": "1MiB", "max-request-bytes": "32MiB"}
     # Options that are only valid with a companion.
@@ -145,6 +146,30 @@ def test_every_option_is_settable_from_env() -> None:
             value = "3s" if opt.kind.metavar == "DURATION" else "3"
         s = load(env={**companions.get(opt.flag, {}), opt.env: value})
         assert getattr(s, opt.field) != getattr(Settings(), opt.field), opt.flag
+
+
+def test_tx_store_takes_sqlite_mysql_and_postgresql_urls_and_names_what_is_wrong() -> None:
+    assert load().tx_store is None  # the SQLite file in the data directory
+    for url in (
+        "sqlite:///tx.db",
+        "mysql+aiomysql://root@127.0.0.1:3306/test",
+        "mariadb+aiomysql://u:p@db/tx?table_prefix=a_",
+        "postgresql+asyncpg://postgres@127.0.0.1/test",
+    ):
+        assert load(["--tx-store", url]).tx_store == url
+    bad = {
+        "redis://r": "unsupported scheme 'redis'",
+        "mysql://root@h/test": "unsupported scheme 'mysql'",  # the blocking driver
+        "postgresql+asyncpg://h": "must name a database",
+        "mysql+aiomysql://h/db?table_prefix=a-b": "table_prefix",
+        "sqlite:///": "needs a file path",
+        "nonsense": "not a database URL",
+    }
+    for url, why in bad.items():
+        with pytest.raises(ConfigError, match=f"--tx-store / TEMPOMQ_TX_STORE: .*{why}"):
+            load(["--tx-store", url])
+    with pytest.raises(ConfigError, match="tx-lease"):
+        load(["--tx-lease", "100ms"])
 
 
 def test_grpc_listener_defaults_on_and_can_be_turned_off() -> None:

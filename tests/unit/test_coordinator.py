@@ -22,22 +22,33 @@ from delayserver.timers import TimerService
 from tests.unit.broker_helpers import wait_for
 from txcoord.coordinator import Coordinator, TxNotFound, TxSettings
 from txcoord.states import AlreadyCommitted, AlreadyRolledBack, TxEvent, TxState
+from txcoord.store import TxStore
 
 FAST = TxSettings(check_immunity_ms=150, check_interval_ms=150, check_max=3, check_timeout_ms=300)
 
 
 class Node:
-    def __init__(self, data: Path, settings: TxSettings = FAST) -> None:
+    """A broker, delay service and coordinator on ``data``; the coordinator's store is the
+    SQLite file ``data/tx.db`` unless ``store`` (e.g. a shared SQL store) is given."""
+
+    def __init__(
+        self, data: Path, settings: TxSettings = FAST, store: TxStore | None = None
+    ) -> None:
         self.timers = TimerService(max_sleep_ms=None)
         self.broker = Broker(BrokerConfig(data_dir=data, segment_bytes=1 << 20), timers=self.timers)
         self.delay = DelayService(
             EmbeddedDelayStore(data / "delay.db"), self.broker.store, self.timers
         )
         self.tx = Coordinator(
-            data / "tx.db", self.broker.store, self.delay, self.timers, settings=settings
+            data / "tx.db" if store is None else store,
+            self.broker.store,
+            self.delay,
+            self.timers,
+            settings=settings,
         )
 
     async def start(self) -> Node:
+        self.stopped = False
         self.timers.start()
         await self.broker.start()
         await self.delay.start()
@@ -46,6 +57,7 @@ class Node:
         return self
 
     async def stop(self) -> None:
+        self.stopped = True
         await self.tx.stop()
         await self.delay.stop()
         await self.broker.stop()
