@@ -150,6 +150,10 @@ def set_aside(path: Path) -> Path:
     return kept
 
 
+def _nothing() -> None:
+    """Run on a pool to wait for what it is running now."""
+
+
 def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -178,6 +182,7 @@ class MessageStore:
         #: The latest tombstone of each deleted topic name (re-created or not).
         self.deleted: dict[str, Tombstone] = {}
         self._tombstones: list[Tombstone] = []
+        self._deleting: set[str] = set()
         self._cqs: dict[tuple[str, int], ConsumeQueue] = {}
         self._next_qoff: dict[tuple[str, int], int] = {}
         self._rr: dict[str, int] = {}
@@ -353,9 +358,21 @@ class MessageStore:
         created again, fresh. Raises :class:`TopicNotFound`, or ``StoreUnavailable`` when the
         deletion could not be saved (the topic then stays)."""
         topic = self.topic(name)
+        self._deleting.add(name)
+        try:
+            return await self._delete_topic(topic)
+        finally:
+            self._deleting.discard(name)
+
+    async def _delete_topic(self, topic: TopicConfig) -> Tombstone:
+        name = topic.name
         # Every record staged before this point (in flight to disk included) lies below phy.
         tomb = Tombstone(name, topic.created_at, self.clock(), self.commitlog.reserved_end)
         del self.topics[name]
+        # Tombstoned at once: lookups hide its records and releases for it are dropped, rather
+        # than re-creating it, while the files are written.
+        prior = self.deleted.get(name)
+        self.deleted[name] = tomb
         tombstones = [*self._tombstones, tomb]
         loop = asyncio.get_running_loop()
         try:
@@ -371,15 +388,20 @@ class MessageStore:
             )
         except OSError as e:
             self.topics[name] = topic
+            if prior is None:
+                del self.deleted[name]
+            else:
+                self.deleted[name] = prior
             raise StoreUnavailable(f"cannot delete topic {name!r}: {e.strerror or e}") from e
         self._tombstones = tombstones
-        self.deleted[name] = tomb
         cqs = [self._cqs.pop((name, q)) for q in range(topic.queues) if (name, q) in self._cqs]
         for q in range(topic.queues):
             self._next_qoff.pop((name, q), None)
         self._rr.pop(name, None)
-        # On the writer's thread, after any write in flight (which skips queues now gone).
-        await loop.run_in_executor(self._write_pool, self._drop_queues, name, cqs)
+        # Closed once no thread can be using them: a write in flight may have taken them before
+        # they left _cqs (later writes skip queues that are gone), a checkpoint in flight too.
+        await loop.run_in_executor(self._write_pool, _nothing)
+        await loop.run_in_executor(self._flush_pool, self._drop_queues, name, cqs)
         await self.flush()  # a checkpoint without its entries, so a restart need not rebuild
         log.info("topic.deleted", topic=name, phy=tomb.phy)
         return tomb
@@ -425,6 +447,8 @@ class MessageStore:
             raise InvalidTopic(f"queues must be an integer from 1 to {self.config.max_queues}")
         if name in self.topics:
             raise TopicExists(f"topic {name!r} already exists")
+        if name in self._deleting:
+            raise TopicExists(f"topic {name!r} is being deleted: create it again in a moment")
         topic = TopicConfig(name, queues, self.clock())
         self.topics[name] = topic
         try:
@@ -450,7 +474,12 @@ class MessageStore:
             try:
                 topic = await self.create_topic(name, queues, client=False)
             except TopicExists:
-                topic = self.topics[name]
+                found = self.topics.get(name)
+                if found is None:  # being deleted just now
+                    raise StoreUnavailable(
+                        f"topic {name!r} is being deleted; try again in a moment"
+                    ) from None
+                topic = found
         return topic
 
     def topic(self, name: str) -> TopicConfig:

@@ -19,8 +19,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from broker_core.errors import StoreUnavailable, TopicExists
+from broker_core.message import Message
 from tempomq.app import build_app
 from tempomq.config import Settings
+from tests.unit.store_helpers import Stores
 
 Client = TestClient[web.Request, web.Application]
 
@@ -314,3 +317,27 @@ async def test_store_drops_the_tombstoned_records_when_rebuilding(tmp_data_dir: 
         assert await error(c, "GET", "/v1/topics/orders") == (404, "topic_not_found")
     finally:
         await app.stop()
+
+
+async def test_a_topic_is_not_created_again_while_it_is_being_deleted(
+    tmp_path: Path, stores: Stores
+) -> None:
+    """Its queue files are removed during the delete: a create in between would lose its own.
+    The create is refused (409), and succeeds, fresh, once the delete is done; puts staged
+    before the delete never reach the new topic."""
+    store = await stores.start(tmp_path / "data")
+    await store.create_topic("t", 1)
+    staged = asyncio.ensure_future(store.put(Message("t", b"old")))
+    deleting = asyncio.ensure_future(store.delete_topic("t"))
+    await asyncio.sleep(0)
+    with pytest.raises(TopicExists, match="being deleted"):
+        await store.create_topic("t", 1)
+    with pytest.raises(StoreUnavailable, match="being deleted"):
+        await store.ensure_topic("t", 1)
+    await deleting
+    await staged  # written (it was staged first), but of the deleted topic
+    await store.create_topic("t", 1)
+    assert store.queue_bounds("t", 0) == (0, 0)
+    new = await store.put(Message("t", b"new"))
+    assert (new.queue_offset, store.queue_bounds("t", 0)) == (0, (0, 1))
+    assert [m.body for m in store.lookup_id(new.msg_id)] == [b"new"]
