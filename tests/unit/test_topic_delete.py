@@ -341,3 +341,18 @@ async def test_a_topic_is_not_created_again_while_it_is_being_deleted(
     new = await store.put(Message("t", b"new"))
     assert (new.queue_offset, store.queue_bounds("t", 0)) == (0, (0, 1))
     assert [m.body for m in store.lookup_id(new.msg_id)] == [b"new"]
+
+
+async def test_an_unreadable_tombstone_file_stops_the_start(
+    tmp_path: Path, stores: Stores
+) -> None:
+    """Without its tombstones a deleted topic would come back from its records: no start."""
+    data = tmp_path / "data"
+    store = await stores.start(data)
+    await store.create_topic("t", 1)
+    await store.put(Message("t", b"old"))
+    await store.delete_topic("t")
+    await stores.stop(store)
+    (data / "deleted-topics.json").write_bytes(b'[{"name": "t"')
+    with pytest.raises(StoreUnavailable, match=r"deleted-topics\.json is unreadable"):
+        await stores.start(data)
