@@ -1,12 +1,17 @@
 # Developer entry points. Needs only Python >= 3.11 and make: the first target run creates
-# .venv and installs the project with its dev extras; later runs reinstall only when
-# pyproject.toml changed since the last install.
+# .venv. `make run` installs the project with what the server needs and nothing else; `make test`
+# (and lint, bench, chaos) with its dev extras too. Later runs reinstall only when pyproject.toml
+# changed since that kind of install; either order works (the dev install holds the server's).
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Touched after a successful install; pyproject.toml newer than it means reinstall.
-STAMP := $(VENV)/.tempomq-installed
+# Touched after a successful install of each kind; pyproject.toml newer than it means reinstall.
+SERVER_STAMP := $(VENV)/.tempomq-server
+STAMP := $(VENV)/.tempomq-dev
+# pip's own lines that show where an install stands (one per package; a progress bar on a
+# terminal only), without its warnings about the local wheel mirrors.
+PIP_PROGRESS := grep --line-buffered -E '^ *(Collecting|Downloading|Installing|Successfully|ERROR)'
 PYTEST_ARGS ?=
 # Test files run on this many workers (pytest-xdist), each file whole on one worker.
 PYTEST_WORKERS ?= 2
@@ -37,14 +42,20 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	@echo '$(PYTHON_ID)' > $(VENV_ID)
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	@echo "make: installing tempomq and its test tools into $(VENV) (a minute or two the first time)"
-	$(BIN)/python -m pip install --progress-bar on -e '.[dev]' | grep -E '^(Collecting|Successfully)' || true
-	@$(BIN)/python -c 'import tempomq.client, schemathesis' || { echo "make: the install failed; run: $(BIN)/python -m pip install -e '.[dev]'" >&2; exit 1; }
+$(SERVER_STAMP): pyproject.toml | $(BIN)/python
+	@echo "make: installing tempomq and what its server needs into $(VENV) (no test tools)"
+	$(BIN)/python -m pip install -e . 2>&1 | $(PIP_PROGRESS) || true
+	@$(BIN)/python -c 'import tempomq.app' || { echo "make: the install failed; run: $(BIN)/python -m pip install -e ." >&2; exit 1; }
 	touch $@
 
+$(STAMP): pyproject.toml | $(BIN)/python
+	@echo "make: installing tempomq and its test tools into $(VENV) (a minute or two the first time)"
+	$(BIN)/python -m pip install -e '.[dev]' 2>&1 | $(PIP_PROGRESS) || true
+	@$(BIN)/python -c 'import tempomq.app, schemathesis' || { echo "make: the install failed; run: $(BIN)/python -m pip install -e '.[dev]'" >&2; exit 1; }
+	touch $@ $(SERVER_STAMP)
+
 # Defaults: 127.0.0.1:8080, data in ./data; flags or TEMPOMQ_* variables change them.
-run: $(STAMP)
+run: $(SERVER_STAMP)
 	$(BIN)/tempomq serve $(RUN_ARGS)
 
 test: $(STAMP)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -16,6 +16,7 @@ from broker_core.errors import MessageNotFound, TopicNotFound
 from broker_core.groups import Delivery, GroupConfig, GroupManager, ReceiptFailure
 from broker_core.message import Message, StoredMessage, is_system_topic
 from broker_core.protocols import Scheduler, Timers
+from broker_core.retry import dlq_topic, retry_of
 from broker_core.store import MessageStore, PutResult, TopicConfig
 from broker_core.tasks import cancel_and_wait
 
@@ -107,6 +108,57 @@ class Broker:
     async def create_topic(self, name: str, queues: int | None = None) -> TopicConfig:
         return await self.store.create_topic(
             name, self.config.default_queues if queues is None else queues
+        )
+
+    async def delete_topic(self, name: str) -> dict[str, object]:
+        """Delete topic ``name`` and its groups' retry topics (docs/concepts.md, "Deleting a
+        topic"): what it holds becomes unreachable at once, groups forget their cursors and
+        deliveries out on it, and a delayed message, retry or committed transaction meant for
+        it is dropped when due (:meth:`MessageStore.is_orphan`). Dead letters that came from it
+        stay in their group's ``%DLQ%<group>``. Returns what was deleted:
+        ``{"deleted", "messages", "groups", "retry_topics"}``. Raises ``TopicNotFound``."""
+        topic = self.store.topic(name)
+        messages = self._held(topic)
+        groups = self.groups.forget_topic(name)
+        retries = self._retry_topics(lambda group, topic: topic == name)
+        await self.store.delete_topic(name)
+        for retry in retries:
+            await self.store.delete_topic(retry)
+        return {"deleted": name, "messages": messages, "groups": groups, "retry_topics": retries}
+
+    async def delete_group(self, name: str) -> dict[str, object]:
+        """Delete consumer group ``name`` (docs/concepts.md, "Deleting a group"): its config,
+        cursors, offsets and deliveries out are forgotten, its retry topics deleted (a retry
+        due for it later is dropped), and its dead-letter topic deleted when empty; one that
+        holds dead letters is kept for inspection. Returns ``{"deleted", "retry_topics",
+        "dlq_topic", "dlq_messages"}`` (``dlq_topic`` None when it was deleted).
+        Raises ``GroupNotFound``."""
+        await self.groups.delete_group(name)
+        retries = self._retry_topics(lambda group, topic: group == name)
+        for retry in retries:
+            await self.store.delete_topic(retry)
+        dlq = self.store.topics.get(dlq_topic(name))
+        kept = 0 if dlq is None else self._held(dlq)
+        if dlq is not None and not kept:
+            await self.store.delete_topic(dlq.name)
+        return {
+            "deleted": name,
+            "retry_topics": retries,
+            "dlq_topic": dlq_topic(name) if kept else None,
+            "dlq_messages": kept,
+        }
+
+    def _retry_topics(self, match: Callable[[str, str], bool]) -> list[str]:
+        """Retry topics whose (group, topic) ``match`` accepts."""
+        return sorted(
+            t for t in self.store.topics if (r := retry_of(t)) is not None and match(*r)
+        )
+
+    def _held(self, topic: TopicConfig) -> int:
+        """Messages ``topic`` holds now (its queues' ranges)."""
+        return sum(
+            hi - lo
+            for lo, hi in (self.store.queue_bounds(topic.name, q) for q in range(topic.queues))
         )
 
     def list_topics(self, *, include_system: bool = False) -> list[TopicConfig]:

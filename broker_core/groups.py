@@ -29,6 +29,10 @@ R     a reset: cursors moved, deliveries out dropped
 X     a group deleted: its config, cursors and offsets forgotten
 ====  ===========================================================================
 
+A deleted topic (:meth:`MessageStore.delete_topic`) needs no record of its own: its tombstone
+names the CommitLog offset of the deletion, and records and snapshot state about that topic from
+before it are not replayed, so a topic created again under the name starts without them.
+
 ``groups.json`` is a snapshot of the whole state as of a CommitLog offset (``state_at``), saved
 with each flush; a restart loads it and replays the records after it. Deliveries that were out at
 a crash come back with their attempt count and deadline: once the deadline passes they are
@@ -191,7 +195,7 @@ class Delivery:
 
 
 class Subscription:
-    __slots__ = ("by_name", "config", "cursors", "retry_topic", "rr", "topic")
+    __slots__ = ("by_name", "config", "cursors", "gone", "retry_topic", "rr", "topic")
 
     def __init__(self, config: GroupConfig, topic: str, cursors: list[Cursor], retry: str) -> None:
         self.config = config
@@ -200,6 +204,8 @@ class Subscription:
         self.by_name = {(c.topic, c.queue_id): c for c in cursors}
         self.retry_topic = retry
         self.rr = 0
+        #: Its group or topic was deleted: a long poll on it ends, its timers do nothing.
+        self.gone = False
 
 
 def parse_tags(expr: object) -> frozenset[str] | None:
@@ -257,8 +263,14 @@ class GroupManager:
             self.groups[g["name"]] = GroupConfig(
                 g["name"], bool(g["fifo"]), int(g["max_attempts"]), int(g["created_at"])
             )
-        self._saved_offsets = data.get("offsets", {})
+        state_at = int(data.get("state_at", 0))
+        self._saved_offsets = {
+            group: {t: q for t, q in topics.items() if not self._deleted_since(t, state_at)}
+            for group, topics in data.get("offsets", {}).items()
+        }
         for s in data.get("subs", []):
+            if self._deleted_since(s["t"], state_at):
+                continue  # the topic was deleted after this snapshot
             sub = await self._restored_sub(s["g"], s["t"])
             if sub is None:
                 continue
@@ -273,12 +285,19 @@ class GroupManager:
                         continue  # finished by a record written just after the snapshot
                     p.finish_at = None
                     cur.pending[p.offset] = p
-        for op in ops:
+        for phy, op in ops:
+            if "t" in op and self._deleted_since(op["t"], phy):
+                continue  # about a topic deleted since (perhaps created again)
             await self._apply(op)
         self._unarmed = True  # see resume()
         self._dirty = True  # a fresh snapshot, so the next restart replays from here
 
-    def _read_state(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def _deleted_since(self, topic: str, phy: int) -> bool:
+        """Was ``topic`` deleted after CommitLog offset ``phy`` (state from there is void)?"""
+        tomb = self.store.deleted.get(topic)
+        return tomb is not None and phy <= tomb.phy
+
+    def _read_state(self) -> tuple[dict[str, Any], list[tuple[int, dict[str, Any]]]]:
         data: dict[str, Any] = {}
         # Without a snapshot of this format, replay from where this version began writing.
         start = self.store.commitlog.units_from
@@ -290,7 +309,7 @@ class GroupManager:
                 kept = set_aside(self._path)
                 log.error("group.snapshot_unreadable", error=str(e), kept_as=str(kept))
                 data, start = {}, self.store.commitlog.min_offset  # rebuild from the records
-        ops = [orjson.loads(body) for _phy, body in self.store.state_records(start)]
+        ops = [(phy, orjson.loads(body)) for phy, body in self.store.state_records(start)]
         return data, ops
 
     def _restored_pending(self, e: list[Any]) -> Pending:
@@ -510,6 +529,8 @@ class GroupManager:
         deadline = self.timers.now_ms() + wait_ms
         loop = asyncio.get_running_loop()
         while True:
+            if sub.gone:  # deleted while this long poll waited
+                return []
             out, written = self._poll(sub, max_messages, invisible_ms, tags)
             if written is not None:
                 await written  # the deliveries (or a cursor moved past filtered ones) are durable
@@ -1028,9 +1049,34 @@ class GroupManager:
     def _forget_group(self, name: str) -> None:
         self.groups.pop(name, None)
         for key in [k for k in self._subs if k[0] == name]:
-            del self._subs[key]
+            self._drop_sub(self._subs.pop(key))
         self._saved_offsets.pop(name, None)
         self._dirty = True
+
+    def _drop_sub(self, sub: Subscription) -> None:
+        """A subscription whose group or topic is deleted: its deliveries out are forgotten
+        (their receipts expire and their invisibility timers do nothing, so no retry copy is
+        made), and long polls on it return."""
+        sub.gone = True
+        for cur in sub.cursors:
+            cur.pending.clear()
+            cur.order.clear()
+        self.wake({sub.topic, sub.retry_topic})
+
+    def forget_topic(self, topic: str) -> list[str]:
+        """Forget every group's state on ``topic``, which is being deleted: subscriptions,
+        deliveries out, saved offsets. Returns the groups that had state on it. Not journalled:
+        the topic's tombstone voids that state on restart (see :meth:`restore`)."""
+        groups = set()
+        for key in [k for k in self._subs if k[1] == topic]:
+            groups.add(key[0])
+            self._drop_sub(self._subs.pop(key))
+        for group, offsets in self._saved_offsets.items():
+            if offsets.pop(topic, None) is not None:
+                groups.add(group)
+            offsets.pop(retry_topic(group, topic), None)
+        self._dirty = True
+        return sorted(groups)
 
     def subscriptions(self, group: str) -> list[str]:
         """The topics ``group`` has received from since the server started or it was saved."""

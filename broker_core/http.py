@@ -126,7 +126,9 @@ def parse_message(obj: object, topic: str, *, max_body: int, now_ms: int) -> tup
         raise InvalidMessage(f"'sharding_key' must be a string of 1-{MAX_KEY_LEN} characters")
     msg_id = parse_msg_id(obj["msg_id"]) if obj.get("msg_id") is not None else b""
     deliver_at = parse_deliver_at(obj, now_ms)
-    msg = Message(topic, body, tags, keys, props, msg_id, flags)
+    # Born now, even when delivered later: a message sent before its topic was deleted is then
+    # told from one sent to a topic of that name created again (MessageStore.is_orphan).
+    msg = Message(topic, body, tags, keys, props, msg_id, flags, born_at=now_ms)
     if sharding_key:
         msg.properties[PROP_SHARDING_KEY] = sharding_key
     return msg, deliver_at
@@ -313,6 +315,14 @@ async def list_topics(request: web.Request) -> web.Response:
 @routes.get("/v1/topics/{topic}")
 async def get_topic(request: web.Request) -> web.Response:
     return json_response(_render_topic(request.app[BROKER], request.match_info["topic"]))
+
+
+@routes.delete("/v1/topics/{topic}")
+async def delete_topic(request: web.Request) -> web.Response:
+    """Delete a topic (see :meth:`Broker.delete_topic` for what happens to what it holds):
+    ``200 {"deleted", "messages", "groups", "retry_topics"}``; ``404 topic_not_found``."""
+    name = validate_topic_name(request.match_info["topic"], client=True)
+    return json_response(await request.app[BROKER].delete_topic(name))
 
 
 # -- consuming ----------------------------------------------------------------------------------

@@ -15,6 +15,12 @@ NACKED_MESSAGES = Counter(
     "tempomq_redelivered_messages", "Messages sent back for redelivery (nack or timeout)"
 )
 DLQ_MESSAGES = Counter("tempomq_dead_lettered_messages", "Messages moved to a dead-letter topic")
+DROPPED_MESSAGES = Counter(
+    "tempomq_dropped_messages",
+    "Messages due for a topic deleted after they were sent (a delayed message, a retry, a"
+    " committed transaction's message), dropped instead of delivered, by where they came from",
+    ["source"],
+)
 CORRUPT_RECORDS = Counter(
     "tempomq_corrupt_records",
     "Damaged CommitLog ranges found and skipped (never delivered), by who found them",

@@ -30,6 +30,15 @@ def retry_topic(group: str, topic: str) -> str:
     return f"{RETRY_PREFIX}{group}+{topic}"
 
 
+def retry_of(name: str) -> tuple[str, str] | None:
+    """(group, topic) of a retry topic's name, or None for any other name. Group names hold
+    no ``+``, so the first one separates them."""
+    if not name.startswith(RETRY_PREFIX) or "+" not in name:
+        return None
+    group, _, topic = name[len(RETRY_PREFIX) :].partition("+")
+    return group, topic
+
+
 def dlq_topic(group: str) -> str:
     return f"{DLQ_PREFIX}{group}"
 

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import shutil
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -50,9 +51,11 @@ from broker_core.errors import (
 )
 from broker_core.index import Index
 from broker_core.message import (
+    PROP_RETRY_TOPIC,
     Message,
     MsgIdGenerator,
     StoredMessage,
+    is_system_topic,
     validate_topic_name,
 )
 
@@ -60,6 +63,8 @@ log = structlog.get_logger(__name__)
 
 _CHECKPOINT = "checkpoint.json"
 _TOPICS = "topics.json"
+#: Tombstones of deleted topics (see :meth:`MessageStore.delete_topic`).
+_DELETED = "deleted-topics.json"
 #: Topic name carried by consumer-state records (never a real topic, never dispatched).
 STATE_TOPIC = "SYS_CONSUMER_STATE"
 _HEAL_PROBE_S = 1.0
@@ -86,6 +91,26 @@ class TopicConfig:
 
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "queues": self.queues, "created_at": self.created_at}
+
+
+@dataclass(slots=True, frozen=True)
+class Tombstone:
+    """A deleted topic: which one (its name and ``created_at``), when (``deleted_at``, epoch
+    ms) and where the CommitLog stood then (``phy``): every record of that name before ``phy``
+    belongs to it and is never dispatched, found or delivered again."""
+
+    name: str
+    created_at: int
+    deleted_at: int
+    phy: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "created_at": self.created_at,
+            "deleted_at": self.deleted_at,
+            "phy": self.phy,
+        }
 
 
 class PutResult(NamedTuple):
@@ -125,6 +150,14 @@ def set_aside(path: Path) -> Path:
     return kept
 
 
+def _nothing() -> None:
+    """Run on a pool to wait for what it is running now."""
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -146,6 +179,10 @@ class MessageStore:
         )
         self.index = Index(root / "index", slots=config.index_slots, capacity=config.index_entries)
         self.topics: dict[str, TopicConfig] = {}
+        #: The latest tombstone of each deleted topic name (re-created or not).
+        self.deleted: dict[str, Tombstone] = {}
+        self._tombstones: list[Tombstone] = []
+        self._deleting: set[str] = set()
         self._cqs: dict[tuple[str, int], ConsumeQueue] = {}
         self._next_qoff: dict[tuple[str, int], int] = {}
         self._rr: dict[str, int] = {}
@@ -185,6 +222,7 @@ class MessageStore:
         scan_from = checkpoint.get("dispatched")
         end = self.commitlog.open(scan_from=None if scan_from is None else int(scan_from))
         self._buf_start = end
+        self._load_tombstones()
         topics_ok = self._load_topics()
         self.index.load()
         for topic in self.topics.values():
@@ -218,8 +256,12 @@ class MessageStore:
     def _redispatch(self, start: int, end: int, index_max_phy: int) -> int:
         """Feed records in ``[start, end)`` to the ConsumeQueues and index, idempotently."""
         n = 0
+        deleted = self.deleted
         for phy, view, pos in self.commitlog.iter_records(start, end, include=_is_message):
             m = codec.decode(view, pos)
+            tomb = deleted.get(m.topic)
+            if tomb is not None and phy < tomb.phy:
+                continue  # a record of a topic deleted since
             if m.topic not in self.topics:
                 # topics.json lost or older than the log: learn the topic from its records.
                 self.topics[m.topic] = TopicConfig(m.topic, max(m.queue_id + 1, 1), m.stored_at)
@@ -280,7 +322,117 @@ class MessageStore:
             log.error("store.topics_unreadable", error=str(e), kept_as=str(kept))
             return False
         self.topics.update((t.name, t) for t in loaded)
+        for t in loaded:
+            if (t.name, t.created_at) in self._deleted_keys():
+                # A crash between the tombstone and topics.json: the deletion stands.
+                del self.topics[t.name]
         return True
+
+    def _load_tombstones(self) -> None:
+        path = self.root / _DELETED
+        if not path.exists():
+            return
+        try:
+            self._tombstones = [
+                Tombstone(t["name"], int(t["created_at"]), int(t["deleted_at"]), int(t["phy"]))
+                for t in orjson.loads(path.read_bytes())
+            ]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            # Without them deleted topics could come back from their records: refuse to start
+            # rather than deliver what was deleted.
+            raise StoreUnavailable(f"{path} is unreadable ({e}); restore it from a backup") from e
+        for t in self._tombstones:
+            if t.name not in self.deleted or self.deleted[t.name].phy <= t.phy:
+                self.deleted[t.name] = t
+        for name in self.deleted:
+            if name not in self.topics:
+                _remove_tree(self.root / "consumequeue" / name)  # a crash before its removal
+
+    def _deleted_keys(self) -> set[tuple[str, int]]:
+        return {(t.name, t.created_at) for t in self._tombstones}
+
+    async def delete_topic(self, name: str) -> Tombstone:
+        """Delete topic ``name`` durably: it is refused from now on, its ConsumeQueues go, and
+        its records (which stay in the CommitLog until retention removes their segment) are
+        never dispatched, looked up or delivered again, also after a restart. The name can be
+        created again, fresh. Raises :class:`TopicNotFound`, or ``StoreUnavailable`` when the
+        deletion could not be saved (the topic then stays)."""
+        topic = self.topic(name)
+        self._deleting.add(name)
+        try:
+            return await self._delete_topic(topic)
+        finally:
+            self._deleting.discard(name)
+
+    async def _delete_topic(self, topic: TopicConfig) -> Tombstone:
+        name = topic.name
+        # Every record staged before this point (in flight to disk included) lies below phy.
+        tomb = Tombstone(name, topic.created_at, self.clock(), self.commitlog.reserved_end)
+        del self.topics[name]
+        # Tombstoned at once: lookups hide its records and releases for it are dropped, rather
+        # than re-creating it, while the files are written.
+        prior = self.deleted.get(name)
+        self.deleted[name] = tomb
+        tombstones = [*self._tombstones, tomb]
+        loop = asyncio.get_running_loop()
+        try:
+            # Tombstone first: a crash before topics.json is rewritten still finds it deleted.
+            await loop.run_in_executor(
+                self._flush_pool,
+                write_json_atomic,
+                self.root / _DELETED,
+                [t.to_json() for t in tombstones],
+            )
+            await loop.run_in_executor(
+                self._flush_pool, write_json_atomic, self.root / _TOPICS, self._topics_json()
+            )
+        except OSError as e:
+            self.topics[name] = topic
+            if prior is None:
+                del self.deleted[name]
+            else:
+                self.deleted[name] = prior
+            raise StoreUnavailable(f"cannot delete topic {name!r}: {e.strerror or e}") from e
+        self._tombstones = tombstones
+        cqs = [self._cqs.pop((name, q)) for q in range(topic.queues) if (name, q) in self._cqs]
+        for q in range(topic.queues):
+            self._next_qoff.pop((name, q), None)
+        self._rr.pop(name, None)
+        # Closed once no thread can be using them: a write in flight may have taken them before
+        # they left _cqs (later writes skip queues that are gone), a checkpoint in flight too.
+        await loop.run_in_executor(self._write_pool, _nothing)
+        await loop.run_in_executor(self._flush_pool, self._drop_queues, name, cqs)
+        await self.flush()  # a checkpoint without its entries, so a restart need not rebuild
+        log.info("topic.deleted", topic=name, phy=tomb.phy)
+        return tomb
+
+    def _drop_queues(self, name: str, cqs: list[ConsumeQueue]) -> None:
+        for cq in cqs:
+            cq.close()
+        _remove_tree(self.root / "consumequeue" / name)
+
+    def is_orphan(self, msg: Message) -> bool:
+        """Is ``msg`` (a delayed message due, a committed transaction's message, a retry copy)
+        meant for a topic deleted after it was sent? Such a message is dropped, not delivered:
+        its topic is gone, or is a new topic of the same name (created after ``born_at``).
+        A retry copy is checked against its retry topic and the topic it retries."""
+        topic = msg.topic
+        tomb = self.deleted.get(topic)
+        if tomb is not None:
+            current = self.topics.get(topic)
+            if current is None:
+                return True
+            if not is_system_topic(topic) and msg.born_at < current.created_at:
+                return True
+        real = msg.properties.get(PROP_RETRY_TOPIC) if msg.properties else None
+        return real is not None and real != topic and self.is_orphan(
+            Message(real, b"", born_at=msg.born_at)
+        )
+
+    def _visible(self, m: StoredMessage) -> bool:
+        """Is this stored record one of a live topic (not of a topic deleted since)?"""
+        tomb = self.deleted.get(m.topic)
+        return tomb is None or m.phy_offset >= tomb.phy
 
     def _topics_json(self) -> list[dict[str, object]]:
         return [t.to_json() for t in sorted(self.topics.values(), key=lambda t: t.name)]
@@ -295,9 +447,15 @@ class MessageStore:
             raise InvalidTopic(f"queues must be an integer from 1 to {self.config.max_queues}")
         if name in self.topics:
             raise TopicExists(f"topic {name!r} already exists")
+        if name in self._deleting:
+            raise TopicExists(f"topic {name!r} is being deleted: create it again in a moment")
         topic = TopicConfig(name, queues, self.clock())
         self.topics[name] = topic
         try:
+            if name in self.deleted:  # a topic of that name was deleted: start empty
+                await asyncio.get_running_loop().run_in_executor(
+                    self._write_pool, _remove_tree, self.root / "consumequeue" / name
+                )
             for q in range(queues):
                 self._next_qoff[(name, q)] = self._cq(name, q).max_offset
             await asyncio.get_running_loop().run_in_executor(
@@ -316,7 +474,12 @@ class MessageStore:
             try:
                 topic = await self.create_topic(name, queues, client=False)
             except TopicExists:
-                topic = self.topics[name]
+                found = self.topics.get(name)
+                if found is None:  # being deleted just now
+                    raise StoreUnavailable(
+                        f"topic {name!r} is being deleted; try again in a moment"
+                    ) from None
+                topic = found
         return topic
 
     def topic(self, name: str) -> TopicConfig:
@@ -548,7 +711,9 @@ class MessageStore:
             n_index += 1 + len(keys)
         cqs = self._cqs
         for key, qoff in last.items():
-            cqs[key].preallocate(qoff)
+            cq = cqs.get(key)
+            if cq is not None:  # None: its topic was deleted meanwhile
+                cq.preallocate(qoff)
         if n_index:
             self.index.preallocate(n_index)
         self.commitlog.write(start, data, sync=self._sync)
@@ -611,7 +776,10 @@ class MessageStore:
         touched: set[str] = set()
         last_topic = None
         for topic, qid, qoff, phy, size, th, msg_id, keys in batch:
-            cqs[(topic, qid)].put(qoff, phy, size, th)
+            cq = cqs.get((topic, qid))
+            if cq is None:
+                continue  # its topic was deleted while the write was in flight
+            cq.put(qoff, phy, size, th)
             index_add(phy, msg_id, topic, keys)
             if topic is not last_topic:
                 touched.add(topic)
@@ -649,7 +817,7 @@ class MessageStore:
         out = []
         for phy in sorted(set(self.index.lookup_id(msg_id))):
             m = self.read(phy)
-            if m is not None and m.msg_id == msg_id:
+            if m is not None and m.msg_id == msg_id and self._visible(m):
                 out.append(m)
         return out
 
@@ -657,7 +825,7 @@ class MessageStore:
         out = []
         for phy in sorted(set(self.index.lookup_key(topic, key, limit))):
             m = self.read(phy)
-            if m is not None and m.topic == topic and key in m.keys:
+            if m is not None and m.topic == topic and key in m.keys and self._visible(m):
                 out.append(m)
         return out
 

@@ -30,7 +30,13 @@ from broker_core.consumequeue import ENTRY, ENTRY_SIZE
 from broker_core.index import _ENTRY, _ENTRY_SIZE, _HEADER, _HEADER_SIZE, _MAGIC, id_hash, key_hash
 from broker_core.message import StoredMessage
 
-_JSON_FILES = ("topics.json", "checkpoint.json", "groups.json", "commitlog/format.json")
+_JSON_FILES = (
+    "topics.json",
+    "deleted-topics.json",
+    "checkpoint.json",
+    "groups.json",
+    "commitlog/format.json",
+)
 
 
 @dataclass(slots=True, frozen=True)

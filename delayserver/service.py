@@ -8,7 +8,8 @@ soon, however many messages are pending. When a bucket of the wheel expires, its
 released as one batch: switched back to their real topic with ``DELIVER_AT`` and ``RELEASED_AT``
 properties, put into the broker core idempotently by ``(topic, msg_id)``, then marked delivered in
 the store. A crash between the put and the mark re-releases after restart, and the idempotent put
-drops the copy: a message is never in its topic twice.
+drops the copy: a message is never in its topic twice. A message whose topic was deleted after it
+was sent is cancelled when due instead (``MessageStore.is_orphan``; docs/concepts.md).
 
 Restart: the window loads from time 0, so whatever fell due while the server was down is released
 right after start, and nothing before its time.
@@ -37,6 +38,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from broker_core.errors import StoreUnavailable
 from broker_core.message import PROP_DELIVER_AT, PROP_RELEASED_AT, Message
+from broker_core.metrics import DROPPED_MESSAGES
 from broker_core.store import MessageStore
 from broker_core.tasks import cancel_and_wait
 from delayserver.leases import ShardLeases
@@ -354,15 +356,23 @@ class DelayService:
         check = retry or any(due.deliver_at_ms <= started for due in batch)
         released = str(now)
         msgs = []
-        topics = self.broker_store.topics
+        store = self.broker_store
+        topics = store.topics
+        dropped = []
         for due in batch:
             msg = decode_message(due.record)
+            if store.is_orphan(msg):  # its topic was deleted after it was sent
+                dropped.append(due.msg_id)
+                continue
             msg.properties[PROP_DELIVER_AT] = str(due.deliver_at_ms)
             msg.properties[PROP_RELEASED_AT] = released
             if msg.topic not in topics:
-                await self.broker_store.ensure_topic(msg.topic, 1)
+                await store.ensure_topic(msg.topic, 1)
             msgs.append(msg)
-        await self.broker_store.put_many(msgs, check_duplicate=check)
+        if msgs:
+            await store.put_many(msgs, check_duplicate=check)
+        if dropped:
+            await self._drop_orphans(dropped, now)
         ids = [d.msg_id for d in batch]
         await self.store.mark_delivered(ids, now)
         self._releasing.difference_update(ids)
@@ -370,6 +380,14 @@ class DelayService:
         observe = LATENESS.observe
         for due in batch:
             observe(max(now - due.deliver_at_ms, 0) / 1000)
+
+    async def _drop_orphans(self, msg_ids: list[bytes], now: int) -> None:
+        """Messages due for a topic deleted since they were sent: cancelled, not released
+        (``GET /v1/delayed/{id}`` then answers ``cancelled``), counted and logged."""
+        for msg_id in msg_ids:
+            await self.store.cancel(msg_id, now)
+            log.warning("delay.dropped", msg_id=msg_id.hex(), reason="topic_deleted")
+        DROPPED_MESSAGES.labels("delayed").inc(len(msg_ids))
 
     async def _claim(self, batch: list[Due], now: int) -> list[Due]:
         """With leases: keep the messages of shards still held that the store lets this server

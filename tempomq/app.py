@@ -260,10 +260,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 @functools.cache
 def openapi_json() -> bytes:
-    """docs/openapi.yaml as JSON, read once. Non-string keys (e.g. unquoted 200) are allowed."""
+    """docs/openapi.yaml as JSON, read once, ending with a newline like every JSON answer.
+    Non-string keys (e.g. unquoted 200) are allowed."""
     with OPENAPI_PATH.open(encoding="utf-8") as f:
         spec: Any = yaml.safe_load(f)
-    return orjson.dumps(spec, option=orjson.OPT_NON_STR_KEYS)
+    return orjson.dumps(spec, option=orjson.OPT_NON_STR_KEYS) + b"\n"
 
 
 @service_routes.get("/openapi.json")

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
+from urllib.parse import quote
 
 import orjson
 
@@ -335,6 +336,22 @@ class OpsClient(Client):
     async def list_topics(self) -> list[Topic]:
         answer = await self._call("GET", "/v1/topics", idempotent=True)
         return [Topic.from_json(t) for t in answer["topics"]]
+
+    async def delete_topic(self, name: str) -> dict[str, Any]:
+        """``DELETE /v1/topics/{topic}``: what went with it (messages, groups, retry topics)."""
+        return dict(
+            await self._call("DELETE", f"/v1/topics/{quote(name, safe='')}", idempotent=False)
+        )
+
+    async def list_groups(self) -> list[dict[str, Any]]:
+        answer = await self._call("GET", "/v1/groups", idempotent=True)
+        return list(answer["groups"])
+
+    async def delete_group(self, name: str) -> dict[str, Any]:
+        """``DELETE /v1/groups/{group}``: what went with it (retry topics, an empty DLQ)."""
+        return dict(
+            await self._call("DELETE", f"/v1/groups/{quote(name, safe='')}", idempotent=False)
+        )
 
     async def list_transactions(self, state: str) -> list[dict[str, Any]]:
         answer = await self._call(
@@ -689,6 +706,45 @@ def _tx_end_op(help: str, state: str, act: Callable[[OpsClient, str], Awaitable[
     return Op(help, call, (TX_ID,))
 
 
+async def _topic_delete(client: OpsClient, args: argparse.Namespace) -> Output:
+    d = await client.delete_topic(args.name)
+    pairs = [
+        ("deleted", d["deleted"]),
+        ("messages", d["messages"]),
+        ("groups", " ".join(d["groups"]) or None),
+        ("retry_topics", " ".join(d["retry_topics"]) or None),
+    ]
+    return Output(d, record(pairs))
+
+
+async def _group_list(client: OpsClient, args: argparse.Namespace) -> Output:
+    groups = await client.list_groups()
+    rows = [
+        (
+            g["name"],
+            "yes" if g["fifo"] else "no",
+            g["max_attempts"],
+            " ".join(t["topic"] for t in g["topics"]) or None,
+            g["dlq_messages"],
+            when(g.get("created_at")),
+        )
+        for g in groups
+    ]
+    headers = ("NAME", "FIFO", "MAX_ATTEMPTS", "TOPICS", "DEAD_LETTERS", "CREATED")
+    return Output({"groups": groups}, table(headers, rows))
+
+
+async def _group_delete(client: OpsClient, args: argparse.Namespace) -> Output:
+    d = await client.delete_group(args.name)
+    pairs = [
+        ("deleted", d["deleted"]),
+        ("retry_topics", " ".join(d["retry_topics"]) or None),
+        ("dlq_topic", d["dlq_topic"]),
+        ("dlq_messages", d["dlq_messages"]),
+    ]
+    return Output(d, record(pairs))
+
+
 async def _group_create(client: OpsClient, args: argparse.Namespace) -> Output:
     await client.create_group(args.name, fifo=args.fifo, max_attempts=args.max_attempts)
     data = {"name": args.name, "fifo": args.fifo, "max_attempts": args.max_attempts}
@@ -813,7 +869,7 @@ DELIVERY_TIME = (
 
 OPERATIONS: dict[str, Op | OpGroup] = {
     "topic": OpGroup(
-        "create and list topics",
+        "create, list and delete topics",
         {
             "create": Op(
                 "create a topic",
@@ -829,6 +885,12 @@ OPERATIONS: dict[str, Op | OpGroup] = {
                 ),
             ),
             "list": Op("list the topics", _topic_list),
+            "delete": Op(
+                "delete a topic: its messages become unreachable, its groups' offsets and"
+                " retries go, messages due for it later are dropped (docs/concepts.md)",
+                _topic_delete,
+                (arg("name", metavar="NAME"),),
+            ),
         },
     ),
     "send": Op(
@@ -945,7 +1007,7 @@ OPERATIONS: dict[str, Op | OpGroup] = {
         },
     ),
     "group": OpGroup(
-        "create consumer groups, show their lag, replay",
+        "create, list and delete consumer groups, show their lag, replay",
         {
             "create": Op(
                 "create a consumer group (receive creates plain ones by itself)",
@@ -961,6 +1023,15 @@ OPERATIONS: dict[str, Op | OpGroup] = {
                         help="deliveries before the dead-letter topic [default 16]",
                     ),
                 ),
+            ),
+            "list": Op(
+                "list the consumer groups with their topics and dead letters", _group_list
+            ),
+            "delete": Op(
+                "delete a consumer group: its offsets, receipts and retries go; a DLQ holding"
+                " dead letters stays",
+                _group_delete,
+                (arg("name", metavar="NAME"),),
             ),
             "lag": Op(
                 "show a group's lag and in-flight messages per queue", _group_lag, (TOPIC, GROUP)

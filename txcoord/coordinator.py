@@ -51,6 +51,7 @@ from prometheus_client import Counter
 
 from broker_core.errors import StoreUnavailable
 from broker_core.message import Message
+from broker_core.metrics import DROPPED_MESSAGES
 from broker_core.protocols import Scheduler
 from broker_core.store import MessageStore
 from broker_core.tasks import cancel_and_wait
@@ -360,7 +361,10 @@ class Coordinator:
         self._delivering.add(row.tx_id)
         msg = decode_message(row.record)
         try:
-            if row.deliver_at > self.timers.now_ms():
+            if self.broker_store.is_orphan(msg):  # its topic was deleted since the prepare
+                DROPPED_MESSAGES.labels("transaction").inc()
+                log.warning("tx.dropped", tx_id=row.tx_id, reason="topic_deleted")
+            elif row.deliver_at > self.timers.now_ms():
                 await self.scheduler.schedule([msg], [row.deliver_at])
             else:
                 await self.broker_store.put_many([msg], check_duplicate=True)

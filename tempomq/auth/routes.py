@@ -167,6 +167,7 @@ ROUTES: Mapping[tuple[str, str], Rule] = {
     ("GET", "/v1/topics/{topic}"): Rule(
         from_path(_needs(TOPIC, "topic", PRODUCE, CONSUME)), "produce or consume on the topic"
     ),
+    ("DELETE", "/v1/topics/{topic}"): Rule(_ADMIN, "admin", admin=True),
     ("POST", "/v1/topics/{topic}/messages"): Rule(
         from_path(_needs(TOPIC, "topic", PRODUCE)), "produce on the topic"
     ),

@@ -262,9 +262,8 @@ async def list_groups(request: web.Request) -> web.Response:
 
 @routes.delete("/v1/groups/{group}")
 async def delete_group(request: web.Request) -> web.Response:
-    group = request.match_info["group"]
-    await request.app[BROKER].groups.delete_group(group)
-    return json_response({"deleted": group})
+    """Delete a group: see :meth:`broker_core.broker.Broker.delete_group` for what goes."""
+    return json_response(await request.app[BROKER].delete_group(request.match_info["group"]))
 
 
 @routes.get("/v1/topics/{topic}/groups/{group}/inflight")

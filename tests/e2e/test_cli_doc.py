@@ -82,6 +82,7 @@ def test_the_page_has_examples_of_every_command() -> None:
     for wanted in (
         "topic create",
         "topic list",
+        "topic delete",
         "delayed get",
         "delayed reschedule",
         "delayed cancel",
@@ -91,6 +92,8 @@ def test_the_page_has_examples_of_every_command() -> None:
         "group create",
         "group lag",
         "group reset",
+        "group list",
+        "group delete",
     ):
         assert wanted in commands, wanted
     programs = {shlex.split(e.command)[1] for e in examples()}

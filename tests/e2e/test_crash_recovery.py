@@ -185,3 +185,40 @@ async def test_sigkill_after_a_new_groups_nack_keeps_the_group_and_the_retry_tim
         assert [d["delivery_attempt"] for _, d in deliveries] == [2]
         assert deliveries[0][0] >= 2.9  # the retry kept its time
         assert deliveries[0][1]["msg_id"] == sent["msg_id"]
+
+
+async def test_sigkill_right_after_a_topic_delete_keeps_it_deleted_and_the_new_one_fresh(  # type: ignore[no-untyped-def]
+    server_factory,
+) -> None:
+    """No clean stop and no checkpoint after the delete: the restart replays the CommitLog and
+    the group records of the old topic, and must still leave them out."""
+    # No periodic snapshot of the groups either: their records are replayed from the start.
+    server = server_factory("--flush", "sync", "--flush-interval", "1h", "--segment-bytes", "8MiB")
+    server.start()
+    base = server.url
+    async with aiohttp.ClientSession() as session:
+        await call(session, "POST", f"{base}/v1/topics", {"name": "gone", "queues": 2})
+        msgs = {"messages": [{"body": f"old{i}", "keys": ["k"]} for i in range(20)]}
+        status, sent = await call(session, "POST", f"{base}/v1/topics/gone/messages", msgs)
+        assert status == 201, sent
+        old_id = sent["results"][0]["msg_id"]
+        got = await drain(session, base, "gone", "billing", timeout_s=10)
+        assert len(got) == 20
+        status, _ = await call(session, "DELETE", f"{base}/v1/topics/gone")
+        assert status == 200
+        await call(session, "POST", f"{base}/v1/topics", {"name": "gone", "queues": 1})
+        status, _ = await call(session, "POST", f"{base}/v1/topics/gone/messages", {"body": "new"})
+        assert status == 201
+    server.kill()
+
+    server.start()
+    async with aiohttp.ClientSession() as session:
+        status, topic = await call(session, "GET", f"{base}/v1/topics/gone")
+        assert status == 200 and topic["queues"] == 1, topic
+        assert topic["queue_offsets"] == [{"queue_id": 0, "min_offset": 0, "max_offset": 1}]
+        status, _ = await call(session, "GET", f"{base}/v1/messages/{old_id}")
+        assert status == 404
+        status, found = await call(session, "GET", f"{base}/v1/topics/gone/messages?key=k")
+        assert status == 200 and found["messages"] == []
+        got = await drain(session, base, "gone", "billing", timeout_s=10)
+    assert [m["body"] for m in got] == ["new"]

@@ -85,3 +85,34 @@ def test_the_sdk_installs_without_the_server_and_works(server: Server, tmp_path:
     assert {"tempomq-client", "aiohttp", "orjson"} <= installed
     assert not SERVER_PACKAGES & installed, SERVER_PACKAGES & installed
     assert run(python, "-c", SCRIPT, server.url, cwd=tmp_path).strip() == "ok"
+
+
+#: Test tools of the dev extra that `make run` must not install.
+DEV_TOOLS = frozenset(
+    {
+        "pytest",
+        "schemathesis",
+        "playwright",
+        "matplotlib",
+        "hypothesis",
+        "mypy",
+        "ruff",
+        "fakeredis",
+    }
+)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_run_installs_what_the_server_needs_and_no_test_tool(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    # The install step of `make run` alone (its stamp), so no server is started.
+    out = run(
+        "make", "-C", ROOT, f"PYTHON={sys.executable}", f"VENV={venv}", venv / ".tempomq-server"
+    )
+    assert "Collecting" in out and "Successfully installed" in out, out  # progress was shown
+    python = venv / "bin" / "python"
+    listed = json.loads(run(python, "-m", "pip", "list", "--format=json"))
+    installed = {p["name"].lower().replace("_", "-") for p in listed}
+    assert {"tempomq", "aiohttp", "redis", "prometheus-client"} <= installed
+    assert not DEV_TOOLS & installed, DEV_TOOLS & installed
+    run(python, "-c", "import tempomq.app")

@@ -446,6 +446,17 @@ async def test_errors_of_the_app_end_with_a_newline(client: Any) -> None:
     assert (await resp.read()).endswith(b"}\n")
 
 
+@pytest.mark.parametrize("path", ["/openapi.json", "/healthz", "/readyz"])
+async def test_json_answers_of_the_service_routes_end_with_a_newline(
+    client: Any, path: str
+) -> None:
+    resp = await client.get(path)
+    assert resp.content_type == "application/json"
+    body = await resp.read()
+    assert body.endswith(b"}\n"), body[-40:]
+    orjson.loads(body)
+
+
 LIFECYCLE = [
     "timers.start",
     "broker.start",

@@ -135,6 +135,10 @@ CASES = [
         missing="produce or consume on topic:orders",
     ),
     Case(
+        "DELETE", "/v1/topics/{topic}", fixed("/v1/topics/other"), 200, allowed="admin",
+        missing="admin on cluster",
+    ),
+    Case(
         "POST", "/v1/topics/{topic}/messages", fixed("/v1/topics/orders/messages"), 201,
         lambda w: {"body": "x"}, missing="produce on topic:orders",
     ),

@@ -160,7 +160,12 @@ async def test_groups_are_listed_with_lag_and_dead_letters_and_can_be_deleted(
     assert groups["billing"]["dlq_messages"] == 0
     assert groups["audit"]["fifo"] is True and groups["audit"]["topics"] == []
 
-    assert await ok(client, "DELETE", "/v1/groups/billing") == {"deleted": "billing"}
+    assert await ok(client, "DELETE", "/v1/groups/billing") == {
+        "deleted": "billing",
+        "retry_topics": ["%RETRY%billing+orders"],
+        "dlq_topic": None,  # it was empty: deleted with the group
+        "dlq_messages": 0,
+    }
     names = [g["name"] for g in (await ok(client, "GET", "/v1/groups"))["groups"]]
     assert names == ["audit"]
     status, data = await call(client, "DELETE", "/v1/groups/billing")

@@ -57,3 +57,39 @@ def test_a_venv_of_the_same_python_is_kept(tmp_path: Path) -> None:
     done = make("-n", "install", f"PYTHON={sys.executable}", f"VENV={venv}")
     assert done.returncode == 0, done.stderr
     assert (venv / "marker").exists()
+
+
+def _venv_of_this_python(tmp_path: Path) -> Path:
+    """A .venv the Makefile takes as made by this Python (nothing installed in it)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    version = " ".join(str(n) for n in sys.version_info[:3])
+    (venv / ".python-id").write_text(f"{sys.executable} {version}\n")
+    return venv
+
+
+def _installs(target: str, venv: Path) -> list[str]:
+    """The pip install lines ``make -n target`` would run."""
+    done = make("-n", target, f"PYTHON={sys.executable}", f"VENV={venv}")
+    assert done.returncode == 0, done.stderr
+    pip = f"{venv}/bin/python -m pip install"
+    return [line for line in done.stdout.splitlines() if line.startswith(pip)]
+
+
+def test_make_run_installs_the_server_alone_and_make_test_the_dev_tools(tmp_path: Path) -> None:
+    venv = _venv_of_this_python(tmp_path)
+    [run] = _installs("run", venv)
+    assert "-e ." in run and "dev" not in run
+    [test] = _installs("test", venv)
+    assert "-e '.[dev]'" in test
+
+
+def test_switching_between_run_and_test_installs_only_what_is_missing(tmp_path: Path) -> None:
+    venv = _venv_of_this_python(tmp_path)
+    (venv / ".tempomq-server").touch()  # after make run
+    assert _installs("run", venv) == []
+    assert len(_installs("test", venv)) == 1  # the dev tools are still missing
+    (venv / ".tempomq-dev").touch()  # after make test: it holds everything run needs
+    assert _installs("test", venv) == []
+    assert _installs("run", venv) == []
