@@ -180,6 +180,8 @@ class Received:
     body: bytes
     headers: dict[str, str]
     msg_id: str  # Nats-Msg-Id or AMQP message_id
+    #: JetStream: when the stream stored it (epoch ms, the server's clock); else 0.
+    stored_ms: int = 0
 
 
 class JetStreamReader:
@@ -196,7 +198,9 @@ class JetStreamReader:
     async def open(self, *, create: bool = True) -> None:
         import nats
 
-        self.nc = await nats.connect(self.url, connect_timeout=2)
+        self.nc = await nats.connect(
+            servers=self.url.split(","), connect_timeout=2, max_reconnect_attempts=-1
+        )
         if create:
             js = self.nc.jetstream(timeout=10)
             await js.add_stream(
@@ -214,7 +218,8 @@ class JetStreamReader:
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             raw = await js.get_msg(self.stream, seq)
             headers = dict(raw.headers or {})
-            out.append(Received(raw.data or b"", headers, headers.get("Nats-Msg-Id", "")))
+            stored = int(raw.time.timestamp() * 1000) if raw.time is not None else 0
+            out.append(Received(raw.data or b"", headers, headers.get("Nats-Msg-Id", ""), stored))
         return out
 
     async def close(self, *, delete: bool = True) -> None:
