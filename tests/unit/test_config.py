@@ -156,7 +156,7 @@ def test_release_to_names_a_target_and_its_mapping() -> None:
     assert load(env={"TEMPOMQ_RELEASE_TO": "EMBEDDED"}).release_to == "embedded"
     with pytest.raises(ConfigError, match="--release-to / TEMPOMQ_RELEASE_TO: 'kafka:9092'"):
         load(["--release-to", "kafka:9092"])
-    with pytest.raises(ConfigError, match="must contain {topic}"):
+    with pytest.raises(ConfigError, match=r"must contain \{topic\}"):
         load(["--release-to", "nats://a:4222", "--release-topic", "fixed"])
     with pytest.raises(ConfigError, match="EXCHANGE/ROUTING_KEY"):
         load(["--release-to", "amqp://h/", "--release-topic", "x{topic}"])
