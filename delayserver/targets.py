@@ -70,6 +70,9 @@ PUBLISH_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 2.0
 #: Publishes in flight at once from one batch (each awaits its own acknowledgement).
 _IN_FLIGHT = 256
+#: JetStream publishes sent before their acknowledgements are awaited: the publish timeout
+#: applies per chunk, so a large release batch to a slow stream makes progress, not a timeout.
+_NATS_CHUNK = 1000
 
 #: A header name is a token: what else a property name holds is percent-encoded.
 _NOT_TOKEN = re.compile(r"[^A-Za-z0-9!#$&'*+.^_`|~-]")
@@ -326,6 +329,21 @@ class NatsTarget:
                 raise TargetUnavailable(
                     f"{self.name}: stream {self.stream}: {_reason(exc)}"
                 ) from None
+        failures: list[BaseException] = []
+        for i in range(0, len(messages), _NATS_CHUNK):
+            failures += await self._publish_chunk(messages[i : i + _NATS_CHUNK])
+        if failures:
+            first = failures[0]
+            reason = _reason(first)
+            if type(first).__name__ == "NoStreamResponseError":
+                reason = f"no stream captures subject {self.subject_of(messages[0].topic)}"
+            raise TargetUnavailable(
+                f"{self.name}: {len(failures)} of {len(messages)} not acknowledged: {reason}"
+            )
+
+    async def _publish_chunk(self, messages: Sequence[Message]) -> list[BaseException]:
+        """Publish without waiting, then await every acknowledgement (each chunk has
+        ``publish_timeout_s``, so a large batch is not timed out as a whole)."""
         js = self._js
         futures: list[asyncio.Future[Any]] = []
         try:
@@ -353,15 +371,7 @@ class NatsTarget:
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError(f"no acknowledgement within {self.publish_timeout_s:g}s")
             raise TargetUnavailable(f"{self.name}: {_reason(exc)}") from None
-        failures = [r for r in done if isinstance(r, BaseException)]
-        if failures:
-            first = failures[0]
-            reason = _reason(first)
-            if type(first).__name__ == "NoStreamResponseError":
-                reason = f"no stream captures subject {self.subject_of(messages[0].topic)}"
-            raise TargetUnavailable(
-                f"{self.name}: {len(failures)} of {len(messages)} not acknowledged: {reason}"
-            )
+        return [r for r in done if isinstance(r, BaseException)]
 
     async def health(self) -> str | None:
         nc = self._nc
