@@ -149,7 +149,7 @@ async def test_three_nodes_on_redis_and_nats_one_killed(
             await asyncio.sleep(1.5)
             nodes[1].kill()
             await load
-            assert len(sent) >= 2000, len(sent)
+            assert len(sent) >= 1500, len(sent)  # a third of the batches go to the killed node
             got = await _all_arrived(reader, len(sent), 40)
             _check_once_and_on_time(got, sent)
             # The survivors release what the killed node had accepted (ids in its shards).
