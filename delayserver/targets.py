@@ -347,20 +347,16 @@ class NatsTarget:
         js = self._js
         futures: list[asyncio.Future[Any]] = []
         try:
-            for msg in messages:
-                headers = message_headers(msg)
-                headers[NATS_MSG_ID] = headers[HEADER_MSG_ID]
-                futures.append(
-                    await js.publish_async(
-                        self.subject_of(msg.topic),
-                        msg.body,
-                        headers=headers,
-                        wait_stall=self.publish_timeout_s,
-                    )
-                )
-            done = await asyncio.wait_for(
-                asyncio.gather(*futures, return_exceptions=True), self.publish_timeout_s
-            )
+            # One deadline for the chunk, sends and acknowledgements alike. Not the client's
+            # per-publish ``wait_stall``: that wraps each publish in ``wait_for``, a task per
+            # message, which measured four times the CPU of the whole publish path here.
+            async with asyncio.timeout(self.publish_timeout_s):
+                for msg in messages:
+                    headers = message_headers(msg)
+                    headers[NATS_MSG_ID] = headers[HEADER_MSG_ID]
+                    subject = self.subject_of(msg.topic)
+                    futures.append(await js.publish_async(subject, msg.body, headers=headers))
+                done = await asyncio.gather(*futures, return_exceptions=True)
         except asyncio.CancelledError:
             for future in futures:
                 future.cancel()
