@@ -157,12 +157,21 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def _bounded(calls: Sequence[Any]) -> list[BaseException | None]:
-    """Await the coroutines ``calls``, at most ``_IN_FLIGHT`` at a time; each one's exception
-    or None."""
+async def _bounded(calls: Sequence[Any], timeout_s: float) -> list[BaseException | None]:
+    """Await the coroutines ``calls``, at most ``_IN_FLIGHT`` at a time, each chunk within
+    ``timeout_s`` (one deadline per chunk: a ``wait_for`` per call costs a task per message);
+    each one's exception or None. A chunk out of time counts as failed whole."""
     out: list[BaseException | None] = []
     for i in range(0, len(calls), _IN_FLIGHT):
-        results = await asyncio.gather(*calls[i : i + _IN_FLIGHT], return_exceptions=True)
+        chunk = calls[i : i + _IN_FLIGHT]
+        try:
+            async with asyncio.timeout(timeout_s):
+                results = await asyncio.gather(*chunk, return_exceptions=True)
+        except TimeoutError:
+            for call in calls[i + _IN_FLIGHT :]:
+                call.close()
+            late = TimeoutError(f"no confirm within {timeout_s:g}s")
+            return [*out, *([late] * (len(calls) - i))]
         out.extend(r if isinstance(r, BaseException) else None for r in results)
     return out
 
@@ -500,9 +509,7 @@ class AmqpTarget:
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     type=msg.topic,
                 )
-                calls.append(
-                    exchange.publish(body, key, mandatory=True, timeout=self.publish_timeout_s)
-                )
+                calls.append(exchange.publish(body, key, mandatory=True, timeout=None))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -510,7 +517,8 @@ class AmqpTarget:
                 call.close()
             self._exchanges.clear()
             raise TargetUnavailable(f"{self.name}: {_reason(exc)}") from None
-        failures = [f for f in await _bounded(calls) if f is not None]
+        results = await _bounded(calls, self.publish_timeout_s)
+        failures = [f for f in results if f is not None]
         if failures:
             first = failures[0]
             if isinstance(first, asyncio.CancelledError):
