@@ -258,9 +258,12 @@ class NatsTarget:
         import nats
 
         async def on_error(exc: Exception) -> None:
+            reason = _reason(exc)
             if self._nc is None or not self._nc.is_connected:
-                self._error = f"cannot connect: {_reason(exc)}"
-            log.warning("target.error", target=self.name, error=_reason(exc))
+                if self._error == f"cannot connect: {reason}":
+                    return  # the same failure every reconnect attempt: logged once
+                self._error = f"cannot connect: {reason}"
+            log.warning("target.error", target=self.name, error=reason)
 
         async def on_disconnect() -> None:
             self._error = "disconnected; reconnecting"
