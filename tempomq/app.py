@@ -416,7 +416,8 @@ def build_app(settings: Settings) -> web.Application:
     readiness.add("broker", broker_ready)
     readiness.add("delay_store", delay.health)
     readiness.add("transactions", tx.health)
-    if target.kind != "embedded":
+    elsewhere = target.kind != "embedded"  # messages kept in another broker
+    if elsewhere:
         broker.outlet = target  # plain sends go there too
         readiness.add("release_target", target.health)
 
@@ -430,7 +431,7 @@ def build_app(settings: Settings) -> web.Application:
         # The guard first, so a request's headers count as in whatever comes after; auth
         # inside the error middleware, so its 401/403/429 get the API's error shape.
         middlewares=[guard.middleware, error_middleware, auth.middleware]
-        + ([consume_on_target_middleware(broker)] if broker.outlet is not None else []),
+        + ([consume_on_target_middleware(broker)] if elsewhere else []),
     )
     app[SETTINGS] = settings
     app[AUTH] = auth
