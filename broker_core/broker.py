@@ -12,10 +12,10 @@ import structlog
 
 from broker_core import metrics
 from broker_core.config import BrokerConfig
-from broker_core.errors import MessageNotFound, TopicNotFound
+from broker_core.errors import ConsumeOnTarget, MessageNotFound, TopicNotFound
 from broker_core.groups import Delivery, GroupConfig, GroupManager, ReceiptFailure
 from broker_core.message import Message, StoredMessage, is_system_topic
-from broker_core.protocols import Scheduler, Timers
+from broker_core.protocols import Outlet, Scheduler, Timers
 from broker_core.retry import dlq_topic, retry_of
 from broker_core.store import MessageStore, PutResult, TopicConfig
 from broker_core.tasks import cancel_and_wait
@@ -34,6 +34,9 @@ class Broker:
         self.store = MessageStore(config, clock=timers.now_ms)
         self.groups = GroupManager(self.store, config, timers=timers, scheduler=scheduler)
         self._tasks: list[asyncio.Task[None]] = []
+        #: Set when messages are kept in another broker (``--release-to``): sends go there,
+        #: and receiving here answers :class:`ConsumeOnTarget`.
+        self.outlet: Outlet | None = None
 
     @property
     def scheduler(self) -> Scheduler | None:
@@ -175,7 +178,10 @@ class Broker:
         return self.store.topic(name)
 
     async def resolve_topic(self, name: str) -> TopicConfig:
-        """The topic to send to, auto-created when the config allows."""
+        """The topic to send to, auto-created when the config allows. With an outlet the topic
+        lives in the other broker: one queue, nothing created here."""
+        if self.outlet is not None:
+            return TopicConfig(name, 1, 0)
         topic = self.store.topics.get(name)
         if topic is None:
             if not self.config.auto_create_topics:
@@ -187,7 +193,24 @@ class Broker:
         return topic
 
     async def put(self, messages: Sequence[Message], *, check_duplicate: bool) -> list[PutResult]:
-        return await self.store.put_many(messages, check_duplicate=check_duplicate)
+        outlet = self.outlet
+        if outlet is None:
+            return await self.store.put_many(messages, check_duplicate=check_duplicate)
+        for msg in messages:
+            if not msg.msg_id:
+                msg.msg_id = self.store.new_msg_id()
+        await outlet.publish(messages, check_duplicate=check_duplicate)
+        # Where it is in the other broker is that broker's business: no offsets here.
+        return [PutResult(m.msg_id, m.topic, max(m.queue_id, 0), -1, -1) for m in messages]
+
+    def check_consumable(self) -> None:
+        """Raise :class:`ConsumeOnTarget` when messages are kept in another broker."""
+        if self.outlet is not None:
+            raise ConsumeOnTarget(
+                "this server keeps messages in another broker: consume them with its own "
+                f"clients ({self.outlet.describe('<topic>')}); tempomq's receive, ack, nack "
+                "and change-invisible do not apply"
+            )
 
     def get_message(self, msg_id: bytes) -> StoredMessage:
         """The message as its topic holds it (not a copy parked in a system topic)."""
@@ -212,6 +235,7 @@ class Broker:
         return self.groups.groups.get(name)
 
     async def receive(self, topic: str, group: str, **kw: Any) -> list[Delivery]:
+        self.check_consumable()
         return await self.groups.receive(topic, group, **kw)
 
     async def ack(

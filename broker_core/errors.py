@@ -90,3 +90,10 @@ class StoreUnavailable(TempoError):
     """The store cannot take writes (disk full, I/O error, shutting down)."""
 
     status, code = 503, "store_unavailable"
+
+
+class ConsumeOnTarget(TempoError):
+    """Receiving through tempomq while messages are kept in another broker (``--release-to``):
+    consumers use that broker's own clients."""
+
+    status, code = 409, "consume_on_target"

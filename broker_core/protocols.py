@@ -44,3 +44,22 @@ class Scheduler(Protocol):
     def new_msg_id(self) -> bytes:
         """A fresh id for a message this scheduler will keep (one it releases itself)."""
         ...
+
+    async def release_now(self, messages: Sequence[Message]) -> None:
+        """Put ``messages`` into their topics now, where released messages go (the release
+        target), idempotently by ``msg_id``; raises ``StoreUnavailable`` when it cannot."""
+        ...
+
+
+class Outlet(Protocol):
+    """Where this server's messages go when they are kept in another broker (NATS JetStream,
+    RabbitMQ: ``delayserver.targets``) instead of this one's topics."""
+
+    async def publish(self, messages: Sequence[Message], *, check_duplicate: bool) -> None:
+        """Return once the other broker acknowledged every message; ``StoreUnavailable`` (503)
+        with the reason when it cannot take them."""
+        ...
+
+    def describe(self, topic: str) -> str:
+        """Where ``topic``'s messages go and are consumed, for people."""
+        ...

@@ -6,7 +6,8 @@ filled ``window_ms`` ahead: when the horizon comes within half a window of now, 
 quarter window from the store, in small pages. So the wheel, and memory, hold only what falls due
 soon, however many messages are pending. When a bucket of the wheel expires, its messages are
 released as one batch: switched back to their real topic with ``DELIVER_AT`` and ``RELEASED_AT``
-properties, put into the broker core idempotently by ``(topic, msg_id)``, then marked delivered in
+properties, published to the release target (:mod:`delayserver.targets`: the broker core,
+idempotently by ``(topic, msg_id)``, or NATS JetStream or RabbitMQ), then marked delivered in
 the store. A crash between the put and the mark re-releases after restart, and the idempotent put
 drops the copy: a message is never in its topic twice. A message whose topic was deleted after it
 was sent is cancelled when due instead (``MessageStore.is_orphan``; docs/concepts.md).
@@ -51,6 +52,7 @@ from delayserver.store import (
     decode_message,
     encode_message,
 )
+from delayserver.targets import EmbeddedTarget, ReleaseTarget
 from delayserver.wheel import TimerEntry
 
 log = structlog.get_logger(__name__)
@@ -133,8 +135,12 @@ class DelayService:
         window_limit: int = 2_000,
         history_ms: int = 72 * 3600_000,
         leases: ShardLeases | None = None,
+        target: ReleaseTarget | None = None,
     ) -> None:
         self.store = store
+        #: Where released messages go (:mod:`delayserver.targets`): this broker's topics unless
+        #: another target is given.
+        self.target: ReleaseTarget = target if target is not None else EmbeddedTarget(broker_store)
         self.leases = leases
         #: The store as several servers share it; set with ``leases``.
         self._sharded = cast(ShardedStore, store) if leases is not None else None
@@ -357,7 +363,6 @@ class DelayService:
         released = str(now)
         msgs = []
         store = self.broker_store
-        topics = store.topics
         dropped = []
         for due in batch:
             msg = decode_message(due.record)
@@ -366,11 +371,9 @@ class DelayService:
                 continue
             msg.properties[PROP_DELIVER_AT] = str(due.deliver_at_ms)
             msg.properties[PROP_RELEASED_AT] = released
-            if msg.topic not in topics:
-                await store.ensure_topic(msg.topic, 1)
             msgs.append(msg)
         if msgs:
-            await store.put_many(msgs, check_duplicate=check)
+            await self.target.publish(msgs, check_duplicate=check)
         if dropped:
             await self._drop_orphans(dropped, now)
         ids = [d.msg_id for d in batch]
@@ -532,6 +535,11 @@ class DelayService:
         return msg_id
 
     # -- operations --------------------------------------------------------------------------------
+
+    async def release_now(self, messages: Sequence[Message]) -> None:
+        """Publish ``messages`` (ids set) to the release target now, idempotently by id (a
+        committed transactional message). Raises ``StoreUnavailable`` when it cannot."""
+        await self.target.publish(messages, check_duplicate=True)
 
     async def schedule(
         self, messages: Sequence[Message], deliver_at_ms: Sequence[int]

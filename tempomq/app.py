@@ -34,6 +34,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 
+from broker_core import http as broker_http
 from broker_core.broker import Broker
 from broker_core.errors import StoreUnavailable, TempoError
 from broker_core.http import BROKER
@@ -42,6 +43,7 @@ from delayserver.embedded import EmbeddedDelayStore
 from delayserver.http import DELAY
 from delayserver.http import routes as delay_routes
 from delayserver.service import DelayService
+from delayserver.targets import ReleaseTarget, make_target
 from delayserver.timers import TimerService
 from tempomq.auth import Auth, ConnectionGuard, GuardedSite, RateLimit, server_context
 from tempomq.auth.principals import AuthFileError
@@ -111,6 +113,7 @@ SETTINGS = web.AppKey("settings", Settings)
 AUTH = web.AppKey("auth", Auth)
 GUARD = web.AppKey("guard", ConnectionGuard)
 TIMERS = web.AppKey("timers", TimerService)
+TARGET: web.AppKey[ReleaseTarget] = web.AppKey("release_target")
 READINESS = web.AppKey("readiness", Readiness)
 
 
@@ -293,6 +296,10 @@ async def _run_timers(app: web.Application) -> AsyncIterator[None]:
 async def _run_broker(app: web.Application) -> AsyncIterator[None]:
     broker = app[BROKER]
     await broker.start()
+    # The release target connects before anything is released into it (a target that is down
+    # does not stop the start: it shows in /readyz, and releases wait for it).
+    target = app[TARGET]
+    await target.start()
     # The delay service releases into the started broker; consumer retries with a backoff and
     # every delayed send go through it.
     delay = app[DELAY]
@@ -307,6 +314,7 @@ async def _run_broker(app: web.Application) -> AsyncIterator[None]:
     yield
     await tx.stop()
     await delay.stop()
+    await target.stop()  # after the release under way
     # stop() flushes everything acknowledged; the timers it may still use stop after it.
     await broker.stop()
 
@@ -317,20 +325,49 @@ async def _answer_long_polls(app: web.Application) -> None:
     app[TX].begin_shutdown()
 
 
-def make_delay_service(settings: Settings, broker: Broker, timers: TimerService) -> DelayService:
+def make_delay_service(
+    settings: Settings, broker: Broker, timers: TimerService, target: ReleaseTarget | None = None
+) -> DelayService:
     """Redis when ``--redis-url`` is given (shared with any other servers on it through shard
-    leases), else the embedded store in the data directory."""
+    leases), else the embedded store in the data directory; releasing into ``target`` (this
+    broker's topics when None)."""
     if settings.redis_url:
         from delayserver.leases import ShardLeases, new_owner_id
         from delayserver.redis_store import RedisDelayStore
 
         store = RedisDelayStore(settings.redis_url, owner=new_owner_id())
         leases = ShardLeases(store, ttl_ms=settings.delay_lease_ttl_ms)
-        return DelayService(store, broker.store, timers, leases=leases)
+        return DelayService(store, broker.store, timers, leases=leases, target=target)
     embedded = EmbeddedDelayStore(
         settings.data_dir / "delay" / "delay.db", sync=settings.flush == "sync"
     )
-    return DelayService(embedded, broker.store, timers)
+    return DelayService(embedded, broker.store, timers, target=target)
+
+
+#: Routes that consume from this server's topics: with another broker as the release target
+#: they answer ``409 consume_on_target`` naming it.
+_CONSUMING = frozenset(
+    {
+        broker_http.receive,
+        broker_http.ack,
+        broker_http.nack,
+        broker_http.change_invisible,
+        broker_http.group_stats,
+        broker_http.reset,
+    }
+)
+
+
+def consume_on_target_middleware(broker: Broker) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Refuse the consuming routes (after auth, so a stranger still gets 401/403)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.match_info.route.handler in _CONSUMING:
+            broker.check_consumable()
+        return await handler(request)
+
+    return middleware
 
 
 def make_tx_store(settings: Settings) -> TxStore:
@@ -361,7 +398,14 @@ def build_app(settings: Settings) -> web.Application:
     """The application with all components constructed; nothing runs until the server starts."""
     timers = TimerService()
     broker = Broker(settings.broker_config(), timers=timers, scheduler=None)
-    delay = make_delay_service(settings, broker, timers)
+    target = make_target(
+        settings.release_to,
+        broker.store,
+        topic_template=settings.release_topic,
+        stream=settings.release_stream,
+        replicas=settings.release_replicas,
+    )
+    delay = make_delay_service(settings, broker, timers, target)
     tx = Coordinator(
         make_tx_store(settings),
         broker.store,
@@ -388,6 +432,10 @@ def build_app(settings: Settings) -> web.Application:
     readiness.add("broker", broker_ready)
     readiness.add("delay_store", delay.health)
     readiness.add("transactions", tx.health)
+    elsewhere = target.kind != "embedded"  # messages kept in another broker
+    if elsewhere:
+        broker.outlet = target  # plain sends go there too
+        readiness.add("release_target", target.health)
 
     auth = make_auth(settings)
     guard = ConnectionGuard(
@@ -398,12 +446,14 @@ def build_app(settings: Settings) -> web.Application:
         client_max_size=settings.max_request_bytes,
         # The guard first, so a request's headers count as in whatever comes after; auth
         # inside the error middleware, so its 401/403/429 get the API's error shape.
-        middlewares=[guard.middleware, error_middleware, auth.middleware],
+        middlewares=[guard.middleware, error_middleware, auth.middleware]
+        + ([consume_on_target_middleware(broker)] if elsewhere else []),
     )
     app[SETTINGS] = settings
     app[AUTH] = auth
     app[GUARD] = guard
     app[TIMERS] = timers
+    app[TARGET] = target
     app[BROKER] = broker
     app[READINESS] = readiness
     # Started in this order, stopped in reverse.

@@ -229,6 +229,27 @@ TX_STORE_URL: Kind[str | None] = Kind(
 )
 
 
+def parse_release_to(text: str) -> str:
+    """``embedded``, ``nats://host:port`` (several comma-separated) or ``amqp(s)://...``."""
+    text = text.strip()
+    if text.lower() == "embedded":
+        return "embedded"
+    if text.startswith(("nats://", "tls://", "amqp://", "amqps://")):
+        return text
+    raise ValueError(
+        f"{text.split('@')[-1]!r} is not embedded, nats://host:port or amqp://user:pass@host:port/"
+    )
+
+
+def _redacted_url(url: str) -> str:
+    head, at, tail = url.rpartition("@")
+    return f"{head.split(':')[0]}:***@{tail}" if at and ":" in head.split("//")[-1] else url
+
+
+RELEASE_TO = Kind("embedded|URL", parse_release_to, _redacted_url)
+OPTIONAL_TEXT: Kind[str | None] = Kind("TEXT", str.strip, lambda v: v or "none")
+
+
 def parse_listen_or_off(text: str) -> HostPort | None:
     """``host:port``, or ``off`` for a listener that is not started."""
     return None if text.strip().lower() == "off" else parse_host_port(text)
@@ -286,6 +307,15 @@ class Settings:
     redis_url: str | None = None
     #: With Redis: how long a delay server's hold on a shard lasts without renewal.
     delay_lease_ttl_ms: int = 10_000
+    #: Where released, committed and (in a broker mode) sent messages go: the embedded broker
+    #: core, or a NATS JetStream / RabbitMQ URL (delayserver.targets). May hold a password.
+    release_to: str = field(default="embedded", repr=False)
+    #: Topic mapping: the NATS subject (``tempomq.{topic}``) or the RabbitMQ
+    #: ``EXCHANGE/ROUTING_KEY`` (``tempomq/{topic}``); None: that default.
+    release_topic: str | None = None
+    #: NATS: a stream to create at start if missing (capturing the subjects), and its replicas.
+    release_stream: str | None = None
+    release_replicas: int = 1
     log_level: LogLevel = "info"
     log_format: LogFormat = "auto"
     shutdown_timeout_ms: int = 5000
@@ -439,6 +469,34 @@ OPTIONS: tuple[Option, ...] = (
         DURATION,
         "with --redis-url: how long a server's lease on a delay shard lasts unrenewed; "
         "a dead server's shards move to the others within this time",
+    ),
+    Option(
+        "release-to",
+        "release_to",
+        RELEASE_TO,
+        "where released delayed, committed transactional and sent messages go: embedded (this "
+        "server's topics), nats://host:port (NATS JetStream) or amqp://user:pass@host:port/vhost "
+        "(RabbitMQ); consumers then use that broker's clients (docs/deployment.md)",
+    ),
+    Option(
+        "release-topic",
+        "release_topic",
+        OPTIONAL_TEXT,
+        "with --release-to: where a topic goes, {topic} standing for its name: the NATS subject "
+        "(default tempomq.{topic}) or RabbitMQ EXCHANGE/ROUTING_KEY (default tempomq/{topic})",
+    ),
+    Option(
+        "release-stream",
+        "release_stream",
+        OPTIONAL_TEXT,
+        "with --release-to nats://: create this JetStream stream at start if missing, capturing "
+        "the subjects (else the operator's streams must capture them)",
+    ),
+    Option(
+        "release-replicas",
+        "release_replicas",
+        count(1, 5),
+        "with --release-stream: replicas of the stream created",
     ),
     Option("log-level", "log_level", choice(LogLevel), "lowest level that is logged"),
     Option(
@@ -624,6 +682,19 @@ def _check_queues(s: Settings) -> None:
         raise _fail("default_queues", f"must be between 1 and --max-queues ({s.max_queues})")
 
 
+def _check_release(s: Settings) -> None:
+    if s.release_to == "embedded":
+        return
+    template = s.release_topic
+    if template is not None and "{topic}" not in template:
+        raise _fail("release_topic", f"{template!r} must contain {{topic}}")
+    amqp = s.release_to.startswith("amqp")
+    if amqp and template is not None and "/" not in template:
+        raise _fail("release_topic", f"{template!r} is not EXCHANGE/ROUTING_KEY")
+    if amqp and s.release_stream is not None:
+        raise _fail("release_stream", "applies to --release-to nats:// only")
+
+
 def _check_leases(s: Settings) -> None:
     if s.delay_lease_ttl_ms < 300:
         raise _fail("delay_lease_ttl_ms", "must be at least 300ms (it is renewed every third)")
@@ -699,6 +770,7 @@ _CROSS_CHECKS: tuple[Callable[[Settings], None], ...] = (
     _check_sizes,
     _check_queues,
     _check_leases,
+    _check_release,
     _check_probe,
 )
 

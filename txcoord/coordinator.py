@@ -367,7 +367,7 @@ class Coordinator:
             elif row.deliver_at > self.timers.now_ms():
                 await self.scheduler.schedule([msg], [row.deliver_at])
             else:
-                await self.broker_store.put_many([msg], check_duplicate=True)
+                await self.scheduler.release_now([msg])  # the release target, idempotent
         except StoreUnavailable as e:
             # The decision is durable: try again shortly; a restart would deliver it too.
             log.error("tx.deliver_failed", tx_id=row.tx_id, error=str(e))

@@ -8,6 +8,7 @@
 #                                   of tempomq's dependencies that pip installs from offline
 #   tempomq-local/mariadb:bookworm  Debian's MariaDB, set up from MYSQL_* like the mysql image
 #   tempomq-local/redis:bookworm    Debian's Redis 7, run like the redis image
+#   tempomq-local/nats:bookworm     Debian's nats-server, run like the nats image (profile nats)
 #
 # Run as root (debootstrap). Each image is built only when missing or out of date, so a second
 # run takes seconds: the base image is kept once imported, the wheelhouse is rebuilt when the
@@ -105,4 +106,5 @@ build_base
 build_python
 build_service mariadb
 build_service redis
+build_service nats
 log "done"

@@ -34,6 +34,13 @@ NEEDS_REDIS = {
     "delay_store_bench": ["--messages", "2000"],
 }
 NEEDS_MYSQL = {"tx_bench": ["--seconds", "0.5", "--warmup", "0.2", "--producers", "4"]}
+#: A private redis-server (started by the script), and the shared NATS and RabbitMQ.
+NEEDS_TARGETS = {
+    "release_targets": [
+        *("--messages", "300", "--runs", "1", "--nodes", "1"),
+        *("--rate", "200", "--seconds", "0.5"),
+    ]
+}
 
 
 def _run(name: str, args: list[str], tmp_path: Path) -> dict[str, object]:
@@ -73,6 +80,14 @@ def test_bench_script_with_redis_runs(name: str, tmp_path: Path) -> None:
 def test_bench_script_with_mysql_runs(name: str, tmp_path: Path) -> None:
     _require("MariaDB", "127.0.0.1", 3306)
     assert _run(name, NEEDS_MYSQL[name], tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_TARGETS))
+def test_bench_script_with_release_targets_runs(name: str, tmp_path: Path) -> None:
+    _require("NATS", "127.0.0.1", 4222)
+    _require("RabbitMQ", "127.0.0.1", 5672)
+    result = _run(name, NEEDS_TARGETS[name], tmp_path)
+    assert set(result["throughput"]) == {"embedded/1", "nats/1", "amqp/1"}  # type: ignore[arg-type]
 
 
 def test_delay_bench_runs_and_its_plots_are_drawn(tmp_path: Path) -> None:

@@ -179,7 +179,7 @@ def app_module(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> Iterator[t
     monkeypatch.setattr(
         module,
         "make_delay_service",
-        lambda settings, broker, timers: FakeDelay(None, broker.store, timers),
+        lambda settings, broker, timers, target=None: FakeDelay(None, broker.store, timers),
     )
     monkeypatch.setattr(module, "broker_routes", stand_in_routes)
     yield module

@@ -34,6 +34,9 @@ LOCAL_OVERRIDE = COMPOSE_DIR / "docker-compose.local.yml"
 SERVER = "tempomq"
 EXAMPLE_PROFILE = "example"
 EXAMPLES = ("producer", "consumer")
+#: The profile with NATS JetStream and a tempomq releasing into it (--release-to).
+NATS_PROFILE = "nats"
+NATS_SERVICES = ("nats", "tempomq-nats")
 CLIENT_ENV = {"TEMPOMQ_URL", "TEMPOMQ_TOKEN_FILE"}  # read by the SDK examples, not the server
 SECRET = "tempomq_admin_token"
 
@@ -167,7 +170,7 @@ def probe_module() -> ModuleType:
 
 
 def test_the_stack_has_its_services() -> None:
-    assert set(services()) == {"mysql", "redis", SERVER, *EXAMPLES}
+    assert set(services()) == {"mysql", "redis", SERVER, *EXAMPLES, *NATS_SERVICES}
 
 
 def test_every_service_has_a_healthcheck() -> None:
@@ -296,8 +299,22 @@ def test_the_examples_are_in_the_example_profile_only() -> None:
     for name, service in services().items():
         if name in EXAMPLES:
             assert service.get("profiles") == [EXAMPLE_PROFILE], name
+        elif name in NATS_SERVICES:
+            assert service.get("profiles") == [NATS_PROFILE], name
         else:
             assert not service.get("profiles"), f"{name} must start with a plain `up`"
+
+
+def test_the_nats_profile_releases_into_its_nats_on_a_redis_database_of_its_own() -> None:
+    env = {**dockerfile_env(), **environment(services()["tempomq-nats"])}
+    del env["TEMPOMQ_ADMIN_TOKEN_FILE"]  # only in the container; auth as for the tempomq service
+    env["TEMPOMQ_ADMIN_TOKEN"] = "tmq_" + "x" * 40
+    settings = config.load_settings(vars(server_args()), env)
+    assert settings.release_to == "nats://nats:4222"
+    assert settings.release_stream and settings.release_topic == "tempomq.{topic}"
+    assert settings.redis_url != server_settings().redis_url, "mixed modes on one delay store"
+    assert services()["tempomq-nats"]["depends_on"]["nats"]["condition"] == "service_healthy"
+    assert "-js" in services()["nats"]["command"]
 
 
 def test_services_running_the_image_build_it_from_the_dockerfile() -> None:
@@ -317,7 +334,7 @@ def test_auth_is_on_with_the_token_in_a_secret_not_a_literal() -> None:
     assert (COMPOSE_DIR / source).resolve() == COMPOSE_DIR / "secrets"
     ignored = (ROOT / ".gitignore").read_text().splitlines()
     assert "compose/secrets/" in ignored, "the token must never be committed"
-    for name in (SERVER, *EXAMPLES):
+    for name in (SERVER, "tempomq-nats", *EXAMPLES):
         service = services()[name]
         env = environment(service)
         assert not {"TEMPOMQ_ADMIN_TOKEN", "TEMPOMQ_TOKEN"} & set(env), f"{name}: a literal"

@@ -135,6 +135,8 @@ def test_every_option_is_settable_from_env() -> None:
         "metrics-public": "on",
         "check-url-allow": "hooks.internal",
         "tx-store": "postgresql+asyncpg://u@db/tx",
+        "release-to": "nats://n:4222",
+        "release-topic": "x.{topic}",
     }
     sizes = {"segment-bytes": "2GiB", "max-body-bytes": "1MiB", "max-request-bytes": "32MiB"}
     # Options that are only valid with a companion.
@@ -170,6 +172,29 @@ def test_tx_store_takes_sqlite_mysql_and_postgresql_urls_and_names_what_is_wrong
             load(["--tx-store", url])
     with pytest.raises(ConfigError, match="tx-lease"):
         load(["--tx-lease", "100ms"])
+
+
+def test_release_to_names_a_target_and_its_mapping() -> None:
+    assert load().release_to == "embedded"
+    s = load(["--release-to", "nats://a:4222,nats://b:4222", "--release-topic", "q.{topic}"])
+    assert (s.release_to, s.release_topic) == ("nats://a:4222,nats://b:4222", "q.{topic}")
+    assert load(env={"TEMPOMQ_RELEASE_TO": "EMBEDDED"}).release_to == "embedded"
+    with pytest.raises(ConfigError, match="--release-to / TEMPOMQ_RELEASE_TO: 'kafka:9092'"):
+        load(["--release-to", "kafka:9092"])
+    with pytest.raises(ConfigError, match=r"must contain \{topic\}"):
+        load(["--release-to", "nats://a:4222", "--release-topic", "fixed"])
+    with pytest.raises(ConfigError, match="EXCHANGE/ROUTING_KEY"):
+        load(["--release-to", "amqp://h/", "--release-topic", "x{topic}"])
+    with pytest.raises(ConfigError, match="nats:// only"):
+        load(["--release-to", "amqp://h/", "--release-stream", "S"])
+
+
+def test_a_release_to_password_never_shows() -> None:
+    s = load(["--release-to", "amqp://user:hunter2@mq:5672/"])
+    assert "hunter2" not in repr(s)
+    with pytest.raises(ConfigError) as caught:
+        load(["--release-to", "amqq://user:hunter2@mq:5672/"])
+    assert "hunter2" not in str(caught.value)
 
 
 def test_grpc_listener_defaults_on_and_can_be_turned_off() -> None:
