@@ -27,18 +27,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import redis
-from _server import BenchServer, free_port, percentile
+from _server import BenchServer, PrivateRedis, percentile
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".peers-venv"
@@ -56,42 +55,6 @@ def ensure_venv() -> None:
         print(f"making {VENV / name} with {', '.join(packages)} from PyPI (once)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(VENV / name)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages], check=True)
-
-
-class PrivateRedis:
-    """redis-server on a free port, nothing persisted; stopped (and its dir removed) on exit."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="peers-redis-")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> PrivateRedis:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("redis-server is not on PATH (apt-get install redis-server)")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
-            stdout=subprocess.DEVNULL,
-        )
-        r = redis.Redis(port=self.port)
-        for _ in range(100):
-            try:
-                r.ping()
-                return self
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("the private redis-server did not start")
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _env(redis_url: str, **extra: str) -> dict[str, str]:
@@ -163,6 +126,13 @@ def run_system(system: str, args: argparse.Namespace, rd: PrivateRedis) -> dict[
     if system.startswith("tempomq"):
         extra = ("--redis-url", rd.url(1)) if system == "tempomq-redis" else ()
         with BenchServer(*extra) as server:
+            for topic in ("peers", "peers-late"):
+                req = urllib.request.Request(
+                    f"{server.url}/v1/topics",
+                    data=json.dumps({"name": topic, "queues": 8}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                urllib.request.urlopen(req, timeout=10).close()
             env = _env(rd.url(), PEERS_TOPIC="peers")
             out["delayed"] = enqueue("tempomq", "delayed", args.jobs, env, server.url)
             out["plain"] = enqueue("tempomq", "plain", args.jobs, env, server.url)

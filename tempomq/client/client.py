@@ -96,6 +96,10 @@ class Client:
     ``token`` is sent as ``Authorization: Bearer <token>`` (default: the ``TEMPOMQ_TOKEN``
     environment variable); ``ca_file`` is the CA bundle (PEM) that verifies an ``https://``
     server (default: ``TEMPOMQ_CA_FILE``, else the system's CAs).
+
+    ``linger_ms``, ``batch_max`` and ``batch_max_bytes`` shape the batches that concurrent
+    ``send`` calls to one topic are coalesced into (see :class:`_SendBatcher`): 0 ms (the end
+    of the event loop's current turn), 100 messages, 1 MiB by default.
     """
 
     def __init__(
