@@ -86,7 +86,7 @@ def _plan(mode: str, n: int) -> list[float]:
     now = time.time() * 1000
     if mode.startswith("due:"):
         _, lo, hi = mode.split(":")
-        dues = [now + (float(lo) + (float(hi) - float(lo)) * i / n) * 1000 for i in range(n)]
+        dues = [int(now + (float(lo) + (float(hi) - float(lo)) * i / n) * 1000) for i in range(n)]
         random.Random(7).shuffle(dues)
         return dues
     return [now] * n  # times of "delayed" and "plain" are set at each call
@@ -111,7 +111,9 @@ async def enqueue_arq(mode: str, n: int) -> float:
         for start in range(0, n, 100):
             await asyncio.gather(
                 *(
-                    pool.enqueue_job("arq_job", time.time() * 1000 + DEFER_S * 1000, _defer_by=DEFER_S)
+                    pool.enqueue_job(
+                        "arq_job", time.time() * 1000 + DEFER_S * 1000, _defer_by=DEFER_S
+                    )
                     for _ in plan[start : start + 100]
                 )
             )

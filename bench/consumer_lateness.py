@@ -51,15 +51,20 @@ async def _fill(url: str, pending: int) -> None:
 
 async def _schedule(url: str, rate: int, seconds: float) -> float:
     """Schedule the measured messages; returns the epoch ms the first is due."""
-    first = time.time() * 1000 + START_S * 1000
     n = int(rate * seconds)
-    dues = [first + i * 1000 / rate for i in range(n)]
+    # Lead time: enough to send them all first (batches of 1000, four at a time).
+    first = time.time() * 1000 + (START_S + n / 10_000) * 1000
+    dues = [int(first + i * 1000 / rate) for i in range(n)]
     async with Client(url, timeout_s=60) as client:
-        for start in range(0, n, 1000):
-            chunk = dues[start : start + 1000]
+
+        async def one(chunk: list[int]) -> None:
             await client.send_batch(
-                TOPIC,
-                [OutgoingMessage(json.dumps({"due": d}), deliver_at=int(d)) for d in chunk],
+                TOPIC, [OutgoingMessage(json.dumps({"due": d}), deliver_at=d) for d in chunk]
+            )
+
+        for start in range(0, n, 4000):
+            await asyncio.gather(
+                *(one(dues[s : s + 1000]) for s in range(start, min(n, start + 4000), 1000))
             )
     if time.time() * 1000 > first:
         raise SystemExit("scheduling took longer than the lead time; lower --rate or --seconds")
@@ -95,8 +100,17 @@ def one_run(args: argparse.Namespace) -> dict[str, float]:
         consumer = _consumer(server.url, out, expect)
         time.sleep(1.0)
         load = os.getloadavg()[0]
-        asyncio.run(_schedule(server.url, args.rate, args.seconds))
-        consumer.wait(timeout=START_S + args.seconds + 180)
+        try:
+            asyncio.run(_schedule(server.url, args.rate, args.seconds))
+        except BaseException:
+            consumer.kill()
+            raise
+        try:
+            consumer.wait(timeout=START_S + expect / 10_000 + args.seconds + 180)
+        finally:
+            if consumer.poll() is None:  # never leave it behind
+                consumer.kill()
+                consumer.wait()
         values = sorted(json.loads(out.read_text()))
     return {
         "got": len(values),

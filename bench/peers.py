@@ -217,7 +217,8 @@ def main() -> None:
                     flush=True,
                 )
             run["_load"] = {"before": load, "after": os.getloadavg()}  # type: ignore[assignment]
-            print(f"run {i + 1}: load average {load[0]:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
+            after = os.getloadavg()[0]
+            print(f"run {i + 1}: load average {load[0]:.1f} -> {after:.1f}", flush=True)
             runs.append(run)
     print()
     print(f"{args.runs} runs, {args.jobs} jobs per enqueue phase, {args.due} due over 3-8 s; "

@@ -132,7 +132,7 @@ def now_ms() -> int:
 #: In async flush mode a pending write up to this size is written on the event loop itself
 #: (a ``pwrite`` into the page cache, microseconds); larger ones and every write in sync mode
 #: (which waits for ``fdatasync``) go to the writer thread.
-INLINE_WRITE_BYTES = 256 * 1024
+INLINE_WRITE_BYTES = 64 * 1024
 
 
 class MessageStore:

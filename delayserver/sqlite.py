@@ -21,7 +21,7 @@ import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 
@@ -139,14 +139,16 @@ class SqliteRunner:
             raise self.unavailable(f"{self.name} is not open")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, db)
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in the next write transaction (shared with other queued writes)."""
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, small: bool = False) -> T:
+        """Run ``fn`` in the next write transaction (shared with other queued writes).
+        ``small``: a write of a few rows, which in async mode may commit right here on the
+        event loop (see :meth:`_write_inline`); large ones always go to the thread."""
         if self._db is None:
             raise self.unavailable(f"{self.name} is not open")
-        if self._inline is not None and self._writer is None and self.failure is None:
+        if small and self._inline is not None and self._writer is None and self.failure is None:
             done, result = self._write_inline(fn)
             if done:
-                return result
+                return cast(T, result)
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queued.append((fn, fut))
         if self._writer is None:

@@ -506,7 +506,8 @@ class _SendBatcher:
                     _settle(fut, None, e)
                 return
             # Which message? Ask one by one, concurrently; each caller hears its own answer.
-            await asyncio.gather(*(self._send([i], [w]) for i, w in zip(items, waiters, strict=True)))
+            pairs = zip(items, waiters, strict=True)
+            await asyncio.gather(*(self._send([i], [w]) for i, w in pairs))
             return
         except Exception as e:  # a bug or cancellation must not leave callers waiting
             for fut in waiters:
@@ -520,7 +521,9 @@ class _SendBatcher:
 _IN_FLIGHT: set[asyncio.Future[None]] = set()
 
 
-def _settle(fut: asyncio.Future[SendResult], result: SendResult | None, error: BaseException | None) -> None:
+def _settle(
+    fut: asyncio.Future[SendResult], result: SendResult | None, error: BaseException | None
+) -> None:
     if fut.done():  # the caller was cancelled; the message may still have been stored
         return
     if error is not None:

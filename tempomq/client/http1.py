@@ -55,7 +55,8 @@ class _Answer(asyncio.Protocol):
             self._fail(ConnectionFailed(f"bad HTTP answer from {self.pool.netloc}: {e}", sent=True))
 
     def eof_received(self) -> bool | None:
-        if self.waiter is not None and self.body_start >= 0 and self.length < 0 and not self.chunked:
+        unbounded = self.body_start >= 0 and self.length < 0 and not self.chunked
+        if self.waiter is not None and unbounded:
             # An answer without a length ends with the connection.
             self._done(bytes(self.buf[self.body_start :]))
         return None
@@ -88,30 +89,34 @@ class _Answer(asyncio.Protocol):
                 if len(buf) > MAX_HEAD_BYTES:
                     raise ValueError("response head too large")
                 return
-            lines = bytes(buf[:end]).split(b"\r\n")
-            parts = lines[0].split(b" ", 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-                raise ValueError(f"not an HTTP/1 status line: {lines[0][:80]!r}")
-            self.status = int(parts[1])
-            self.keep_alive = parts[0] != b"HTTP/1.0"
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                name = name.strip().lower()
-                if name == b"content-length":
-                    self.length = int(value)
-                elif name == b"transfer-encoding":
-                    self.chunked = b"chunked" in value.lower()
-                elif name == b"connection":
-                    self.keep_alive = value.strip().lower() != b"close"
-            self.body_start = end + 4
-            if self.status in (204, 304) or 100 <= self.status < 200:
-                self.length = 0
+            self._head(end)
         if self.chunked:
             body = _dechunk(buf, self.body_start)
             if body is not None:
                 self._done(body)
         elif self.length >= 0 and len(buf) - self.body_start >= self.length:
             self._done(bytes(buf[self.body_start : self.body_start + self.length]))
+
+    def _head(self, end: int) -> None:
+        """Status and the headers that frame the body, from the head ending at ``end``."""
+        lines = bytes(self.buf[:end]).split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+            raise ValueError(f"not an HTTP/1 status line: {lines[0][:80]!r}")
+        self.status = int(parts[1])
+        self.keep_alive = parts[0] != b"HTTP/1.0"
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                self.length = int(value)
+            elif name == b"transfer-encoding":
+                self.chunked = b"chunked" in value.lower()
+            elif name == b"connection":
+                self.keep_alive = value.strip().lower() != b"close"
+        self.body_start = end + 4
+        if self.status in (204, 304) or 100 <= self.status < 200:
+            self.length = 0
 
     def _done(self, body: bytes) -> None:
         waiter, self.waiter = self.waiter, None
@@ -234,7 +239,9 @@ class Http1Pool:
             raise
         except _Expired:
             conn._close()
-            raise RequestTimedOut(f"{method} {self.netloc}{target}: no answer within the timeout")
+            raise RequestTimedOut(
+                f"{method} {self.netloc}{target}: no answer within the timeout"
+            ) from None
         finally:
             timer.cancel()
 

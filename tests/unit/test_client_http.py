@@ -602,7 +602,7 @@ async def test_a_bad_message_in_a_batch_fails_only_its_own_caller(
 ) -> None:
     async def strict(request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        items = body["messages"] if "messages" in body else [body]
+        items = body.get("messages", [body])
         if any(m.get("tags") == "bad" for m in items):
             return web.json_response(
                 {"error": "invalid_message", "message": "tags 'bad' refused"}, status=400
