@@ -19,6 +19,7 @@ import errno
 import functools
 import gc
 import itertools
+import logging
 import re
 import secrets
 import signal
@@ -199,6 +200,8 @@ def _request_id(request: web.Request) -> str:
 #: The histogram's child per (method, route, status): ``labels()`` takes a lock and builds a
 #: key each call; the few children there are stay here.
 _REQUEST_SERIES: dict[tuple[str, str, int], Any] = {}
+#: configure_logging sets the root logger's level; asking it is a cached lookup.
+_ROOT_LOG = logging.getLogger()
 
 
 def _observe(request: web.Request, status: int, elapsed_s: float) -> None:
@@ -241,7 +244,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response.headers["X-Request-Id"] = request_id
         elapsed_s = time.perf_counter() - started
         _observe(request, response.status, elapsed_s)
-        if request.app[SETTINGS].log_level == "debug":  # skip building the call otherwise
+        if _ROOT_LOG.isEnabledFor(logging.DEBUG):  # skip building the call otherwise
             log.debug(
                 "request",
                 method=request.method,
