@@ -57,7 +57,8 @@ compose-test: $(STAMP)
 
 # kill -9 trials of a real server under load (tests/chaos); prints the counts of what was lost,
 # duplicated, early, delivered after its ack, attempt resets and DLQ duplicates; exit 1 on any.
-# CHAOS_TRIALS sets how many, CHAOS_SEED the first trial's seed (to repeat a series).
+# CHAOS_TRIALS sets how many, CHAOS_SEED the first trial's seed (to repeat a series),
+# CHAOS_FLUSH=async the flush mode (default sync).
 CHAOS_TRIALS ?= 100
 
 chaos: $(STAMP)
