@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 RUN_ARGS ?=
 
-.PHONY: install run test lint bench compose-token compose-test chaos
+.PHONY: install run test lint bench bench-peers compose-token compose-test chaos
 
 # The interpreter .venv is made with, recorded in it: another PYTHON (or an upgraded one)
 # rebuilds .venv instead of mixing two Pythons' packages.
@@ -68,7 +68,8 @@ compose-test: $(STAMP)
 
 # kill -9 trials of a real server under load (tests/chaos); prints the counts of what was lost,
 # duplicated, early, delivered after its ack, attempt resets and DLQ duplicates; exit 1 on any.
-# CHAOS_TRIALS sets how many, CHAOS_SEED the first trial's seed (to repeat a series).
+# CHAOS_TRIALS sets how many, CHAOS_SEED the first trial's seed (to repeat a series),
+# CHAOS_FLUSH=async the flush mode (default sync).
 CHAOS_TRIALS ?= 100
 
 chaos: $(STAMP)
@@ -83,12 +84,18 @@ lint: $(STAMP)
 # bench/plots.py draws docs/img/*.png from the results.
 RESULTS := docs/bench-results
 
+# tempomq beside arq, RQ and Celery on a private Redis, 3 runs, one table with medians and spread
+# (about 10 minutes; the peers are installed into bench/.peers-venv on the first run).
+bench-peers: $(STAMP)
+	@mkdir -p $(RESULTS)
+	$(BIN)/python bench/peers.py | tee $(RESULTS)/peers.txt
+
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	@mkdir -p $(RESULTS)
 	@set -e; for script in bench/*.py; do \
 		name=$$(basename "$$script" .py); \
-		case "$$name" in _*|plots|delay_release) continue ;; esac; \
+		case "$$name" in _*|plots|delay_release|peers) continue ;; esac; \
 		echo "== $$script"; \
 		$(BIN)/python "$$script" | tee $(RESULTS)/$$name.json; \
 	done

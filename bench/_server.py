@@ -1,5 +1,5 @@
-"""Bench helper: run ``tempomq serve`` in its own process on a free port (so the load generator
-and the server each get a core), and a tiny JSON client."""
+"""Bench helpers: run ``tempomq serve`` in its own process on a free port (so the load generator
+and the server each get a core), and a private ``redis-server`` on a free port."""
 
 from __future__ import annotations
 
@@ -73,3 +73,38 @@ def percentile(sorted_values: list[float], p: float) -> float:
         return float("nan")
     k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
     return sorted_values[k]
+
+
+class PrivateRedis:
+    """redis-server on a free port, nothing persisted; stopped (and its dir removed) on exit."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="peers-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> PrivateRedis:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise SystemExit("redis-server is not on PATH (apt-get install redis-server)")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL,
+        )
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("the private redis-server did not start")
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)

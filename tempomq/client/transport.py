@@ -35,6 +35,7 @@ from tempomq.client.errors import (
     Unavailable,
     error_from_response,
 )
+from tempomq.client.http1 import Http1Pool
 
 log = logging.getLogger("tempomq.client")
 
@@ -83,6 +84,12 @@ class Transport:
         self._session = session
         self._owns_session = session is None
         self._current = 0
+        # Without a session of the caller's, calls go over the SDK's own lean connections.
+        self._pools: dict[str, Http1Pool] | None = None if session is not None else {}
+        self._head = b"".join(f"{k}: {v}\r\n".encode() for k, v in self._headers.items())
+        self._json_head = b"".join(
+            f"{k}: {v}\r\n".encode() for k, v in self._json_headers.items()
+        )
 
     @property
     def current(self) -> str:
@@ -101,6 +108,10 @@ class Transport:
         return self._session
 
     async def close(self) -> None:
+        if self._pools:
+            for pool in self._pools.values():
+                pool.close()
+            self._pools.clear()
         if self._owns_session and self._session is not None:
             await self._session.close()
         self._session = None
@@ -134,6 +145,8 @@ class Transport:
             if attempt and (endpoint is not None or attempt >= len(self.endpoints)):
                 await asyncio.sleep(min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (attempt - 1)))
             try:
+                if self._pools is not None:
+                    return base, await self._lean(method, base, path, data, params, extra_timeout_s)
                 return base, await self._once(method, base + path, data, params, extra_timeout_s)
             except Unavailable as e:
                 error = e
@@ -145,6 +158,25 @@ class Transport:
             log.debug("tempomq %s %s%s failed (%s), retrying", method, base, path, error)
         assert error is not None
         raise error
+
+    async def _lean(
+        self,
+        method: str,
+        base: str,
+        path: str,
+        data: bytes | None,
+        params: Mapping[str, str] | None,
+        extra_timeout_s: float,
+    ) -> Any:
+        assert self._pools is not None
+        pool = self._pools.get(base)
+        if pool is None:
+            pool = self._pools[base] = Http1Pool(base, ssl_context=self._ssl_context)
+        head = self._json_head if data is not None else self._head
+        status, raw = await pool.request(
+            method, path, head, data, params, self.timeout_s + extra_timeout_s
+        )
+        return _answer(status, raw)
 
     async def _once(
         self,
@@ -170,13 +202,18 @@ class Transport:
             raise RequestTimedOut(f"{method} {url}: no answer within the timeout") from e
         except aiohttp.ClientError as e:
             raise ConnectionFailed(f"{method} {url}: {e!r}", sent=True) from e
-        payload = _decode(raw)
-        if status >= 400:
-            err = error_from_response(status, payload)
-            if status in UNAVAILABLE_STATUSES and not isinstance(err, Unavailable):
-                err = Unavailable(err.message, status=status, code=err.code)
-            raise err
-        return payload
+        return _answer(status, raw)
+
+
+def _answer(status: int, raw: bytes) -> Any:
+    """The decoded answer; an error status raises its error."""
+    payload = _decode(raw)
+    if status >= 400:
+        err = error_from_response(status, payload)
+        if status in UNAVAILABLE_STATUSES and not isinstance(err, Unavailable):
+            err = Unavailable(err.message, status=status, code=err.code)
+        raise err
+    return payload
 
 
 def _decode(raw: bytes) -> Any:

@@ -7,6 +7,7 @@ the scripts (see docs/benchmarks.md), never by a test. This only keeps the scrip
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,11 +29,11 @@ SMALL = {
     "rocketmq_bench": ["--seconds", "0.5", "--runs", "1", "--threads", "2"],
     "console_api": ["--messages", "3000", "--pending", "300", "--transactions", "5", "--runs", "3"],
     "auth_overhead": ["--seconds", "0.3", "--runs", "1"],
+    "consumer_lateness": ["--pending", "2000", "--rate", "500", "--seconds", "1", "--runs", "1"],
 }
-NEEDS_REDIS = {
-    "http_schedule": ["--seconds", "0.5"],
-    "delay_store_bench": ["--messages", "2000"],
-}
+NEEDS_REDIS = {"delay_store_bench": ["--messages", "2000"]}
+#: These start a private redis-server of their own on a free port.
+NEEDS_REDIS_SERVER = {"http_schedule": ["--seconds", "0.5"]}
 NEEDS_MYSQL = {"tx_bench": ["--seconds", "0.5", "--warmup", "0.2", "--producers", "4"]}
 #: A private redis-server (started by the script), and the shared NATS and RabbitMQ.
 NEEDS_TARGETS = {
@@ -74,6 +75,15 @@ def test_bench_script_runs(name: str, tmp_path: Path) -> None:
 def test_bench_script_with_redis_runs(name: str, tmp_path: Path) -> None:
     _require("Redis", "127.0.0.1", 6379)
     assert _run(name, NEEDS_REDIS[name], tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_REDIS_SERVER))
+def test_bench_script_with_its_own_redis_runs(name: str, tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None:
+        if services_required():
+            pytest.fail("redis-server is required (CI=true) but not on PATH")
+        pytest.skip("redis-server is not on PATH")
+    assert _run(name, NEEDS_REDIS_SERVER[name], tmp_path)
 
 
 @pytest.mark.parametrize("name", sorted(NEEDS_MYSQL))

@@ -543,3 +543,137 @@ def test_sqlalchemy_loads_only_for_a_barrier() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.split() == ["False", "True", "tempomq.client.barrier"], out.stdout
+
+
+# -- concurrent sends coalesce into batches (linger) -------------------------------------------
+
+
+async def test_concurrent_sends_leave_as_one_batch_and_each_gets_its_own_result(
+    aiohttp_server: ServerFactory,
+) -> None:
+    server, url = await fake(aiohttp_server, sent())
+    async with Client(url) as client:
+        results = await asyncio.gather(*(client.send("orders", f"m{i}") for i in range(100)))
+    assert server.hits == 1
+    (_, path, body), = server.requests
+    assert path == "/v1/topics/orders/messages"
+    assert [m["body"] for m in body["messages"]] == [f"m{i}" for i in range(100)]
+    assert [r.msg_id for r in results] == [m["msg_id"] for m in body["messages"]]
+
+
+async def test_a_lone_send_goes_as_a_single_message(aiohttp_server: ServerFactory) -> None:
+    server, url = await fake(aiohttp_server, sent())
+    async with Client(url) as client:
+        for i in range(3):
+            await client.send("orders", f"m{i}")
+    assert server.hits == 3
+    assert all("messages" not in body for _, _, body in server.requests)
+
+
+async def test_batches_are_cut_at_batch_max_and_per_topic(aiohttp_server: ServerFactory) -> None:
+    server, url = await fake(aiohttp_server, sent())
+    async with Client(url, batch_max=10) as client:
+        await asyncio.gather(
+            *(client.send("orders", f"m{i}") for i in range(25)),
+            *(client.send("billing", f"b{i}") for i in range(3)),
+        )
+    sizes = sorted(
+        (path.split("/")[3], len(body["messages"]) if "messages" in body else 1)
+        for _, path, body in server.requests
+    )
+    assert sizes == [("billing", 3), ("orders", 5), ("orders", 10), ("orders", 10)]
+
+
+async def test_linger_ms_gathers_sends_made_one_after_another(
+    aiohttp_server: ServerFactory,
+) -> None:
+    server, url = await fake(aiohttp_server, sent())
+    async with Client(url, linger_ms=50) as client:
+        tasks = []
+        for i in range(5):
+            tasks.append(asyncio.create_task(client.send("orders", f"m{i}")))
+            await asyncio.sleep(0.001)  # later turns of the loop, within the linger
+        await asyncio.gather(*tasks)
+    assert server.hits == 1 and len(server.requests[0][2]["messages"]) == 5
+
+
+async def test_a_bad_message_in_a_batch_fails_only_its_own_caller(
+    aiohttp_server: ServerFactory,
+) -> None:
+    async def strict(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        items = body.get("messages", [body])
+        if any(m.get("tags") == "bad" for m in items):
+            return web.json_response(
+                {"error": "invalid_message", "message": "tags 'bad' refused"}, status=400
+            )
+        return await sent()(request)
+
+    server, url = await fake(aiohttp_server, strict)
+    async with Client(url) as client:
+        outcomes = await asyncio.gather(
+            *(client.send("orders", f"m{i}", tags="bad" if i == 3 else None) for i in range(6)),
+            return_exceptions=True,
+        )
+    assert isinstance(outcomes[3], InvalidMessage)
+    assert all(MSG_ID.match(r.msg_id) for i, r in enumerate(outcomes) if i != 3)  # type: ignore[union-attr]
+    stored = [b for _, _, b in server.requests if "messages" not in b and b.get("tags") != "bad"]
+    assert sorted(b["body"] for b in stored) == ["m0", "m1", "m2", "m4", "m5"]
+
+
+async def test_an_error_of_the_whole_batch_reaches_every_caller(
+    aiohttp_server: ServerFactory,
+) -> None:
+    server, url = await fake(
+        aiohttp_server, answer(404, {"error": "topic_not_found", "message": "no topic"})
+    )
+    async with Client(url) as client:
+        outcomes = await asyncio.gather(
+            *(client.send("orders", f"m{i}") for i in range(4)), return_exceptions=True
+        )
+    assert all(isinstance(o, TopicNotFound) for o in outcomes)
+    assert server.hits == 1  # not repeated one by one: it is about the topic
+
+
+async def test_batch_settings_are_checked() -> None:
+    with pytest.raises(ValueError):
+        Client("http://127.0.0.1:1", linger_ms=-1)
+    with pytest.raises(ValueError):
+        Client("http://127.0.0.1:1", batch_max=0)
+
+
+# -- the SDK's own HTTP/1.1 connections --------------------------------------------------------
+
+
+async def test_chunked_answers_and_kept_alive_connections(aiohttp_server: ServerFactory) -> None:
+    peers: set[object] = set()
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        peers.add(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        payload = b'{"text": "hello"}'
+        await resp.write(payload[:5])
+        await resp.write(payload[5:])
+        await resp.write_eof()
+        return resp
+
+    _, url = await fake(aiohttp_server, chunked)
+    async with Client(url) as client:
+        for _ in range(3):
+            assert await client._call("GET", "/x", idempotent=True) == {"text": "hello"}
+    assert len(peers) == 1  # one connection, kept alive
+
+
+async def test_a_connection_the_server_closed_is_replaced(aiohttp_server: ServerFactory) -> None:
+    async def close_after(request: web.Request) -> web.StreamResponse:
+        resp = web.json_response({"ok": True})
+        resp.force_close()
+        return resp
+
+    server, url = await fake(aiohttp_server, close_after)
+    async with Client(url) as client:
+        for _ in range(3):
+            assert await client._call("GET", "/x", idempotent=False) == {"ok": True}
+    assert server.hits == 3

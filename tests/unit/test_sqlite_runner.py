@@ -4,6 +4,7 @@ database's own cause (never a rollback error that hides it), nothing latches, an
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -132,3 +133,75 @@ async def test_a_domain_error_fails_alone_and_does_not_mark_the_database(
     await runner.write(insert(5))
     assert runner.health() is None
     assert await runner.read(rows) == [5]
+
+
+# -- small writes on the event loop (async mode) -----------------------------------------------
+
+
+async def _async_runner(tmp_path: Path, disk: Disk) -> SqliteRunner:
+    r = SqliteRunner(
+        tmp_path / "inline.sqlite",
+        schema=SCHEMA,
+        sync=False,
+        name="inline-db",
+        unavailable=Unavailable,
+        connect=disk.connect,
+    )
+    await r.open()
+    return r
+
+
+def _insert(x: int) -> Any:
+    def run(db: sqlite3.Connection) -> int:
+        db.execute("INSERT INTO t (x) VALUES (?)", (x,))
+        return x
+
+    return run
+
+
+async def test_a_small_write_commits_on_the_loop_and_is_read_back(
+    tmp_path: Path, disk: Disk
+) -> None:
+    r = await _async_runner(tmp_path, disk)
+    try:
+        assert await r.write(_insert(1), small=True) == 1
+        assert r._writer is None  # nothing went through the thread's queue
+        assert await r.read(lambda db: db.execute("SELECT x FROM t").fetchall()) == [(1,)]
+    finally:
+        await r.close()
+    # Committed for good: a fresh connection after close sees it.
+    db = sqlite3.connect(tmp_path / "inline.sqlite")
+    assert db.execute("SELECT x FROM t").fetchall() == [(1,)]
+    db.close()
+
+
+async def test_a_small_write_behind_queued_writes_keeps_their_order(
+    tmp_path: Path, disk: Disk
+) -> None:
+    r = await _async_runner(tmp_path, disk)
+    try:
+        first = asyncio.ensure_future(r.write(_insert(1)))  # queued for the thread
+        await asyncio.sleep(0)
+        second = await r.write(_insert(2), small=True)  # the queue is busy: goes behind it
+        assert (await first, second) == (1, 2)
+        rows = await r.read(lambda db: db.execute("SELECT x FROM t ORDER BY rowid").fetchall())
+        assert rows == [(1,), (2,)]
+    finally:
+        await r.close()
+
+
+async def test_a_small_write_on_a_full_disk_fails_with_the_cause_and_heals(
+    tmp_path: Path, disk: Disk
+) -> None:
+    r = await _async_runner(tmp_path, disk)
+    try:
+        disk.full = True
+        with pytest.raises(Unavailable, match=FULL):
+            await r.write(_insert(1), small=True)
+        assert r.health() is not None
+        disk.full = False
+        assert await r.write(_insert(2), small=True) == 2  # via the thread, which clears it
+        assert r.health() is None
+        assert await r.read(lambda db: db.execute("SELECT x FROM t").fetchall()) == [(2,)]
+    finally:
+        await r.close()

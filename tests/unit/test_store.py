@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from broker_core import codec
+from broker_core import store as store_module
 from broker_core.commitlog import CommitLog
 from broker_core.errors import MessageTooLarge, StoreUnavailable, TopicExists, TopicNotFound
 from broker_core.message import Message, MsgIdGenerator
@@ -243,6 +244,9 @@ async def test_duplicate_of_a_write_in_flight_waits_for_that_write(
         orig(self, offset, data, sync=sync)
 
     monkeypatch.setattr(CommitLog, "write", slow_write)
+    # The writer thread's path: small async writes are otherwise made on the event loop,
+    # which this blocking write would stop.
+    monkeypatch.setattr(store_module, "INLINE_WRITE_BYTES", 0)
     store = await stores.start(tmp_path)
     release.set()
     await store.create_topic("orders", 1)
