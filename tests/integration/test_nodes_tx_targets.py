@@ -118,7 +118,8 @@ async def test_a_transaction_needs_no_local_topic_when_releasing_into_nats(
 class TxLoad:
     """What the transactional producers did. ``meant`` maps each message body to its intent;
     ``committed`` the msg_ids that must arrive (msg_id -> deliver_at); ``rolled_back`` those that
-    must never; a prepare whose answer never came may arrive only if its intent was a commit."""
+    must never; a prepare whose answer never came may arrive, once, unless it was meant to be
+    rolled back."""
 
     meant: dict[str, str] = field(default_factory=dict)
     due: dict[str, int] = field(default_factory=dict)  # body -> deliver_at asked for
