@@ -156,7 +156,8 @@ async def _tx_load(
     nodes = itertools.cycle(range(len(bases)))
     for n in range(count):
         i = next(nodes)
-        intent = INTENTS[n % len(INTENTS)]
+        # Each intent in turn on every node (not tied to one: the killed one would get them all).
+        intent = INTENTS[(n // len(bases)) % len(INTENTS)]
         body = f"tx-{n}-{intent}"
         load.meant[body] = intent
         deliver_at = int(time.time() * 1000) + (n % 4) * 500
@@ -295,7 +296,7 @@ async def _run_nodes(
                 node.ensure_stopped()
     assert len(sent) >= 600, len(sent)  # a third of the batches go to the killed node
     # About a third each, less what went to the killed node.
-    assert len(load.committed) >= 30 and len(load.rolled_back) >= 5, load
+    assert len(load.committed) >= 20 and len(load.rolled_back) >= 8, load
     assert load.asked["check"] > 0, "no check-back was asked"
     return sent, unanswered, load
 
