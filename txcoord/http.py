@@ -9,7 +9,7 @@ from aiohttp import web
 
 from broker_core.errors import InvalidRequest
 from broker_core.fields import check_fields, int_field
-from broker_core.http import VISIBLE, json_response, parse_message, read_json
+from broker_core.http import BROKER, VISIBLE, json_response, parse_message, read_json
 from broker_core.message import CLIENT_NAME_PATTERN, PROP_SHARDING_KEY, validate_topic_name
 from txcoord.coordinator import Coordinator
 from txcoord.states import TxEvent, TxState
@@ -52,7 +52,10 @@ async def prepare(request: web.Request) -> web.Response:
     check_url = await _check_url(coordinator, body.get("check_url"))
     immunity = int_field(body, "check_immunity_ms", default=None, lo=0, hi=MAX_IMMUNITY_MS)
     store = coordinator.broker_store
-    topic = store.topic(topic_name)
+    # As a plain send (and gRPC's transactional send) resolves it: with another broker as the
+    # release target the topic lives there (the name is validated only); else it must exist
+    # here, or is auto-created when --auto-create-topics allows.
+    topic = await request.app[BROKER].resolve_topic(topic_name)
     now = coordinator.timers.now_ms()
     msg, deliver_at = parse_message(
         body.get("message"), topic_name, max_body=store.config.max_body_bytes, now_ms=now

@@ -9,7 +9,7 @@ Schema (created on start, idempotent; names carry the URL's ``table_prefix``, de
 ``due_at``), ``tx_check`` (check history) and ``schema`` (``version``: a server refuses a
 database whose schema is newer than it knows).
 
-Statements per transaction (the capacity model in docs/transactions-sql.md): prepare is one
+Statements per transaction (docs/deployment.md, "SQL statements per transaction"): prepare is one
 ``INSERT`` (its own transaction); commit or rollback one ``SELECT ... FOR UPDATE`` and one
 ``UPDATE`` in one transaction; delivery one ``UPDATE``; each check-back one ``INSERT`` into the
 history and one ``SELECT ... FOR UPDATE`` + ``UPDATE``. Claims are batched: one

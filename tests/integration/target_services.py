@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,14 @@ class JetStreamReader:
         await self.nc.close()
 
 
+def _received(msg: Any) -> Received:
+    """An AMQP message as a :class:`Received` (header values as strings)."""
+    headers = {
+        k: v.decode() if isinstance(v, bytes) else str(v) for k, v in (msg.headers or {}).items()
+    }
+    return Received(msg.body, headers, msg.message_id or "")
+
+
 class RabbitReader:
     """An exchange of its own with a queue bound for the given routing keys, read back."""
 
@@ -263,12 +272,17 @@ class RabbitReader:
             if msg is None:
                 await asyncio.sleep(0.05)
                 continue
-            headers = {
-                k: v.decode() if isinstance(v, bytes) else str(v)
-                for k, v in (msg.headers or {}).items()
-            }
-            out.append(Received(msg.body, headers, msg.message_id or ""))
+            out.append(_received(msg))
         return out
+
+    async def consume(self, on_message: Callable[[Received], None]) -> None:
+        """Push each message to ``on_message`` as it arrives (acknowledged on delivery) until
+        :meth:`close`; no polling gaps, so when it was taken is when it reached the queue."""
+
+        async def deliver(msg: Any) -> None:
+            on_message(_received(msg))
+
+        await self.queue.consume(deliver, no_ack=True)
 
     async def close(self) -> None:
         if self.conn is None:
