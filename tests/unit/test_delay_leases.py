@@ -528,3 +528,39 @@ async def test_the_sweep_reports_only_what_it_armed_not_a_batch_armed_meanwhile(
     found = [e["armed"] for e in logs if e["event"] == "delay.sweep_found"]
     assert found == [1]
     assert all(i in a.delay._entries for i in ids)
+
+
+async def test_a_batch_written_after_its_shards_moved_is_released_on_time_by_the_new_holder(
+    cluster: Callable[[], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone server picks ids in shards it holds; a second one joins, and before the batch's
+    write lands the shards have moved and the new holder has loaded them (without it). The
+    write then tells the new holder through the shard's inbox: on time, not at the sweep."""
+    a = await cluster().start()
+    real_schedule = a.store.schedule
+    held, go = asyncio.Event(), asyncio.Event()
+
+    async def schedule(items: Any) -> list[bool]:
+        held.set()
+        await go.wait()
+        return await real_schedule(items)
+
+    monkeypatch.setattr(a.store, "schedule", schedule)
+    at = a.timers.now_ms() + 2000
+    msgs = [Message("t", b"m%d" % i) for i in range(100)]
+    with structlog.testing.capture_logs() as logs:
+        sending = asyncio.create_task(a.delay.schedule(msgs, [at] * len(msgs)))
+        await asyncio.wait_for(held.wait(), 5)
+        b = await cluster().start()
+        await _split(a, b)
+        await wait_for(lambda: not b.delay._takeovers)  # b loaded its shards: the batch not in
+        moved = {m.msg_id for m in msgs if a.store.shard_of(m.msg_id) in b.leases.owned}
+        assert moved, "some of the batch's shards went to b"
+        go.set()
+        await sending
+        await wait_for(lambda: len(a.released("t")) + len(b.released("t")) == 100, timeout_s=6.0)
+    released = {**a.released("t"), **b.released("t")}
+    assert all(at <= rel < at + 500 for _due, rel in released.values())  # on time, none early
+    assert {b"m%d" % i for i in range(100)} == set(released)
+    assert {m.body for m in msgs if m.msg_id in moved} == set(b.released("t"))
+    assert not [e for e in logs if e["event"] == "delay.sweep_found"]
