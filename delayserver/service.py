@@ -250,27 +250,30 @@ class DelayService:
 
     async def _load_range(
         self, from_ms: int, to_ms: int, shards: Collection[int] | None, *, one_page: bool = False
-    ) -> None:
+    ) -> int:
         """Arm what is scheduled in ``[from_ms, to_ms)`` (in ``shards``, None meaning the whole
-        store), page by page, or only the first page."""
+        store), page by page, or only the first page. Returns how many timers this call armed
+        (not those already armed, nor what others armed meanwhile)."""
         after = b""
         page_size = self.window_limit
+        armed = 0
         while True:
             if shards is None:
                 page = await self.store.window(from_ms, to_ms, page_size, after_msg_id=after)
             elif not shards:
-                return
+                return armed
             else:
                 assert self._sharded is not None
                 page = await self._sharded.window(
                     from_ms, to_ms, page_size, after_msg_id=after, shards=shards
                 )
+            arm = self._arm
             for i in range(0, len(page), _ARM_CHUNK):
                 for due in page[i : i + _ARM_CHUNK]:
-                    self._arm(due)
+                    armed += arm(due)
                 await asyncio.sleep(0)  # let due releases run between chunks
             if len(page) < page_size or one_page:
-                return
+                return armed
             from_ms, after = page[-1].deliver_at_ms, page[-1].msg_id  # the next page follows it
 
     def _note_near(self) -> None:
@@ -278,13 +281,15 @@ class DelayService:
         if self._sharded is not None:
             self._sharded.near_until_ms = self.timers.now_ms() + self.window_ms + _NEAR_SLACK_MS
 
-    def _arm(self, due: Due) -> None:
+    def _arm(self, due: Due) -> bool:
+        """Put ``due`` in the wheel; False when it is not this server's to arm (being released,
+        armed already at this time or earlier, or another server's shard)."""
         if due.msg_id in self._releasing:
-            return
+            return False
         armed = self._entries.get(due.msg_id)
         if armed is not None:
             if due.deliver_at_ms >= armed[1].deliver_at_ms:
-                return
+                return False
             # Armed later than this (a stale read): the earlier time wins; if the store's time
             # is the later one after all, the claim at release finds it not due and re-reads.
             armed[0].cancel()
@@ -292,9 +297,10 @@ class DelayService:
         if self._sharded is not None:
             assert self.leases is not None
             if self._sharded.shard_of(due.msg_id) not in self.leases.owned:
-                return  # another server's to release
+                return False  # another server's to release
         entry = self.timers.call_at(due.deliver_at_ms, partial(self._fire, due))
         self._entries[due.msg_id] = (entry, due)
+        return True
 
     def _fire(self, due: Due) -> None:
         if self._entries.pop(due.msg_id, None) is None:
@@ -496,16 +502,19 @@ class DelayService:
 
     async def _sweeper(self) -> None:
         """The last resort: arm messages overdue by more than a second that are neither armed
-        nor being released (a change whose notice was lost, say). Normally finds nothing."""
+        nor being released (a change whose notice was lost, say). Normally finds nothing.
+
+        Counts only the timers the sweep itself armed: the wheel's size before and after its
+        read would also count what ``schedule`` armed meanwhile (a whole batch due later, on a
+        busy server), and report as missed what was on time."""
         assert self.leases is not None
         while await self._pause(_SWEEP_EVERY_S):
             try:
-                before = len(self._entries)
-                await self._load_range(
+                found = await self._load_range(
                     0, self.timers.now_ms() - _SWEEP_GRACE_MS, self.leases.owned, one_page=True
                 )
-                if len(self._entries) > before:
-                    log.warning("delay.sweep_found", armed=len(self._entries) - before)
+                if found:
+                    log.warning("delay.sweep_found", armed=found)
             except DelayStoreUnavailable as e:
                 log.warning("delay.sweep_failed", error=str(e))
             except Exception:

@@ -15,11 +15,13 @@ from typing import Any
 
 import fakeredis
 import pytest
+import structlog.testing
 
 from broker_core.broker import Broker
 from broker_core.config import BrokerConfig
 from broker_core.message import PROP_DELIVER_AT, PROP_RELEASED_AT, Message
 from broker_core.tasks import cancel_and_wait
+from delayserver import service as service_module
 from delayserver.leases import ShardLeases, new_owner_id
 from delayserver.redis_store import RedisDelayStore
 from delayserver.service import DelayService
@@ -488,3 +490,77 @@ async def test_a_resend_whose_first_reply_was_lost_is_released_on_time(
     await wait_for(lambda: b"retried" in a.released("t"))
     released_at = a.released("t")[b"retried"][1]
     assert at <= released_at < at + 900  # armed by the resend, not found by the sweeper
+
+
+async def test_the_sweep_reports_only_what_it_armed_not_a_batch_armed_meanwhile(
+    cluster: Callable[[], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch scheduled (and armed on time) while the sweep's read is in flight is no find of
+    the sweep: counting it would report a whole batch as missed and released late. The sweep
+    still arms, and counts, a message nobody armed."""
+    monkeypatch.setattr(service_module, "_SWEEP_EVERY_S", 0.05)
+    a = await cluster().start()
+    now = a.timers.now_ms()
+    # In the store, overdue, in a shard ``a`` holds, and in nobody's wheel: the store was
+    # written directly, past the service (a lost notice, say).
+    missed = Message("t", b"missed", msg_id=_id_in(a))
+    assert await a.store.schedule([(missed, now - 5000)]) == [True]
+    assert missed.msg_id not in a.delay._entries
+
+    real_window = a.store.window
+    in_sweep, go = asyncio.Event(), asyncio.Event()
+
+    async def window(from_ms: int, to_ms: int, limit: int, **kw: Any) -> Any:
+        # The sweep's read, the first time: held until a batch has been scheduled meanwhile.
+        if to_ms <= a.timers.now_ms() - service_module._SWEEP_GRACE_MS and not in_sweep.is_set():
+            in_sweep.set()
+            await go.wait()
+        return await real_window(from_ms, to_ms, limit, **kw)
+
+    monkeypatch.setattr(a.store, "window", window)
+    with structlog.testing.capture_logs() as logs:
+        await asyncio.wait_for(in_sweep.wait(), 5)
+        ids = await _schedule(a, [b"on-time-%d" % i for i in range(100)], now + 30_000)
+        assert all(i in a.delay._entries for i in ids)  # armed by schedule itself
+        go.set()
+        await wait_for(lambda: b"missed" in a.released("t"))
+        await asyncio.sleep(0.2)  # a few more sweeps: they find nothing
+    found = [e["armed"] for e in logs if e["event"] == "delay.sweep_found"]
+    assert found == [1]
+    assert all(i in a.delay._entries for i in ids)
+
+
+async def test_a_batch_written_after_its_shards_moved_is_released_on_time_by_the_new_holder(
+    cluster: Callable[[], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone server picks ids in shards it holds; a second one joins, and before the batch's
+    write lands the shards have moved and the new holder has loaded them (without it). The
+    write then tells the new holder through the shard's inbox: on time, not at the sweep."""
+    a = await cluster().start()
+    real_schedule = a.store.schedule
+    held, go = asyncio.Event(), asyncio.Event()
+
+    async def schedule(items: Any) -> list[bool]:
+        held.set()
+        await go.wait()
+        return await real_schedule(items)
+
+    monkeypatch.setattr(a.store, "schedule", schedule)
+    at = a.timers.now_ms() + 2000
+    msgs = [Message("t", b"m%d" % i) for i in range(100)]
+    with structlog.testing.capture_logs() as logs:
+        sending = asyncio.create_task(a.delay.schedule(msgs, [at] * len(msgs)))
+        await asyncio.wait_for(held.wait(), 5)
+        b = await cluster().start()
+        await _split(a, b)
+        await wait_for(lambda: not b.delay._takeovers)  # b loaded its shards: the batch not in
+        moved = {m.msg_id for m in msgs if a.store.shard_of(m.msg_id) in b.leases.owned}
+        assert moved, "some of the batch's shards went to b"
+        go.set()
+        await sending
+        await wait_for(lambda: len(a.released("t")) + len(b.released("t")) == 100, timeout_s=6.0)
+    released = {**a.released("t"), **b.released("t")}
+    assert all(at <= rel < at + 500 for _due, rel in released.values())  # on time, none early
+    assert {b"m%d" % i for i in range(100)} == set(released)
+    assert {m.body for m in msgs if m.msg_id in moved} == set(b.released("t"))
+    assert not [e for e in logs if e["event"] == "delay.sweep_found"]
