@@ -192,5 +192,22 @@ async def wait_ready(
         await asyncio.sleep(0.1)
 
 
+async def until_ready(session: aiohttp.ClientSession, base: str, timeout_s: float = 20.0) -> None:
+    """Poll ``/readyz`` (a refused connection counts as not yet) until it answers 200; fail the
+    test with the last answer after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last: object = "no answer"
+    while True:
+        try:
+            async with session.get(f"{base}/readyz") as r:
+                if r.status == 200:
+                    return
+                last = await r.text()
+        except aiohttp.ClientError as exc:
+            last = exc
+        assert time.monotonic() < deadline, f"{base} not ready within {timeout_s}s: {last}"
+        await asyncio.sleep(0.1)
+
+
 def run(coro: Any) -> Any:
     return asyncio.get_event_loop_policy().new_event_loop().run_until_complete(coro)

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.e2e.server import Server, call
+from tests.e2e.server import Server, call, until_ready
 from tests.integration.target_services import (
     JetStreamReader,
     NatsProcess,
@@ -26,17 +26,6 @@ from tests.integration.target_services import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-async def _wait_ready(session: aiohttp.ClientSession, base: str, timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        async with session.get(f"{base}/readyz") as r:
-            if r.status == 200:
-                return
-            body = await r.text()
-        assert time.monotonic() < deadline, body
-        await asyncio.sleep(0.1)
 
 
 async def _until_count(reader: JetStreamReader, want: int, timeout_s: float) -> list[Received]:
@@ -63,7 +52,7 @@ async def test_nats_delayed_and_plain_sends_arrive_with_headers(tmp_path: Path) 
     try:
         server.start()
         async with aiohttp.ClientSession() as session:
-            await _wait_ready(session, server.url)
+            await until_ready(session, server.url)
             sent_at = int(time.time() * 1000)
             status, data = await call(
                 session,
@@ -140,7 +129,7 @@ async def test_nats_down_sends_503_readyz_names_it_and_releases_wait(tmp_path: P
     try:
         server.start()
         async with aiohttp.ClientSession() as session:
-            await _wait_ready(session, server.url)
+            await until_ready(session, server.url)
             send = f"{server.url}/v1/topics/orders/messages"
             batch = {"messages": [{"body": f"d{i}", "delay_ms": 1500} for i in range(20)]}
             status, data = await call(session, "POST", send, batch)
@@ -171,7 +160,7 @@ async def test_nats_down_sends_503_readyz_names_it_and_releases_wait(tmp_path: P
             assert {r.msg_id for r in got} == delayed
             for r in got:
                 assert int(r.headers["RELEASED_AT"]) >= int(r.headers["DELIVER_AT"])
-            await _wait_ready(session, server.url)
+            await until_ready(session, server.url)
             status, data = await call(session, "POST", send, {"body": "plain again"})
             assert status == 201, data
             assert len(await _until_count(reader, 21, 5)) == 21
@@ -190,7 +179,7 @@ async def test_rabbitmq_delayed_and_plain_sends_arrive_with_headers(tmp_path: Pa
     try:
         server.start()
         async with aiohttp.ClientSession() as session:
-            await _wait_ready(session, server.url)
+            await until_ready(session, server.url)
             sent_at = int(time.time() * 1000)
             status, data = await call(
                 session,

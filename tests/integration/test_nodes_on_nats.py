@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.e2e.server import Server, call
+from tests.e2e.server import Server, call, until_ready
 from tests.integration.redis_process import RedisProcess
 from tests.integration.target_services import (
     JetStreamReader,
@@ -32,19 +32,6 @@ from tests.integration.target_services import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-async def _ready(session: aiohttp.ClientSession, base: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            async with session.get(f"{base}/readyz") as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        assert time.monotonic() < deadline, f"{base} not ready"
-        await asyncio.sleep(0.1)
 
 
 async def _all_arrived(reader: JetStreamReader, want: set[str], timeout_s: float) -> list[Received]:
@@ -143,7 +130,7 @@ async def test_three_nodes_on_redis_and_nats_one_killed(
             node.start()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             for node in nodes:
-                await _ready(session, node.url)
+                await until_ready(session, node.url)
             sent: dict[str, int] = {}
             unanswered: set[int] = set()
             load = asyncio.create_task(
@@ -187,7 +174,7 @@ async def test_jetstream_cluster_node_killed_during_releases(tmp_path: Path) -> 
         await _open_when_cluster_ready(reader)
         server.start()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            await _ready(session, server.url)
+            await until_ready(session, server.url)
             sent: dict[str, int] = {}
             load = asyncio.create_task(
                 _send_load(

@@ -30,7 +30,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.e2e.server import Server, call
+from tests.e2e.server import Server, call, until_ready
 from tests.integration.redis_process import RedisProcess
 from tests.integration.target_services import (
     JetStreamReader,
@@ -40,7 +40,7 @@ from tests.integration.target_services import (
     require_rabbitmq,
     unique,
 )
-from tests.integration.test_nodes_on_nats import _all_arrived, _ready, _send_load
+from tests.integration.test_nodes_on_nats import _all_arrived, _send_load
 from tests.integration.tx_store_helpers import own_tables
 
 pytestmark = pytest.mark.e2e
@@ -72,7 +72,7 @@ async def test_a_transaction_needs_no_local_topic_when_releasing_into_nats(
     try:
         server.start()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            await _ready(session, server.url)
+            await until_ready(session, server.url)
             base = server.url
             status, tx = await call(
                 session,
@@ -261,7 +261,7 @@ async def _run_nodes(
             timeout = aiohttp.ClientTimeout(total=10)
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 for node in nodes:
-                    await _ready(session, node.url, timeout_s=30)
+                    await until_ready(session, node.url, timeout_s=30)
                 bases = [n.url for n in nodes]
                 delayed = asyncio.create_task(
                     _send_load(
