@@ -328,8 +328,9 @@ class MessageStore:
             log.error("store.topics_unreadable", error=str(e), kept_as=str(kept))
             return False
         self.topics.update((t.name, t) for t in loaded)
+        deleted = {(t.name, t.created_at) for t in self._tombstones}
         for t in loaded:
-            if (t.name, t.created_at) in self._deleted_keys():
+            if (t.name, t.created_at) in deleted:
                 # A crash between the tombstone and topics.json: the deletion stands.
                 del self.topics[t.name]
         return True
@@ -353,9 +354,6 @@ class MessageStore:
         for name in self.deleted:
             if name not in self.topics:
                 _remove_tree(self.root / "consumequeue" / name)  # a crash before its removal
-
-    def _deleted_keys(self) -> set[tuple[str, int]]:
-        return {(t.name, t.created_at) for t in self._tombstones}
 
     async def delete_topic(self, name: str) -> Tombstone:
         """Delete topic ``name`` durably: it is refused from now on, its ConsumeQueues go, and
