@@ -544,7 +544,8 @@ class GroupManager:
             self._waiters.setdefault(topic, []).append(fut)
             self._waiters.setdefault(sub.retry_topic, []).append(fut)
             try:
-                await asyncio.wait_for(fut, remaining_ms / 1000)
+                async with asyncio.timeout(remaining_ms / 1000):
+                    await fut
             except TimeoutError:
                 pass
             finally:

@@ -224,7 +224,8 @@ class DelayService:
         if releaser is not None:
             self._wake_releaser.set()
             try:
-                await asyncio.wait_for(asyncio.shield(releaser), timeout=5.0)
+                async with asyncio.timeout(5.0):
+                    await asyncio.shield(releaser)
             except TimeoutError:
                 log.warning("delay.release_interrupted", waiting=len(self._due))
             finally:

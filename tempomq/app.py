@@ -98,7 +98,8 @@ class Readiness:
 
     async def _run_one(self, check: ReadinessCheck) -> str | None:
         try:
-            return await asyncio.wait_for(check(), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                return await check()
         except TimeoutError:
             return f"no answer within {self._timeout_s:g}s"
         except Exception as exc:  # a failing check means "not ready", not a 500

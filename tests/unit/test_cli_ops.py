@@ -639,6 +639,37 @@ def test_probe_command_exits_5_on_loss(
     assert code == ops.EXIT_PROBE_FAILED and json.loads(out)["total"]["lost"] == 2
 
 
+async def test_probe_schedule_stops_when_cancelled_as_a_run_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cancel that lands as a run completes still stops the schedule. Python 3.11's
+    ``asyncio.wait_for`` returned the run's result and swallowed such a cancel, so the schedule
+    ran on and the server's stop (``ProbeSchedule.stop``) waited for it forever."""
+    runs: list[float] = []
+    schedule = probe.ProbeSchedule(
+        "http://127.0.0.1:1",
+        interval_s=0.01,
+        duration_s=1,
+        rate=10,
+        metrics=ProbeMetrics(CollectorRegistry()),
+        first_delay_s=0,
+    )
+
+    async def fake_run(self: probe.Probe, duration_s: float, rate: float) -> ProbeReport:
+        runs.append(duration_s)
+        assert schedule._task is not None
+        schedule._task.cancel()  # lands while the run is finishing
+        return report_with(sent=1, received=1)
+
+    monkeypatch.setattr(probe.Probe, "run", fake_run)
+    schedule.start()
+    task = schedule._task
+    assert task is not None
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert task in done and task.cancelled()
+    assert len(runs) == 1
+
+
 async def test_probe_schedule_runs_and_stops(monkeypatch: pytest.MonkeyPatch) -> None:
     runs: list[float] = []
 

@@ -572,6 +572,35 @@ async def test_long_poll_returns_when_a_message_arrives(live: Env) -> None:
     assert ids(got) == [sent.hex()]
 
 
+async def test_long_poll_cancelled_as_a_message_arrives_takes_nothing(
+    live: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that hangs up cancels its receive. When the cancel lands in the same loop turn as
+    the wake-up (the message is in, the poll has not resumed yet), the poll must still end
+    cancelled: Python 3.11's ``asyncio.wait_for`` returned the result instead and swallowed the
+    cancel, so the abandoned poll took the message and hid it for ``invisible_ms``."""
+    assert await live.recv() == []  # subscribe
+    task = asyncio.create_task(live.recv(wait_ms=30_000))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not task.done()
+    wake = live.b.store.on_dispatch
+    assert wake is not None
+
+    def wake_then_hang_up(topics: set[str]) -> None:
+        wake(topics)
+        task.cancel()
+
+    monkeypatch.setattr(live.b.store, "on_dispatch", wake_then_hang_up)
+    [sent] = await live.send("orders", "late")
+    monkeypatch.undo()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert task in done and task.cancelled()
+    # Not hidden: the next receive gets it at once, as its first delivery.
+    [d] = await live.recv(invisible_ms=INVISIBLE_MS)
+    assert (d.message.origin_msg_id, d.attempt) == (sent.hex(), 1)
+
+
 async def test_long_poll_returns_empty_after_wait_ms(live: Env) -> None:
     assert await asyncio.wait_for(live.recv(wait_ms=50), 5) == []
 
