@@ -297,3 +297,23 @@ async def test_rabbitmq_refuses_a_message_no_queue_would_get() -> None:
     finally:
         await target.stop()
         await rabbit.close()
+
+
+async def test_a_batch_partly_returned_says_which_were_confirmed() -> None:
+    """One message no queue would get in a batch: the error names its route (not the first
+    message's) and carries the ids RabbitMQ confirmed, so the caller repeats only the rest."""
+    rabbit = RabbitReader(require_rabbitmq(), unique("tqp-"))
+    target = AmqpTarget(rabbit.url, route=rabbit.route_template, publish_timeout_s=3)
+    try:
+        await rabbit.open("orders")
+        await target.start()
+        ok, nobody = _msg("orders", b"ok"), _msg("nobody", b"x")
+        with pytest.raises(TargetUnavailable) as caught:
+            await target.publish([ok, nobody], check_duplicate=False)
+        assert "1 of 2 not confirmed" in caught.value.message
+        assert "for key nobody" in caught.value.message, caught.value.message
+        assert caught.value.acknowledged == frozenset({ok.msg_id})
+        assert [r.body for r in await rabbit.read(1)] == [b"ok"]
+    finally:
+        await target.stop()
+        await rabbit.close()
