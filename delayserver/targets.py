@@ -186,6 +186,11 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _no_stream(exc: BaseException | None) -> bool:
+    """JetStream answered that no stream captures the subject."""
+    return type(exc).__name__ == "NoStreamResponseError"
+
+
 async def _bounded(calls: Sequence[Any], timeout_s: float) -> list[BaseException | None]:
     """Await the coroutines ``calls``, at most ``_IN_FLIGHT`` at a time, each chunk within
     ``timeout_s`` (one deadline per chunk: a ``wait_for`` per call costs a task per message);
@@ -381,10 +386,12 @@ class NatsTarget:
                 raise TargetUnavailable(str(exc), acknowledged=done) from None
         error = _refused(self.name, "acknowledged", messages, results, self._explain)
         if error is not None:
+            if self.stream is not None and any(map(_no_stream, results)):
+                self._stream_ready = False  # deleted, or a server back without its data
             raise error
 
     def _explain(self, exc: BaseException, msg: Message) -> str | None:
-        if type(exc).__name__ == "NoStreamResponseError":
+        if _no_stream(exc):
             return f"no stream captures subject {self.subject_of(msg.topic)}"
         return None
 

@@ -317,3 +317,34 @@ async def test_a_batch_partly_returned_says_which_were_confirmed() -> None:
     finally:
         await target.stop()
         await rabbit.close()
+
+
+async def test_nats_back_without_its_data_gets_the_stream_again(tmp_path: Path) -> None:
+    """With --release-stream, a NATS server that comes back with an empty store (a container
+    without its volume) has the stream created again: releases do not stay refused for good."""
+    import shutil
+
+    server = NatsProcess(tmp_path)
+    server.start()
+    stream = unique("TQR")
+    target = NatsTarget(server.url, subject="tqr.{topic}", stream=stream, publish_timeout_s=2)
+    try:
+        await target.start()
+        await target.publish([_msg("orders", b"before")], check_duplicate=False)
+        server.kill()
+        shutil.rmtree(tmp_path / f"js-{server.name}")
+        server.start()
+        after = _msg("orders", b"after")
+
+        async def accepts() -> bool:
+            try:
+                await target.publish([after], check_duplicate=True)
+            except TargetUnavailable:
+                return False
+            return True
+
+        await _until(accepts, 30, "publishes still refused: the stream was not created again")
+        assert await target.health() is None
+    finally:
+        await target.stop()
+        server.kill()
