@@ -186,6 +186,12 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _failed(exc: BaseException) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
+
+
 def _no_stream(exc: BaseException | None) -> bool:
     """JetStream answered that no stream captures the subject."""
     return type(exc).__name__ == "NoStreamResponseError"
@@ -393,12 +399,19 @@ class NatsTarget:
     def _explain(self, exc: BaseException, msg: Message) -> str | None:
         if _no_stream(exc):
             return f"no stream captures subject {self.subject_of(msg.topic)}"
+        if type(exc).__name__ == "MaxPayloadError" and self._nc is not None:
+            return (
+                f"message {msg.msg_id.hex()} has {len(msg.body)} bytes, over the NATS "
+                f"server's max_payload of {self._nc.max_payload}"
+            )
         return None
 
     async def _publish_chunk(self, messages: Sequence[Message]) -> list[BaseException | None]:
         """Publish without waiting, then await every acknowledgement (each chunk has
         ``publish_timeout_s``, so a large batch is not timed out as a whole); per message its
         exception, or None once acknowledged."""
+        from nats.errors import MaxPayloadError
+
         js = self._js
         futures: list[asyncio.Future[Any]] = []
         try:
@@ -410,7 +423,10 @@ class NatsTarget:
                     headers = message_headers(msg)
                     headers[NATS_MSG_ID] = headers[HEADER_MSG_ID]
                     subject = self.subject_of(msg.topic)
-                    futures.append(await js.publish_async(subject, msg.body, headers=headers))
+                    try:
+                        futures.append(await js.publish_async(subject, msg.body, headers=headers))
+                    except MaxPayloadError as exc:  # this message only: the others go on
+                        futures.append(_failed(exc))
                 done = await asyncio.gather(*futures, return_exceptions=True)
         except asyncio.CancelledError:
             for future in futures:

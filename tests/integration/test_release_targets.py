@@ -348,3 +348,25 @@ async def test_nats_back_without_its_data_gets_the_stream_again(tmp_path: Path) 
     finally:
         await target.stop()
         server.kill()
+
+
+async def test_a_message_over_the_nats_max_payload_fails_alone() -> None:
+    """A body over the NATS server's max_payload fails that message only (named, with its
+    size); the others of the batch are acknowledged and said to be."""
+    reader = JetStreamReader(require_nats(), unique("TQM"), unique("tqm"))
+    await reader.open()
+    target = NatsTarget(reader.url, subject=reader.subject_template, publish_timeout_s=3)
+    try:
+        await target.start()
+        assert target._nc is not None
+        big = _msg("orders", b"x" * (target._nc.max_payload + 1))
+        small = [_msg("orders", b"small-1"), _msg("orders", b"small-2")]
+        with pytest.raises(TargetUnavailable) as caught:
+            await target.publish([small[0], big, small[1]], check_duplicate=False)
+        assert "1 of 3 not acknowledged" in caught.value.message, caught.value.message
+        assert big.msg_id.hex() in caught.value.message and "max_payload" in caught.value.message
+        assert caught.value.acknowledged == frozenset(m.msg_id for m in small)
+        assert sorted(r.body for r in await reader.read_all()) == [b"small-1", b"small-2"]
+    finally:
+        await target.stop()
+        await reader.close()
