@@ -46,6 +46,7 @@ from delayserver.embedded import EmbeddedDelayStore
 from delayserver.http import DELAY
 from delayserver.http import routes as delay_routes
 from delayserver.service import DelayService
+from delayserver.store import DelayStoreUnavailable
 from delayserver.targets import ReleaseTarget, make_target
 from delayserver.timers import TimerService
 from tempomq.auth import Auth, ConnectionGuard, GuardedSite, RateLimit, server_context
@@ -555,7 +556,7 @@ async def serve(settings: Settings) -> int:
     try:
         try:
             await runner.setup()
-        except (OSError, RuntimeError, TempoError) as exc:
+        except (OSError, RuntimeError, TempoError, DelayStoreUnavailable) as exc:
             log.error("startup failed", error=str(exc))
             return 1
         site = GuardedSite(
