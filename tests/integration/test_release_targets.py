@@ -177,6 +177,20 @@ async def _until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: s
         await asyncio.sleep(0.1)
 
 
+async def _until_accepted(target: ReleaseTarget, msg: Message, why: str) -> None:
+    """Publish ``msg`` again and again until the target takes it (within 30 s), then healthy."""
+
+    async def accepts() -> bool:
+        try:
+            await target.publish([msg], check_duplicate=True)
+        except TargetUnavailable:
+            return False
+        return True
+
+    await _until(accepts, 30, f"publishes still refused: {why}")
+    assert await target.health() is None
+
+
 async def _down_and_back(
     target: ReleaseTarget,
     down: Callable[[], Awaitable[None]],
@@ -201,17 +215,7 @@ async def _down_and_back(
     reason = await target.health()
     assert reason is not None and name in reason, reason
     await up()
-    after = _msg("orders", b"after")
-
-    async def accepts() -> bool:
-        try:
-            await target.publish([after], check_duplicate=True)
-        except TargetUnavailable:
-            return False
-        return True
-
-    await _until(accepts, 30, "publishes still refused after the target came back")
-    assert await target.health() is None
+    await _until_accepted(target, _msg("orders", b"after"), "after the target came back")
     bodies = [r.body for r in await read(2)]
     assert b"before" in bodies and b"after" in bodies, bodies
     assert bodies.count(b"after") == 1
@@ -334,17 +338,7 @@ async def test_nats_back_without_its_data_gets_the_stream_again(tmp_path: Path) 
         server.kill()
         shutil.rmtree(tmp_path / f"js-{server.name}")
         server.start()
-        after = _msg("orders", b"after")
-
-        async def accepts() -> bool:
-            try:
-                await target.publish([after], check_duplicate=True)
-            except TargetUnavailable:
-                return False
-            return True
-
-        await _until(accepts, 30, "publishes still refused: the stream was not created again")
-        assert await target.health() is None
+        await _until_accepted(target, _msg("orders", b"after"), "the stream was not created again")
     finally:
         await target.stop()
         server.kill()
