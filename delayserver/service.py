@@ -52,7 +52,7 @@ from delayserver.store import (
     decode_message,
     encode_message,
 )
-from delayserver.targets import EmbeddedTarget, ReleaseTarget
+from delayserver.targets import EmbeddedTarget, ReleaseTarget, TargetUnavailable
 from delayserver.wheel import TimerEntry
 
 log = structlog.get_logger(__name__)
@@ -120,6 +120,14 @@ class WheelTimers(Protocol):
     def now_ms(self) -> int: ...
 
     def call_at(self, when_ms: int, callback: Callable[[], None]) -> TimerEntry: ...
+
+
+class _PartlyReleased(TargetUnavailable):
+    """The target took part of a release batch (recorded as delivered); ``left`` it did not."""
+
+    def __init__(self, message: str, left: list[Due]) -> None:
+        super().__init__(message)
+        self.left = left
 
 
 class DelayService:
@@ -344,6 +352,8 @@ class DelayService:
                 except (StoreUnavailable, DelayStoreUnavailable) as e:
                     # Nothing is lost: these stay scheduled in the store; try again shortly.
                     # The put may have landed: the next attempt checks for copies.
+                    if isinstance(e, _PartlyReleased):
+                        batch = e.left  # the others reached the target and are recorded
                     log.error("delay.release_failed", error=str(e), count=len(batch))
                     self._due[:0] = batch
                     retry = True
@@ -379,8 +389,20 @@ class DelayService:
             msg.properties[PROP_DELIVER_AT] = str(due.deliver_at_ms)
             msg.properties[PROP_RELEASED_AT] = released
             msgs.append(msg)
+        left: list[Due] = []
+        error: TargetUnavailable | None = None
         if msgs:
-            await self.target.publish(msgs, check_duplicate=check)
+            try:
+                await self.target.publish(msgs, check_duplicate=check)
+            except TargetUnavailable as e:
+                if not e.acknowledged:
+                    raise
+                # Record what the target took, so one message it refuses (a subject no stream
+                # captures, a routing key no queue is bound to) neither holds the others back
+                # nor has them published again at every retry.
+                error, landed, dropping = e, e.acknowledged, set(dropped)
+                left = [d for d in batch if d.msg_id not in landed and d.msg_id not in dropping]
+                batch = [d for d in batch if d.msg_id in landed or d.msg_id in dropping]
         if dropped:
             await self._drop_orphans(dropped, now)
         ids = [d.msg_id for d in batch]
@@ -390,6 +412,8 @@ class DelayService:
         observe = LATENESS.observe
         for due in batch:
             observe(max(now - due.deliver_at_ms, 0) / 1000)
+        if error is not None:
+            raise _PartlyReleased(str(error), left)
 
     async def _drop_orphans(self, msg_ids: list[bytes], now: int) -> None:
         """Messages due for a topic deleted since they were sent: cancelled, not released

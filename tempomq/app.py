@@ -34,6 +34,7 @@ import orjson
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs; types-PyYAML is not a dep
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 
 from broker_core import http as broker_http
@@ -45,6 +46,7 @@ from delayserver.embedded import EmbeddedDelayStore
 from delayserver.http import DELAY
 from delayserver.http import routes as delay_routes
 from delayserver.service import DelayService
+from delayserver.store import DelayStoreUnavailable
 from delayserver.targets import ReleaseTarget, make_target
 from delayserver.timers import TimerService
 from tempomq.auth import Auth, ConnectionGuard, GuardedSite, RateLimit, server_context
@@ -180,6 +182,8 @@ HTTP_REQUESTS = Histogram(
 def _route(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
+
+
 #: What a full or failing disk raises from a file write (topics.json, groups.json, ...):
 #: the store cannot take writes for now, which is ``503 store_unavailable``, not a bug.
 _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
@@ -230,6 +234,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             if exc.status < 400:  # redirects and 204/304 raised on purpose pass through
                 raise
             response = _http_error(request, exc)
+        except RequestPayloadError as exc:
+            # The body could not be read as sent: a Content-Encoding it is not in, say.
+            reason = getattr(exc.__cause__, "message", None) or str(exc)
+            response = error_response(400, "invalid_request", f"request body unreadable: {reason}")
         except TempoError as exc:
             # Some errors carry headers of their own (WWW-Authenticate, Retry-After).
             response = error_response(
@@ -549,7 +557,7 @@ async def serve(settings: Settings) -> int:
     try:
         try:
             await runner.setup()
-        except (OSError, RuntimeError, TempoError) as exc:
+        except (OSError, RuntimeError, TempoError, DelayStoreUnavailable) as exc:
             log.error("startup failed", error=str(exc))
             return 1
         site = GuardedSite(

@@ -169,6 +169,9 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         (["tx", "list", "--state", "open"], "invalid choice: 'open'"),
         (["probe", "--rate", "0"], "must be above 0"),
         (["probe", "--rate", "1e9"], "at most 5000"),
+        (["topic", "list", "--timeout", "0s"], "--timeout: must be above 0"),
+        (["topic", "list", "--url", "ftp://x"], "'ftp://x' is not an http:// or https://"),
+        (["topic", "list", "--url", "localhost:1,ftp://x"], "is not an http:// or https://"),
     ],
 )
 def test_usage_errors_exit_2(

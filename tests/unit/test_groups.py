@@ -24,6 +24,7 @@ from broker_core.errors import (
 )
 from broker_core.groups import Delivery, ReceiptFailure, parse_tags
 from broker_core.message import (
+    PROP_DELIVERY_ATTEMPT,
     PROP_DLQ_ORIGIN_TOPIC,
     PROP_ORIGIN_MSG_ID,
     PROP_RETRY_TOPIC,
@@ -394,6 +395,26 @@ async def test_dead_letter_after_max_attempts(env: Env) -> None:
     assert dead.origin_msg_id == sent.hex()
     # The message is still found by its id, in its own topic.
     assert env.b.get_message(sent).topic == "orders"
+
+
+async def test_a_group_reading_a_dlq_starts_at_its_own_first_attempt(env: Env) -> None:
+    """Dead letters are read "like any topic": another group's deliveries count from 1 (the
+    dead group's count stays in DELIVERY_ATTEMPT), so its first nack is a retry, not a dead
+    letter of its own."""
+    await env.b.create_group("two", fifo=False, max_attempts=2)
+    await env.b.create_group("inspect", fifo=False, max_attempts=2)
+    await env.send("orders", "a")
+    for _ in range(2):
+        [d] = await env.recv(group="two")
+        await env.nack(d, retry_after_ms=0, group="two")
+    [dead] = env.dlq("two")
+    assert dead.properties[PROP_DELIVERY_ATTEMPT] == "2"
+    [d] = await env.recv("%DLQ%two", group="inspect")
+    assert d.attempt == 1
+    await env.nack(d, retry_after_ms=0, topic="%DLQ%two", group="inspect")
+    assert env.dlq("inspect") == []
+    [again] = await env.recv("%DLQ%two", group="inspect")
+    assert again.attempt == 2
 
 
 async def test_invisibility_timeouts_also_lead_to_the_dlq(env: Env) -> None:
