@@ -28,6 +28,7 @@ from broker_core.errors import (
 from broker_core.fields import as_int, check_fields, int_field, whole_number
 from broker_core.groups import MAX_ATTEMPTS, Delivery, ReceiptFailure, parse_tags
 from broker_core.message import (
+    DLQ_PREFIX,
     FLAG_BODY_B64,
     MAX_KEY_LEN,
     PROP_DELIVER_AT,
@@ -320,8 +321,11 @@ async def get_topic(request: web.Request) -> web.Response:
 @routes.delete("/v1/topics/{topic}")
 async def delete_topic(request: web.Request) -> web.Response:
     """Delete a topic (see :meth:`Broker.delete_topic` for what happens to what it holds):
-    ``200 {"deleted", "messages", "groups", "retry_topics"}``; ``404 topic_not_found``."""
-    name = validate_topic_name(request.match_info["topic"], client=True)
+    ``200 {"deleted", "messages", "groups", "retry_topics"}``; ``404 topic_not_found``. A
+    group's dead-letter topic ``%DLQ%<group>`` may be named too (its dead letters go); other
+    internal names are ``400 invalid_topic``."""
+    raw = request.match_info["topic"]
+    name = validate_topic_name(raw, client=not raw.startswith(DLQ_PREFIX))
     return json_response(await request.app[BROKER].delete_topic(name))
 
 
