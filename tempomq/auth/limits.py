@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from typing import Any, cast
 
 import orjson
@@ -48,6 +49,8 @@ class _Guarded(asyncio.Protocol):
 
     def __init__(self, guard: ConnectionGuard, inner: Any) -> None:
         self.guard = guard
+        #: The connection's protocol; a lean front that hands the connection to aiohttp puts
+        #: aiohttp's handler here (and under it in ``guard.open``).
         self.inner = inner
         self.transport: asyncio.Transport | None = None
         self.in_request = False
@@ -109,8 +112,10 @@ class _Guarded(asyncio.Protocol):
         self.timer = None
         if not self.in_request and self.transport is not None:
             self.guard.timed_out += 1
-            log.info("connection closed: request headers not complete in time",
-                     peer=str(self.transport.get_extra_info("peername")))
+            log.info(
+                "connection closed: request headers not complete in time",
+                peer=str(self.transport.get_extra_info("peername")),
+            )
             self.transport.abort()
 
 
@@ -154,14 +159,17 @@ class GuardedSite(web.TCPSite):
         *,
         guard: ConnectionGuard,
         ssl_context: ssl.SSLContext | None = None,
+        factory: Callable[[], asyncio.Protocol] | None = None,
     ) -> None:
         super().__init__(runner, host, port, ssl_context=ssl_context)
         self.guard = guard
+        #: Makes each connection's protocol (the lean front); None: aiohttp's handler.
+        self.factory = factory
 
     async def start(self) -> None:
         # TCPSite.start with the guard as the protocol factory and a handshake timeout.
         await web.BaseSite.start(self)
-        self.guard.factory = self._runner.server
+        self.guard.factory = self.factory or self._runner.server
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self.guard,
