@@ -33,8 +33,9 @@ everything unusual.
 Connection handling as aiohttp's: requests on a connection are answered in order (pipelined
 ones wait their turn), ``Connection: close`` is honoured, an idle kept-alive connection closes
 after ``--keepalive-timeout``, reading pauses while more than :data:`HIGH_WATER` bytes wait
-behind a request in flight, no answer is started while the transport's writing is paused,
-and a client that hangs up cancels its request (an abandoned long poll takes no messages).
+behind a request in flight or an answer the peer does not read, no answer is started while
+the transport's writing is paused, and a client that hangs up cancels its request (an
+abandoned long poll takes no messages).
 The :class:`~tempomq.auth.limits.ConnectionGuard` wraps this protocol as it wraps aiohttp's:
 its connection limit and header timeout hold (the timer stops once a request's headers are
 in). On shutdown (:class:`tempomq.wire_errors.ApiRunner`) idle connections close, and a
@@ -57,6 +58,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.tcp_helpers import tcp_keepalive, tcp_nodelay
+from structlog.contextvars import bind_contextvars
 
 from broker_core import http as broker_http
 from broker_core.broker import Broker
@@ -76,7 +78,6 @@ from tempomq.app import (
 from tempomq.auth.core import audit, audited
 from tempomq.auth.policy import ANONYMOUS, Principal
 from tempomq.auth.routes import ROUTES, Rule
-from tempomq.logs import bound
 
 if TYPE_CHECKING:
     from tempomq.auth.limits import _Guarded
@@ -147,11 +148,10 @@ _TARGET = re.compile(
     + _SEGMENT
     + rb"/(receive|ack|nack|change-invisible))"
 )
-#: Control bytes, DEL, non-ASCII, and CR or LF other than as a CRLF pair.
-_ODD_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\xff]|\r(?!\n)|(?<!\r)\n")
-#: One header line (after the CRLF that ends the line before it): a token, a colon, the value
-#: without surrounding blanks.
-_HEADER = re.compile(rb"\r\n([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)")
+#: Bytes a head may hold besides CRLF pairs: printable ASCII and tab.
+_TEXT = bytes(range(0x20, 0x7F)) + b"\t"
+#: Bytes of a header name (RFC 9110 token).
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 #: Headers the lean path reads; a second one of any of them goes to aiohttp.
 _READ = frozenset({b"content-length", b"connection", b"authorization", b"x-request-id", b"host"})
 #: Headers that mean framing or semantics the lean path does not do.
@@ -189,16 +189,18 @@ class _Request:
 def parse_head(head: bytes, max_body: int) -> _Request | None:
     """The request whose head (request line and header lines, each ending with CRLF, without
     the blank line) is ``head``, or None when aiohttp is to answer it."""
-    line_end = head.find(b"\r\n")
-    method, _, rest = head[:line_end].partition(b" ")
+    if head.translate(None, _TEXT) != b"\r\n" * head.count(b"\r\n"):
+        return None  # control bytes, DEL, non-ASCII, or a CR or LF not in a CRLF pair
+    lines = head.split(b"\r\n")
+    method, _, rest = lines[0].partition(b" ")
     target, _, version = rest.partition(b" ")
-    if version != b"HTTP/1.1" or _ODD_BYTES.search(head) is not None:
+    if version != b"HTTP/1.1":
         return None
     matched = _match(target)
     if matched is None or method != matched[0].method:
         return None
     route, match_info = matched
-    headers = _headers(head, line_end)
+    headers = _headers(lines)
     if headers is None:
         return None
     length = headers.get(b"content-length")
@@ -229,18 +231,21 @@ def _match(target: bytes) -> tuple[_Route, dict[str, str]] | None:
     return _ROUTES[messages or action], match_info
 
 
-def _headers(head: bytes, line_end: int) -> dict[bytes, bytes] | None:
-    """The headers the lean path reads (lower-case names), or None for aiohttp."""
-    found = _HEADER.findall(head, line_end)
-    if len(found) != head.count(b"\r\n") - 1:
-        return None  # a line that is no header: obs-fold, no colon, blank before the colon
+def _headers(lines: list[bytes]) -> dict[bytes, bytes] | None:
+    """The headers the lean path reads (lower-case names, values without surrounding blanks)
+    from the head's lines (the request line first, an empty string last), or None for
+    aiohttp: a line that is no ``token: value`` (obs-fold, no colon, a blank before the
+    colon), a second one of a header read, or a header of framing the lean path leaves."""
     headers: dict[bytes, bytes] = {}
-    for name, value in found:
+    for line in lines[1:-1]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name.translate(None, _TOKEN):
+            return None
         key = name.lower()
         if key in _READ:
             if key in headers:
                 return None
-            headers[key] = value
+            headers[key] = value.strip(b" \t")
         elif key in _HAND_OVER:
             return None
     return headers
@@ -316,6 +321,8 @@ class LeanProtocol(asyncio.Protocol):
         self.pending: tuple[_Request, int] | None = None
         self.task: asyncio.Task[None] | None = None
         self.keepalive: asyncio.TimerHandle | None = None
+        #: Loop time since when the connection is idle; None while a request is under way.
+        self.idle_since: float | None = None
         self.closing = False
         self.reading_paused = False
         self.writing_paused = False
@@ -337,11 +344,9 @@ class LeanProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.handed or self.transport is None:
             return
-        if self.keepalive is not None:
-            self.keepalive.cancel()
-            self.keepalive = None
+        self.idle_since = None
         self.buf += data
-        if self.task is None:
+        if self.task is None and not self.writing_paused:
             self._next()
         elif len(self.buf) > HIGH_WATER and not self.reading_paused:
             self.reading_paused = True
@@ -391,7 +396,7 @@ class LeanProtocol(asyncio.Protocol):
             if end < 0:
                 if len(buf) > MAX_HEAD or b"\n\n" in buf:
                     self._hand_over()
-                elif self.guarded is not None and self.guarded.timer is None:
+                elif self.guarded is not None and self.guarded.deadline is None:
                     self.guarded.arm()  # a pipelined request's head is not complete yet
                 return
             request = parse_head(bytes(buf[: end + 2]), self.front.max_body)
@@ -417,29 +422,30 @@ class LeanProtocol(asyncio.Protocol):
         front = self.front
         rid = request_id(request.request_id)
         method = route.method.decode()
-        with bound(request_id=rid):
-            extra = None
+        # The task runs in a copy of the context: what is bound here goes with it.
+        bind_contextvars(request_id=rid)
+        extra = None
+        try:
+            audited_by = await self._admit(request, method)
+            status = 500
             try:
-                audited_by = await self._admit(request, method)
-                status = 500
-                try:
-                    if route.consuming and front.elsewhere:
-                        front.broker.check_consumable()
-                    payload = orjson.dumps(await route.run(front.broker, request.match_info, body))
-                    status = route.status
-                except TempoError as exc:
-                    status = exc.status
-                    raise
-                finally:
-                    if audited_by is not None:
-                        audit(audited_by, method, request.path, status)
-            except Exception as exc:
-                status, answer, extra = error_answer(exc, method, request.path, rid)
-                payload = orjson.dumps(answer)
-            self._respond(status, payload, extra, rid, request.keep_alive)
-            elapsed_s = time.perf_counter() - started
-            observe(method, route.pattern, status, elapsed_s)
-            log_request(method, request.path, status, elapsed_s)
+                if route.consuming and front.elsewhere:
+                    front.broker.check_consumable()
+                payload = orjson.dumps(await route.run(front.broker, request.match_info, body))
+                status = route.status
+            except TempoError as exc:
+                status = exc.status
+                raise
+            finally:
+                if audited_by is not None:
+                    audit(audited_by, method, request.path, status)
+        except Exception as exc:
+            status, answer, extra = error_answer(exc, method, request.path, rid)
+            payload = orjson.dumps(answer)
+        self._respond(status, payload, extra, rid, request.keep_alive)
+        elapsed_s = time.perf_counter() - started
+        observe(method, route.pattern, status, elapsed_s)
+        log_request(method, request.path, status, elapsed_s)
         self.task = None
         if self.guarded is not None:
             self.guarded.in_request = False
@@ -499,13 +505,22 @@ class LeanProtocol(asyncio.Protocol):
     # -- keep-alive, hand-over, shutdown -------------------------------------------------------
 
     def _arm_keepalive(self) -> None:
-        if self.keepalive is None and self.front.keepalive_s > 0:
-            loop = asyncio.get_running_loop()
-            self.keepalive = loop.call_later(self.front.keepalive_s, self._idle)
+        """Idle from now: close after ``--keepalive-timeout`` unless a byte comes. The timer
+        is moved on lazily, so a request costs no timer of its own."""
+        loop = asyncio.get_running_loop()
+        self.idle_since = loop.time()
+        if self.keepalive is None:
+            self.keepalive = loop.call_at(self.idle_since + self.front.keepalive_s, self._idle)
 
     def _idle(self) -> None:
         self.keepalive = None
-        if self.task is None and not self.buf and self.transport is not None:
+        if self.idle_since is None or self.transport is None or self.handed:
+            return  # busy: armed again when idle
+        loop = asyncio.get_running_loop()
+        due = self.idle_since + self.front.keepalive_s
+        if loop.time() < due:
+            self.keepalive = loop.call_at(due, self._idle)
+        else:
             self.transport.close()
 
     def _hand_over(self) -> None:

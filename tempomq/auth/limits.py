@@ -54,6 +54,10 @@ class _Guarded(asyncio.Protocol):
         self.inner = inner
         self.transport: asyncio.Transport | None = None
         self.in_request = False
+        #: When the request now being read must have its headers in (loop time); None: no
+        #: request is being read. The timer fires at or before it and is moved on lazily, so
+        #: a request costs no timer of its own.
+        self.deadline: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.admitted = False
 
@@ -75,7 +79,7 @@ class _Guarded(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.admitted:
             return
-        if self.timer is None and not self.in_request:
+        if self.deadline is None and not self.in_request:
             self.arm()  # the first byte of a next request on a kept-alive connection
         self.inner.data_received(data)
 
@@ -84,6 +88,9 @@ class _Guarded(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.admitted:
             self.guard.open.pop(self.inner, None)
             self.inner.connection_lost(exc)
@@ -99,18 +106,22 @@ class _Guarded(asyncio.Protocol):
     # -- the header timer ----------------------------------------------------------------------
 
     def arm(self) -> None:
-        self.disarm()
         loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(self.guard.header_timeout_s, self._expired)
+        self.deadline = loop.time() + self.guard.header_timeout_s
+        if self.timer is None:
+            self.timer = loop.call_at(self.deadline, self._expired)
 
     def disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = None
 
     def _expired(self) -> None:
         self.timer = None
-        if not self.in_request and self.transport is not None:
+        if self.deadline is None or self.in_request or self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.deadline:  # armed again since: wait for the new deadline
+            self.timer = loop.call_at(self.deadline, self._expired)
+        else:
             self.guard.timed_out += 1
             log.info(
                 "connection closed: request headers not complete in time",

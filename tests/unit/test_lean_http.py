@@ -314,6 +314,21 @@ async def test_pipelined_requests_are_answered_in_order(lean_server: Served) -> 
     writer.close()
 
 
+async def test_a_client_that_pipelines_megabytes_before_reading_gets_every_answer(
+    lean_server: Served,
+) -> None:
+    # More than HIGH_WATER behind the request in flight: reading pauses and resumes, and the
+    # answers, which the client reads only later, fill the socket: writing pauses too.
+    reader, writer = await asyncio.open_connection("127.0.0.1", lean_server.port)
+    n = 3000
+    writer.write(b"".join(send("t", {"body": f"{i:04}" + "x" * 1000}) for i in range(n)))
+    got = [await read_answer(reader, 60) for _ in range(n)]
+    assert all(a.status == 201 for a in got)
+    received = await exchange(lean_server.port, consume("receive", {"max_messages": 1}))
+    assert received.json()["messages"][0]["body"].startswith("0000")
+    writer.close()
+
+
 async def test_a_request_split_byte_by_byte(lean_server: Served) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", lean_server.port)
     for i in range(2):  # twice: the second on the kept-alive connection
