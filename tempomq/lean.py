@@ -207,7 +207,7 @@ def parse_head(head: bytes, max_body: int) -> _Request | None:
     if length is None:
         if route.method == b"POST":
             return None  # aiohttp reads such a body as empty; it answers
-    elif not length.isdigit() or int(length) > max_body:
+    elif not length.isdigit() or len(length) > 18 or int(length) > max_body:
         return None  # malformed, or over the limit: aiohttp answers 400 / 413
     connection = headers.get(b"connection")
     if connection is not None and connection.lower() not in (b"close", b"keep-alive"):
@@ -394,8 +394,8 @@ class LeanProtocol(asyncio.Protocol):
                 return
             end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
             if end < 0:
-                if len(buf) > MAX_HEAD or b"\n\n" in buf:
-                    self._hand_over()
+                if len(buf) > MAX_HEAD or buf.count(b"\n") != buf.count(b"\r\n"):
+                    self._hand_over()  # too long, or a bare LF: aiohttp reads such heads
                 elif self.guarded is not None and self.guarded.deadline is None:
                     self.guarded.arm()  # a pipelined request's head is not complete yet
                 return

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
+import io
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,6 +25,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from broker_core import http as broker_http
 from tempomq.app import GUARD, build_app, make_runner, make_site
 from tempomq.config import HostPort, Settings
 from tempomq.lean import LeanFront
@@ -33,6 +36,9 @@ from tests.auth_helpers import (
     WRONG_TOKEN,
     write_auth_file,
 )
+from tests.unit.test_app_service import json_log, log_lines
+
+__all__ = ["json_log"]  # a fixture used here
 
 MAX_REQUEST = 128 * 1024
 
@@ -187,6 +193,8 @@ CASES: dict[str, bytes] = {
     ),
     "send HTTP/1.0": request("POST", "/v1/topics/t/messages", {"body": "x"}, version="1.0"),
     "send bad content-length": send("t", {"body": "x"}, {"Content-Length": "1x"}),
+    "send huge content-length": send("t", {"body": "x"}, {"Content-Length": "9" * 5000}),
+    "send bare LF": b"POST /v1/topics/t/messages HTTP/1.1\nContent-Length: 2\n\n{}",
     "receive": consume("receive", {"max_messages": 1}),
     "receive wait": consume("receive", {"max_messages": 5, "wait_ms": 50}),
     "receive bad field": consume("receive", {"max": 1}),
@@ -232,7 +240,8 @@ async def test_lean_and_aiohttp_give_the_same_answers(tmp_path: Path) -> None:
         "wrong method",
         "chunked",
         "HTTP/1.0",
-        "bad content-length",
+        "content-length",
+        "bare LF",
         "topic list",
     )
     assert handed_over == 2 + sum(1 for n in CASES if any(t in n for t in to_aiohttp))
@@ -462,3 +471,47 @@ async def test_lean_requests_are_counted_in_the_request_metric(lean_server: Serv
         and 'status="201"' in x
     )
     assert float(line.rsplit(" ", 1)[1]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), 503, "store_unavailable"),
+        (RuntimeError("a bug"), 500, "internal"),
+    ],
+)
+async def test_unexpected_errors_answer_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, status: int, code: str
+) -> None:
+    async def failing(*args: object) -> dict[str, object]:
+        raise error
+
+    monkeypatch.setattr(broker_http, "send", failing)
+    cases = {"send": send("t", {"body": "x"}, {"X-Request-Id": "req-1.a:b"})}
+    lean, _ = await answers(tmp_path, True, cases)
+    plain, _ = await answers(tmp_path, False, cases)
+    assert lean == plain
+    assert lean["send"][0] == status and orjson.loads(lean["send"][1])["error"] == code
+
+
+async def test_audit_and_request_log_lines_are_the_same(
+    tmp_path: Path, json_log: io.StringIO
+) -> None:
+    auth_file = write_auth_file(tmp_path / "auth.yaml")
+    cases = {
+        "admin send": send("orders", {"body": "x"}, {"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    }
+    lines = {}
+    for lean in (True, False):
+        json_log.truncate(0)
+        json_log.seek(0)
+        await answers(tmp_path, lean, cases, token=ADMIN_TOKEN, auth_file=auth_file)
+        lines[lean] = [
+            {k: v for k, v in line.items() if k not in ("timestamp", "request_id", "duration_ms")}
+            for line in log_lines(json_log)
+            if line.get("event") in ("audit", "request")
+            and line.get("path", "").endswith("/messages")
+        ]
+    assert lines[True] == lines[False]
+    assert [line["event"] for line in lines[True]] == ["audit", "request"]
+    assert lines[True][0]["principal"] == "ops" and lines[True][0]["status"] == 201
