@@ -460,6 +460,22 @@ async def test_a_mixed_connection(lean_server: Served) -> None:
     writer.close()
 
 
+async def test_a_pipelined_mix_is_answered_in_order(lean_server: Served) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", lean_server.port)
+    writer.write(
+        send("t", {"body": "1"}, {"X-Request-Id": "one"})
+        + request("GET", "/v1/topics", headers={"X-Request-Id": "two"})
+        + send("t", {"body": "3"}, {"X-Request-Id": "three"})
+    )
+    got = [await read_answer(reader) for _ in range(3)]
+    assert [(a.status, a.headers["x-request-id"]) for a in got] == [
+        (201, "one"),
+        (200, "two"),
+        (201, "three"),
+    ]
+    writer.close()
+
+
 async def test_lean_requests_are_counted_in_the_request_metric(lean_server: Served) -> None:
     assert (await exchange(lean_server.port, send("t", {"body": "x"}))).status == 201
     metrics = (await exchange(lean_server.port, request("GET", "/metrics"))).body.decode()
