@@ -5,6 +5,10 @@ non-ASCII byte in the path is answered by aiohttp's connection handler itself, a
 no middleware sees it (aio-libs/aiohttp#3287 asks for a hook). :class:`ApiRunner` serves the
 app through a handler whose ``handle_error`` keeps aiohttp's status and logging and only
 renders the body as ``{"error": code, "message": text}``.
+
+Its server also shuts down the connections of other fronts on the same port (the lean HTTP
+path, :mod:`tempomq.lean`) beside aiohttp's own: idle ones close when the sites stop, busy
+ones get the same ``shutdown_timeout``.
 """
 
 from __future__ import annotations
