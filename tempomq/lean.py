@@ -392,29 +392,40 @@ class LeanProtocol(asyncio.Protocol):
             if not buf:
                 self._arm_keepalive()
                 return
-            end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-            if end < 0:
-                if len(buf) > MAX_HEAD or buf.count(b"\n") != buf.count(b"\r\n"):
-                    self._hand_over()  # too long, or a bare LF: aiohttp reads such heads
-                elif self.guarded is not None and self.guarded.deadline is None:
-                    self.guarded.arm()  # a pipelined request's head is not complete yet
+            self.pending = self._read_head()
+            if self.pending is None:
                 return
-            request = parse_head(bytes(buf[: end + 2]), self.front.max_body)
-            if request is None:
-                self._hand_over()
-                return
-            guarded = self.guarded
-            if guarded is not None:  # headers in: the guard's timer stops
-                guarded.in_request = True
-                guarded.disarm()
-            self.pending = (request, end + 4 + request.length)
         request, total = self.pending
         if len(buf) < total:
             return
         self.pending = None
+        if not request.keep_alive and len(buf) > total:
+            self._hand_over()  # aiohttp answers bytes after a Connection: close request: 400
+            return
         body = bytes(buf[total - request.length : total])
         del buf[:total]
         self.task = asyncio.get_running_loop().create_task(self._serve(request, body))
+
+    def _read_head(self) -> tuple[_Request, int] | None:
+        """The request whose head starts the buffer, with where its body ends; None while the
+        head is incomplete, or when the connection went to aiohttp."""
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+        if end < 0:
+            if len(buf) > MAX_HEAD or buf.count(b"\n") != buf.count(b"\r\n"):
+                self._hand_over()  # too long, or a bare LF: aiohttp reads such heads
+            elif self.guarded is not None and self.guarded.deadline is None:
+                self.guarded.arm()  # a pipelined request's head is not complete yet
+            return None
+        request = parse_head(bytes(buf[: end + 2]), self.front.max_body)
+        if request is None:
+            self._hand_over()
+            return None
+        guarded = self.guarded
+        if guarded is not None:  # headers in: the guard's timer stops
+            guarded.in_request = True
+            guarded.disarm()
+        return request, end + 4 + request.length
 
     async def _serve(self, request: _Request, body: bytes) -> None:
         started = time.perf_counter()
@@ -536,6 +547,7 @@ class LeanProtocol(asyncio.Protocol):
         handler = self.front.server()
         guarded = self.guarded
         if guarded is not None:
+            guarded.in_request = False  # aiohttp's guard middleware takes it from here
             guard = self.front.guard
             guard.open.pop(self, None)
             guard.open[handler] = guarded
