@@ -25,7 +25,7 @@ import secrets
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,7 +123,7 @@ READINESS = web.AppKey("readiness", Readiness)
 
 
 def json_response(
-    data: object, *, status: int = 200, headers: dict[str, str] | None = None
+    data: object, *, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     return web.Response(
         body=orjson.dumps(data) + b"\n",
@@ -199,8 +199,8 @@ _ID_PREFIX = secrets.token_hex(4)
 _ids = itertools.count(1)
 
 
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id")
+def request_id(given: str | None) -> str:
+    """The client's ``X-Request-Id`` when it is tame, else a new id of this process."""
     if given is not None and _REQUEST_ID_RE.fullmatch(given):
         return given
     return f"{_ID_PREFIX}{next(_ids):08x}"
@@ -213,20 +213,54 @@ _REQUEST_SERIES: dict[tuple[str, str, int], Any] = {}
 _ROOT_LOG = logging.getLogger()
 
 
-def _observe(request: web.Request, status: int, elapsed_s: float) -> None:
-    key = (request.method, _route(request), status)
+def observe(method: str, route: str, status: int, elapsed_s: float) -> None:
+    """Count one request in ``tempomq_http_request_seconds`` and log it at debug level."""
+    key = (method, route, status)
     child = _REQUEST_SERIES.get(key)
     if child is None:
-        child = _REQUEST_SERIES[key] = HTTP_REQUESTS.labels(key[0], key[1], str(status))
+        child = _REQUEST_SERIES[key] = HTTP_REQUESTS.labels(method, route, str(status))
     child.observe(elapsed_s)
+
+
+def log_request(method: str, path: str, status: int, elapsed_s: float) -> None:
+    if _ROOT_LOG.isEnabledFor(logging.DEBUG):  # skip building the call otherwise
+        log.debug(
+            "request",
+            method=method,
+            path=path,
+            status=status,
+            duration_ms=round(elapsed_s * 1000, 3),
+        )
+
+
+def error_answer(
+    exc: Exception, method: str, path: str, request_id: str
+) -> tuple[int, dict[str, str], Mapping[str, str] | None]:
+    """(status, JSON body, extra headers) for an error a handler raised: a
+    :class:`TempoError` as its own status and code (some carry headers: WWW-Authenticate,
+    Retry-After), a full or failing disk as ``503 store_unavailable``, anything else as a
+    logged ``500 internal`` naming the request id. Call it inside the ``except`` block."""
+    if isinstance(exc, TempoError):
+        return (
+            exc.status,
+            {"error": exc.code, "message": exc.message},
+            getattr(exc, "headers", None),
+        )
+    if _is_storage_error(exc):
+        log.error("storage.write_failed", path=path, error=str(exc))
+        message = f"storage write failed: {exc}"
+        return StoreUnavailable.status, {"error": StoreUnavailable.code, "message": message}, None
+    log.exception("unhandled error", method=method, path=path)
+    message = f"internal error, see server log (request id {request_id})"
+    return 500, {"error": "internal", "message": message}, None
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind the request id to every log line and turn every error into the API's JSON shape."""
-    request_id = _request_id(request)
+    rid = request_id(request.headers.get("X-Request-Id"))
     started = time.perf_counter()
-    with bound(request_id=request_id):
+    with bound(request_id=rid):
         response: web.StreamResponse
         try:
             response = await handler(request)
@@ -238,33 +272,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             # The body could not be read as sent: a Content-Encoding it is not in, say.
             reason = getattr(exc.__cause__, "message", None) or str(exc)
             response = error_response(400, "invalid_request", f"request body unreadable: {reason}")
-        except TempoError as exc:
-            # Some errors carry headers of their own (WWW-Authenticate, Retry-After).
-            response = error_response(
-                exc.status, exc.code, exc.message, headers=getattr(exc, "headers", None)
-            )
         except Exception as exc:
-            if _is_storage_error(exc):
-                log.error("storage.write_failed", path=request.path, error=str(exc))
-                response = error_response(
-                    StoreUnavailable.status, StoreUnavailable.code, f"storage write failed: {exc}"
-                )
-            else:
-                log.exception("unhandled error", method=request.method, path=request.path)
-                response = error_response(
-                    500, "internal", f"internal error, see server log (request id {request_id})"
-                )
-        response.headers["X-Request-Id"] = request_id
+            status, body, headers = error_answer(exc, request.method, request.path, rid)
+            response = json_response(body, status=status, headers=headers)
+        response.headers["X-Request-Id"] = rid
         elapsed_s = time.perf_counter() - started
-        _observe(request, response.status, elapsed_s)
-        if _ROOT_LOG.isEnabledFor(logging.DEBUG):  # skip building the call otherwise
-            log.debug(
-                "request",
-                method=request.method,
-                path=request.path,
-                status=response.status,
-                duration_ms=round(elapsed_s * 1000, 3),
-            )
+        observe(request.method, _route(request), response.status, elapsed_s)
+        log_request(request.method, request.path, response.status, elapsed_s)
         return response
 
 
@@ -503,7 +517,7 @@ def build_app(settings: Settings) -> web.Application:
     return app
 
 
-def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
+def make_runner(app: web.Application, settings: Settings) -> ApiRunner:
     return ApiRunner(
         app,
         # Per-request access lines would cost more than the request at broker rates; the
@@ -517,6 +531,32 @@ def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
         # to take messages (and hide them for invisible_ms) with nobody to hand them to.
         handler_cancellation=True,
         keepalive_timeout=settings.keepalive_timeout_ms / 1000,
+    )
+
+
+def make_site(
+    app: web.Application,
+    runner: ApiRunner,
+    settings: Settings,
+    ssl_context: ssl.SSLContext | None = None,
+) -> GuardedSite:
+    """The HTTP port (after ``runner.setup()``): every connection through the app's
+    :class:`ConnectionGuard`, and through the lean front (:mod:`tempomq.lean`) unless
+    ``--http-lean off``."""
+    factory = None
+    if settings.http_lean:
+        from tempomq.lean import LeanFront  # it builds on this module
+
+        assert runner.server is not None, "runner.setup() first"
+        factory = LeanFront(app, runner.server)
+        runner.add_front(factory)
+    return GuardedSite(
+        runner,
+        settings.http.host,
+        settings.http.port,
+        guard=app[GUARD],
+        ssl_context=ssl_context,
+        factory=factory,
     )
 
 
@@ -560,13 +600,7 @@ async def serve(settings: Settings) -> int:
         except (OSError, RuntimeError, TempoError, DelayStoreUnavailable) as exc:
             log.error("startup failed", error=str(exc))
             return 1
-        site = GuardedSite(
-            runner,
-            settings.http.host,
-            settings.http.port,
-            guard=app[GUARD],
-            ssl_context=ssl_context,
-        )
+        site = make_site(app, runner, settings, ssl_context)
         try:
             rocketmq = await listen(settings, runner, site, tls=ssl_context is not None)
         except OSError:

@@ -218,6 +218,8 @@ SIZE = Kind("SIZE", parse_size, format_size)
 DURATION = Kind("DURATION", parse_duration_ms, format_duration_ms)
 DURATIONS = Kind("DURATION,...", parse_duration_list_ms, format_duration_list_ms)
 BOOL: Kind[bool] = Kind("BOOL", parse_bool, lambda v: "true" if v else "false")
+#: A switch given a value (``--http-lean off``), not a flag pair.
+ON_OFF: Kind[bool] = Kind("on|off", parse_bool, lambda v: "on" if v else "off")
 PATH = Kind("PATH", Path)
 OPTIONAL_PATH: Kind[Path | None] = Kind("PATH", Path, lambda v: str(v) if v else "none")
 #: A secret's value is never shown in --help or errors, only whether it is set.
@@ -358,6 +360,9 @@ class Settings:
     header_timeout_ms: int = 10_000
     #: An idle keep-alive connection is closed after this time.
     keepalive_timeout_ms: int = 60_000
+    #: Serve the hot routes (send, receive, ack, ...) through the lean HTTP front
+    #: (:mod:`tempomq.lean`); off: every request goes through aiohttp.
+    http_lean: bool = True
     #: Hosts and CIDRs (each optionally with a port) check_url may name; empty: loopback only.
     check_url_allow: tuple[str, ...] = ()
     #: Key of the HMAC-SHA256 signature header on check_url calls; None: unsigned.
@@ -618,6 +623,13 @@ OPTIONS: tuple[Option, ...] = (
         "keepalive_timeout_ms",
         DURATION,
         "close a kept-alive connection idle this long",
+    ),
+    Option(
+        "http-lean",
+        "http_lean",
+        ON_OFF,
+        "serve send, receive, ack, nack, change-invisible and /healthz through the lean HTTP "
+        "front; off: through aiohttp like every other route",
     ),
     Option(
         "check-url-allow",

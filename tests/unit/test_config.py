@@ -133,6 +133,7 @@ def test_every_option_is_settable_from_env() -> None:
         "grpc-advertise": "mq.example.com:443",
         "insecure-no-auth": "on",
         "metrics-public": "on",
+        "http-lean": "off",
         "check-url-allow": "hooks.internal",
         "tx-store": "postgresql+asyncpg://u@db/tx",
         "release-to": "nats://n:4222",
