@@ -5,6 +5,7 @@ beyond the loaded window; consumer retries through it."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -132,6 +133,53 @@ async def test_windows_load_ahead_and_release_in_order_never_early(
     await wait_for(lambda: len(node.bodies("t")) == 25)
     for _body, deliver_at, released_at in node.released("t"):
         assert released_at >= deliver_at
+
+
+async def test_the_window_adds_nothing_the_cyclic_collector_tracks(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    # A full collection walks every tracked object: a window of n messages must not add
+    # objects in proportion to n (a TimerEntry and a callback per message did).
+    node = await _node(nodes, tmp_path / "d", window_ms=600_000)
+    await node.broker.create_topic("t", 1)
+    now = node.timers.now_ms()
+    # The first message so far ahead makes the timing wheel's next level (once for all).
+    await node.delay.schedule([Message("t", b"x")], [now + 60_000])
+    gc.collect()
+    before = len(gc.get_objects())
+    n = 5000
+    await node.delay.schedule(
+        [Message("t", b"x") for _ in range(n)], [now + 60_000 + i for i in range(n)]
+    )
+    assert node.delay.in_window == n + 1
+    gc.collect()
+    assert len(gc.get_objects()) - before < n // 10
+
+
+async def test_a_burst_due_in_one_millisecond_goes_out_whole_never_early(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    node = await _node(nodes, tmp_path / "d")
+    await node.broker.create_topic("t", 2)
+    at = node.timers.now_ms() + 500
+    n = 3 * 1024 + 5  # several chunks of the release queue
+    msgs = [Message("t", str(i).encode()) for i in range(n)]
+    await node.delay.schedule(msgs, [at] * n)
+    # Cancelled and moved ones leave stale items in the queue, skipped when they come up.
+    for m in msgs[::500]:
+        info = await node.delay.cancel(m.msg_id)
+        assert info is not None and info.state is DelayState.CANCELLED
+    moved = msgs[1]
+    await node.delay.reschedule(moved.msg_id, at + 50)
+    kept = {m.body for m in msgs} - {m.body for m in msgs[::500]}
+    await wait_for(lambda: len(node.bodies("t")) == len(kept), timeout_s=10)
+    released = node.released("t")
+    assert sorted(b for b, _, _ in released) == sorted(kept)
+    assert all(r >= d for _b, d, r in released)
+    assert {d for b, d, _r in released if b != moved.body} == {at}
+    assert [d for b, d, _r in released if b == moved.body] == [at + 50]
+    await asyncio.sleep(0.1)
+    assert len(node.bodies("t")) == len(kept)  # each once
 
 
 async def test_cancel_inside_and_beyond_the_window(nodes: list[Node], tmp_path: Path) -> None:
