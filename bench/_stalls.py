@@ -3,7 +3,9 @@
 Two probes, both load-independent guides next to wall-clock lateness figures:
 
 - loop lag: a callback armed every millisecond records how late it ran (a lag above 5 ms means
-  something held the loop that long: a long callback, a collection, a load);
+  something held the loop that long: a long callback, a collection, a load, or the machine
+  giving the core to another process), and how much CPU the loop's thread used meanwhile (a
+  CPU-busy stall is the process's own work, whatever the load of the machine);
 - gc pauses: ``gc.callbacks`` times each collection of the cyclic collector, per generation.
 
     probe = StallProbe(); probe.start()  # on the running loop
@@ -24,6 +26,8 @@ class StallProbe:
         self.every_s = every_s
         self.stall_ms = stall_ms
         self.lags_ms: list[float] = []
+        self.busy_ms: list[float] = []
+        self._cpu = 0.0
         self.gc_ms: dict[int, list[float]] = {0: [], 1: [], 2: []}
         self._gc_started = 0.0
         self._handle: asyncio.TimerHandle | None = None
@@ -32,6 +36,7 @@ class StallProbe:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         gc.callbacks.append(self._on_gc)
+        self._cpu = time.thread_time()
         self._arm(time.perf_counter())
 
     def _arm(self, now: float) -> None:
@@ -41,7 +46,10 @@ class StallProbe:
 
     def _tick(self, due: float) -> None:
         now = time.perf_counter()
+        cpu = time.thread_time()
         self.lags_ms.append((now - due) * 1000)
+        self.busy_ms.append((cpu - self._cpu) * 1000)
+        self._cpu = cpu
         self._arm(now)
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
@@ -60,6 +68,10 @@ class StallProbe:
             "loop_lag_p99_ms": round(lags[min(len(lags) - 1, int(0.99 * len(lags)))], 2),
             "loop_lag_max_ms": round(lags[-1], 2),
             f"stalls_over_{self.stall_ms:g}ms": sum(1 for x in lags if x > self.stall_ms),
+            f"cpu_stalls_over_{self.stall_ms:g}ms": sum(
+                1 for x in self.busy_ms if x > self.stall_ms + self.every_s * 1000
+            ),
+            "cpu_busy_max_ms": round(max(self.busy_ms, default=0.0), 2),
         }
         for gen, pauses in self.gc_ms.items():
             out[f"gc{gen}_count"] = len(pauses)

@@ -174,6 +174,12 @@ class DelayService:
         self._releasing: set[bytes] = set()
         self._due: list[Due] = []
         self._wake_releaser = asyncio.Event()
+        #: Without leases: ``(released_at_ms, ids)`` in their topics, still to be marked
+        #: delivered in the store, by the marker task, off the release path.
+        self._to_mark: list[tuple[int, list[bytes]]] = []
+        self._marking = False
+        self._wake_marker = asyncio.Event()
+        self._marker_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         #: A message can already be in its topic only if an earlier run released it (and died
         #: before marking it delivered): its time is then before this run started, or, with
@@ -210,6 +216,8 @@ class DelayService:
         if leases is not None and loaded is not None and (missed := leases.owned - loaded):
             await self._gained(missed)  # taken by the lease task while the first load ran
         self._releaser_task = asyncio.create_task(self._releaser(), name="tempomq-delay-releaser")
+        if leases is None:
+            self._marker_task = asyncio.create_task(self._marker(), name="tempomq-delay-marker")
         self._tasks = [
             asyncio.create_task(self._loader(), name="tempomq-delay-loader"),
             asyncio.create_task(self._housekeeper(), name="tempomq-delay-housekeeper"),
@@ -245,6 +253,10 @@ class DelayService:
                 log.warning("delay.release_interrupted", waiting=len(self._due))
             finally:
                 await cancel_and_wait([releaser])
+        marker, self._marker_task = self._marker_task, None
+        if marker is not None:
+            await self._marks_done(5.0)
+            await cancel_and_wait([marker])
         if self.leases is not None:
             await self.leases.stop()
         self._entries.clear()
@@ -433,12 +445,58 @@ class DelayService:
         if dropped:
             await self._drop_orphans(dropped, now)
         ids = [d.msg_id for d in batch]
-        await self.store.mark_delivered(ids, now)
-        self._releasing.difference_update(ids)
+        if self.leases is None:
+            # Marked in the background: the next batch due need not wait for this one's
+            # commit. Until marked, the ids stay in _releasing (nothing re-arms them); a crash
+            # before the mark re-releases them after restart, and the idempotent put drops the
+            # copies (their times are before the restart).
+            self._to_mark.append((now, ids))
+            self._wake_marker.set()
+        else:
+            # With leases the mark stays under the release lock: a shard given up waits for it.
+            await self.store.mark_delivered(ids, now)
+            self._releasing.difference_update(ids)
         RELEASED.inc(len(batch))
         observe = LATENESS.observe
         for due in batch:
             observe(max(now - due.deliver_at_ms, 0) / 1000)
+
+    async def _marker(self) -> None:
+        """Mark released messages delivered in the store, what queued meanwhile together
+        (the store commits concurrent writes in one transaction). A mark that fails is
+        tried again; nothing is released twice meanwhile (the ids stay in _releasing)."""
+        while True:
+            await self._wake_marker.wait()
+            self._wake_marker.clear()
+            while self._to_mark:
+                groups, self._to_mark = self._to_mark, []
+                self._marking = True
+                try:
+                    await asyncio.gather(
+                        *(self.store.mark_delivered(ids, at) for at, ids in groups)
+                    )
+                except Exception as e:
+                    if isinstance(e, DelayStoreUnavailable):
+                        log.error("delay.mark_failed", error=str(e), batches=len(groups))
+                    else:
+                        log.exception("delay.mark_failed", batches=len(groups))
+                    self._to_mark[:0] = groups  # marking is idempotent: all of them again
+                    await asyncio.sleep(0.5)
+                    continue
+                finally:
+                    self._marking = False
+                for _at, ids in groups:
+                    self._releasing.difference_update(ids)
+
+    async def _marks_done(self, timeout_s: float) -> None:
+        """Wait until everything released is marked (at stop), at most ``timeout_s``."""
+        self._wake_marker.set()
+        deadline = time.monotonic() + timeout_s
+        while self._to_mark or self._marking:
+            if time.monotonic() > deadline:
+                log.warning("delay.marks_unfinished", batches=len(self._to_mark))
+                return
+            await asyncio.sleep(0.005)
 
     async def _drop_orphans(self, msg_ids: list[bytes], now: int) -> None:
         """Messages due for a topic deleted since they were sent: cancelled, not released
