@@ -305,21 +305,20 @@ async def test_a_failed_mark_is_tried_again_and_nothing_goes_out_twice(
 async def test_stop_waits_for_the_marks_of_what_was_released(
     nodes: list[Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = tmp_path / "d"
-    node = await _node(nodes, data)
+    node = await _node(nodes, tmp_path / "d")
     await node.broker.create_topic("t", 1)
-    mark = node.delay.store.mark_delivered
+    store = node.delay.store
+    mark = store.mark_delivered
 
     async def slow_mark(msg_ids: list[bytes], released_at_ms: int) -> None:
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # stop() comes meanwhile
         await mark(msg_ids, released_at_ms)
 
-    monkeypatch.setattr(node.delay.store, "mark_delivered", slow_mark)
+    monkeypatch.setattr(store, "mark_delivered", slow_mark)
     await node.delay.schedule([Message("t", b"x")], [node.timers.now_ms() + 50])
     await wait_for(lambda: node.bodies("t") == [b"x"])
-    await _stop(nodes, node)  # while the mark is under way
-    again = await _node(nodes, data)
-    assert await again.delay.store.pending() == 0
+    await _stop(nodes, node)
+    assert await (await _node(nodes, tmp_path / "d")).delay.store.pending() == 0
 
 
 async def test_a_release_whose_bookkeeping_was_lost_is_not_delivered_twice(
