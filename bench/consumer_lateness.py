@@ -159,8 +159,17 @@ def main() -> None:
         f"{args.pending:,} pending, {args.rate:,}/s due for {args.seconds:g} s, {args.runs} runs: "
         + ", ".join(f"{k} {m:.1f} ms [{lo:.1f}-{hi:.1f}]" for k, (m, lo, hi) in summary.items())
     )
-    print(json.dumps({"bench": "consumer_lateness", "pending": args.pending, "rate": args.rate,
-                      "runs": runs, "median": {k: v[0] for k, v in summary.items()}}))
+    print(
+        json.dumps(
+            {
+                "bench": "consumer_lateness",
+                "pending": args.pending,
+                "rate": args.rate,
+                "runs": runs,
+                "median": {k: v[0] for k, v in summary.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
