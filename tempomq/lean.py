@@ -17,18 +17,19 @@ log, and :mod:`tempomq.app` for request ids, error bodies, the request metric an
 request log. So each answer is the one aiohttp would give: status, JSON body, Content-Type,
 X-Request-Id, WWW-Authenticate / Retry-After, Date and Server.
 
-What it parses: a request line ``METHOD SP target SP HTTP/1.1`` naming one of those routes
-with plain path segments (letters, digits, ``._~-``), then header lines ``name: value`` of
-printable ASCII ending in CRLF, then a body of exactly ``Content-Length`` bytes, at most
+What it parses: a request line ``METHOD SP target SP HTTP/1.1`` naming one of those routes with
+plain path segments (letters, digits, ``._~-``), then header lines ``name: value`` of printable
+ASCII ending in CRLF, then a body of exactly ``Content-Length`` bytes, at most
 ``--max-request-bytes``. Anything else (another route or method, a query string, a
 percent-encoded path, HTTP/1.0, ``Transfer-Encoding``, ``Content-Encoding``, ``Expect``,
-``Upgrade``, a missing, duplicate or malformed ``Content-Length``, an unusual ``Connection``,
-obs-fold, bare LF, non-ASCII bytes, a head over 8 KiB, a larger body) hands the connection to
-aiohttp's ``RequestHandler`` together with every byte not yet answered, starting at that request;
-aiohttp then answers it (400, 413, 431, ... as it always did) and keeps the connection. The
-parser is our own, not httptools (llhttp): a hand-over needs the byte offset where the
-unanswered request starts, which httptools does not give, and aiohttp stays the parser for
-everything unusual.
+``Upgrade``, a missing, duplicate or malformed ``Content-Length``, an unusual ``Connection``, no
+``Host``, a second one of a header aiohttp takes once, more headers than aiohttp's
+``max_headers``, obs-fold, bare LF, non-ASCII bytes, a head over 8 KiB, a larger body) hands the
+connection to aiohttp's ``RequestHandler`` together with every byte not yet answered, starting
+at that request; aiohttp then answers it (400, 413, 431, ... as it always did) and keeps the
+connection. The parser is our own, not httptools (llhttp): a hand-over needs the byte offset
+where the unanswered request starts, which httptools does not give, and aiohttp stays the parser
+for everything unusual.
 
 Connection handling as aiohttp's: requests on a connection are answered in order (pipelined
 ones wait their turn), ``Connection: close`` is honoured, an idle kept-alive connection closes
@@ -57,6 +58,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_parser import SINGLETON_HEADERS
 from aiohttp.tcp_helpers import tcp_keepalive, tcp_nodelay
 from structlog.contextvars import bind_contextvars
 
@@ -68,6 +70,7 @@ from broker_core.message import validate_topic_name
 from tempomq.app import (
     AUTH,
     GUARD,
+    MAX_HEADERS,
     SETTINGS,
     TARGET,
     error_answer,
@@ -154,9 +157,21 @@ _TEXT = bytes(range(0x20, 0x7F)) + b"\t"
 _TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 #: Headers the lean path reads; a second one of any of them goes to aiohttp.
 _READ = frozenset({b"content-length", b"connection", b"authorization", b"x-request-id", b"host"})
-#: Headers that mean framing or semantics the lean path does not do.
+#: Headers aiohttp's parser refuses twice (400 ``Duplicate ... header``): a second one of any
+#: of them goes to aiohttp too, so it answers as it would without the lean path.
+_ONCE = _READ | frozenset(name.encode() for name in SINGLETON_HEADERS)
+#: Headers that mean framing or semantics the lean path does not do (aiohttp refuses the old
+#: WebSocket handshake's ``Sec-WebSocket-Key1`` with 400).
 _HAND_OVER = frozenset(
-    {b"transfer-encoding", b"content-encoding", b"expect", b"upgrade", b"te", b"trailer"}
+    {
+        b"transfer-encoding",
+        b"content-encoding",
+        b"expect",
+        b"upgrade",
+        b"te",
+        b"trailer",
+        b"sec-websocket-key1",
+    }
 )
 
 
@@ -203,8 +218,8 @@ def parse_head(head: bytes, max_body: int) -> _Request | None:
         return None
     route, match_info = matched
     headers = _headers(lines)
-    if headers is None:
-        return None
+    if headers is None or b"host" not in headers:
+        return None  # aiohttp answers an HTTP/1.1 request without Host with 400
     length = headers.get(b"content-length")
     if length is None:
         if route.method == b"POST":
@@ -236,15 +251,18 @@ def _match(target: bytes) -> tuple[_Route, dict[str, str]] | None:
 def _headers(lines: list[bytes]) -> dict[bytes, bytes] | None:
     """The headers the lean path reads (lower-case names, values without surrounding blanks)
     from the head's lines (the request line first, an empty string last), or None for
-    aiohttp: a line that is no ``token: value`` (obs-fold, no colon, a blank before the
-    colon), a second one of a header read, or a header of framing the lean path leaves."""
+    aiohttp: more than aiohttp's ``max_headers`` lines, a line that is no ``token: value``
+    (obs-fold, no colon, a blank before the colon), a second one of a header read or of one
+    aiohttp takes once, or a header of framing the lean path leaves."""
+    if len(lines) - 2 > MAX_HEADERS:
+        return None  # aiohttp: 400 Too many headers received
     headers: dict[bytes, bytes] = {}
     for line in lines[1:-1]:
         name, colon, value = line.partition(b":")
         if not colon or not name or name.translate(None, _TOKEN):
             return None
         key = name.lower()
-        if key in _READ:
+        if key in _ONCE:
             if key in headers:
                 return None
             headers[key] = value.strip(b" \t")

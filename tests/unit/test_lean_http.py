@@ -196,6 +196,21 @@ CASES: dict[str, bytes] = {
     "send bad content-length": send("t", {"body": "x"}, {"Content-Length": "1x"}),
     "send huge content-length": send("t", {"body": "x"}, {"Content-Length": "9" * 5000}),
     "send bare LF": b"POST /v1/topics/t/messages HTTP/1.1\nContent-Length: 2\n\n{}",
+    "send without Host (refused by aiohttp)": b"POST /v1/topics/t/messages HTTP/1.1\r\n"
+    b'Content-Length: 12\r\n\r\n{"body":"x"}',
+    "send two Content-Types (refused by aiohttp)": send("t", {"body": "x"}).replace(
+        b"Host: test\r\n", b"Host: test\r\nContent-Type: text/plain\r\n"
+    ),
+    "send two User-Agents (refused by aiohttp)": send(
+        "t", {"body": "x"}, {"User-Agent": "a\r\nUser-Agent: b"}
+    ),
+    "send Sec-WebSocket-Key1 (refused by aiohttp)": send(
+        "t", {"body": "x"}, {"Sec-WebSocket-Key1": "x"}
+    ),
+    "send 128 headers": send("t", {"body": "x"}, {f"X-{i}": "y" for i in range(125)}),
+    "send 129 headers (refused by aiohttp)": send(
+        "t", {"body": "x"}, {f"X-{i}": "y" for i in range(126)}
+    ),
     "receive": consume("receive", {"max_messages": 1}),
     "receive wait": consume("receive", {"max_messages": 5, "wait_ms": 50}),
     "receive bad field": consume("receive", {"max": 1}),
@@ -244,6 +259,7 @@ async def test_lean_and_aiohttp_give_the_same_answers(tmp_path: Path) -> None:
         "content-length",
         "bare LF",
         "topic list",
+        "refused by aiohttp",
     )
     assert handed_over == 2 + sum(1 for n in CASES if any(t in n for t in to_aiohttp))
 
