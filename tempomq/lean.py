@@ -20,7 +20,7 @@ X-Request-Id, WWW-Authenticate / Retry-After, Date and Server.
 What it parses: a request line ``METHOD SP target SP HTTP/1.1`` naming one of those routes with
 plain path segments (letters, digits, ``._~-``), then header lines ``name: value`` of printable
 ASCII ending in CRLF, then a body of exactly ``Content-Length`` bytes, at most
-``--max-request-bytes``. Anything else (another route or method, a query string, a
+``--max-request-bytes`` and 64 KiB. Anything else (another route or method, a query string, a
 percent-encoded path, HTTP/1.0, ``Transfer-Encoding``, ``Content-Encoding``, ``Expect``,
 ``Upgrade``, a missing, duplicate or malformed ``Content-Length``, an unusual ``Connection``, no
 ``Host``, a second one of a header aiohttp takes once, more headers than aiohttp's
@@ -90,6 +90,11 @@ HIGH_WATER = 1 << 20
 #: A request head (request line and headers) longer than this goes to aiohttp, which applies
 #: its own limits (``MAX_LINE_BYTES``, ``MAX_FIELD_BYTES``, ``MAX_HEADERS``) and answers.
 MAX_HEAD = 8190
+#: A larger body goes to aiohttp. The lean path reads a body whole before it authenticates,
+#: rate-limits and authorizes the request; aiohttp does those after the head and reads no
+#: more than its stream buffer (64 KiB) of a body it refuses, so a client without credentials
+#: cannot make the server hold ``--max-request-bytes`` per connection.
+MAX_LEAN_BODY = 1 << 16
 
 Run = Callable[[Broker, dict[str, str], bytes], Awaitable[object]]
 
@@ -225,7 +230,7 @@ def parse_head(head: bytes, max_body: int) -> _Request | None:
         if route.method == b"POST":
             return None  # aiohttp reads such a body as empty; it answers
     elif not length.isdigit() or len(length) > 18 or int(length) > max_body:
-        return None  # malformed, or over the limit: aiohttp answers 400 / 413
+        return None  # malformed, or over the limit: aiohttp answers 400 / 413, or reads it
     connection = headers.get(b"connection")
     if connection is not None and connection.lower() not in (b"close", b"keep-alive"):
         return None
@@ -309,7 +314,7 @@ class LeanFront:
         self.guard = app[GUARD]
         self.server = server
         self.elsewhere = app[TARGET].kind != "embedded"
-        self.max_body = settings.max_request_bytes
+        self.max_body = min(settings.max_request_bytes, MAX_LEAN_BODY)
         self.keepalive_s = settings.keepalive_timeout_ms / 1000
         self.connections: set[LeanProtocol] = set()
         #: Connections handed to aiohttp (they are aiohttp's to count from then on).

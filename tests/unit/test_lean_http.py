@@ -600,3 +600,27 @@ async def test_audit_and_request_log_lines_are_the_same(
     assert lines[True] == lines[False]
     assert [line["event"] for line in lines[True]] == ["audit", "request"]
     assert lines[True][0]["principal"] == "ops" and lines[True][0]["status"] == 201
+
+
+@BOTH
+@pytest.mark.parametrize("refusal", ["no token", "rate limit"])
+async def test_a_refused_request_is_answered_before_its_large_body_is_in(
+    tmp_path: Path, lean: bool, refusal: str
+) -> None:
+    """aiohttp authenticates and rate-limits a request once its head is in and reads no more of
+    a body it refuses; the lean path, which reads a body whole first, leaves a large one to it,
+    so a client without credentials cannot make the server hold a large body per connection."""
+    auth = refusal == "no token"
+    kw: dict[str, Any] = (
+        {"auth_file": write_auth_file(tmp_path / "auth.yaml")}
+        if auth
+        else {"rate_limit": 0.001, "rate_burst": 2.0}  # the setup's two requests take both
+    )
+    async with serving(tmp_path, lean, **kw) as served:
+        await setup_topic(served.port, ADMIN_TOKEN if auth else None)
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        head = send("t", b"").replace(b"Content-Length: 0", b"Content-Length: 100000")
+        writer.write(head + b"x" * 1000)  # the rest of the body never comes
+        answer = await read_answer(reader)
+        assert answer.status == (401 if auth else 429)
+        writer.close()
