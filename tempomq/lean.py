@@ -37,11 +37,13 @@ after ``--keepalive-timeout``, reading pauses while more than :data:`HIGH_WATER`
 behind a request in flight or an answer the peer does not read, no answer is started while
 the transport's writing is paused, and a client that hangs up cancels its request (an
 abandoned long poll takes no messages).
-The :class:`~tempomq.auth.limits.ConnectionGuard` wraps this protocol as it wraps aiohttp's:
-its connection limit and header timeout hold (the timer stops once a request's headers are
-in). On shutdown (:class:`tempomq.wire_errors.ApiRunner`) idle connections close, and a
-request in flight gets ``shutdown_timeout`` to finish (long polls are answered by the app's
-``on_shutdown`` hook first).
+The :class:`~tempomq.auth.limits.ConnectionGuard` wraps this protocol as it wraps aiohttp's: its
+connection limit and header timeout hold. The timer stops once a request's body is in, not its
+headers: the lean path authenticates a request only then, so a client without credentials that
+sends a head and dribbles its body is cut (aiohttp answers it 401 once the head is in, and
+closes after its lingering time of 10 s). On shutdown (:class:`tempomq.wire_errors.ApiRunner`)
+idle connections close, and a request in flight gets ``shutdown_timeout`` to finish (long polls
+are answered by the app's ``on_shutdown`` hook first).
 """
 
 from __future__ import annotations
@@ -421,8 +423,14 @@ class LeanProtocol(asyncio.Protocol):
             if self.pending is None:
                 return
         request, total = self.pending
+        guarded = self.guarded
         if len(buf) < total:
+            if guarded is not None and guarded.deadline is None:
+                guarded.arm()  # a pipelined request's body is not complete yet
             return
+        if guarded is not None:  # the whole request is in: the guard's timer stops
+            guarded.in_request = True
+            guarded.disarm()
         self.pending = None
         if not request.keep_alive and len(buf) > total:
             self._hand_over()  # aiohttp answers bytes after a Connection: close request: 400
@@ -446,10 +454,6 @@ class LeanProtocol(asyncio.Protocol):
         if request is None:
             self._hand_over()
             return None
-        guarded = self.guarded
-        if guarded is not None:  # headers in: the guard's timer stops
-            guarded.in_request = True
-            guarded.disarm()
         return request, end + 4 + request.length
 
     async def _serve(self, request: _Request, body: bytes) -> None:

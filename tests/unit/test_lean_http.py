@@ -624,3 +624,21 @@ async def test_a_refused_request_is_answered_before_its_large_body_is_in(
         answer = await read_answer(reader)
         assert answer.status == (401 if auth else 429)
         writer.close()
+
+
+async def test_the_header_timeout_cuts_a_client_that_dribbles_a_body(tmp_path: Path) -> None:
+    # The lean path authenticates a request once its body is in: until then the guard's timer
+    # runs, so a client without credentials cannot hold a connection with a body that never
+    # ends (aiohttp answers such a client 401 after the head and closes after lingering).
+    auth_file = write_auth_file(tmp_path / "auth.yaml")
+    async with serving(tmp_path, True, header_timeout_ms=300, auth_file=auth_file) as served:
+        await setup_topic(served.port, ADMIN_TOKEN)
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        for _ in range(2):  # twice: the second on the kept-alive connection
+            writer.write(send("t", {"body": "x"}, {"Authorization": f"Bearer {ADMIN_TOKEN}"}))
+            assert (await read_answer(reader)).status == 201
+        head = send("t", b"").replace(b"Content-Length: 0", b"Content-Length: 1000")
+        writer.write(head + b"{")
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert served.app[GUARD].timed_out == 1
+        writer.close()
