@@ -168,7 +168,8 @@ _READ = frozenset({b"content-length", b"connection", b"authorization", b"x-reque
 #: of them goes to aiohttp too, so it answers as it would without the lean path.
 _ONCE = _READ | frozenset(name.encode() for name in SINGLETON_HEADERS)
 #: Headers that mean framing or semantics the lean path does not do (aiohttp refuses the old
-#: WebSocket handshake's ``Sec-WebSocket-Key1`` with 400).
+#: WebSocket handshake's ``Sec-WebSocket-Key1`` with 400, and honours ``Proxy-Connection:
+#: close`` as ``Connection: close``).
 _HAND_OVER = frozenset(
     {
         b"transfer-encoding",
@@ -178,6 +179,7 @@ _HAND_OVER = frozenset(
         b"te",
         b"trailer",
         b"sec-websocket-key1",
+        b"proxy-connection",  # llhttp reads it as Connection
     }
 )
 

@@ -207,6 +207,7 @@ CASES: dict[str, bytes] = {
     "send Sec-WebSocket-Key1 (refused by aiohttp)": send(
         "t", {"body": "x"}, {"Sec-WebSocket-Key1": "x"}
     ),
+    "send Proxy-Connection: close": send("t", {"body": "x"}, {"Proxy-Connection": "close"}),
     "send 128 headers": send("t", {"body": "x"}, {f"X-{i}": "y" for i in range(125)}),
     "send 129 headers (refused by aiohttp)": send(
         "t", {"body": "x"}, {f"X-{i}": "y" for i in range(126)}
@@ -260,6 +261,7 @@ async def test_lean_and_aiohttp_give_the_same_answers(tmp_path: Path) -> None:
         "bare LF",
         "topic list",
         "refused by aiohttp",
+        "Proxy-Connection",
     )
     assert handed_over == 2 + sum(1 for n in CASES if any(t in n for t in to_aiohttp))
 
