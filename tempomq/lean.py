@@ -36,7 +36,10 @@ ones wait their turn), ``Connection: close`` is honoured, an idle kept-alive con
 after ``--keepalive-timeout``, reading pauses while more than :data:`HIGH_WATER` bytes wait
 behind a request in flight or an answer the peer does not read, no answer is started while
 the transport's writing is paused, and a client that hangs up cancels its request (an
-abandoned long poll takes no messages).
+abandoned long poll takes no messages). One difference: when pipelined requests arrive
+together with bytes aiohttp's parser refuses (a request after ``Connection: close``, garbage
+after a body), aiohttp answers one 400 and closes, doing none of them; the lean path answers
+the requests before the bad bytes, then aiohttp answers its 400 and closes.
 The :class:`~tempomq.auth.limits.ConnectionGuard` wraps this protocol as it wraps aiohttp's: its
 connection limit and header timeout hold. The timer stops once a request's body is in, not its
 headers: the lean path authenticates a request only then, so a client without credentials that
