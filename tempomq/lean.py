@@ -17,30 +17,36 @@ log, and :mod:`tempomq.app` for request ids, error bodies, the request metric an
 request log. So each answer is the one aiohttp would give: status, JSON body, Content-Type,
 X-Request-Id, WWW-Authenticate / Retry-After, Date and Server.
 
-What it parses: a request line ``METHOD SP target SP HTTP/1.1`` naming one of those routes
-with plain path segments (letters, digits, ``._~-``), then header lines ``name: value`` of
-printable ASCII ending in CRLF, then a body of exactly ``Content-Length`` bytes, at most
-``--max-request-bytes``. Anything else (another route or method, a query string, a
+What it parses: a request line ``METHOD SP target SP HTTP/1.1`` naming one of those routes with
+plain path segments (letters, digits, ``._~-``), then header lines ``name: value`` of printable
+ASCII ending in CRLF, then a body of exactly ``Content-Length`` bytes, at most
+``--max-request-bytes`` and 64 KiB. Anything else (another route or method, a query string, a
 percent-encoded path, HTTP/1.0, ``Transfer-Encoding``, ``Content-Encoding``, ``Expect``,
-``Upgrade``, a missing, duplicate or malformed ``Content-Length``, an unusual ``Connection``,
-obs-fold, bare LF, non-ASCII bytes, a head over 8 KiB, a larger body) hands the connection to
-aiohttp's ``RequestHandler`` together with every byte not yet answered, starting at that request;
-aiohttp then answers it (400, 413, 431, ... as it always did) and keeps the connection. The
-parser is our own, not httptools (llhttp): a hand-over needs the byte offset where the
-unanswered request starts, which httptools does not give, and aiohttp stays the parser for
-everything unusual.
+``Upgrade``, a missing, duplicate or malformed ``Content-Length``, an unusual ``Connection``, no
+``Host``, a second one of a header aiohttp takes once, more headers than aiohttp's
+``max_headers``, obs-fold, bare LF, non-ASCII bytes, a head over 8 KiB, a larger body) hands the
+connection to aiohttp's ``RequestHandler`` together with every byte not yet answered, starting
+at that request; aiohttp then answers it (400, 413, 431, ... as it always did) and keeps the
+connection. The parser is our own, not httptools (llhttp): a hand-over needs the byte offset
+where the unanswered request starts, which httptools does not give, and aiohttp stays the parser
+for everything unusual.
 
 Connection handling as aiohttp's: requests on a connection are answered in order (pipelined
 ones wait their turn), ``Connection: close`` is honoured, an idle kept-alive connection closes
 after ``--keepalive-timeout``, reading pauses while more than :data:`HIGH_WATER` bytes wait
 behind a request in flight or an answer the peer does not read, no answer is started while
 the transport's writing is paused, and a client that hangs up cancels its request (an
-abandoned long poll takes no messages).
-The :class:`~tempomq.auth.limits.ConnectionGuard` wraps this protocol as it wraps aiohttp's:
-its connection limit and header timeout hold (the timer stops once a request's headers are
-in). On shutdown (:class:`tempomq.wire_errors.ApiRunner`) idle connections close, and a
-request in flight gets ``shutdown_timeout`` to finish (long polls are answered by the app's
-``on_shutdown`` hook first).
+abandoned long poll takes no messages). One difference: when pipelined requests arrive
+together with bytes aiohttp's parser refuses (a request after ``Connection: close``, garbage
+after a body), aiohttp answers one 400 and closes, doing none of them; the lean path answers
+the requests before the bad bytes, then aiohttp answers its 400 and closes.
+The :class:`~tempomq.auth.limits.ConnectionGuard` wraps this protocol as it wraps aiohttp's: its
+connection limit and header timeout hold. The timer stops once a request's body is in, not its
+headers: the lean path authenticates a request only then, so a client without credentials that
+sends a head and dribbles its body is cut (aiohttp answers it 401 once the head is in, and
+closes after its lingering time of 10 s). On shutdown (:class:`tempomq.wire_errors.ApiRunner`)
+idle connections close, and a request in flight gets ``shutdown_timeout`` to finish (long polls
+are answered by the app's ``on_shutdown`` hook first).
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_parser import SINGLETON_HEADERS
 from aiohttp.tcp_helpers import tcp_keepalive, tcp_nodelay
 from structlog.contextvars import bind_contextvars
 
@@ -68,6 +75,7 @@ from broker_core.message import validate_topic_name
 from tempomq.app import (
     AUTH,
     GUARD,
+    MAX_HEADERS,
     SETTINGS,
     TARGET,
     error_answer,
@@ -87,6 +95,11 @@ HIGH_WATER = 1 << 20
 #: A request head (request line and headers) longer than this goes to aiohttp, which applies
 #: its own limits (``MAX_LINE_BYTES``, ``MAX_FIELD_BYTES``, ``MAX_HEADERS``) and answers.
 MAX_HEAD = 8190
+#: A larger body goes to aiohttp. The lean path reads a body whole before it authenticates,
+#: rate-limits and authorizes the request; aiohttp does those after the head and reads no
+#: more than its stream buffer (64 KiB) of a body it refuses, so a client without credentials
+#: cannot make the server hold ``--max-request-bytes`` per connection.
+MAX_LEAN_BODY = 1 << 16
 
 Run = Callable[[Broker, dict[str, str], bytes], Awaitable[object]]
 
@@ -154,9 +167,23 @@ _TEXT = bytes(range(0x20, 0x7F)) + b"\t"
 _TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 #: Headers the lean path reads; a second one of any of them goes to aiohttp.
 _READ = frozenset({b"content-length", b"connection", b"authorization", b"x-request-id", b"host"})
-#: Headers that mean framing or semantics the lean path does not do.
+#: Headers aiohttp's parser refuses twice (400 ``Duplicate ... header``): a second one of any
+#: of them goes to aiohttp too, so it answers as it would without the lean path.
+_ONCE = _READ | frozenset(name.encode() for name in SINGLETON_HEADERS)
+#: Headers that mean framing or semantics the lean path does not do (aiohttp refuses the old
+#: WebSocket handshake's ``Sec-WebSocket-Key1`` with 400, and honours ``Proxy-Connection:
+#: close`` as ``Connection: close``).
 _HAND_OVER = frozenset(
-    {b"transfer-encoding", b"content-encoding", b"expect", b"upgrade", b"te", b"trailer"}
+    {
+        b"transfer-encoding",
+        b"content-encoding",
+        b"expect",
+        b"upgrade",
+        b"te",
+        b"trailer",
+        b"sec-websocket-key1",
+        b"proxy-connection",  # llhttp reads it as Connection
+    }
 )
 
 
@@ -203,14 +230,14 @@ def parse_head(head: bytes, max_body: int) -> _Request | None:
         return None
     route, match_info = matched
     headers = _headers(lines)
-    if headers is None:
-        return None
+    if headers is None or b"host" not in headers:
+        return None  # aiohttp answers an HTTP/1.1 request without Host with 400
     length = headers.get(b"content-length")
     if length is None:
         if route.method == b"POST":
             return None  # aiohttp reads such a body as empty; it answers
     elif not length.isdigit() or len(length) > 18 or int(length) > max_body:
-        return None  # malformed, or over the limit: aiohttp answers 400 / 413
+        return None  # malformed, or over the limit: aiohttp answers 400 / 413, or reads it
     connection = headers.get(b"connection")
     if connection is not None and connection.lower() not in (b"close", b"keep-alive"):
         return None
@@ -236,15 +263,18 @@ def _match(target: bytes) -> tuple[_Route, dict[str, str]] | None:
 def _headers(lines: list[bytes]) -> dict[bytes, bytes] | None:
     """The headers the lean path reads (lower-case names, values without surrounding blanks)
     from the head's lines (the request line first, an empty string last), or None for
-    aiohttp: a line that is no ``token: value`` (obs-fold, no colon, a blank before the
-    colon), a second one of a header read, or a header of framing the lean path leaves."""
+    aiohttp: more than aiohttp's ``max_headers`` lines, a line that is no ``token: value``
+    (obs-fold, no colon, a blank before the colon), a second one of a header read or of one
+    aiohttp takes once, or a header of framing the lean path leaves."""
+    if len(lines) - 2 > MAX_HEADERS:
+        return None  # aiohttp: 400 Too many headers received
     headers: dict[bytes, bytes] = {}
     for line in lines[1:-1]:
         name, colon, value = line.partition(b":")
         if not colon or not name or name.translate(None, _TOKEN):
             return None
         key = name.lower()
-        if key in _READ:
+        if key in _ONCE:
             if key in headers:
                 return None
             headers[key] = value.strip(b" \t")
@@ -291,7 +321,7 @@ class LeanFront:
         self.guard = app[GUARD]
         self.server = server
         self.elsewhere = app[TARGET].kind != "embedded"
-        self.max_body = settings.max_request_bytes
+        self.max_body = min(settings.max_request_bytes, MAX_LEAN_BODY)
         self.keepalive_s = settings.keepalive_timeout_ms / 1000
         self.connections: set[LeanProtocol] = set()
         #: Connections handed to aiohttp (they are aiohttp's to count from then on).
@@ -398,8 +428,14 @@ class LeanProtocol(asyncio.Protocol):
             if self.pending is None:
                 return
         request, total = self.pending
+        guarded = self.guarded
         if len(buf) < total:
+            if guarded is not None and guarded.deadline is None:
+                guarded.arm()  # a pipelined request's body is not complete yet
             return
+        if guarded is not None:  # the whole request is in: the guard's timer stops
+            guarded.in_request = True
+            guarded.disarm()
         self.pending = None
         if not request.keep_alive and len(buf) > total:
             self._hand_over()  # aiohttp answers bytes after a Connection: close request: 400
@@ -423,10 +459,6 @@ class LeanProtocol(asyncio.Protocol):
         if request is None:
             self._hand_over()
             return None
-        guarded = self.guarded
-        if guarded is not None:  # headers in: the guard's timer stops
-            guarded.in_request = True
-            guarded.disarm()
         return request, end + 4 + request.length
 
     async def _serve(self, request: _Request, body: bytes) -> None:

@@ -196,6 +196,22 @@ CASES: dict[str, bytes] = {
     "send bad content-length": send("t", {"body": "x"}, {"Content-Length": "1x"}),
     "send huge content-length": send("t", {"body": "x"}, {"Content-Length": "9" * 5000}),
     "send bare LF": b"POST /v1/topics/t/messages HTTP/1.1\nContent-Length: 2\n\n{}",
+    "send without Host (refused by aiohttp)": b"POST /v1/topics/t/messages HTTP/1.1\r\n"
+    b'Content-Length: 12\r\n\r\n{"body":"x"}',
+    "send two Content-Types (refused by aiohttp)": send("t", {"body": "x"}).replace(
+        b"Host: test\r\n", b"Host: test\r\nContent-Type: text/plain\r\n"
+    ),
+    "send two User-Agents (refused by aiohttp)": send(
+        "t", {"body": "x"}, {"User-Agent": "a\r\nUser-Agent: b"}
+    ),
+    "send Sec-WebSocket-Key1 (refused by aiohttp)": send(
+        "t", {"body": "x"}, {"Sec-WebSocket-Key1": "x"}
+    ),
+    "send Proxy-Connection: close": send("t", {"body": "x"}, {"Proxy-Connection": "close"}),
+    "send 128 headers": send("t", {"body": "x"}, {f"X-{i}": "y" for i in range(125)}),
+    "send 129 headers (refused by aiohttp)": send(
+        "t", {"body": "x"}, {f"X-{i}": "y" for i in range(126)}
+    ),
     "receive": consume("receive", {"max_messages": 1}),
     "receive wait": consume("receive", {"max_messages": 5, "wait_ms": 50}),
     "receive bad field": consume("receive", {"max": 1}),
@@ -244,6 +260,8 @@ async def test_lean_and_aiohttp_give_the_same_answers(tmp_path: Path) -> None:
         "content-length",
         "bare LF",
         "topic list",
+        "refused by aiohttp",
+        "Proxy-Connection",
     )
     assert handed_over == 2 + sum(1 for n in CASES if any(t in n for t in to_aiohttp))
 
@@ -584,3 +602,45 @@ async def test_audit_and_request_log_lines_are_the_same(
     assert lines[True] == lines[False]
     assert [line["event"] for line in lines[True]] == ["audit", "request"]
     assert lines[True][0]["principal"] == "ops" and lines[True][0]["status"] == 201
+
+
+@BOTH
+@pytest.mark.parametrize("refusal", ["no token", "rate limit"])
+async def test_a_refused_request_is_answered_before_its_large_body_is_in(
+    tmp_path: Path, lean: bool, refusal: str
+) -> None:
+    """aiohttp authenticates and rate-limits a request once its head is in and reads no more of
+    a body it refuses; the lean path, which reads a body whole first, leaves a large one to it,
+    so a client without credentials cannot make the server hold a large body per connection."""
+    auth = refusal == "no token"
+    kw: dict[str, Any] = (
+        {"auth_file": write_auth_file(tmp_path / "auth.yaml")}
+        if auth
+        else {"rate_limit": 0.001, "rate_burst": 2.0}  # the setup's two requests take both
+    )
+    async with serving(tmp_path, lean, **kw) as served:
+        await setup_topic(served.port, ADMIN_TOKEN if auth else None)
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        head = send("t", b"").replace(b"Content-Length: 0", b"Content-Length: 100000")
+        writer.write(head + b"x" * 1000)  # the rest of the body never comes
+        answer = await read_answer(reader)
+        assert answer.status == (401 if auth else 429)
+        writer.close()
+
+
+async def test_the_header_timeout_cuts_a_client_that_dribbles_a_body(tmp_path: Path) -> None:
+    # The lean path authenticates a request once its body is in: until then the guard's timer
+    # runs, so a client without credentials cannot hold a connection with a body that never
+    # ends (aiohttp answers such a client 401 after the head and closes after lingering).
+    auth_file = write_auth_file(tmp_path / "auth.yaml")
+    async with serving(tmp_path, True, header_timeout_ms=300, auth_file=auth_file) as served:
+        await setup_topic(served.port, ADMIN_TOKEN)
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        for _ in range(2):  # twice: the second on the kept-alive connection
+            writer.write(send("t", {"body": "x"}, {"Authorization": f"Bearer {ADMIN_TOKEN}"}))
+            assert (await read_answer(reader)).status == 201
+        head = send("t", b"").replace(b"Content-Length: 0", b"Content-Length: 1000")
+        writer.write(head + b"{")
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert served.app[GUARD].timed_out == 1
+        writer.close()
