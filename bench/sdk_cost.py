@@ -6,7 +6,7 @@ on a free port; this process is the client.
 Phases, each ``--n`` calls, one after the other:
 
 * ``plain``: ``await client.send(topic, body)`` one at a time;
-* ``delayed``: ``await client.send(topic, body, delay_ms=60_000)`` one at a time;
+* ``delayed``: ``await client.send(topic, body, delay_ms=3_600_000)`` one at a time;
 * ``sync``: :class:`~tempomq.client.SyncClient` ``send`` one at a time (the calling thread and
   the client's loop thread both count);
 * ``receive+ack``: ``--n`` messages are put first (batches, not counted), then
@@ -17,7 +17,7 @@ Phases, each ``--n`` calls, one after the other:
 
 Prints, per phase, the median of ``--runs`` runs with [min-max], and the load average::
 
-    python bench/sdk_cost.py [--n 3000] [--runs 3] [--phases plain,delayed,sync,consumer]
+    python bench/sdk_cost.py [--n 3000] [--runs 3] [--phases plain,sync] [--loop uvloop]
 """
 
 from __future__ import annotations
@@ -136,13 +136,21 @@ async def _consumer(url: str, n: int, pid: int, run: int) -> dict[str, float]:
     return m.figures(n)
 
 
-def one_run(url: str, pid: int, phase: str, n: int, run: int) -> dict[str, float]:
+def one_run(
+    url: str, pid: int, phase: str, n: int, run: int, loop: str = "asyncio"
+) -> dict[str, float]:
+    if loop == "uvloop":
+        import uvloop
+
+        go: Callable[[Any], Any] = uvloop.run
+    else:
+        go = asyncio.run
     runners: dict[str, Callable[[], dict[str, float]]] = {
-        "plain": lambda: asyncio.run(_sends(url, n, pid, None)),
-        "delayed": lambda: asyncio.run(_sends(url, n, pid, 60_000)),
+        "plain": lambda: go(_sends(url, n, pid, None)),
+        "delayed": lambda: go(_sends(url, n, pid, 3_600_000)),
         "sync": lambda: _sync_sends(url, n, pid),
-        "receive+ack": lambda: asyncio.run(_receive_ack(url, n, pid, run)),
-        "consumer": lambda: asyncio.run(_consumer(url, n, pid, run)),
+        "receive+ack": lambda: go(_receive_ack(url, n, pid, run)),
+        "consumer": lambda: go(_consumer(url, n, pid, run)),
     }
     out = runners[phase]()
     out["load"] = os.getloadavg()[0]
@@ -161,6 +169,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=3000, help="calls (or messages) per phase and run")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--phases", default=",".join(PHASES))
+    ap.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the event loop of the async phases (the sync client keeps its own)",
+    )
     args = ap.parse_args()
     phases = [p for p in args.phases.split(",") if p]
     for p in phases:
@@ -179,8 +193,8 @@ def main() -> None:
         asyncio.run(setup())
         for run in range(args.runs):
             for phase in phases:
-                results[phase].append(one_run(server.url, pid, phase, args.n, run))
-    print(f"{args.n} calls per phase, median of {args.runs} [min-max]")
+                results[phase].append(one_run(server.url, pid, phase, args.n, run, args.loop))
+    print(f"{args.n} calls per phase, {args.loop}, median of {args.runs} [min-max]")
     print(f"{'phase':<12} {'client us/call':>22} {'server us/call':>22} {'calls/s':>24}  load")
     for phase, runs in results.items():
         print(
