@@ -4,8 +4,9 @@ Receive loops (``polls`` of them, two by default) each ask for a share of the fr
 slots (never more than are free, so no message waits out its invisibility in a local buffer),
 start a task per message, and go back to the long poll. With two, one long poll is always
 waiting on the server while the other's answer travels back and its messages are dispatched,
-so a message released in that gap is handed out at once instead of waiting for the next poll. A handler that returns acks its message; one that raises nacks it (the server
-redelivers after the group's backoff). Acks are sent by one flusher: whatever finished while the
+so a message released in that gap is handed out at once instead of waiting for the next poll.
+A handler that returns acks its message; one that raises nacks it (the server redelivers after
+the group's backoff). Acks are sent by one flusher: whatever finished while the
 previous ack request was out goes in the next, so batches grow with load and add no latency.
 
 ``stop()`` stops receiving (a receive cut off mid-poll may have handed out messages: they come

@@ -564,7 +564,7 @@ async def test_concurrent_sends_leave_as_one_batch_and_each_gets_its_own_result(
     async with Client(url) as client:
         results = await asyncio.gather(*(client.send("orders", f"m{i}") for i in range(100)))
     assert server.hits == 1
-    (_, path, body), = server.requests
+    ((_, path, body),) = server.requests
     assert path == "/v1/topics/orders/messages"
     assert [m["body"] for m in body["messages"]] == [f"m{i}" for i in range(100)]
     assert [r.msg_id for r in results] == [m["msg_id"] for m in body["messages"]]
