@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from _server import BenchServer
+from _server import BenchServer, process_cpu_s
 
 from tempomq.client import Client, Consumer, OutgoingMessage, SyncClient
 
@@ -39,12 +39,6 @@ TOPIC = "cost"
 GROUP = "cost"
 BODY = json.dumps({"due": 1_700_000_000_000.0, "pad": "x" * 40})
 PHASES = ("plain", "delayed", "sync", "receive+ack", "consumer")
-
-
-def _server_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _Meter:
@@ -55,14 +49,14 @@ class _Meter:
 
     def __enter__(self) -> _Meter:
         self.cpu0 = time.process_time()
-        self.srv0 = _server_cpu_s(self.pid)
+        self.srv0 = process_cpu_s(self.pid)
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self.t0
         self.cpu = time.process_time() - self.cpu0
-        self.srv = _server_cpu_s(self.pid) - self.srv0
+        self.srv = process_cpu_s(self.pid) - self.srv0
 
     def figures(self, n: int) -> dict[str, float]:
         return {
@@ -92,16 +86,17 @@ def _sync_sends(url: str, n: int, pid: int) -> dict[str, float]:
     return m.figures(n)
 
 
-async def _fill(client: Client, topic: str, n: int) -> None:
+async def _filled_topic(client: Client, topic: str, n: int) -> str:
+    """A new topic ``topic`` holding ``n`` messages (sent in batches, not measured)."""
+    await client.create_topic(topic, queues=4)
     for start in range(0, n, 1000):
         await client.send_batch(topic, [OutgoingMessage(BODY)] * min(1000, n - start))
+    return topic
 
 
 async def _receive_ack(url: str, n: int, pid: int, run: int) -> dict[str, float]:
-    topic = f"{TOPIC}-ra{run}"
     async with Client(url) as client:
-        await client.create_topic(topic, queues=4)
-        await _fill(client, topic, n)
+        topic = await _filled_topic(client, f"{TOPIC}-ra{run}", n)
         done = 0
         with _Meter(pid) as m:
             while done < n:
@@ -112,10 +107,8 @@ async def _receive_ack(url: str, n: int, pid: int, run: int) -> dict[str, float]
 
 
 async def _consumer(url: str, n: int, pid: int, run: int) -> dict[str, float]:
-    topic = f"{TOPIC}-c{run}"
     async with Client(url) as client:
-        await client.create_topic(topic, queues=4)
-        await _fill(client, topic, n)
+        topic = await _filled_topic(client, f"{TOPIC}-c{run}", n)
         seen = 0
         all_seen = asyncio.Event()
 
