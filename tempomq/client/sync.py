@@ -55,7 +55,7 @@ def _blocking(
 
 def _new_loop() -> asyncio.AbstractEventLoop:
     """The client's own event loop: uvloop's where it is installed (its loop and transports
-    take about half the CPU of asyncio's per call, bench/sdk_cost.py), else asyncio's."""
+    take about a third less CPU per call than asyncio's), else asyncio's."""
     try:
         import uvloop
     except ImportError:
