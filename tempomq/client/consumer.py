@@ -1,12 +1,12 @@
 """A long-polling consumer: runs a handler per message with bounded concurrency, acks in batches.
 
-Receive loops (``polls`` of them, two by default) each ask for a share of the free handler
-slots (never more than are free, so no message waits out its invisibility in a local buffer),
-start a task per message, and go back to the long poll. With two, one long poll is always
-waiting on the server while the other's answer travels back and its messages are dispatched,
-so a message released in that gap is handed out at once instead of waiting for the next poll.
-A handler that returns acks its message; one that raises nacks it (the server redelivers after
-the group's backoff). Acks are sent by one flusher: whatever finished while the
+Receive loops (``polls`` of them, two by default) each ask for free handler slots, all but one
+for each other poll (never more than are free, so no message waits out its invisibility in a
+local buffer), start a task per message, and go back to the long poll. With two, one long poll
+is always waiting on the server while the other's answer travels back and its messages are
+dispatched, so a message released in that gap is handed out at once instead of waiting for the
+next poll. A handler that returns acks its message; one that raises nacks it (the server
+redelivers after the group's backoff). Acks are sent by one flusher: whatever finished while the
 previous ack request was out goes in the next, so batches grow with load and add no latency.
 
 ``stop()`` stops receiving (a receive cut off mid-poll may have handed out messages: they come
@@ -61,8 +61,10 @@ class Consumer:
         self._concurrency = concurrency
         self._batch = min(batch, MAX_BATCH)
         self._polls = min(polls, concurrency)
-        #: Slots one long poll takes at most: the polls share the handlers between them.
-        self._per_poll = max(1, min(self._batch, concurrency // self._polls))
+        #: Slots one long poll takes at most: all free ones (up to a batch) but what the other
+        #: polls need to stay out with one each, so a busy consumer's receives stay as large
+        #: as with one poll.
+        self._per_poll = max(1, min(self._batch, concurrency - self._polls + 1))
         self._invisible_ms = invisible_ms
         self._wait_ms = wait_ms
         self._tags = tags
