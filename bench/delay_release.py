@@ -25,6 +25,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from _stalls import StallProbe
+
 from broker_core.broker import Broker
 from broker_core.config import BrokerConfig
 from broker_core.message import PROP_DELIVER_AT, PROP_RELEASED_AT, Message
@@ -123,7 +125,10 @@ async def bench(args: argparse.Namespace, data: Path) -> dict[str, object]:
     # Beyond the first window: the loader brings them in.
     start = node.timers.now_ms() + args.window_ms + 2000
     await schedule_many(node, "lateness", [start + i * 1000 // args.rate for i in range(n)])
+    probe = StallProbe()
+    probe.start()
     await wait_in_topic(node, "lateness", n, args.seconds + 30)
+    out["stalls"] = probe.stop()
     late = node.lateness_ms("lateness")
     out["lateness_histogram_ms"] = {str(k): v for k, v in sorted(Counter(late).items())}
     out.update(
@@ -223,6 +228,7 @@ def main() -> None:
                 f"p50 {out['lateness_p50_ms']} ms, p99 {out['lateness_p99_ms']} ms, "
                 f"max {out['lateness_max_ms']} ms"
             )
+            print(f"stalls while releasing: {out['stalls']}")
             print(
                 f"burst: {args.burst:,} due in one ms, "
                 f"all in topic after {out['burst_all_in_topic_s']} s"

@@ -14,7 +14,7 @@ from broker_core import metrics
 from broker_core.config import BrokerConfig
 from broker_core.errors import ConsumeOnTarget, MessageNotFound, TopicNotFound
 from broker_core.groups import Delivery, GroupConfig, GroupManager, ReceiptFailure
-from broker_core.message import Message, StoredMessage, is_system_topic
+from broker_core.message import DLQ_PREFIX, Message, StoredMessage, is_system_topic
 from broker_core.protocols import Outlet, Scheduler, Timers
 from broker_core.retry import dlq_topic, retry_of
 from broker_core.store import MessageStore, PutResult, TopicConfig
@@ -118,8 +118,10 @@ class Broker:
         topic"): what it holds becomes unreachable at once, groups forget their cursors and
         deliveries out on it, and a delayed message, retry or committed transaction meant for
         it is dropped when due (:meth:`MessageStore.is_orphan`). Dead letters that came from it
-        stay in their group's ``%DLQ%<group>``. Returns what was deleted:
-        ``{"deleted", "messages", "groups", "retry_topics"}``. Raises ``TopicNotFound``."""
+        stay in their group's ``%DLQ%<group>``. Deleting a ``%DLQ%<group>`` removes its dead
+        letters; while the group exists its dead-letter topic is there again at once, empty.
+        Returns what was deleted: ``{"deleted", "messages", "groups", "retry_topics"}``.
+        Raises ``TopicNotFound``."""
         topic = self.store.topic(name)
         messages = self._held(topic)
         groups = self.groups.forget_topic(name)
@@ -127,6 +129,8 @@ class Broker:
         await self.store.delete_topic(name)
         for retry in retries:
             await self.store.delete_topic(retry)
+        if name.startswith(DLQ_PREFIX) and name[len(DLQ_PREFIX) :] in self.groups.groups:
+            await self.store.ensure_topic(name, 1)  # as it is from the moment its group is
         return {"deleted": name, "messages": messages, "groups": groups, "retry_topics": retries}
 
     async def delete_group(self, name: str) -> dict[str, object]:

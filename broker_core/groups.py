@@ -208,12 +208,6 @@ class Subscription:
         self.gone = False
 
 
-def _settle_waiter(fut: asyncio.Future[None]) -> None:
-    """A long poll's wait ran out: let it look once more and answer."""
-    if not fut.done():
-        fut.set_result(None)
-
-
 def parse_tags(expr: object) -> frozenset[str] | None:
     """``"a || b"`` → {"a", "b"}; ``None``, ``""`` or ``"*"`` → None (everything)."""
     if expr is None:
@@ -399,7 +393,9 @@ class GroupManager:
                     if p.ready_at_ms is not None:
                         self.timers.call_at(p.ready_at_ms, partial(self.wake, {sub.topic}))
                     else:
-                        self.timers.call_at(p.deadline_ms, partial(self._expire, sub, [(cur, p)]))
+                        self.timers.call_at(
+                            p.deadline_ms, partial(self._expire, sub, [(cur, p)])
+                        )
 
     def snapshot(self) -> dict[str, object] | None:
         """What to persist (the state as of ``state_at``), or None when nothing changed."""
@@ -547,14 +543,12 @@ class GroupManager:
             fut: asyncio.Future[None] = loop.create_future()
             self._waiters.setdefault(topic, []).append(fut)
             self._waiters.setdefault(sub.retry_topic, []).append(fut)
-            # A timer that settles the future itself, not asyncio.wait_for: woken by wake(),
-            # this poll resumes in the loop's next turn rather than after wait_for's own
-            # future and callback take one more.
-            timer = loop.call_later(remaining_ms / 1000, _settle_waiter, fut)
             try:
-                await fut
+                async with asyncio.timeout(remaining_ms / 1000):
+                    await fut
+            except TimeoutError:
+                pass
             finally:
-                timer.cancel()
                 for t in (topic, sub.retry_topic):
                     waiters = self._waiters.get(t)
                     if waiters is not None and fut in waiters:

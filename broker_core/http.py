@@ -28,6 +28,7 @@ from broker_core.errors import (
 from broker_core.fields import as_int, check_fields, int_field, whole_number
 from broker_core.groups import MAX_ATTEMPTS, Delivery, ReceiptFailure, parse_tags
 from broker_core.message import (
+    DLQ_PREFIX,
     FLAG_BODY_B64,
     MAX_KEY_LEN,
     PROP_DELIVER_AT,
@@ -83,14 +84,18 @@ def json_response(data: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data) + b"\n", status=status, content_type=_JSON)
 
 
-async def read_json(request: web.Request, error: type[TempoError] = InvalidRequest) -> Any:
-    raw = await request.read()
+def parse_json(raw: bytes, error: type[TempoError] = InvalidRequest) -> Any:
+    """A request body as JSON (an empty body is ``{}``); raises ``error`` (400) if it is not."""
     if not raw:
         return {}
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         raise error(f"request body is not valid JSON: {e}") from None
+
+
+async def read_json(request: web.Request, error: type[TempoError] = InvalidRequest) -> Any:
+    return parse_json(await request.read(), error)
 
 
 # -- messages in --------------------------------------------------------------------------------
@@ -184,9 +189,15 @@ def parse_deliver_at(obj: dict[str, Any], now_ms: int) -> int:
 
 @routes.post("/v1/topics/{topic}/messages")
 async def send_messages(request: web.Request) -> web.Response:
-    broker = request.app[BROKER]
     name = validate_topic_name(request.match_info["topic"], client=True)
-    payload = await read_json(request, InvalidMessage)
+    return json_response(await send(request.app[BROKER], name, await request.read()), status=201)
+
+
+async def send(broker: Broker, name: str, raw: bytes) -> dict[str, object]:
+    """The answer (status 201) to a send of the JSON body ``raw`` (one message or a batch) to
+    the topic ``name`` (already checked by ``validate_topic_name``). Shared by the aiohttp
+    route and the lean front (:mod:`tempomq.lean`); raises the API's :class:`TempoError`."""
+    payload = parse_json(raw, InvalidMessage)
     batch = isinstance(payload, dict) and "messages" in payload
     if batch:
         check_fields(payload, "MessageBatch", InvalidMessage)
@@ -225,7 +236,7 @@ async def send_messages(request: web.Request) -> web.Response:
         elif "delay_ms" in item or "deliver_at" in item:
             r["deliver_at"] = now  # asked for a time that has come: delivered now
         results.append(r)
-    return json_response({"results": results} if batch else results[0], status=201)
+    return {"results": results} if batch else results[0]
 
 
 # -- messages out -------------------------------------------------------------------------------
@@ -320,8 +331,11 @@ async def get_topic(request: web.Request) -> web.Response:
 @routes.delete("/v1/topics/{topic}")
 async def delete_topic(request: web.Request) -> web.Response:
     """Delete a topic (see :meth:`Broker.delete_topic` for what happens to what it holds):
-    ``200 {"deleted", "messages", "groups", "retry_topics"}``; ``404 topic_not_found``."""
-    name = validate_topic_name(request.match_info["topic"], client=True)
+    ``200 {"deleted", "messages", "groups", "retry_topics"}``; ``404 topic_not_found``. A
+    group's dead-letter topic ``%DLQ%<group>`` may be named too (its dead letters go); other
+    internal names are ``400 invalid_topic``."""
+    raw = request.match_info["topic"]
+    name = validate_topic_name(raw, client=not raw.startswith(DLQ_PREFIX))
     return json_response(await request.app[BROKER].delete_topic(name))
 
 
@@ -345,19 +359,32 @@ def _group_args(request: web.Request) -> tuple[Broker, str, str]:
     return broker, topic, request.match_info["group"]
 
 
-async def _object(request: web.Request, schema: str) -> dict[str, Any]:
-    """The request's JSON object, holding only the fields of ``schema`` (``broker_core.fields``)."""
-    body = await read_json(request)
+def parse_object(raw: bytes, schema: str) -> dict[str, Any]:
+    """A JSON object holding only the fields of ``schema`` (``broker_core.fields``)."""
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise InvalidRequest("expected a JSON object")
     check_fields(body, schema)
     return body
 
 
+async def _object(request: web.Request, schema: str) -> dict[str, Any]:
+    return parse_object(await request.read(), schema)
+
+
+# The consuming routes' work on (broker, topic, group, body bytes), shared by the aiohttp routes
+# and the lean front (:mod:`tempomq.lean`): each returns the JSON answer (status 200) or raises
+# the API's :class:`TempoError`. The caller has checked the topic exists (``_group_args``).
+
+
 @routes.post("/v1/topics/{topic}/groups/{group}/receive")
 async def receive(request: web.Request) -> web.Response:
     broker, topic, group = _group_args(request)
-    body = await _object(request, "ReceiveRequest")
+    return json_response(await receive_body(broker, topic, group, await request.read()))
+
+
+async def receive_body(broker: Broker, topic: str, group: str, raw: bytes) -> dict[str, object]:
+    body = parse_object(raw, "ReceiveRequest")
     cfg = broker.config
     deliveries = await broker.receive(
         topic,
@@ -368,7 +395,7 @@ async def receive(request: web.Request) -> web.Response:
         invisible_ms=_int(body, "invisible_ms", cfg.default_invisible_ms, 100, MAX_INVISIBLE_MS),
         tags=parse_tags(body.get("tags")),
     )
-    return json_response({"messages": [render_delivery(d) for d in deliveries]})
+    return {"messages": [render_delivery(d) for d in deliveries]}
 
 
 def _receipts(body: dict[str, Any], limit: int) -> list[object]:
@@ -380,44 +407,58 @@ def _receipts(body: dict[str, Any], limit: int) -> list[object]:
 
 @routes.post("/v1/topics/{topic}/groups/{group}/ack")
 async def ack(request: web.Request) -> web.Response:
-    """Every receipt that can be acked is; each stale one is listed in ``failed``."""
     broker, topic, group = _group_args(request)
-    body = await _object(request, "AckRequest")
+    return json_response(await ack_body(broker, topic, group, await request.read()))
+
+
+async def ack_body(broker: Broker, topic: str, group: str, raw: bytes) -> dict[str, object]:
+    """Every receipt that can be acked is; each stale one is listed in ``failed``."""
+    body = parse_object(raw, "AckRequest")
     receipts = _receipts(body, broker.config.max_receive_batch)
     failed: list[ReceiptFailure] = []
     acked = await broker.ack(topic, group, receipts, failed=failed)
-    return json_response({"acked": acked, "failed": [f.to_json() for f in failed]})
+    return {"acked": acked, "failed": [f.to_json() for f in failed]}
 
 
 @routes.post("/v1/topics/{topic}/groups/{group}/nack")
 async def nack(request: web.Request) -> web.Response:
+    broker, topic, group = _group_args(request)
+    return json_response(await nack_body(broker, topic, group, await request.read()))
+
+
+async def nack_body(broker: Broker, topic: str, group: str, raw: bytes) -> dict[str, object]:
     """``receipt``: that delivery is given back, or the error says why not. ``receipts``: as
     for ack, every one that can be is given back and each stale one is listed."""
-    broker, topic, group = _group_args(request)
-    body = await _object(request, "NackRequest")
+    body = parse_object(raw, "NackRequest")
     retry_after = int_field(body, "retry_after_ms", default=None, lo=0, hi=MAX_DELAY_MS)
     if ("receipt" in body) == ("receipts" in body):
         raise InvalidRequest("give one of 'receipt' (a receipt) and 'receipts' (a list)")
     if "receipt" in body:
         await broker.nack(topic, group, body["receipt"], retry_after)
-        return json_response({"nacked": 1})
+        return {"nacked": 1}
     receipts = _receipts(body, broker.config.max_receive_batch)
     failed: list[ReceiptFailure] = []
     nacked = await broker.nack_all(topic, group, receipts, retry_after, failed)
-    return json_response({"nacked": nacked, "failed": [f.to_json() for f in failed]})
+    return {"nacked": nacked, "failed": [f.to_json() for f in failed]}
 
 
 @routes.post("/v1/topics/{topic}/groups/{group}/change-invisible")
 async def change_invisible(request: web.Request) -> web.Response:
     broker, topic, group = _group_args(request)
-    body = await _object(request, "ChangeInvisibleRequest")
+    return json_response(await change_invisible_body(broker, topic, group, await request.read()))
+
+
+async def change_invisible_body(
+    broker: Broker, topic: str, group: str, raw: bytes
+) -> dict[str, object]:
+    body = parse_object(raw, "ChangeInvisibleRequest")
     if "receipt" not in body:
         raise InvalidRequest("'receipt' is required")
     invisible = int_field(body, "invisible_ms", default=None, lo=0, hi=MAX_INVISIBLE_MS)
     if invisible is None:
         raise InvalidRequest("'invisible_ms' is required")
     receipt = await broker.change_invisible(topic, group, body["receipt"], invisible)
-    return json_response({"receipt": receipt})
+    return {"receipt": receipt}
 
 
 @routes.get("/v1/topics/{topic}/groups/{group}")

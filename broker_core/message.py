@@ -152,3 +152,5 @@ def validate_message_fields(
             raise InvalidMessage(f"each key must be 1-{MAX_KEY_LEN} characters, without \\x1f")
     if properties and sum(len(k) + len(v) for k, v in properties.items()) > MAX_PROPERTIES_BYTES:
         raise InvalidMessage(f"properties exceed {MAX_PROPERTIES_BYTES} bytes")
+    if "" in properties:  # no header carries it (lost on the way to NATS); RocketMQ refuses it
+        raise InvalidMessage("a property name must not be empty")

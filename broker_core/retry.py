@@ -91,6 +91,8 @@ def plan_redelivery(
         flags=msg.flags,
         queue_id=0,
         born_at=msg.born_at,
-        reconsume_count=attempt,
+        # A dead letter starts over: the group that reads %DLQ% counts its own deliveries
+        # (this group's count stays in DELIVERY_ATTEMPT).
+        reconsume_count=0 if dead else attempt,
     )
     return Redelivery(copy, deliver_at, dead)

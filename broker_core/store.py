@@ -673,7 +673,8 @@ class MessageStore:
                 await self._wake_writer.wait()
             else:  # failed: probe now and then even with nothing to write, to heal
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake_writer.wait(), _HEAL_PROBE_S)
+                    async with asyncio.timeout(_HEAL_PROBE_S):
+                        await self._wake_writer.wait()
                 await self._heal()
             self._wake_writer.clear()
             while self._buf:

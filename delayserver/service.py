@@ -1,16 +1,22 @@
 """The delay service: stores delayed messages and releases each into its topic on time.
 
 Data flow. ``schedule`` writes messages to the :class:`DelayStore` (durable before it returns) and,
-when due inside the current window, also puts them in the timing wheel. A loader keeps the wheel
+when due inside the current window, also puts them in the release queue. A loader keeps the queue
 filled ``window_ms`` ahead: when the horizon comes within half a window of now, it reads the next
-quarter window from the store, in small pages. So the wheel, and memory, hold only what falls due
-soon, however many messages are pending. When a bucket of the wheel expires, its messages are
-released as one batch: switched back to their real topic with ``DELIVER_AT`` and ``RELEASED_AT``
-properties, published to the release target (:mod:`delayserver.targets`: the broker core,
-idempotently by ``(topic, msg_id)``, or NATS JetStream or RabbitMQ), then marked delivered in
-the store. A crash between the put and the mark re-releases after restart, and the idempotent put
-drops the copy: a message is never in its topic twice. A message whose topic was deleted after it
-was sent is cancelled when due instead (``MessageStore.is_orphan``; docs/concepts.md).
+quarter window from the store, in small pages. So the queue, and memory, hold only what falls due
+soon, however many messages are pending. The queue is a heap of ``(deliver_at_ms, msg_id)``
+tuples beside a dict of ``msg_id: (deliver_at_ms, record)``, with one timer of the timing wheel
+armed at the earliest. Plain tuples of ints and bytes are what the cyclic collector stops tracking
+after its first pass (never a subclass of tuple), so a window of hundreds of thousands of
+messages adds nothing to a full collection's pause (a ``TimerEntry`` and a callback per message
+did: 25 to 140 ms per full collection with 50,000 in the window). When the timer fires,
+everything due by then is released as one batch: switched back to their real topic with
+``DELIVER_AT`` and ``RELEASED_AT`` properties, published to the release target
+(:mod:`delayserver.targets`: the broker core, idempotently by ``(topic, msg_id)``, or NATS
+JetStream or RabbitMQ), then marked delivered in the store. A crash between the put and the mark
+re-releases after restart, and the idempotent put drops the copy: a message is never in its topic
+twice. A message whose topic was deleted after it was sent is cancelled when due instead
+(``MessageStore.is_orphan``; docs/concepts.md).
 
 Restart: the window loads from time 0, so whatever fell due while the server was down is released
 right after start, and nothing before its time.
@@ -29,9 +35,10 @@ resort.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Collection, Sequence
-from functools import partial
+from heapq import heappop, heappush
 from typing import Protocol, cast
 
 import structlog
@@ -52,7 +59,7 @@ from delayserver.store import (
     decode_message,
     encode_message,
 )
-from delayserver.targets import EmbeddedTarget, ReleaseTarget
+from delayserver.targets import EmbeddedTarget, ReleaseTarget, TargetUnavailable
 from delayserver.wheel import TimerEntry
 
 log = structlog.get_logger(__name__)
@@ -67,9 +74,11 @@ LATENESS = Histogram(
 )
 
 
-#: Timers armed per turn of the event loop while a window loads: a page of ten thousand armed in
-#: one go would hold the loop for tens of milliseconds and make what is due meanwhile late.
+#: Messages armed per turn of the event loop while a window loads: a page of ten thousand armed
+#: in one go would hold the loop for tens of milliseconds and make what is due meanwhile late.
 _ARM_CHUNK = 1000
+#: Messages taken off the release queue per turn of the event loop when many fall due at once.
+_FIRE_CHUNK = 1024
 #: With leases: how often the last-resort sweep looks for overdue messages nobody armed, and how
 #: overdue they must be (a burst being released is overdue too, but armed).
 _SWEEP_EVERY_S = 2.0
@@ -122,6 +131,14 @@ class WheelTimers(Protocol):
     def call_at(self, when_ms: int, callback: Callable[[], None]) -> TimerEntry: ...
 
 
+class _PartlyReleased(TargetUnavailable):
+    """The target took part of a release batch (recorded as delivered); ``left`` it did not."""
+
+    def __init__(self, message: str, left: list[Due]) -> None:
+        super().__init__(message)
+        self.left = left
+
+
 class DelayService:
     """Implements the broker core's ``Scheduler`` protocol and the delayed-message API."""
 
@@ -149,15 +166,28 @@ class DelayService:
         self.window_ms = window_ms
         self.window_limit = window_limit
         self.history_ms = history_ms
-        #: Everything due before this is in the wheel (or being released).
+        #: Everything due before this is in the release queue (or being released).
         self._horizon_ms = 0
-        #: The horizon a load in flight will reach; schedules before it go to the wheel too.
+        #: The horizon a load in flight will reach; schedules before it go to the queue too.
         self._loading_to_ms = 0
-        #: In-window messages: their timer and what to release (to re-arm if a cancel fails).
-        self._entries: dict[bytes, tuple[TimerEntry, Due]] = {}
+        #: In-window messages: ``msg_id: (deliver_at_ms, record)``, what to release (and to
+        #: re-arm if a cancel fails).
+        self._entries: dict[bytes, tuple[int, bytes]] = {}
+        #: Heap of ``(deliver_at_ms, msg_id)``; an item whose id is no longer in ``_entries``
+        #: at that time is stale (cancelled, re-armed earlier) and skipped when it comes up.
+        self._queue: list[tuple[int, bytes]] = []
+        #: The one timer, armed at ``_timer_ms``: the head of the queue or earlier.
+        self._timer: TimerEntry | None = None
+        self._timer_ms: float = math.inf
         self._releasing: set[bytes] = set()
         self._due: list[Due] = []
         self._wake_releaser = asyncio.Event()
+        #: Without leases: ``(released_at_ms, ids)`` in their topics, still to be marked
+        #: delivered in the store, by the marker task, off the release path.
+        self._to_mark: list[tuple[int, list[bytes]]] = []
+        self._marking = False
+        self._wake_marker = asyncio.Event()
+        self._marker_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         #: A message can already be in its topic only if an earlier run released it (and died
         #: before marking it delivered): its time is then before this run started, or, with
@@ -194,6 +224,8 @@ class DelayService:
         if leases is not None and loaded is not None and (missed := leases.owned - loaded):
             await self._gained(missed)  # taken by the lease task while the first load ran
         self._releaser_task = asyncio.create_task(self._releaser(), name="tempomq-delay-releaser")
+        if leases is None:
+            self._marker_task = asyncio.create_task(self._marker(), name="tempomq-delay-marker")
         self._tasks = [
             asyncio.create_task(self._loader(), name="tempomq-delay-loader"),
             asyncio.create_task(self._housekeeper(), name="tempomq-delay-housekeeper"),
@@ -224,16 +256,21 @@ class DelayService:
         if releaser is not None:
             self._wake_releaser.set()
             try:
-                await asyncio.wait_for(asyncio.shield(releaser), timeout=5.0)
+                async with asyncio.timeout(5.0):
+                    await asyncio.shield(releaser)
             except TimeoutError:
                 log.warning("delay.release_interrupted", waiting=len(self._due))
             finally:
                 await cancel_and_wait([releaser])
+        marker, self._marker_task = self._marker_task, None
+        if marker is not None:
+            await self._marks_done(5.0)
+            await cancel_and_wait([marker])
         if self.leases is not None:
             await self.leases.stop()
-        for entry, _due in self._entries.values():
-            entry.cancel()
         self._entries.clear()
+        self._queue.clear()
+        self._set_timer(None)
         await self.store.close()
 
     async def health(self) -> str | None:
@@ -242,7 +279,7 @@ class DelayService:
     # -- the window --------------------------------------------------------------------------------
 
     async def _load(self, from_ms: int, to_ms: int) -> None:
-        """Put everything scheduled in ``[from_ms, to_ms)`` into the wheel, page by page."""
+        """Put everything scheduled in ``[from_ms, to_ms)`` into the queue, page by page."""
         self._loading_to_ms = to_ms
         await self._load_range(from_ms, to_ms, None if self.leases is None else self.leases.owned)
         self._horizon_ms = to_ms
@@ -282,32 +319,66 @@ class DelayService:
             self._sharded.near_until_ms = self.timers.now_ms() + self.window_ms + _NEAR_SLACK_MS
 
     def _arm(self, due: Due) -> bool:
-        """Put ``due`` in the wheel; False when it is not this server's to arm (being released,
-        armed already at this time or earlier, or another server's shard)."""
+        """Put ``due`` in the release queue; False when it is not this server's to arm (being
+        released, armed already at this time or earlier, or another server's shard)."""
         if due.msg_id in self._releasing:
             return False
         armed = self._entries.get(due.msg_id)
         if armed is not None:
-            if due.deliver_at_ms >= armed[1].deliver_at_ms:
+            if due.deliver_at_ms >= armed[0]:
                 return False
             # Armed later than this (a stale read): the earlier time wins; if the store's time
             # is the later one after all, the claim at release finds it not due and re-reads.
-            armed[0].cancel()
+            # Its queue item goes stale.
             del self._entries[due.msg_id]
         if self._sharded is not None:
             assert self.leases is not None
             if self._sharded.shard_of(due.msg_id) not in self.leases.owned:
                 return False  # another server's to release
-        entry = self.timers.call_at(due.deliver_at_ms, partial(self._fire, due))
-        self._entries[due.msg_id] = (entry, due)
+        at = due.deliver_at_ms
+        self._entries[due.msg_id] = (at, due.record)
+        heappush(self._queue, (at, due.msg_id))
+        if at < self._timer_ms:
+            self._set_timer(at)
         return True
 
-    def _fire(self, due: Due) -> None:
-        if self._entries.pop(due.msg_id, None) is None:
-            return
-        self._releasing.add(due.msg_id)
-        self._due.append(due)
-        self._wake_releaser.set()
+    def _set_timer(self, at: int | None) -> None:
+        """Arm the one timer at ``at`` (None: disarm it)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if at is None:
+            self._timer, self._timer_ms = None, math.inf
+        else:
+            self._timer, self._timer_ms = self.timers.call_at(at, self._fire), at
+
+    def _fire(self) -> None:
+        """The timer: hand what is due by now to the releaser, at most ``_FIRE_CHUNK`` items per
+        turn of the loop (a burst due in one millisecond goes out in chunks, the rest of the
+        service running between them), then arm the timer at the next item."""
+        self._set_timer(None)
+        now = self.timers.now_ms()
+        queue, entries, due_list, releasing = self._queue, self._entries, self._due, self._releasing
+        taken = 0
+        for _ in range(_FIRE_CHUNK):
+            if not queue or queue[0][0] > now:
+                break
+            at, msg_id = heappop(queue)
+            armed = entries.get(msg_id)
+            if armed is None or armed[0] != at:
+                continue  # stale: cancelled, or armed again at another time
+            del entries[msg_id]
+            releasing.add(msg_id)
+            due_list.append(Due(msg_id, at, armed[1]))
+            taken += 1
+        else:
+            # More may be due: the rest after the loop's other callbacks (the releaser first;
+            # a timer due now would run in the timer service's same turn).
+            asyncio.get_running_loop().call_soon(self._fire)
+            queue = []
+        if taken:
+            self._wake_releaser.set()
+        if queue:
+            self._set_timer(queue[0][0])
 
     async def _loader(self) -> None:
         while True:
@@ -343,6 +414,8 @@ class DelayService:
                 except (StoreUnavailable, DelayStoreUnavailable) as e:
                     # Nothing is lost: these stay scheduled in the store; try again shortly.
                     # The put may have landed: the next attempt checks for copies.
+                    if isinstance(e, _PartlyReleased):
+                        batch = e.left  # the others reached the target and are recorded
                     log.error("delay.release_failed", error=str(e), count=len(batch))
                     self._due[:0] = batch
                     retry = True
@@ -378,17 +451,77 @@ class DelayService:
             msg.properties[PROP_DELIVER_AT] = str(due.deliver_at_ms)
             msg.properties[PROP_RELEASED_AT] = released
             msgs.append(msg)
+        left: list[Due] = []
+        error: TargetUnavailable | None = None
         if msgs:
-            await self.target.publish(msgs, check_duplicate=check)
+            try:
+                await self.target.publish(msgs, check_duplicate=check)
+            except TargetUnavailable as e:
+                if not e.acknowledged:
+                    raise
+                # Record what the target took, so one message it refuses (a subject no stream
+                # captures, a routing key no queue is bound to) neither holds the others back
+                # nor has them published again at every retry.
+                error, landed, dropping = e, e.acknowledged, set(dropped)
+                left = [d for d in batch if d.msg_id not in landed and d.msg_id not in dropping]
+                batch = [d for d in batch if d.msg_id in landed or d.msg_id in dropping]
         if dropped:
             await self._drop_orphans(dropped, now)
         ids = [d.msg_id for d in batch]
-        await self.store.mark_delivered(ids, now)
-        self._releasing.difference_update(ids)
+        if self.leases is None:
+            # Marked in the background: the next batch due need not wait for this one's
+            # commit. Until marked, the ids stay in _releasing (nothing re-arms them); a crash
+            # before the mark re-releases them after restart, and the idempotent put drops the
+            # copies (their times are before the restart).
+            self._to_mark.append((now, ids))
+            self._wake_marker.set()
+        else:
+            # With leases the mark stays under the release lock: a shard given up waits for it.
+            await self.store.mark_delivered(ids, now)
+            self._releasing.difference_update(ids)
         RELEASED.inc(len(batch))
         observe = LATENESS.observe
         for due in batch:
             observe(max(now - due.deliver_at_ms, 0) / 1000)
+        if error is not None:
+            raise _PartlyReleased(str(error), left)
+
+    async def _marker(self) -> None:
+        """Mark released messages delivered in the store, what queued meanwhile together
+        (the store commits concurrent writes in one transaction). A mark that fails is
+        tried again; nothing is released twice meanwhile (the ids stay in _releasing)."""
+        while True:
+            await self._wake_marker.wait()
+            self._wake_marker.clear()
+            while self._to_mark:
+                groups, self._to_mark = self._to_mark, []
+                self._marking = True
+                try:
+                    await asyncio.gather(
+                        *(self.store.mark_delivered(ids, at) for at, ids in groups)
+                    )
+                except Exception as e:
+                    if isinstance(e, DelayStoreUnavailable):
+                        log.error("delay.mark_failed", error=str(e), batches=len(groups))
+                    else:
+                        log.exception("delay.mark_failed", batches=len(groups))
+                    self._to_mark[:0] = groups  # marking is idempotent: all of them again
+                    await asyncio.sleep(0.5)
+                    continue
+                finally:
+                    self._marking = False
+                for _at, ids in groups:
+                    self._releasing.difference_update(ids)
+
+    async def _marks_done(self, timeout_s: float) -> None:
+        """Wait until everything released is marked (at stop), at most ``timeout_s``."""
+        self._wake_marker.set()
+        deadline = time.monotonic() + timeout_s
+        while self._to_mark or self._marking:
+            if time.monotonic() > deadline:
+                log.warning("delay.marks_unfinished", batches=len(self._to_mark))
+                return
+            await asyncio.sleep(0.005)
 
     async def _drop_orphans(self, msg_ids: list[bytes], now: int) -> None:
         """Messages due for a topic deleted since they were sent: cancelled, not released
@@ -487,7 +620,7 @@ class DelayService:
                 await self._pause(1.0)
 
     async def _refresh_many(self, msg_ids: Sequence[bytes]) -> None:
-        """Make the wheel agree with the store about messages changed elsewhere (their reads
+        """Make the release queue agree with the store about messages changed elsewhere (their reads
         all in flight at once)."""
         # Those being released: their claim decides, and re-reads them if not released.
         ids = [m for m in msg_ids if m not in self._releasing]
@@ -504,7 +637,7 @@ class DelayService:
         """The last resort: arm messages overdue by more than a second that are neither armed
         nor being released (a change whose notice was lost, say). Normally finds nothing.
 
-        Counts only the timers the sweep itself armed: the wheel's size before and after its
+        Counts only the timers the sweep itself armed: the queue's size before and after its
         read would also count what ``schedule`` armed meanwhile (a whole batch due later, on a
         busy server), and report as missed what was on time."""
         assert self.leases is not None
@@ -615,11 +748,9 @@ class DelayService:
             raise DelayUnavailable(str(e)) from None
 
     def _disarm(self, msg_id: bytes) -> Due | None:
+        """Take ``msg_id`` out of the window (its queue item goes stale); what was armed."""
         armed = self._entries.pop(msg_id, None)
-        if armed is None:
-            return None
-        armed[0].cancel()
-        return armed[1]
+        return None if armed is None else Due(msg_id, *armed)
 
     async def reschedule(self, msg_id: bytes, deliver_at_ms: int) -> DelayedInfo | None:
         if msg_id in self._releasing:

@@ -79,9 +79,38 @@ _NOT_TOKEN = re.compile(r"[^A-Za-z0-9!#$&'*+.^_`|~-]")
 
 
 class TargetUnavailable(StoreUnavailable):
-    """The release target cannot take messages now: nothing was acknowledged, nothing is lost."""
+    """The release target cannot take messages now; nothing is lost. Raised by ``publish``
+    after the target acknowledged part of the batch, ``acknowledged`` holds those messages'
+    ids (else it is empty), so that a caller records them and repeats only the others."""
 
     code = "target_unavailable"
+
+    def __init__(self, message: str, *, acknowledged: frozenset[bytes] = frozenset()) -> None:
+        super().__init__(message)
+        self.acknowledged = acknowledged
+
+
+def _refused(
+    name: str,
+    verb: str,
+    messages: Sequence[Message],
+    results: Sequence[BaseException | None],
+    explain: Any,
+) -> TargetUnavailable | None:
+    """The error for a batch some of whose ``results`` (one per message: its exception, or
+    None once acknowledged) failed, naming the first failure (``explain(exc, msg)`` says why,
+    or None for its plain text), with the ids of those acknowledged; None when none failed."""
+    failed = [i for i, r in enumerate(results) if r is not None]
+    if not failed:
+        return None
+    first = results[failed[0]]
+    assert first is not None
+    reason = explain(first, messages[failed[0]]) or _reason(first)
+    acknowledged = frozenset(m.msg_id for m, r in zip(messages, results, strict=True) if r is None)
+    return TargetUnavailable(
+        f"{name}: {len(failed)} of {len(messages)} not {verb}: {reason}",
+        acknowledged=acknowledged,
+    )
 
 
 class ConsumeOnTarget(TempoError):
@@ -155,6 +184,17 @@ def redact(url: str) -> str:
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _failed(exc: BaseException) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
+
+
+def _no_stream(exc: BaseException | None) -> bool:
+    """JetStream answered that no stream captures the subject."""
+    return type(exc).__name__ == "NoStreamResponseError"
 
 
 async def _bounded(calls: Sequence[Any], timeout_s: float) -> list[BaseException | None]:
@@ -341,21 +381,37 @@ class NatsTarget:
                 raise TargetUnavailable(
                     f"{self.name}: stream {self.stream}: {_reason(exc)}"
                 ) from None
-        failures: list[BaseException] = []
+        results: list[BaseException | None] = []
         for i in range(0, len(messages), _NATS_CHUNK):
-            failures += await self._publish_chunk(messages[i : i + _NATS_CHUNK])
-        if failures:
-            first = failures[0]
-            reason = _reason(first)
-            if type(first).__name__ == "NoStreamResponseError":
-                reason = f"no stream captures subject {self.subject_of(messages[0].topic)}"
-            raise TargetUnavailable(
-                f"{self.name}: {len(failures)} of {len(messages)} not acknowledged: {reason}"
-            )
+            try:
+                results += await self._publish_chunk(messages[i : i + _NATS_CHUNK])
+            except TargetUnavailable as exc:  # a chunk failed whole: the earlier ones landed
+                done = frozenset(
+                    m.msg_id for m, r in zip(messages, results, strict=False) if r is None
+                )
+                raise TargetUnavailable(str(exc), acknowledged=done) from None
+        error = _refused(self.name, "acknowledged", messages, results, self._explain)
+        if error is not None:
+            if self.stream is not None and any(map(_no_stream, results)):
+                self._stream_ready = False  # deleted, or a server back without its data
+            raise error
 
-    async def _publish_chunk(self, messages: Sequence[Message]) -> list[BaseException]:
+    def _explain(self, exc: BaseException, msg: Message) -> str | None:
+        if _no_stream(exc):
+            return f"no stream captures subject {self.subject_of(msg.topic)}"
+        if type(exc).__name__ == "MaxPayloadError" and self._nc is not None:
+            return (
+                f"message {msg.msg_id.hex()} has {len(msg.body)} bytes, over the NATS "
+                f"server's max_payload of {self._nc.max_payload}"
+            )
+        return None
+
+    async def _publish_chunk(self, messages: Sequence[Message]) -> list[BaseException | None]:
         """Publish without waiting, then await every acknowledgement (each chunk has
-        ``publish_timeout_s``, so a large batch is not timed out as a whole)."""
+        ``publish_timeout_s``, so a large batch is not timed out as a whole); per message its
+        exception, or None once acknowledged."""
+        from nats.errors import MaxPayloadError
+
         js = self._js
         futures: list[asyncio.Future[Any]] = []
         try:
@@ -367,7 +423,10 @@ class NatsTarget:
                     headers = message_headers(msg)
                     headers[NATS_MSG_ID] = headers[HEADER_MSG_ID]
                     subject = self.subject_of(msg.topic)
-                    futures.append(await js.publish_async(subject, msg.body, headers=headers))
+                    try:
+                        futures.append(await js.publish_async(subject, msg.body, headers=headers))
+                    except MaxPayloadError as exc:  # this message only: the others go on
+                        futures.append(_failed(exc))
                 done = await asyncio.gather(*futures, return_exceptions=True)
         except asyncio.CancelledError:
             for future in futures:
@@ -379,7 +438,7 @@ class NatsTarget:
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError(f"no acknowledgement within {self.publish_timeout_s:g}s")
             raise TargetUnavailable(f"{self.name}: {_reason(exc)}") from None
-        return [r for r in done if isinstance(r, BaseException)]
+        return [r if isinstance(r, BaseException) else None for r in done]
 
     async def health(self) -> str | None:
         nc = self._nc
@@ -521,18 +580,20 @@ class AmqpTarget:
             self._exchanges.clear()
             raise TargetUnavailable(f"{self.name}: {_reason(exc)}") from None
         results = await _bounded(calls, self.publish_timeout_s)
-        failures = [f for f in results if f is not None]
-        if failures:
-            first = failures[0]
-            if isinstance(first, asyncio.CancelledError):
-                raise first
-            reason = _reason(first)
-            if isinstance(first, aio_pika.exceptions.DeliveryError):
-                exchange_name, key = self.route_of(messages[0].topic)
-                reason = f"returned: no queue bound to exchange {exchange_name} for key {key}"
-            raise TargetUnavailable(
-                f"{self.name}: {len(failures)} of {len(messages)} not confirmed: {reason}"
-            )
+        for failure in results:
+            if isinstance(failure, asyncio.CancelledError):
+                raise failure
+        error = _refused(self.name, "confirmed", messages, results, self._explain)
+        if error is not None:
+            raise error
+
+    def _explain(self, exc: BaseException, msg: Message) -> str | None:
+        import aio_pika
+
+        if isinstance(exc, aio_pika.exceptions.DeliveryError):
+            exchange_name, key = self.route_of(msg.topic)
+            return f"returned: no queue bound to exchange {exchange_name} for key {key}"
+        return None
 
     async def health(self) -> str | None:
         down = self._down()

@@ -25,7 +25,7 @@ import secrets
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ import orjson
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs; types-PyYAML is not a dep
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 
 from broker_core import http as broker_http
@@ -45,6 +46,7 @@ from delayserver.embedded import EmbeddedDelayStore
 from delayserver.http import DELAY
 from delayserver.http import routes as delay_routes
 from delayserver.service import DelayService
+from delayserver.store import DelayStoreUnavailable
 from delayserver.targets import ReleaseTarget, make_target
 from delayserver.timers import TimerService
 from tempomq.auth import Auth, ConnectionGuard, GuardedSite, RateLimit, server_context
@@ -98,7 +100,8 @@ class Readiness:
 
     async def _run_one(self, check: ReadinessCheck) -> str | None:
         try:
-            return await asyncio.wait_for(check(), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                return await check()
         except TimeoutError:
             return f"no answer within {self._timeout_s:g}s"
         except Exception as exc:  # a failing check means "not ready", not a 500
@@ -120,7 +123,7 @@ READINESS = web.AppKey("readiness", Readiness)
 
 
 def json_response(
-    data: object, *, status: int = 200, headers: dict[str, str] | None = None
+    data: object, *, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     return web.Response(
         body=orjson.dumps(data) + b"\n",
@@ -179,6 +182,8 @@ HTTP_REQUESTS = Histogram(
 def _route(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
+
+
 #: What a full or failing disk raises from a file write (topics.json, groups.json, ...):
 #: the store cannot take writes for now, which is ``503 store_unavailable``, not a bug.
 _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
@@ -194,8 +199,8 @@ _ID_PREFIX = secrets.token_hex(4)
 _ids = itertools.count(1)
 
 
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id")
+def request_id(given: str | None) -> str:
+    """The client's ``X-Request-Id`` when it is tame, else a new id of this process."""
     if given is not None and _REQUEST_ID_RE.fullmatch(given):
         return given
     return f"{_ID_PREFIX}{next(_ids):08x}"
@@ -208,20 +213,54 @@ _REQUEST_SERIES: dict[tuple[str, str, int], Any] = {}
 _ROOT_LOG = logging.getLogger()
 
 
-def _observe(request: web.Request, status: int, elapsed_s: float) -> None:
-    key = (request.method, _route(request), status)
+def observe(method: str, route: str, status: int, elapsed_s: float) -> None:
+    """Count one request in ``tempomq_http_request_seconds`` and log it at debug level."""
+    key = (method, route, status)
     child = _REQUEST_SERIES.get(key)
     if child is None:
-        child = _REQUEST_SERIES[key] = HTTP_REQUESTS.labels(key[0], key[1], str(status))
+        child = _REQUEST_SERIES[key] = HTTP_REQUESTS.labels(method, route, str(status))
     child.observe(elapsed_s)
+
+
+def log_request(method: str, path: str, status: int, elapsed_s: float) -> None:
+    if _ROOT_LOG.isEnabledFor(logging.DEBUG):  # skip building the call otherwise
+        log.debug(
+            "request",
+            method=method,
+            path=path,
+            status=status,
+            duration_ms=round(elapsed_s * 1000, 3),
+        )
+
+
+def error_answer(
+    exc: Exception, method: str, path: str, request_id: str
+) -> tuple[int, dict[str, str], Mapping[str, str] | None]:
+    """(status, JSON body, extra headers) for an error a handler raised: a
+    :class:`TempoError` as its own status and code (some carry headers: WWW-Authenticate,
+    Retry-After), a full or failing disk as ``503 store_unavailable``, anything else as a
+    logged ``500 internal`` naming the request id. Call it inside the ``except`` block."""
+    if isinstance(exc, TempoError):
+        return (
+            exc.status,
+            {"error": exc.code, "message": exc.message},
+            getattr(exc, "headers", None),
+        )
+    if _is_storage_error(exc):
+        log.error("storage.write_failed", path=path, error=str(exc))
+        message = f"storage write failed: {exc}"
+        return StoreUnavailable.status, {"error": StoreUnavailable.code, "message": message}, None
+    log.exception("unhandled error", method=method, path=path)
+    message = f"internal error, see server log (request id {request_id})"
+    return 500, {"error": "internal", "message": message}, None
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind the request id to every log line and turn every error into the API's JSON shape."""
-    request_id = _request_id(request)
+    rid = request_id(request.headers.get("X-Request-Id"))
     started = time.perf_counter()
-    with bound(request_id=request_id):
+    with bound(request_id=rid):
         response: web.StreamResponse
         try:
             response = await handler(request)
@@ -229,33 +268,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             if exc.status < 400:  # redirects and 204/304 raised on purpose pass through
                 raise
             response = _http_error(request, exc)
-        except TempoError as exc:
-            # Some errors carry headers of their own (WWW-Authenticate, Retry-After).
-            response = error_response(
-                exc.status, exc.code, exc.message, headers=getattr(exc, "headers", None)
-            )
+        except RequestPayloadError as exc:
+            # The body could not be read as sent: a Content-Encoding it is not in, say.
+            reason = getattr(exc.__cause__, "message", None) or str(exc)
+            response = error_response(400, "invalid_request", f"request body unreadable: {reason}")
         except Exception as exc:
-            if _is_storage_error(exc):
-                log.error("storage.write_failed", path=request.path, error=str(exc))
-                response = error_response(
-                    StoreUnavailable.status, StoreUnavailable.code, f"storage write failed: {exc}"
-                )
-            else:
-                log.exception("unhandled error", method=request.method, path=request.path)
-                response = error_response(
-                    500, "internal", f"internal error, see server log (request id {request_id})"
-                )
-        response.headers["X-Request-Id"] = request_id
+            status, body, headers = error_answer(exc, request.method, request.path, rid)
+            response = json_response(body, status=status, headers=headers)
+        response.headers["X-Request-Id"] = rid
         elapsed_s = time.perf_counter() - started
-        _observe(request, response.status, elapsed_s)
-        if _ROOT_LOG.isEnabledFor(logging.DEBUG):  # skip building the call otherwise
-            log.debug(
-                "request",
-                method=request.method,
-                path=request.path,
-                status=response.status,
-                duration_ms=round(elapsed_s * 1000, 3),
-            )
+        observe(request.method, _route(request), response.status, elapsed_s)
+        log_request(request.method, request.path, response.status, elapsed_s)
         return response
 
 
@@ -494,7 +517,7 @@ def build_app(settings: Settings) -> web.Application:
     return app
 
 
-def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
+def make_runner(app: web.Application, settings: Settings) -> ApiRunner:
     return ApiRunner(
         app,
         # Per-request access lines would cost more than the request at broker rates; the
@@ -508,6 +531,32 @@ def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
         # to take messages (and hide them for invisible_ms) with nobody to hand them to.
         handler_cancellation=True,
         keepalive_timeout=settings.keepalive_timeout_ms / 1000,
+    )
+
+
+def make_site(
+    app: web.Application,
+    runner: ApiRunner,
+    settings: Settings,
+    ssl_context: ssl.SSLContext | None = None,
+) -> GuardedSite:
+    """The HTTP port (after ``runner.setup()``): every connection through the app's
+    :class:`ConnectionGuard`, and through the lean front (:mod:`tempomq.lean`) unless
+    ``--http-lean off``."""
+    factory = None
+    if settings.http_lean:
+        from tempomq.lean import LeanFront  # it builds on this module
+
+        assert runner.server is not None, "runner.setup() first"
+        factory = LeanFront(app, runner.server)
+        runner.add_front(factory)
+    return GuardedSite(
+        runner,
+        settings.http.host,
+        settings.http.port,
+        guard=app[GUARD],
+        ssl_context=ssl_context,
+        factory=factory,
     )
 
 
@@ -548,16 +597,10 @@ async def serve(settings: Settings) -> int:
     try:
         try:
             await runner.setup()
-        except (OSError, RuntimeError, TempoError) as exc:
+        except (OSError, RuntimeError, TempoError, DelayStoreUnavailable) as exc:
             log.error("startup failed", error=str(exc))
             return 1
-        site = GuardedSite(
-            runner,
-            settings.http.host,
-            settings.http.port,
-            guard=app[GUARD],
-            ssl_context=ssl_context,
-        )
+        site = make_site(app, runner, settings, ssl_context)
         try:
             rocketmq = await listen(settings, runner, site, tls=ssl_context is not None)
         except OSError:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Generic, Literal, NamedTuple, TypeVar, get_args
+from urllib.parse import urlsplit
 
 from broker_core.config import BrokerConfig, FlushMode
 from txcoord.checkurl import parse_allow_entry
@@ -217,6 +218,8 @@ SIZE = Kind("SIZE", parse_size, format_size)
 DURATION = Kind("DURATION", parse_duration_ms, format_duration_ms)
 DURATIONS = Kind("DURATION,...", parse_duration_list_ms, format_duration_list_ms)
 BOOL: Kind[bool] = Kind("BOOL", parse_bool, lambda v: "true" if v else "false")
+#: A switch given a value (``--http-lean off``), not a flag pair.
+ON_OFF: Kind[bool] = Kind("on|off", parse_bool, lambda v: "on" if v else "off")
 PATH = Kind("PATH", Path)
 OPTIONAL_PATH: Kind[Path | None] = Kind("PATH", Path, lambda v: str(v) if v else "none")
 #: A secret's value is never shown in --help or errors, only whether it is set.
@@ -235,6 +238,9 @@ def parse_release_to(text: str) -> str:
     if text.lower() == "embedded":
         return "embedded"
     if text.startswith(("nats://", "tls://", "amqp://", "amqps://")):
+        for url in text.split(","):
+            if not urlsplit(url.strip()).hostname:
+                raise ValueError(f"{_redacted_url(url.strip())!r} names no host")
         return text
     raise ValueError(
         f"{text.split('@')[-1]!r} is not embedded, nats://host:port or amqp://user:pass@host:port/"
@@ -354,6 +360,9 @@ class Settings:
     header_timeout_ms: int = 10_000
     #: An idle keep-alive connection is closed after this time.
     keepalive_timeout_ms: int = 60_000
+    #: Serve the hot routes (send, receive, ack, ...) through the lean HTTP front
+    #: (:mod:`tempomq.lean`); off: every request goes through aiohttp.
+    http_lean: bool = True
     #: Hosts and CIDRs (each optionally with a port) check_url may name; empty: loopback only.
     check_url_allow: tuple[str, ...] = ()
     #: Key of the HMAC-SHA256 signature header on check_url calls; None: unsigned.
@@ -616,6 +625,13 @@ OPTIONS: tuple[Option, ...] = (
         "close a kept-alive connection idle this long",
     ),
     Option(
+        "http-lean",
+        "http_lean",
+        ON_OFF,
+        "serve send, receive, ack, nack, change-invisible and /healthz through the lean HTTP "
+        "front; off: through aiohttp like every other route",
+    ),
+    Option(
         "check-url-allow",
         "check_url_allow",
         Kind("HOSTS", parse_allow_list, lambda v: ",".join(v) or "loopback only"),
@@ -682,7 +698,19 @@ def _check_queues(s: Settings) -> None:
         raise _fail("default_queues", f"must be between 1 and --max-queues ({s.max_queues})")
 
 
+#: What JetStream refuses in a stream name: whitespace, '.', '*', '>', path separators,
+#: control characters (https://docs.nats.io/nats-concepts/jetstream/streams#configuration).
+_NOT_IN_STREAM_NAME = re.compile(r"[\s.*>/\\\x00-\x1f\x7f]")
+
+
 def _check_release(s: Settings) -> None:
+    if s.release_to == "embedded":
+        # Given with the default target they did nothing: say so rather than ignore them.
+        for name in ("release_topic", "release_stream"):
+            if getattr(s, name) is not None:
+                raise _fail(name, "applies with --release-to nats:// or amqp:// only")
+    if s.release_stream is None and s.release_replicas != 1:
+        raise _fail("release_replicas", "applies with --release-stream only")
     if s.release_to == "embedded":
         return
     template = s.release_topic
@@ -691,8 +719,16 @@ def _check_release(s: Settings) -> None:
     amqp = s.release_to.startswith("amqp")
     if amqp and template is not None and "/" not in template:
         raise _fail("release_topic", f"{template!r} is not EXCHANGE/ROUTING_KEY")
+    if not amqp and template is not None and re.search(r"\s", template):
+        raise _fail("release_topic", f"{template!r}: a NATS subject has no whitespace")
     if amqp and s.release_stream is not None:
         raise _fail("release_stream", "applies to --release-to nats:// only")
+    stream = s.release_stream
+    if stream is not None and (not stream or _NOT_IN_STREAM_NAME.search(stream)):
+        raise _fail(
+            "release_stream",
+            f"{stream!r} is not a JetStream stream name (no whitespace, '.', '*', '>', '/', '\\')",
+        )
 
 
 def _check_leases(s: Settings) -> None:

@@ -183,7 +183,15 @@ def parse_property(text: str) -> tuple[str, str]:
     return name, value
 
 
+def parse_timeout_ms(text: str) -> int:
+    ms = config.parse_duration_ms(text)
+    if ms <= 0:
+        raise ValueError(f"must be above 0, got {text!r}")  # no request could be answered
+    return ms
+
+
 DURATION = _typed(config.parse_duration_ms, "duration")
+TIMEOUT = _typed(parse_timeout_ms, "duration")
 TIME = _typed(parse_time_ms, "time")
 RATE = _typed(parse_rate, "rate")
 PROPERTY = _typed(parse_property, "property")
@@ -259,7 +267,7 @@ COMMON: tuple[Arg, ...] = (
     arg("--json", action="store_true", help="print one JSON document instead of a table"),
     arg(
         "--timeout",
-        type=DURATION,
+        type=TIMEOUT,
         default=10_000,
         metavar="DURATION",
         help="limit of each HTTP request [default 10s]",

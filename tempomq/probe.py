@@ -802,9 +802,8 @@ class ProbeSchedule:
     async def _run_once(self, client: Client, limit_s: float) -> None:
         metrics = self._metrics
         try:
-            report = await asyncio.wait_for(
-                Probe(client, self.config).run(self.duration_s, self.rate), limit_s
-            )
+            async with asyncio.timeout(limit_s):
+                report = await Probe(client, self.config).run(self.duration_s, self.rate)
         except Exception as e:  # the schedule outlives a failed run; it is counted and logged
             metrics.runs.labels(result="error").inc()
             log.warning("probe run could not complete: %r", e)
@@ -836,7 +835,8 @@ async def _every(interval_s: float, stop: asyncio.Event, call: Callable[[], None
     """``call()`` every ``interval_s`` until ``stop`` is set."""
     while True:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval_s)
+            async with asyncio.timeout(interval_s):
+                await stop.wait()
         if stop.is_set():
             return
         call()

@@ -5,11 +5,17 @@ non-ASCII byte in the path is answered by aiohttp's connection handler itself, a
 no middleware sees it (aio-libs/aiohttp#3287 asks for a hook). :class:`ApiRunner` serves the
 app through a handler whose ``handle_error`` keeps aiohttp's status and logging and only
 renders the body as ``{"error": code, "message": text}``.
+
+Its server also shuts down the connections of other fronts on the same port (the lean HTTP
+path, :mod:`tempomq.lean`) beside aiohttp's own: idle ones close when the sites stop, busy
+ones get the same ``shutdown_timeout``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from http import HTTPStatus
+from typing import Protocol, cast
 
 import orjson
 from aiohttp import web
@@ -49,16 +55,45 @@ def _kept(resp: web.StreamResponse) -> dict[str, str]:
     return {k: v for k, v in resp.headers.items() if k.lower() not in ("content-type",)}
 
 
+class Front(Protocol):
+    """Another protocol front on the runner's port (:class:`tempomq.lean.LeanFront`), shut
+    down with aiohttp's own connections."""
+
+    def close_idle(self) -> None: ...
+
+    async def shutdown(self, timeout_s: float | None) -> None: ...
+
+
 class _JsonErrorServer(web.Server):
+    fronts: list[Front]
+
     def __call__(self) -> RequestHandler:
         return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
 
+    def pre_shutdown(self) -> None:
+        super().pre_shutdown()
+        for front in self.fronts:
+            front.close_idle()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        # In-flight requests of every front get the same shutdown_timeout, side by side.
+        await asyncio.gather(
+            super().shutdown(timeout), *(front.shutdown(timeout) for front in self.fronts)
+        )
+
 
 class ApiRunner(web.AppRunner):
-    """An :class:`aiohttp.web.AppRunner` whose connection-level errors are the API's JSON."""
+    """An :class:`aiohttp.web.AppRunner` whose connection-level errors are the API's JSON,
+    and whose shutdown also closes the connections of the fronts added with
+    :meth:`add_front`: idle ones when the sites stop, busy ones after their request (or
+    ``shutdown_timeout``)."""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         # The app builds its Server; only the handler each connection gets differs.
         server.__class__ = _JsonErrorServer
+        cast(_JsonErrorServer, server).fronts = []
         return server
+
+    def add_front(self, front: Front) -> None:
+        cast(_JsonErrorServer, self.server).fronts.append(front)

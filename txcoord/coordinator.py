@@ -560,7 +560,8 @@ class Coordinator:
                 fut: asyncio.Future[None] = loop.create_future()
                 self._waiters.setdefault(group, []).append(fut)
                 try:
-                    await asyncio.wait_for(fut, remaining)
+                    async with asyncio.timeout(remaining):
+                        await fut
                 except TimeoutError:
                     pass
                 finally:

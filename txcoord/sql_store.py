@@ -96,7 +96,7 @@ def parse_url(url: str) -> tuple[URL, str]:
     ``mysql+aiomysql://user:pw@host:3306/db?table_prefix=tmq_``; raises TxStoreUrlError."""
     try:
         parsed = make_url(url)
-    except ArgumentError as e:
+    except (ArgumentError, ValueError) as e:  # ValueError: a port that is not a number
         raise TxStoreUrlError(f"not a database URL: {e}") from None
     if parsed.drivername not in DRIVERS:
         raise TxStoreUrlError(
@@ -272,6 +272,11 @@ class SqlTxStore(SharedTxStore):
             try:
                 found = await self._run(migrate)
                 break
+            except TypeError as e:  # the driver's connect() refused an option of the URL's query
+                await self.close()
+                raise TxStoreUnavailable(
+                    f"{self.name}: an option in the URL is not one its driver takes ({e})"
+                ) from None
             except (TxStoreUnavailable, IntegrityError) as e:
                 # Two nodes starting at once may both create a table; the loser sees "exists"
                 # (PostgreSQL: a duplicate key in its catalog) and finds it the next time.

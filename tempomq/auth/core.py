@@ -26,9 +26,11 @@ SIGHUP); a file that does not load leaves the previous principals in force.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -139,12 +141,18 @@ class Auth:
 
     def authenticate_request(self, request: web.Request) -> Principal:
         """Bearer token if one is sent, else a mapped client certificate, else 401."""
-        header = request.headers.get("Authorization")
+        return self.authenticate_http(request.headers.get("Authorization"), request.transport)
+
+    def authenticate_http(
+        self, header: str | None, transport: asyncio.BaseTransport | None
+    ) -> Principal:
+        """The ``Authorization`` header's bearer token if one is sent, else the connection's
+        mapped client certificate, else 401."""
         if header is not None:
             if header[: len(_BEARER)].lower() != _BEARER:
                 raise Unauthenticated("use Authorization: Bearer <token>")
             return self.authenticate_bearer(header[len(_BEARER) :].strip())
-        subject = peer_subject(request.transport)
+        subject = peer_subject(transport)
         if subject is not None:
             principal = self.authenticate_subject(subject)
             if principal is not None:
@@ -188,15 +196,12 @@ class Auth:
             return await handler(request)
         principal = self.authenticate_request(request)
         self.check_rate(principal)
-        if rule.needs is not None and not principal.admin:
-            for need in await rule.needs(request):
-                if not principal.allows_any(need.actions, need.kind, need.name):
-                    raise Forbidden(f"principal {principal.name!r} lacks {need.describe()}")
+        await self.check_needs(rule, principal, request)
         if rule.lists is not None and not principal.admin:
             actions = LIST_ACTIONS[rule.lists]
             request[VISIBLE] = lambda name: principal.allows_any(actions, rule.lists or "", name)
         request[PRINCIPAL] = principal
-        if not (rule.admin or (principal.admin and request.method not in ("GET", "HEAD"))):
+        if not audited(rule, principal, request.method):
             return await handler(request)
         status = 500
         try:
@@ -207,11 +212,21 @@ class Auth:
             status = exc.status
             raise
         finally:
-            log.info(
-                "audit",
-                principal=principal.name,
-                method=request.method,
-                path=request.path,
-                status=status,
-            )
+            audit(principal, request.method, request.path, status)
 
+    async def check_needs(self, rule: Rule, principal: Principal, request: Any) -> None:
+        """Raise ``Forbidden`` (403) unless ``principal`` holds what ``rule`` needs of the
+        request (anything with the ``match_info`` the rule's resolvers read)."""
+        if rule.needs is not None and not principal.admin:
+            for need in await rule.needs(request):
+                if not principal.allows_any(need.actions, need.kind, need.name):
+                    raise Forbidden(f"principal {principal.name!r} lacks {need.describe()}")
+
+
+def audited(rule: Rule, principal: Principal, method: str) -> bool:
+    """Whether a request goes to the audit log: an admin route, or a change by an admin."""
+    return rule.admin or (principal.admin and method not in ("GET", "HEAD"))
+
+
+def audit(principal: Principal, method: str, path: str, status: int) -> None:
+    log.info("audit", principal=principal.name, method=method, path=path, status=status)

@@ -15,7 +15,7 @@ from broker_core.errors import TempoError
 class Unauthenticated(TempoError):
     """No credentials, or credentials that name no principal."""
 
-    status, code = 401, "unauthenticated"
+    status, code = 401, "unauthorized"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

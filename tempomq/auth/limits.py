@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from typing import Any, cast
 
 import orjson
@@ -48,9 +49,15 @@ class _Guarded(asyncio.Protocol):
 
     def __init__(self, guard: ConnectionGuard, inner: Any) -> None:
         self.guard = guard
+        #: The connection's protocol; a lean front that hands the connection to aiohttp puts
+        #: aiohttp's handler here (and under it in ``guard.open``).
         self.inner = inner
         self.transport: asyncio.Transport | None = None
         self.in_request = False
+        #: When the request now being read must have its headers in (loop time); None: no
+        #: request is being read. The timer fires at or before it and is moved on lazily, so
+        #: a request costs no timer of its own.
+        self.deadline: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.admitted = False
 
@@ -72,7 +79,7 @@ class _Guarded(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.admitted:
             return
-        if self.timer is None and not self.in_request:
+        if self.deadline is None and not self.in_request:
             self.arm()  # the first byte of a next request on a kept-alive connection
         self.inner.data_received(data)
 
@@ -81,6 +88,9 @@ class _Guarded(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.admitted:
             self.guard.open.pop(self.inner, None)
             self.inner.connection_lost(exc)
@@ -96,21 +106,27 @@ class _Guarded(asyncio.Protocol):
     # -- the header timer ----------------------------------------------------------------------
 
     def arm(self) -> None:
-        self.disarm()
         loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(self.guard.header_timeout_s, self._expired)
+        self.deadline = loop.time() + self.guard.header_timeout_s
+        if self.timer is None:
+            self.timer = loop.call_at(self.deadline, self._expired)
 
     def disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = None
 
     def _expired(self) -> None:
         self.timer = None
-        if not self.in_request and self.transport is not None:
+        if self.deadline is None or self.in_request or self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.deadline:  # armed again since: wait for the new deadline
+            self.timer = loop.call_at(self.deadline, self._expired)
+        else:
             self.guard.timed_out += 1
-            log.info("connection closed: request headers not complete in time",
-                     peer=str(self.transport.get_extra_info("peername")))
+            log.info(
+                "connection closed: request headers not complete in time",
+                peer=str(self.transport.get_extra_info("peername")),
+            )
             self.transport.abort()
 
 
@@ -154,14 +170,17 @@ class GuardedSite(web.TCPSite):
         *,
         guard: ConnectionGuard,
         ssl_context: ssl.SSLContext | None = None,
+        factory: Callable[[], asyncio.Protocol] | None = None,
     ) -> None:
         super().__init__(runner, host, port, ssl_context=ssl_context)
         self.guard = guard
+        #: Makes each connection's protocol (the lean front); None: aiohttp's handler.
+        self.factory = factory
 
     async def start(self) -> None:
         # TCPSite.start with the guard as the protocol factory and a handshake timeout.
         await web.BaseSite.start(self)
-        self.guard.factory = self._runner.server
+        self.guard.factory = self.factory or self._runner.server
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self.guard,

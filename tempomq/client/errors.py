@@ -51,7 +51,7 @@ class TooLarge(TempoClientError):
 class Unauthenticated(TempoClientError):
     """401: no token, or one the server does not know (``TEMPOMQ_TOKEN``, ``token=``)."""
 
-    status, code = 401, "unauthenticated"
+    status, code = 401, "unauthorized"
 
 
 class Forbidden(TempoClientError):

@@ -52,7 +52,10 @@ def normalize_endpoints(endpoints: str | Sequence[str]) -> tuple[str, ...]:
         url = item.strip().rstrip("/")
         if not url:
             continue
-        out.append(url if "://" in url else f"http://{url}")
+        url = url if "://" in url else f"http://{url}"
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} is not an http:// or https:// endpoint")
+        out.append(url)
     if not out:
         raise ValueError("at least one endpoint is needed, like http://127.0.0.1:8080")
     return tuple(dict.fromkeys(out))

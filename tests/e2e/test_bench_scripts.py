@@ -25,6 +25,7 @@ SMALL = {
     "sync_flush": ["--single-messages", "20", "--concurrent-messages", "640"],
     "http_produce": ["--seconds", "0.5"],
     "http_consume": ["--messages", "2000"],
+    "lean_path": ["--messages", "200", "--runs", "1"],
     "wheel_bench": ["--max-pending", "10000", "--ops", "2000"],
     "rocketmq_bench": ["--seconds", "0.5", "--runs", "1", "--threads", "2"],
     "console_api": ["--messages", "3000", "--pending", "300", "--transactions", "5", "--runs", "3"],

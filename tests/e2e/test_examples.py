@@ -180,4 +180,4 @@ def test_without_the_token_the_examples_are_refused(server: Server, tmp_path: Pa
         timeout=60,
     )
     assert done.returncode != 0
-    assert "unauthenticated" in done.stderr
+    assert "unauthorized" in done.stderr

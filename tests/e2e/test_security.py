@@ -69,7 +69,7 @@ async def test_the_cli_and_the_sdk_use_the_token(auth_server: Server) -> None:
     url = auth_server.url
     base = clean_env(TEMPOMQ_URL=url)
     denied = run_tempomq("topic", "list", env=base)
-    assert denied.returncode == 6 and "unauthenticated" in denied.stderr
+    assert denied.returncode == 6 and "unauthorized" in denied.stderr
     made = run_tempomq(
         "topic", "create", "orders",
         env={**base, "TEMPOMQ_TOKEN": "tmq_bootstrap-admin-0123456789abcdef"},

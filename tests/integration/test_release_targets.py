@@ -177,6 +177,20 @@ async def _until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: s
         await asyncio.sleep(0.1)
 
 
+async def _until_accepted(target: ReleaseTarget, msg: Message, why: str) -> None:
+    """Publish ``msg`` again and again until the target takes it (within 30 s), then healthy."""
+
+    async def accepts() -> bool:
+        try:
+            await target.publish([msg], check_duplicate=True)
+        except TargetUnavailable:
+            return False
+        return True
+
+    await _until(accepts, 30, f"publishes still refused: {why}")
+    assert await target.health() is None
+
+
 async def _down_and_back(
     target: ReleaseTarget,
     down: Callable[[], Awaitable[None]],
@@ -201,17 +215,7 @@ async def _down_and_back(
     reason = await target.health()
     assert reason is not None and name in reason, reason
     await up()
-    after = _msg("orders", b"after")
-
-    async def accepts() -> bool:
-        try:
-            await target.publish([after], check_duplicate=True)
-        except TargetUnavailable:
-            return False
-        return True
-
-    await _until(accepts, 30, "publishes still refused after the target came back")
-    assert await target.health() is None
+    await _until_accepted(target, _msg("orders", b"after"), "after the target came back")
     bodies = [r.body for r in await read(2)]
     assert b"before" in bodies and b"after" in bodies, bodies
     assert bodies.count(b"after") == 1
@@ -297,3 +301,66 @@ async def test_rabbitmq_refuses_a_message_no_queue_would_get() -> None:
     finally:
         await target.stop()
         await rabbit.close()
+
+
+async def test_a_batch_partly_returned_says_which_were_confirmed() -> None:
+    """One message no queue would get in a batch: the error names its route (not the first
+    message's) and carries the ids RabbitMQ confirmed, so the caller repeats only the rest."""
+    rabbit = RabbitReader(require_rabbitmq(), unique("tqp-"))
+    target = AmqpTarget(rabbit.url, route=rabbit.route_template, publish_timeout_s=3)
+    try:
+        await rabbit.open("orders")
+        await target.start()
+        ok, nobody = _msg("orders", b"ok"), _msg("nobody", b"x")
+        with pytest.raises(TargetUnavailable) as caught:
+            await target.publish([ok, nobody], check_duplicate=False)
+        assert "1 of 2 not confirmed" in caught.value.message
+        assert "for key nobody" in caught.value.message, caught.value.message
+        assert caught.value.acknowledged == frozenset({ok.msg_id})
+        assert [r.body for r in await rabbit.read(1)] == [b"ok"]
+    finally:
+        await target.stop()
+        await rabbit.close()
+
+
+async def test_nats_back_without_its_data_gets_the_stream_again(tmp_path: Path) -> None:
+    """With --release-stream, a NATS server that comes back with an empty store (a container
+    without its volume) has the stream created again: releases do not stay refused for good."""
+    import shutil
+
+    server = NatsProcess(tmp_path)
+    server.start()
+    stream = unique("TQR")
+    target = NatsTarget(server.url, subject="tqr.{topic}", stream=stream, publish_timeout_s=2)
+    try:
+        await target.start()
+        await target.publish([_msg("orders", b"before")], check_duplicate=False)
+        server.kill()
+        shutil.rmtree(tmp_path / f"js-{server.name}")
+        server.start()
+        await _until_accepted(target, _msg("orders", b"after"), "the stream was not created again")
+    finally:
+        await target.stop()
+        server.kill()
+
+
+async def test_a_message_over_the_nats_max_payload_fails_alone() -> None:
+    """A body over the NATS server's max_payload fails that message only (named, with its
+    size); the others of the batch are acknowledged and said to be."""
+    reader = JetStreamReader(require_nats(), unique("TQM"), unique("tqm"))
+    await reader.open()
+    target = NatsTarget(reader.url, subject=reader.subject_template, publish_timeout_s=3)
+    try:
+        await target.start()
+        assert target._nc is not None
+        big = _msg("orders", b"x" * (target._nc.max_payload + 1))
+        small = [_msg("orders", b"small-1"), _msg("orders", b"small-2")]
+        with pytest.raises(TargetUnavailable) as caught:
+            await target.publish([small[0], big, small[1]], check_duplicate=False)
+        assert "1 of 3 not acknowledged" in caught.value.message, caught.value.message
+        assert big.msg_id.hex() in caught.value.message and "max_payload" in caught.value.message
+        assert caught.value.acknowledged == frozenset(m.msg_id for m in small)
+        assert sorted(r.body for r in await reader.read_all()) == [b"small-1", b"small-2"]
+    finally:
+        await target.stop()
+        await reader.close()

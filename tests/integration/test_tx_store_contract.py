@@ -356,3 +356,28 @@ async def test_a_database_nobody_listens_on_fails_the_start_clearly() -> None:
         await store.open()
     text = str(err.value)
     assert "unavailable" in text and "127.0.0.1" in text and "secret" not in text
+
+
+@pytest.mark.parametrize("db", ["mysql_url", "postgres_url"])
+async def test_an_option_the_driver_does_not_take_fails_the_start_clearly(
+    db: str, request: pytest.FixtureRequest
+) -> None:
+    """An unknown query option (a typo of ``table_prefix``, say) reaches the driver's connect():
+    a 503 naming it and the store, not a TypeError's traceback."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(str(request.getfixturevalue(db)))
+    url = url.set(password="secret").update_query_dict({"table_prefx": "x_"})
+    store = SqlTxStore(url.render_as_string(False), op_timeout_s=2.0)
+    with pytest.raises(TxStoreUnavailable) as err:
+        await store.open()
+    text = str(err.value)
+    assert "table_prefx" in text and "not one its driver takes" in text, text
+    assert "secret" not in text
+
+
+def test_a_url_that_is_not_one_says_so() -> None:
+    from txcoord.sql_store import TxStoreUrlError, parse_url
+
+    with pytest.raises(TxStoreUrlError, match="not a database URL"):
+        parse_url("mysql+aiomysql://root:pw@[::1/db")

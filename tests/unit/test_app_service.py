@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gzip
 import importlib
 import io
 import json
@@ -350,6 +351,25 @@ async def test_oversized_body_is_413_message_too_large(
     assert "100000" in body["message"]
 
 
+async def test_a_body_that_cannot_be_decoded_is_400(client: Client) -> None:
+    """A body its Content-Encoding does not describe, arriving after the headers (so the route
+    is already reading it), is the client's mistake: 400 naming the encoding, not a 500."""
+
+    async def late_body() -> AsyncIterator[bytes]:
+        await asyncio.sleep(0.05)  # the route runs and waits for the body
+        yield b'{"body": "x"}'
+
+    resp = await client.post(
+        "/v1/echo", data=gzip.compress(b"{}"), headers={"Content-Encoding": "gzip"}
+    )
+    assert resp.status == 200 and (await resp.json())["bytes"] == 2  # a real one is read
+    resp = await client.post("/v1/echo", data=late_body(), headers={"Content-Encoding": "gzip"})
+    assert resp.status == 400, await resp.text()
+    body = await resp.json()
+    assert body["error"] == "invalid_request"
+    assert "gzip" in body["message"], body
+
+
 # -- request ids ---------------------------------------------------------------------------------
 
 
@@ -565,6 +585,8 @@ def test_metrics_of_the_embedded_delay_store_have_no_shard_gauges(tmp_path: Path
     assert "tempomq_put_messages_total" in done.stdout
     assert "tempomq_delay_shards_owned" not in done.stdout
     assert "tempomq_delay_servers" not in done.stdout
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS])
 async def test_a_storage_os_error_is_503_store_unavailable_with_the_cause(
     client: Client, code: int

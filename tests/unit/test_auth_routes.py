@@ -287,8 +287,8 @@ async def test_route_answers_each_caller(world: World, case: Case) -> None:
             status, payload, _ = await world.call(case.method, path, body, token)
             assert status == case.status, payload
         return
-    await expect_refused(None, 401, "unauthenticated")
-    await expect_refused(WRONG_TOKEN, 401, "unauthenticated")
+    await expect_refused(None, 401, "unauthorized")
+    await expect_refused(WRONG_TOKEN, 401, "unauthorized")
     if case.missing is not None:
         payload = await expect_refused(STRANGER_TOKEN, 403, "forbidden")
         assert f"'stranger' lacks {case.missing}" in payload["message"]
@@ -310,7 +310,7 @@ async def test_an_admin_may_call_every_owner_route(world: World) -> None:
 
 async def test_unknown_routes_need_credentials_before_they_answer_404(world: World) -> None:
     status, payload, _ = await world.call("GET", "/v1/nothing-here")
-    assert (status, payload["error"]) == (401, "unauthenticated")
+    assert (status, payload["error"]) == (401, "unauthorized")
     status, payload, _ = await world.call("GET", "/v1/nothing-here", token=OWNER_TOKEN)
     assert (status, payload["error"]) == (404, "not_found")
 
@@ -342,7 +342,7 @@ async def test_a_malformed_authorization_header_is_401(world: World) -> None:
     for value in ("Basic b3duZXI6cHc=", "Bearer", "Token " + OWNER_TOKEN):
         resp = await world.client.get("/v1/topics", headers={"Authorization": value})
         assert resp.status == 401, value
-        assert (await resp.json())["error"] == "unauthenticated"
+        assert (await resp.json())["error"] == "unauthorized"
 
 
 # -- listings show only what the principal may see -----------------------------------------------

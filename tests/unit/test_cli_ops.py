@@ -169,6 +169,9 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         (["tx", "list", "--state", "open"], "invalid choice: 'open'"),
         (["probe", "--rate", "0"], "must be above 0"),
         (["probe", "--rate", "1e9"], "at most 5000"),
+        (["topic", "list", "--timeout", "0s"], "--timeout: must be above 0"),
+        (["topic", "list", "--url", "ftp://x"], "'ftp://x' is not an http:// or https://"),
+        (["topic", "list", "--url", "localhost:1,ftp://x"], "is not an http:// or https://"),
     ],
 )
 def test_usage_errors_exit_2(
@@ -637,6 +640,37 @@ def test_probe_command_exits_5_on_loss(
     ]
     code, out, _ = run(capsys, "probe", "--duration", "2s", "--rate", "50", "--json")
     assert code == ops.EXIT_PROBE_FAILED and json.loads(out)["total"]["lost"] == 2
+
+
+async def test_probe_schedule_stops_when_cancelled_as_a_run_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cancel that lands as a run completes still stops the schedule. Python 3.11's
+    ``asyncio.wait_for`` returned the run's result and swallowed such a cancel, so the schedule
+    ran on and the server's stop (``ProbeSchedule.stop``) waited for it forever."""
+    runs: list[float] = []
+    schedule = probe.ProbeSchedule(
+        "http://127.0.0.1:1",
+        interval_s=0.01,
+        duration_s=1,
+        rate=10,
+        metrics=ProbeMetrics(CollectorRegistry()),
+        first_delay_s=0,
+    )
+
+    async def fake_run(self: probe.Probe, duration_s: float, rate: float) -> ProbeReport:
+        runs.append(duration_s)
+        assert schedule._task is not None
+        schedule._task.cancel()  # lands while the run is finishing
+        return report_with(sent=1, received=1)
+
+    monkeypatch.setattr(probe.Probe, "run", fake_run)
+    schedule.start()
+    task = schedule._task
+    assert task is not None
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert task in done and task.cancelled()
+    assert len(runs) == 1
 
 
 async def test_probe_schedule_runs_and_stops(monkeypatch: pytest.MonkeyPatch) -> None:

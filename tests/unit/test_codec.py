@@ -400,6 +400,7 @@ def test_body_over_limit_is_too_large() -> None:
         {"keys": ("k" * (MAX_KEY_LEN + 1),)},
         {"keys": ("a\x1fb",)},
         {"props": {"k": "v" * MAX_PROPERTIES_BYTES}},
+        {"props": {"": "v"}},
     ],
 )
 def test_fields_over_their_limits_are_invalid(kw: dict[str, object]) -> None:

@@ -133,6 +133,7 @@ def test_every_option_is_settable_from_env() -> None:
         "grpc-advertise": "mq.example.com:443",
         "insecure-no-auth": "on",
         "metrics-public": "on",
+        "http-lean": "off",
         "check-url-allow": "hooks.internal",
         "tx-store": "postgresql+asyncpg://u@db/tx",
         "release-to": "nats://n:4222",
@@ -141,7 +142,15 @@ def test_every_option_is_settable_from_env() -> None:
     sizes = {"segment-bytes": "2GiB", "max-body-bytes": "1MiB", "max-request-bytes": "32MiB"}
     # Options that are only valid with a companion.
     tls = {"TEMPOMQ_TLS_CERT": "/c", "TEMPOMQ_TLS_KEY": "/k"}
-    companions = {"tls-cert": tls, "tls-key": tls, "tls-client-ca": tls}
+    nats = {"TEMPOMQ_RELEASE_TO": "nats://n:4222"}
+    companions = {
+        "tls-cert": tls,
+        "tls-key": tls,
+        "tls-client-ca": tls,
+        "release-topic": nats,
+        "release-stream": nats,
+        "release-replicas": {**nats, "TEMPOMQ_RELEASE_STREAM": "S"},
+    }
     for opt in OPTIONS:
         value = samples.get(opt.flag) or sizes.get(opt.flag)
         if value is None:
@@ -187,6 +196,27 @@ def test_release_to_names_a_target_and_its_mapping() -> None:
         load(["--release-to", "amqp://h/", "--release-topic", "x{topic}"])
     with pytest.raises(ConfigError, match="nats:// only"):
         load(["--release-to", "amqp://h/", "--release-stream", "S"])
+
+
+def test_release_options_that_would_do_nothing_or_never_work_are_refused() -> None:
+    """Each was accepted before: ignored with the embedded target, or a server that started and
+    stayed not ready for good (no host, a stream or subject NATS refuses)."""
+    assert load(["--release-to", "nats://a:4222", "--release-stream", "S-1_x"]).release_stream
+    bad = {
+        ("--release-topic", "x.{topic}"): "--release-topic .*nats:// or amqp:// only",
+        ("--release-stream", "S"): "--release-stream .*nats:// or amqp:// only",
+        ("--release-to", "nats://"): "'nats://' names no host",
+        ("--release-to", "nats://a:4222,nats://"): "'nats://' names no host",
+        ("--release-to", "amqp://u:hunter2@/"): "names no host",
+        ("--release-to", "nats://a:4222", "--release-stream", "bad.name"): "not a JetStream",
+        ("--release-to", "nats://a:4222", "--release-stream", "a b"): "not a JetStream",
+        ("--release-to", "nats://a:4222", "--release-topic", "x {topic}"): "no whitespace",
+        ("--release-to", "nats://a:4222", "--release-replicas", "3"): "--release-stream only",
+    }
+    for argv, why in bad.items():
+        with pytest.raises(ConfigError, match=why) as caught:
+            load(list(argv))
+        assert "hunter2" not in str(caught.value)
 
 
 def test_a_release_to_password_never_shows() -> None:

@@ -5,6 +5,7 @@ beyond the loaded window; consumer retries through it."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from broker_core.config import BrokerConfig
 from broker_core.message import PROP_DELIVER_AT, PROP_RELEASED_AT, Message
 from delayserver.embedded import EmbeddedDelayStore
 from delayserver.service import DelayService
-from delayserver.store import DelayState
+from delayserver.store import DelayState, DelayStoreUnavailable
 from delayserver.timers import TimerService
 from tests.unit.broker_helpers import wait_for
 
@@ -134,6 +135,53 @@ async def test_windows_load_ahead_and_release_in_order_never_early(
         assert released_at >= deliver_at
 
 
+async def test_the_window_adds_nothing_the_cyclic_collector_tracks(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    # A full collection walks every tracked object: a window of n messages must not add
+    # objects in proportion to n (a TimerEntry and a callback per message did).
+    node = await _node(nodes, tmp_path / "d", window_ms=600_000)
+    await node.broker.create_topic("t", 1)
+    now = node.timers.now_ms()
+    # The first message so far ahead makes the timing wheel's next level (once for all).
+    await node.delay.schedule([Message("t", b"x")], [now + 60_000])
+    gc.collect()
+    before = len(gc.get_objects())
+    n = 5000
+    await node.delay.schedule(
+        [Message("t", b"x") for _ in range(n)], [now + 60_000 + i for i in range(n)]
+    )
+    assert node.delay.in_window == n + 1
+    gc.collect()
+    assert len(gc.get_objects()) - before < n // 10
+
+
+async def test_a_burst_due_in_one_millisecond_goes_out_whole_never_early(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    node = await _node(nodes, tmp_path / "d")
+    await node.broker.create_topic("t", 2)
+    at = node.timers.now_ms() + 500
+    n = 3 * 1024 + 5  # several chunks of the release queue
+    msgs = [Message("t", str(i).encode()) for i in range(n)]
+    await node.delay.schedule(msgs, [at] * n)
+    # Cancelled and moved ones leave stale items in the queue, skipped when they come up.
+    for m in msgs[::500]:
+        info = await node.delay.cancel(m.msg_id)
+        assert info is not None and info.state is DelayState.CANCELLED
+    moved = msgs[1]
+    await node.delay.reschedule(moved.msg_id, at + 50)
+    kept = {m.body for m in msgs} - {m.body for m in msgs[::500]}
+    await wait_for(lambda: len(node.bodies("t")) == len(kept), timeout_s=10)
+    released = node.released("t")
+    assert sorted(b for b, _, _ in released) == sorted(kept)
+    assert all(r >= d for _b, d, r in released)
+    assert {d for b, d, _r in released if b != moved.body} == {at}
+    assert [d for b, d, _r in released if b == moved.body] == [at + 50]
+    await asyncio.sleep(0.1)
+    assert len(node.bodies("t")) == len(kept)  # each once
+
+
 async def test_cancel_inside_and_beyond_the_window(nodes: list[Node], tmp_path: Path) -> None:
     node = await _node(nodes, tmp_path / "d", window_ms=1000)
     await node.broker.create_topic("t", 1)
@@ -190,6 +238,87 @@ async def test_pending_messages_survive_a_restart(nodes: list[Node], tmp_path: P
     await wait_for(lambda: again.bodies("orders") == [b"a", b"b"])
     await asyncio.sleep(0.2)
     assert again.bodies("orders") == [b"a", b"b"]
+
+
+async def test_a_release_does_not_wait_for_the_mark_of_the_one_before(
+    nodes: list[Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = await _node(nodes, tmp_path / "d")
+    await node.broker.create_topic("t", 1)
+    gate = asyncio.Event()
+    mark = node.delay.store.mark_delivered
+    marked: list[bytes] = []
+
+    async def slow_mark(msg_ids: list[bytes], released_at_ms: int) -> None:
+        await gate.wait()  # the store's commit takes its time
+        await mark(msg_ids, released_at_ms)
+        marked.extend(msg_ids)
+
+    monkeypatch.setattr(node.delay.store, "mark_delivered", slow_mark)
+    now = node.timers.now_ms()
+    first, second = Message("t", b"first"), Message("t", b"second")
+    await node.delay.schedule([first, second], [now + 100, now + 300])
+    await wait_for(lambda: node.bodies("t") == [b"first", b"second"])
+    assert marked == []  # both released while the first mark was still under way
+    info = await node.delay.get(first.msg_id)
+    assert info is not None and info.state is DelayState.SCHEDULED
+    gate.set()
+    await wait_for(lambda: len(marked) == 2)
+    for m in (first, second):
+        info = await node.delay.get(m.msg_id)
+        assert info is not None and info.state is DelayState.DELIVERED
+    assert await node.delay.store.pending() == 0
+
+
+async def test_a_failed_mark_is_tried_again_and_nothing_goes_out_twice(
+    nodes: list[Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = await _node(nodes, tmp_path / "d")
+    await node.broker.create_topic("t", 1)
+    mark = node.delay.store.mark_delivered
+    failures = [DelayStoreUnavailable("disk I/O error")]
+
+    async def flaky_mark(msg_ids: list[bytes], released_at_ms: int) -> None:
+        if failures:
+            raise failures.pop()
+        await mark(msg_ids, released_at_ms)
+
+    monkeypatch.setattr(node.delay.store, "mark_delivered", flaky_mark)
+    msg = Message("t", b"once")
+    await node.delay.schedule([msg], [node.timers.now_ms() + 100])
+    await wait_for(lambda: node.bodies("t") == [b"once"])
+
+    async def delivered() -> bool:
+        info = await node.delay.get(msg.msg_id)
+        return info is not None and info.state is DelayState.DELIVERED
+
+    for _ in range(300):
+        if await delivered():
+            break
+        await asyncio.sleep(0.01)
+    assert await delivered() and failures == []
+    assert node.bodies("t") == [b"once"]
+    assert await node.delay.cancel(msg.msg_id) is not None  # too late: stays delivered
+    assert await delivered()
+
+
+async def test_stop_waits_for_the_marks_of_what_was_released(
+    nodes: list[Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = await _node(nodes, tmp_path / "d")
+    await node.broker.create_topic("t", 1)
+    store = node.delay.store
+    mark = store.mark_delivered
+
+    async def slow_mark(msg_ids: list[bytes], released_at_ms: int) -> None:
+        await asyncio.sleep(0.3)  # stop() comes meanwhile
+        await mark(msg_ids, released_at_ms)
+
+    monkeypatch.setattr(store, "mark_delivered", slow_mark)
+    await node.delay.schedule([Message("t", b"x")], [node.timers.now_ms() + 50])
+    await wait_for(lambda: node.bodies("t") == [b"x"])
+    await _stop(nodes, node)
+    assert await (await _node(nodes, tmp_path / "d")).delay.store.pending() == 0
 
 
 async def test_a_release_whose_bookkeeping_was_lost_is_not_delivered_twice(

@@ -24,6 +24,7 @@ from broker_core.errors import (
 )
 from broker_core.groups import Delivery, ReceiptFailure, parse_tags
 from broker_core.message import (
+    PROP_DELIVERY_ATTEMPT,
     PROP_DLQ_ORIGIN_TOPIC,
     PROP_ORIGIN_MSG_ID,
     PROP_RETRY_TOPIC,
@@ -396,6 +397,26 @@ async def test_dead_letter_after_max_attempts(env: Env) -> None:
     assert env.b.get_message(sent).topic == "orders"
 
 
+async def test_a_group_reading_a_dlq_starts_at_its_own_first_attempt(env: Env) -> None:
+    """Dead letters are read "like any topic": another group's deliveries count from 1 (the
+    dead group's count stays in DELIVERY_ATTEMPT), so its first nack is a retry, not a dead
+    letter of its own."""
+    await env.b.create_group("two", fifo=False, max_attempts=2)
+    await env.b.create_group("inspect", fifo=False, max_attempts=2)
+    await env.send("orders", "a")
+    for _ in range(2):
+        [d] = await env.recv(group="two")
+        await env.nack(d, retry_after_ms=0, group="two")
+    [dead] = env.dlq("two")
+    assert dead.properties[PROP_DELIVERY_ATTEMPT] == "2"
+    [d] = await env.recv("%DLQ%two", group="inspect")
+    assert d.attempt == 1
+    await env.nack(d, retry_after_ms=0, topic="%DLQ%two", group="inspect")
+    assert env.dlq("inspect") == []
+    [again] = await env.recv("%DLQ%two", group="inspect")
+    assert again.attempt == 2
+
+
 async def test_invisibility_timeouts_also_lead_to_the_dlq(env: Env) -> None:
     await env.b.create_group("two", fifo=False, max_attempts=2)
     [sent] = await env.send("orders", "a")
@@ -570,6 +591,35 @@ async def test_long_poll_returns_when_a_message_arrives(live: Env) -> None:
     [sent] = await live.send("orders", "late")
     got = await asyncio.wait_for(task, 5)  # far sooner than wait_ms
     assert ids(got) == [sent.hex()]
+
+
+async def test_long_poll_cancelled_as_a_message_arrives_takes_nothing(
+    live: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that hangs up cancels its receive. When the cancel lands in the same loop turn as
+    the wake-up (the message is in, the poll has not resumed yet), the poll must still end
+    cancelled: Python 3.11's ``asyncio.wait_for`` returned the result instead and swallowed the
+    cancel, so the abandoned poll took the message and hid it for ``invisible_ms``."""
+    assert await live.recv() == []  # subscribe
+    task = asyncio.create_task(live.recv(wait_ms=30_000))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not task.done()
+    wake = live.b.store.on_dispatch
+    assert wake is not None
+
+    def wake_then_hang_up(topics: set[str]) -> None:
+        wake(topics)
+        task.cancel()
+
+    monkeypatch.setattr(live.b.store, "on_dispatch", wake_then_hang_up)
+    [sent] = await live.send("orders", "late")
+    monkeypatch.undo()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert task in done and task.cancelled()
+    # Not hidden: the next receive gets it at once, as its first delivery.
+    [d] = await live.recv(invisible_ms=INVISIBLE_MS)
+    assert (d.message.origin_msg_id, d.attempt) == (sent.hex(), 1)
 
 
 async def test_long_poll_returns_empty_after_wait_ms(live: Env) -> None:

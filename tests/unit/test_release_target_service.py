@@ -133,3 +133,38 @@ async def test_a_committed_transaction_goes_to_the_target(node: Node) -> None:
     await node.tx.commit(row.tx_id)
     await _until(lambda: len(node.target.got) == 1, 5)
     assert node.target.got[0].body == b"paid"
+
+
+class PickyTarget(FlakyTarget):
+    """Takes every message but those for topic ``nowhere`` (a subject no stream captures),
+    saying which it took, as the NATS and RabbitMQ targets do."""
+
+    async def publish(self, messages: Sequence[Message], *, check_duplicate: bool) -> None:
+        taken = [m for m in messages if m.topic != "nowhere"]
+        self.got.extend(taken)
+        if len(taken) < len(messages):
+            self.refused += 1
+            raise TargetUnavailable(
+                "fake target: nothing captures nowhere",
+                acknowledged=frozenset(m.msg_id for m in taken),
+            )
+
+
+async def test_a_message_the_target_refuses_holds_back_no_other(node: Node) -> None:
+    """One due message the target will not take (its topic routed nowhere) keeps waiting; the
+    others released with it are recorded delivered and published once, not at every retry."""
+    node.target = node.delay.target = PickyTarget()
+    now = node.timers.now_ms()
+    stuck = Message("nowhere", b"stuck")
+    msgs = [Message("orders", f"m{i}".encode()) for i in range(5)]
+    await node.delay.schedule([stuck, *msgs], [now + 50] * 6)
+    await _until(lambda: node.target.refused >= 3, 10)  # retried a few times meanwhile
+    later = Message("orders", b"later")
+    await node.delay.schedule([later], [node.timers.now_ms() + 50])
+    await _until(lambda: any(m.body == b"later" for m in node.target.got), 10)
+    assert sorted(m.body for m in node.target.got) == [b"later", b"m0", b"m1", b"m2", b"m3", b"m4"]
+    for m in [*msgs, later]:
+        info = await node.delay.get(m.msg_id)
+        assert info is not None and info.state is DelayState.DELIVERED, info
+    info = await node.delay.get(stuck.msg_id)
+    assert info is not None and info.state is DelayState.SCHEDULED  # waiting, not lost

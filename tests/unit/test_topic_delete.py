@@ -138,8 +138,11 @@ async def test_a_deleted_topic_is_gone_with_what_it_held(app: App) -> None:
     ) == (404, "topic_not_found")
     # Its metrics go: no lag series for a topic that is not there.
     assert "topic=\"orders\"" not in await (await c.get("/metrics")).text()
-    # Internal topics cannot be deleted on their own; a bad name is bad input.
-    assert await error(c, "DELETE", "/v1/topics/%25DLQ%25billing") == (400, "invalid_topic")
+    # Retry topics go with their topic or group, not on their own; a bad name is bad input.
+    assert await error(c, "DELETE", "/v1/topics/%25RETRY%25billing%2Bother") == (
+        400,
+        "invalid_topic",
+    )
 
 
 async def test_a_long_poll_on_a_topic_being_deleted_returns(app: App) -> None:
@@ -300,6 +303,33 @@ async def test_deleting_a_group_keeps_a_dead_letter_topic_that_holds_dead_letter
     assert (answer["dlq_topic"], answer["dlq_messages"]) == ("%DLQ%billing", 1)
     dlq = await ok(c, "GET", "/v1/topics/%25DLQ%25billing")
     assert dlq["queue_offsets"][0]["max_offset"] == 1
+    # Once read, the kept dead letters can be deleted: the topic is not a dead end.
+    answer = await ok(c, "DELETE", "/v1/topics/%25DLQ%25billing")
+    assert (answer["deleted"], answer["messages"]) == ("%DLQ%billing", 1)
+    assert await error(c, "GET", "/v1/topics/%25DLQ%25billing") == (404, "topic_not_found")
+    c = await app.restart()
+    assert await error(c, "GET", "/v1/topics/%25DLQ%25billing") == (404, "topic_not_found")
+
+
+async def test_deleting_a_live_groups_dead_letter_topic_empties_it(app: App) -> None:
+    c = app.client
+    assert c is not None
+    await ok(c, "POST", "/v1/topics", {"name": "orders", "queues": 1})
+    await ok(c, "POST", "/v1/groups", {"name": "billing", "max_attempts": 1})
+    await ok(c, "POST", "/v1/topics/orders/messages", {"body": "poison"})
+    [m] = await receive(c, "orders", "billing", n=1)
+    await ok(c, "POST", "/v1/topics/orders/groups/billing/nack", {"receipt": m["receipt"]})
+    [dead] = await receive(c, "%25DLQ%25billing", "inspect", n=1)
+    assert dead["body"] == "poison"
+    answer = await ok(c, "DELETE", "/v1/topics/%25DLQ%25billing")
+    assert (answer["messages"], answer["groups"]) == (1, ["inspect"])
+    # The group lives on, so its dead-letter topic is there again at once, empty.
+    dlq = await ok(c, "GET", "/v1/topics/%25DLQ%25billing")
+    assert dlq["queue_offsets"][0]["max_offset"] == 0
+    assert await receive(c, "%25DLQ%25billing", "inspect") == []
+    # Only dead-letter topics: retry and system topics stay refused.
+    for internal in ("%25RETRY%25billing%2Borders", "SYS_X"):
+        assert await error(c, "DELETE", f"/v1/topics/{internal}") == (400, "invalid_topic")
 
 
 async def test_store_drops_the_tombstoned_records_when_rebuilding(tmp_data_dir: Path) -> None:
