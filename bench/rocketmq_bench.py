@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import statistics
 import threading
 import time
@@ -30,16 +29,10 @@ from typing import Any
 
 import aiohttp
 import orjson
-from _server import BenchServer, free_port
+from _server import BenchServer, free_port, process_cpu_s
 
 BODY = b"x" * 256
 TOPIC = "bench"
-
-
-def server_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Meter:
@@ -49,14 +42,18 @@ class Meter:
         self.pid = pid
 
     def __enter__(self) -> Meter:
-        self.t0, self.c0, self.s0 = time.perf_counter(), time.process_time(), server_cpu_s(self.pid)
+        self.t0, self.c0, self.s0 = (
+            time.perf_counter(),
+            time.process_time(),
+            process_cpu_s(self.pid),
+        )
         self.n = 0
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self.t0
         self.client_cpu = time.process_time() - self.c0
-        self.server_cpu = server_cpu_s(self.pid) - self.s0
+        self.server_cpu = process_cpu_s(self.pid) - self.s0
 
     def result(self) -> dict[str, float]:
         per_k = 1000 / max(self.n, 1)

@@ -34,7 +34,7 @@ import dataclasses
 import os
 import ssl
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, overload
 from urllib.parse import quote
@@ -55,6 +55,8 @@ from tempomq.client.models import (
     Topic,
     Transaction,
     TransactionStatus,
+    check_message,
+    message_json,
 )
 from tempomq.client.transport import Transport
 
@@ -76,6 +78,7 @@ def token_from_env(environ: Mapping[str, str]) -> str | None:
         return None
     with open(path, encoding="utf-8") as f:
         return f.read().strip() or None
+
 
 MAX_BATCH = 1000  # messages per send request, and receipts per ack request (API.md)
 
@@ -189,30 +192,34 @@ class Client:
         msg_id: str | None = None,
     ) -> SendResult:
         """Send one message; returns its id and queue (and ``deliver_at`` when delayed)."""
-        msg = OutgoingMessage(
+        check_message(body, keys, delay_ms, deliver_at)
+        item = message_json(
+            msg_id or new_msg_id(),
             body,
-            tags=tags,
-            keys=keys,
-            properties=properties,
-            sharding_key=sharding_key,
-            delay_ms=delay_ms,
-            deliver_at=deliver_at,
-            msg_id=msg_id,
+            tags,
+            keys,
+            properties,
+            sharding_key,
+            delay_ms,
+            deliver_at,
         )
-        return await self.send_message(topic, msg)
+        return await self._batcher(topic).send(item)
 
     async def send_message(self, topic: str, message: OutgoingMessage) -> SendResult:
         """Send one message. Sends made while others to the same topic wait for the event
         loop's next turn (``asyncio.gather`` of many ``send``, several tasks) go out together
         as one batch request; see :class:`_SendBatcher`."""
+        return await self._batcher(topic).send(message.to_json(new_msg_id()))
+
+    def _batcher(self, topic: str) -> _SendBatcher:
         batcher = self._batchers.get(topic)
         if batcher is None:
             batcher = self._batchers[topic] = _SendBatcher(self, topic)
-        return await batcher.add(message.to_json(new_msg_id()))
+        return batcher
 
-    async def _send_one(self, topic: str, item: dict[str, Any]) -> SendResult:
-        path = f"/v1/topics/{_seg(topic)}/messages"
-        return SendResult.from_json(await self._call("POST", path, item, idempotent=True))
+    async def _send_one(self, path: str, item: dict[str, Any]) -> SendResult:
+        _, answer = await self._http.call("POST", path, item, idempotent=True)
+        return SendResult.from_json(answer)
 
     async def send_batch(self, topic: str, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         """Send many; results in order. More than 1000 go as several requests, one after the
@@ -448,17 +455,49 @@ class _SendBatcher:
     of the batch; a 400 or 413 may concern one message, so that batch is sent again one message
     per request and each caller gets exactly its own result or error. Messages carry their
     ``msg_id`` from the start, so a batch repeated after a lost answer is stored once.
+
+    A send that opens a batch with ``linger_ms=0`` sends it from the caller's own task when
+    it is still alone at the end of the turn, saving the flush callback, a task and a future
+    per call: at once when nothing else is due to run in the turn (read from asyncio's own
+    loop, its ready queue, a private attribute), else (or on a loop without one, uvloop) after
+    letting the turn end. Others that joined meanwhile make it a batch as above.
     """
 
     def __init__(self, client: Client, topic: str) -> None:
         self.client = client
         self.topic = topic
+        self.path = f"/v1/topics/{_seg(topic)}/messages"
         self.items: list[dict[str, Any]] = []
         self.waiters: list[asyncio.Future[SendResult]] = []
         self.size = 0
         self.timer: asyncio.Handle | None = None
+        self.leading = False  # the open batch is flushed by the send that opened it
 
-    def add(self, item: dict[str, Any]) -> asyncio.Future[SendResult]:
+    def send(self, item: dict[str, Any]) -> Awaitable[SendResult]:
+        """Send one message object (API.md); await its result, got alone or in a batch."""
+        if self.items or self.client._linger_s:
+            return self.add(item)
+        if _turn_ends_here():
+            return self.client._send_one(self.path, item)
+        return self._lead(item)
+
+    async def _lead(self, item: dict[str, Any]) -> SendResult:
+        """Open a batch, let the turn end, then send it from this task if it is still alone."""
+        fut = self.add(item, lead=True)
+        try:
+            await asyncio.sleep(0)
+        except BaseException:
+            if self.waiters and self.waiters[0] is fut:
+                self._flush()  # others may have joined; this one may be stored anyway
+            raise
+        if self.waiters and self.waiters[0] is fut:
+            if len(self.waiters) == 1:
+                self.items, self.waiters, self.size, self.leading = [], [], 0, False
+                return await self.client._send_one(self.path, item)
+            self._flush()
+        return await fut
+
+    def add(self, item: dict[str, Any], lead: bool = False) -> asyncio.Future[SendResult]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[SendResult] = loop.create_future()
         self.items.append(item)
@@ -468,7 +507,9 @@ class _SendBatcher:
         client = self.client
         if len(self.items) >= client._batch_max or self.size >= client._batch_max_bytes:
             self._flush()
-        elif self.timer is None:
+        elif lead:
+            self.leading = True
+        elif self.timer is None and not self.leading:
             if client._linger_s > 0:
                 self.timer = loop.call_later(client._linger_s, self._flush)
             else:
@@ -476,6 +517,7 @@ class _SendBatcher:
         return fut
 
     def _flush(self) -> None:
+        self.leading = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -490,16 +532,15 @@ class _SendBatcher:
     async def _send(
         self, items: list[dict[str, Any]], waiters: list[asyncio.Future[SendResult]]
     ) -> None:
-        client, topic = self.client, self.topic
+        client = self.client
         if len(items) == 1:
             try:
-                _settle(waiters[0], await client._send_one(topic, items[0]), None)
+                _settle(waiters[0], await client._send_one(self.path, items[0]), None)
             except Exception as e:
                 _settle(waiters[0], None, e)
             return
-        path = f"/v1/topics/{_seg(topic)}/messages"
         try:
-            answer = await client._call("POST", path, {"messages": items}, idempotent=True)
+            answer = await client._call("POST", self.path, {"messages": items}, idempotent=True)
         except TempoClientError as e:
             if e.status not in _PER_MESSAGE_STATUSES:
                 for fut in waiters:
@@ -515,6 +556,15 @@ class _SendBatcher:
             return
         for fut, result in zip(waiters, answer["results"], strict=True):
             _settle(fut, SendResult.from_json(result), None)
+
+
+def _turn_ends_here() -> bool:
+    """Whether nothing else is due to run in the event loop's current turn: asyncio's loop
+    keeps what is due in its ready queue (``_ready``); False on a loop without one (uvloop).
+    A batch opened now would be flushed first thing in the next turn, before any I/O callback
+    or timer of that turn, so it would hold only what this caller put in it."""
+    ready = getattr(asyncio.get_running_loop(), "_ready", None)
+    return ready is not None and not ready
 
 
 #: Batch requests under way: referenced so the loop does not collect their tasks.

@@ -1,8 +1,11 @@
 """A long-polling consumer: runs a handler per message with bounded concurrency, acks in batches.
 
-One receive loop asks for as many messages as there are free handler slots (never more, so no
-message waits out its invisibility in a local buffer), starts a task per message, and goes back
-to the long poll. A handler that returns acks its message; one that raises nacks it (the server
+Receive loops (``polls`` of them, two by default) each ask for free handler slots, all but one
+for each other poll (never more than are free, so no message waits out its invisibility in a
+local buffer), start a task per message, and go back to the long poll. With two, one long poll
+is always waiting on the server while the other's answer travels back and its messages are
+dispatched, so a message released in that gap is handed out at once instead of waiting for the
+next poll. A handler that returns acks its message; one that raises nacks it (the server
 redelivers after the group's backoff). Acks are sent by one flusher: whatever finished while the
 previous ack request was out goes in the next, so batches grow with load and add no latency.
 
@@ -47,15 +50,21 @@ class Consumer:
         wait_ms: int = 20000,
         tags: str | None = None,
         permanent_retry_s: float = PERMANENT_RETRY_S,
+        polls: int = 2,
     ) -> None:
-        if concurrency < 1 or batch < 1:
-            raise ValueError("concurrency and batch must be >= 1")
+        if concurrency < 1 or batch < 1 or polls < 1:
+            raise ValueError("concurrency, batch and polls must be >= 1")
         self.client = client
         self.topic = topic
         self.group = group
         self._handler = handler
         self._concurrency = concurrency
         self._batch = min(batch, MAX_BATCH)
+        self._polls = min(polls, concurrency)
+        #: Slots one long poll takes at most: all free ones (up to a batch) but what the other
+        #: polls need to stay out with one each, so a busy consumer's receives stay as large
+        #: as with one poll.
+        self._per_poll = max(1, min(self._batch, concurrency - self._polls + 1))
         self._invisible_ms = invisible_ms
         self._wait_ms = wait_ms
         self._tags = tags
@@ -67,28 +76,32 @@ class Consumer:
         self._to_ack: list[ReceivedMessage] = []
         self._ack_wanted = asyncio.Event()
         self._drained = False  # set by stop() once no handler runs: the flusher may end
-        self._receiver: asyncio.Task[None] | None = None
+        self._receivers: list[asyncio.Task[None]] = []
         self._acker: asyncio.Task[None] | None = None
 
     @property
     def running(self) -> bool:
-        return self._receiver is not None
+        return bool(self._receivers)
 
     def start(self) -> None:
         """Start receiving (call from within the event loop)."""
-        if self._receiver is not None:
+        if self._receivers:
             raise RuntimeError("the consumer is already running")
         self._drained = False
-        self._receiver = asyncio.create_task(self._receive_loop(), name=f"consume {self.topic}")
+        self._receivers = [
+            asyncio.create_task(self._receive_loop(), name=f"consume {self.topic} #{i}")
+            for i in range(self._polls)
+        ]
         self._acker = asyncio.create_task(self._ack_loop(), name=f"ack {self.topic}")
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop receiving, let handlers finish for up to ``drain_timeout_s``, send their acks."""
-        receiver, acker = self._receiver, self._acker
-        if receiver is None or acker is None:
+        receivers, acker = self._receivers, self._acker
+        if not receivers or acker is None:
             return
-        receiver.cancel()
-        await asyncio.gather(receiver, return_exceptions=True)
+        for receiver in receivers:
+            receiver.cancel()
+        await asyncio.gather(*receivers, return_exceptions=True)
         if self._handlers:
             _, late = await asyncio.wait(self._handlers, timeout=drain_timeout_s)
             if late:
@@ -101,7 +114,7 @@ class Consumer:
         self._drained = True
         self._ack_wanted.set()  # the flusher sends what is left, then returns
         await acker
-        self._receiver = self._acker = None
+        self._receivers, self._acker = [], None
 
     async def __aenter__(self) -> Consumer:
         self.start()
@@ -118,10 +131,11 @@ class Consumer:
     # -- receiving ----------------------------------------------------------------------------
 
     async def _free_slots(self) -> int:
-        """Wait for one free handler slot, then take every other free one, up to a batch."""
+        """Wait for one free handler slot, then take every other free one, up to a poll's
+        share."""
         await self._slots.acquire()
         taken = 1
-        while taken < self._batch and not self._slots.locked():
+        while taken < self._per_poll and not self._slots.locked():
             await self._slots.acquire()  # free: returns at once
             taken += 1
         return taken

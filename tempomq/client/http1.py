@@ -24,6 +24,8 @@ from tempomq.client.errors import ConnectionFailed, RequestTimedOut
 
 #: Longest response head accepted (status line and headers).
 MAX_HEAD_BYTES = 64 * 1024
+#: Request heads kept per endpoint (one per method and path; emptied when full).
+_MAX_CACHED_HEADS = 256
 
 
 class _Answer(asyncio.Protocol):
@@ -40,6 +42,12 @@ class _Answer(asyncio.Protocol):
         self.chunked = False
         self.keep_alive = True
         self.closed = False
+        # One timer per connection rather than one per request: it is armed for the earliest
+        # deadline it must see, and when it fires for a request that has since been answered
+        # it moves on to the current request's deadline (or lapses while the connection idles).
+        self.loop = asyncio.get_running_loop()
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -48,9 +56,14 @@ class _Answer(asyncio.Protocol):
         if self.waiter is None:  # bytes nobody asked for: the connection is not reusable
             self._close()
             return
-        self.buf += data
+        buf = self.buf
+        if buf:
+            buf += data
+            data = buf
         try:
-            self._parse()
+            # Mostly the whole answer is in one piece: parsed as it came, copied nowhere.
+            if not self._parse(data) and data is not buf:
+                buf += data
         except ValueError as e:
             self._fail(ConnectionFailed(f"bad HTTP answer from {self.pool.netloc}: {e}", sent=True))
 
@@ -71,51 +84,77 @@ class _Answer(asyncio.Protocol):
             self.waiter.set_exception(err)
         self.waiter = None
 
-    def request(self, data: bytes) -> asyncio.Future[tuple[int, bytes]]:
+    def request(self, data: bytes, timeout_s: float) -> asyncio.Future[tuple[int, bytes]]:
+        """Write one request; the future gets (status, body), or :class:`_Expired` once
+        ``timeout_s`` passes without the whole answer."""
         assert self.transport is not None and self.waiter is None
-        self.waiter = asyncio.get_running_loop().create_future()
+        loop = self.loop
+        waiter = self.waiter = loop.create_future()
         self.buf.clear()
         self.body_start = self.length = -1
         self.chunked = False
         self.keep_alive = True
+        deadline = self.deadline = loop.time() + timeout_s
+        timer = self.timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self.timer = loop.call_at(deadline, self._check_deadline)
         self.transport.write(data)
-        return self.waiter
+        return waiter
 
-    def _parse(self) -> None:
-        buf = self.buf
+    def _check_deadline(self) -> None:
+        timer, self.timer = self.timer, None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return  # idle: the next request arms the timer again
+        if timer is not None and timer.when() < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._check_deadline)
+            return
+        waiter.set_exception(_Expired())
+
+    def _parse(self, buf: bytes | bytearray) -> bool:
+        """Take what ``buf`` (the answer so far) holds; True once the answer is complete."""
         if self.body_start < 0:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > MAX_HEAD_BYTES:
                     raise ValueError("response head too large")
-                return
-            self._head(end)
+                return False
+            self._head(bytes(buf[: end + 2]))
+        start = self.body_start
         if self.chunked:
-            body = _dechunk(buf, self.body_start)
-            if body is not None:
-                self._done(body)
-        elif self.length >= 0 and len(buf) - self.body_start >= self.length:
-            self._done(bytes(buf[self.body_start : self.body_start + self.length]))
+            body = _dechunk(buf, start)
+            if body is None:
+                return False
+            self._done(body)
+            return True
+        if self.length >= 0 and len(buf) - start >= self.length:
+            self._done(bytes(buf[start : start + self.length]))
+            return True
+        return False
 
-    def _head(self, end: int) -> None:
-        """Status and the headers that frame the body, from the head ending at ``end``."""
-        lines = bytes(self.buf[:end]).split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise ValueError(f"not an HTTP/1 status line: {lines[0][:80]!r}")
-        self.status = int(parts[1])
-        self.keep_alive = parts[0] != b"HTTP/1.0"
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                self.length = int(value)
-            elif name == b"transfer-encoding":
-                self.chunked = b"chunked" in value.lower()
-            elif name == b"connection":
-                self.keep_alive = value.strip().lower() != b"close"
-        self.body_start = end + 4
-        if self.status in (204, 304) or 100 <= self.status < 200:
+    def _head(self, head: bytes) -> None:
+        """Status and the headers that frame the body, from the head (up to the CRLF of its
+        last line)."""
+        eol = head.find(b"\r\n")
+        if not head.startswith(b"HTTP/1.") or head[8:9] != b" ":
+            raise ValueError(f"not an HTTP/1 status line: {head[: min(eol, 80)]!r}")
+        self.status = status = int(head[9:12])
+        self.keep_alive = not head.startswith(b"HTTP/1.0")
+        # The header lines, lowercased, each between CRLFs: one search per framing header.
+        fields = head[eol:].lower()
+        value = _field(fields, b"\r\ncontent-length:")
+        if value is not None:
+            self.length = int(value)
+        value = _field(fields, b"\r\ntransfer-encoding:")
+        if value is not None:
+            self.chunked = b"chunked" in value
+        value = _field(fields, b"\r\nconnection:")
+        if value is not None:
+            self.keep_alive = value.strip() != b"close"
+        self.body_start = len(head) + 2
+        if status in (204, 304) or 100 <= status < 200:
             self.length = 0
 
     def _done(self, body: bytes) -> None:
@@ -136,11 +175,23 @@ class _Answer(asyncio.Protocol):
     def _close(self) -> None:
         self.closed = True
         self.pool.forget(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.transport is not None:
             self.transport.close()
 
 
-def _dechunk(buf: bytearray, pos: int) -> bytes | None:
+def _field(fields: bytes, name: bytes) -> bytes | None:
+    """The value of header ``name`` (``b"\\r\\nname:"``) in ``fields``; None when absent."""
+    at = fields.find(name)
+    if at < 0:
+        return None
+    start = at + len(name)
+    return fields[start : fields.index(b"\r\n", start)]
+
+
+def _dechunk(buf: bytes | bytearray, pos: int) -> bytes | None:
     """The body of a complete chunked answer starting at ``pos``; None while incomplete."""
     out = bytearray()
     while True:
@@ -174,6 +225,8 @@ class Http1Pool:
             self.ssl_context = ssl_context or ssl.create_default_context()
         self._idle: list[_Answer] = []
         self._all: set[_Answer] = set()
+        #: Request heads by (method, path, header lines), built once per kind of call.
+        self._heads: dict[tuple[str, str, bytes], bytes] = {}
 
     def release(self, conn: _Answer) -> None:
         if not conn.closed:
@@ -213,10 +266,16 @@ class Http1Pool:
     ) -> tuple[int, bytes]:
         """One call: ``head`` holds the header lines (each ending in CRLF) every call sends.
         Returns the status and the body bytes."""
-        target = self.prefix + path
         if params:
-            target += "?" + urlencode(params)
-        lines = f"{method} {target} HTTP/1.1\r\nHost: {self.netloc}\r\n".encode() + head
+            target = f"{self.prefix}{path}?{urlencode(params)}"
+            lines = self._lines(method, target, head)
+        else:
+            key = (method, path, head)
+            lines = self._heads.get(key)
+            if lines is None:
+                if len(self._heads) >= _MAX_CACHED_HEADS:
+                    self._heads.clear()  # ids in paths (GET /v1/messages/<id>) are unbounded
+                lines = self._heads[key] = self._lines(method, self.prefix + path, head)
         if body is not None:
             data = b"%sContent-Length: %d\r\n\r\n%s" % (lines, len(body), body)
         else:
@@ -229,21 +288,21 @@ class Http1Pool:
                 break
         if conn is None:
             conn = await self._connect(timeout_s)
-        fut = conn.request(data)
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(timeout_s, _expire, fut)
         try:
-            return await fut
+            return await conn.request(data, timeout_s)
         except asyncio.CancelledError:
             conn._close()  # an answer may still come: this connection cannot be reused
             raise
         except _Expired:
             conn._close()
+            target = self.prefix + path + (f"?{urlencode(params)}" if params else "")
             raise RequestTimedOut(
                 f"{method} {self.netloc}{target}: no answer within the timeout"
             ) from None
-        finally:
-            timer.cancel()
+
+    def _lines(self, method: str, target: str, head: bytes) -> bytes:
+        """The request line, ``Host`` and ``head``: the request up to its body's length."""
+        return f"{method} {target} HTTP/1.1\r\nHost: {self.netloc}\r\n".encode() + head
 
     def close(self) -> None:
         for conn in list(self._all):
@@ -254,8 +313,3 @@ class Http1Pool:
 
 class _Expired(Exception):
     pass
-
-
-def _expire(fut: asyncio.Future[tuple[int, bytes]]) -> None:
-    if not fut.done():
-        fut.set_exception(_Expired())

@@ -35,33 +35,61 @@ class OutgoingMessage:
     msg_id: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.body, str | bytes):
-            raise TypeError(f"body must be str or bytes, not {type(self.body).__name__}")
-        if isinstance(self.keys, str):
-            raise TypeError("keys must be a sequence of strings, not one string")
-        if self.delay_ms is not None and self.deliver_at is not None:
-            raise ValueError("give delay_ms or deliver_at, not both")
+        check_message(self.body, self.keys, self.delay_ms, self.deliver_at)
 
     def to_json(self, msg_id: str) -> dict[str, Any]:
         """The API's message object, carrying ``msg_id`` (this message's own when it has one)."""
-        out: dict[str, Any] = {"msg_id": self.msg_id or msg_id}
-        if isinstance(self.body, bytes):
-            out["body_b64"] = base64.b64encode(self.body).decode("ascii")
-        else:
-            out["body"] = self.body
-        if self.tags is not None:
-            out["tags"] = self.tags
-        if self.keys:
-            out["keys"] = list(self.keys)
-        if self.properties:
-            out["properties"] = dict(self.properties)
-        if self.sharding_key is not None:
-            out["sharding_key"] = self.sharding_key
-        if self.delay_ms is not None:
-            out["delay_ms"] = self.delay_ms
-        if self.deliver_at is not None:
-            out["deliver_at"] = self.deliver_at
-        return out
+        return message_json(
+            self.msg_id or msg_id,
+            self.body,
+            self.tags,
+            self.keys,
+            self.properties,
+            self.sharding_key,
+            self.delay_ms,
+            self.deliver_at,
+        )
+
+
+def check_message(body: object, keys: object, delay_ms: int | None, deliver_at: int | None) -> None:
+    """What :class:`OutgoingMessage` refuses: raises ``TypeError`` or ``ValueError``."""
+    if not isinstance(body, str | bytes):
+        raise TypeError(f"body must be str or bytes, not {type(body).__name__}")
+    if isinstance(keys, str):
+        raise TypeError("keys must be a sequence of strings, not one string")
+    if delay_ms is not None and deliver_at is not None:
+        raise ValueError("give delay_ms or deliver_at, not both")
+
+
+def message_json(
+    msg_id: str,
+    body: str | bytes,
+    tags: str | None = None,
+    keys: Sequence[str] = (),
+    properties: Mapping[str, str] | None = None,
+    sharding_key: str | None = None,
+    delay_ms: int | None = None,
+    deliver_at: int | None = None,
+) -> dict[str, Any]:
+    """The API's message object (API.md) from checked fields; ``Client.send`` builds it without
+    an :class:`OutgoingMessage` in between."""
+    if isinstance(body, bytes):
+        out: dict[str, Any] = {"msg_id": msg_id, "body_b64": base64.b64encode(body).decode()}
+    else:
+        out = {"msg_id": msg_id, "body": body}
+    if tags is not None:
+        out["tags"] = tags
+    if keys:
+        out["keys"] = list(keys)
+    if properties:
+        out["properties"] = dict(properties)
+    if sharding_key is not None:
+        out["sharding_key"] = sharding_key
+    if delay_ms is not None:
+        out["delay_ms"] = delay_ms
+    if deliver_at is not None:
+        out["deliver_at"] = deliver_at
+    return out
 
 
 @dataclass(slots=True, frozen=True)

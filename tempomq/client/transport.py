@@ -90,9 +90,7 @@ class Transport:
         # Without a session of the caller's, calls go over the SDK's own lean connections.
         self._pools: dict[str, Http1Pool] | None = None if session is not None else {}
         self._head = b"".join(f"{k}: {v}\r\n".encode() for k, v in self._headers.items())
-        self._json_head = b"".join(
-            f"{k}: {v}\r\n".encode() for k, v in self._json_headers.items()
-        )
+        self._json_head = b"".join(f"{k}: {v}\r\n".encode() for k, v in self._json_headers.items())
 
     @property
     def current(self) -> str:
@@ -148,9 +146,22 @@ class Transport:
             if attempt and (endpoint is not None or attempt >= len(self.endpoints)):
                 await asyncio.sleep(min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (attempt - 1)))
             try:
-                if self._pools is not None:
-                    return base, await self._lean(method, base, path, data, params, extra_timeout_s)
-                return base, await self._once(method, base + path, data, params, extra_timeout_s)
+                pools = self._pools
+                if pools is None:
+                    url = base + path
+                    return base, await self._once(method, url, data, params, extra_timeout_s)
+                pool = pools.get(base)
+                if pool is None:
+                    pool = pools[base] = Http1Pool(base, ssl_context=self._ssl_context)
+                status, raw = await pool.request(
+                    method,
+                    path,
+                    self._head if data is None else self._json_head,
+                    data,
+                    params,
+                    self.timeout_s + extra_timeout_s,
+                )
+                return base, _answer(status, raw)
             except Unavailable as e:
                 error = e
             if endpoint is None:
@@ -161,25 +172,6 @@ class Transport:
             log.debug("tempomq %s %s%s failed (%s), retrying", method, base, path, error)
         assert error is not None
         raise error
-
-    async def _lean(
-        self,
-        method: str,
-        base: str,
-        path: str,
-        data: bytes | None,
-        params: Mapping[str, str] | None,
-        extra_timeout_s: float,
-    ) -> Any:
-        assert self._pools is not None
-        pool = self._pools.get(base)
-        if pool is None:
-            pool = self._pools[base] = Http1Pool(base, ssl_context=self._ssl_context)
-        head = self._json_head if data is not None else self._head
-        status, raw = await pool.request(
-            method, path, head, data, params, self.timeout_s + extra_timeout_s
-        )
-        return _answer(status, raw)
 
     async def _once(
         self,

@@ -31,6 +31,7 @@ SMALL = {
     "console_api": ["--messages", "3000", "--pending", "300", "--transactions", "5", "--runs", "3"],
     "auth_overhead": ["--seconds", "0.3", "--runs", "1"],
     "consumer_lateness": ["--pending", "2000", "--rate", "500", "--seconds", "1", "--runs", "1"],
+    "sdk_cost": ["--n", "200", "--runs", "1"],
 }
 NEEDS_REDIS = {"delay_store_bench": ["--messages", "2000"]}
 #: These start a private redis-server of their own on a free port.

@@ -41,6 +41,9 @@ class FakeBroker:
         self.expired: set[str] = set()
         self.failing_receives = 0
         self.missing_topic_receives = 0
+        self.waiting = 0  # long polls parked right now
+        self.asked = 0  # messages the receives under way asked for, together
+        self.most_asked_at_once = 0
 
     def put(self, *bodies: str) -> None:
         for body in bodies:
@@ -86,12 +89,23 @@ class FakeBroker:
         if self.failing_receives:
             self.failing_receives -= 1
             return web.json_response({"error": "store_unavailable", "message": "x"}, status=503)
-        if not self.ready:
-            self.arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), body["wait_ms"] / 1000)
         n = body["max_messages"]
-        out, self.ready = self.ready[:n], self.ready[n:]
+        self.asked += n
+        self.most_asked_at_once = max(self.most_asked_at_once, self.asked)
+        deadline = time.monotonic() + body["wait_ms"] / 1000
+        try:
+            # As the server does: a poll woken for messages another took waits on.
+            while not self.ready and time.monotonic() < deadline:
+                self.arrived.clear()
+                self.waiting += 1
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.arrived.wait(), deadline - time.monotonic())
+                finally:
+                    self.waiting -= 1
+            out, self.ready = self.ready[:n], self.ready[n:]
+        finally:
+            self.asked -= n
         return web.json_response({"messages": out})
 
 
@@ -108,7 +122,8 @@ async def broker(aiohttp_server: ServerFactory) -> AsyncIterator[tuple[FakeBroke
 def consumer(
     client: Client, handler: Callable[[ReceivedMessage], Awaitable[None]], **kw: Any
 ) -> Consumer:
-    return Consumer(client, "orders", "billing", handler, wait_ms=WAIT_MS, **kw)
+    kw.setdefault("wait_ms", WAIT_MS)
+    return Consumer(client, "orders", "billing", handler, **kw)
 
 
 async def test_acks_what_the_handler_finished_and_nacks_what_it_raised_on(
@@ -163,8 +178,43 @@ async def test_never_runs_more_handlers_than_its_concurrency(
     finally:
         await c.stop(drain_timeout_s=5)
     assert most[0] == 4
-    # It only ever asked for as many messages as it had free handlers.
-    assert max(fake.receive_sizes) == 4
+    # It only ever asked for as many messages as it had free handlers, shared by its polls.
+    assert max(fake.most_asked_at_once, *fake.receive_sizes) <= 4
+
+
+async def test_a_long_poll_waits_on_the_server_while_the_other_answer_is_handled(
+    broker: tuple[FakeBroker, Client],
+) -> None:
+    """Two long polls are out at once, so while one poll's answer travels back and its
+    messages start, the other already waits on the server for the next message."""
+    fake, client = broker
+    seen: list[str] = []
+    two_parked_while_handling: list[bool] = []
+
+    async def handler(msg: ReceivedMessage) -> None:
+        seen.append(msg.text)
+        two_parked_while_handling.append(fake.waiting >= 1)
+
+    c = consumer(client, handler, wait_ms=5000)
+    c.start()
+    try:
+        await eventually(lambda: fake.waiting == 2)
+        for i in range(3):
+            fake.put(f"m{i}")
+            await eventually(lambda i=i: len(seen) == i + 1)
+    finally:
+        await c.stop(drain_timeout_s=5)
+    assert seen == ["m0", "m1", "m2"]
+    assert all(two_parked_while_handling)  # the other poll was waiting when each one started
+    assert sorted(fake.acked) == ["r-m0", "r-m1", "r-m2"]
+
+
+def test_polls_are_checked() -> None:
+    async def handler(msg: ReceivedMessage) -> None:
+        return None
+
+    with pytest.raises(ValueError):
+        Consumer(Client("http://127.0.0.1:1"), "orders", "billing", handler, polls=0)
 
 
 async def test_handlers_that_finish_together_are_acked_in_one_request(

@@ -548,6 +548,15 @@ def test_sqlalchemy_loads_only_for_a_barrier() -> None:
 # -- concurrent sends coalesce into batches (linger) -------------------------------------------
 
 
+@pytest.fixture(params=["ready-queue-seen", "ready-queue-unseen"])
+def ready_queue(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a test as on asyncio's loop (a lone send goes at once when nothing else is due) and
+    as on a loop whose ready queue cannot be seen (uvloop: the send lets the turn end first)."""
+    if request.param == "ready-queue-unseen":
+        monkeypatch.setattr("tempomq.client.client._turn_ends_here", lambda: False)
+
+
+@pytest.mark.usefixtures("ready_queue")
 async def test_concurrent_sends_leave_as_one_batch_and_each_gets_its_own_result(
     aiohttp_server: ServerFactory,
 ) -> None:
@@ -555,12 +564,13 @@ async def test_concurrent_sends_leave_as_one_batch_and_each_gets_its_own_result(
     async with Client(url) as client:
         results = await asyncio.gather(*(client.send("orders", f"m{i}") for i in range(100)))
     assert server.hits == 1
-    (_, path, body), = server.requests
+    ((_, path, body),) = server.requests
     assert path == "/v1/topics/orders/messages"
     assert [m["body"] for m in body["messages"]] == [f"m{i}" for i in range(100)]
     assert [r.msg_id for r in results] == [m["msg_id"] for m in body["messages"]]
 
 
+@pytest.mark.usefixtures("ready_queue")
 async def test_a_lone_send_goes_as_a_single_message(aiohttp_server: ServerFactory) -> None:
     server, url = await fake(aiohttp_server, sent())
     async with Client(url) as client:
@@ -570,6 +580,7 @@ async def test_a_lone_send_goes_as_a_single_message(aiohttp_server: ServerFactor
     assert all("messages" not in body for _, _, body in server.requests)
 
 
+@pytest.mark.usefixtures("ready_queue")
 async def test_batches_are_cut_at_batch_max_and_per_topic(aiohttp_server: ServerFactory) -> None:
     server, url = await fake(aiohttp_server, sent())
     async with Client(url, batch_max=10) as client:
@@ -597,6 +608,7 @@ async def test_linger_ms_gathers_sends_made_one_after_another(
     assert server.hits == 1 and len(server.requests[0][2]["messages"]) == 5
 
 
+@pytest.mark.usefixtures("ready_queue")
 async def test_a_bad_message_in_a_batch_fails_only_its_own_caller(
     aiohttp_server: ServerFactory,
 ) -> None:
@@ -621,6 +633,7 @@ async def test_a_bad_message_in_a_batch_fails_only_its_own_caller(
     assert sorted(b["body"] for b in stored) == ["m0", "m1", "m2", "m4", "m5"]
 
 
+@pytest.mark.usefixtures("ready_queue")
 async def test_an_error_of_the_whole_batch_reaches_every_caller(
     aiohttp_server: ServerFactory,
 ) -> None:
@@ -633,6 +646,38 @@ async def test_an_error_of_the_whole_batch_reaches_every_caller(
         )
     assert all(isinstance(o, TopicNotFound) for o in outcomes)
     assert server.hits == 1  # not repeated one by one: it is about the topic
+
+
+@pytest.mark.usefixtures("ready_queue")
+async def test_sends_from_tasks_started_one_by_one_share_a_batch(
+    aiohttp_server: ServerFactory,
+) -> None:
+    server, url = await fake(aiohttp_server, sent())
+    async with Client(url) as client:
+        tasks = [asyncio.create_task(client.send("orders", f"m{i}")) for i in range(5)]
+        results = await asyncio.gather(*tasks)
+    assert server.hits == 1
+    assert [m["msg_id"] for m in server.requests[0][2]["messages"]] == [r.msg_id for r in results]
+
+
+async def test_a_send_cancelled_while_its_batch_is_open_still_lets_the_others_go(
+    aiohttp_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tempomq.client.client._turn_ends_here", lambda: False)
+    server, url = await fake(aiohttp_server, sent())
+    async with Client(url) as client:
+        first = asyncio.create_task(client.send("orders", "m0"))
+        await asyncio.sleep(0)  # it opened the batch and lets the turn end
+        second = asyncio.create_task(client.send("orders", "m1"))
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert MSG_ID.match((await second).msg_id)
+        for _ in range(100):  # the cancelled one's message still goes out, as it did in a batch
+            if server.hits == 2:
+                break
+            await asyncio.sleep(0.01)
+    assert sorted(b["body"] for _, _, b in server.requests) == ["m0", "m1"]
 
 
 async def test_batch_settings_are_checked() -> None:
@@ -677,3 +722,41 @@ async def test_a_connection_the_server_closed_is_replaced(aiohttp_server: Server
         for _ in range(3):
             assert await client._call("GET", "/x", idempotent=False) == {"ok": True}
     assert server.hits == 3
+
+
+async def test_each_request_gets_its_own_timeout_on_a_reused_connection(
+    aiohttp_server: ServerFactory,
+) -> None:
+    """The connection's timer, armed for the first request, must not cut the second short:
+    the second is answered 0.5 s in, after the first one's deadline but well within its own."""
+    calls = []
+
+    async def slow_second(request: web.Request) -> web.StreamResponse:
+        calls.append(request.path)
+        if len(calls) == 2:
+            await asyncio.sleep(0.5)
+        return web.json_response({"n": len(calls)})
+
+    _, url = await fake(aiohttp_server, slow_second)
+    async with Client(url, timeout_s=1.0, retries=0) as client:
+        assert await client._call("GET", "/a", idempotent=False) == {"n": 1}
+        await asyncio.sleep(0.6)
+        assert await client._call("GET", "/b", idempotent=False) == {"n": 2}
+
+
+async def test_a_long_poll_then_a_short_call_on_one_connection_times_out_on_time(
+    aiohttp_server: ServerFactory,
+) -> None:
+    """A long poll arms the connection's timer far out; the next call's shorter deadline must
+    still be kept (it is cut within its own timeout, not the long poll's)."""
+
+    async def hang_after_first(request: web.Request) -> web.StreamResponse:
+        if request.path == "/slow":
+            await asyncio.sleep(30)
+        return web.json_response({})
+
+    _, url = await fake(aiohttp_server, hang_after_first)
+    async with Client(url, timeout_s=0.3, retries=0) as client:
+        await client._http.call("GET", "/poll", idempotent=False, extra_timeout_s=60)
+        with pytest.raises(RequestTimedOut):
+            await asyncio.wait_for(client._call("GET", "/slow", idempotent=False), 10)
