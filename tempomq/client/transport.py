@@ -87,8 +87,9 @@ class Transport:
         self._session = session
         self._owns_session = session is None
         self._current = 0
-        # Without a session of the caller's, calls go over the SDK's own lean connections.
-        self._pools: dict[str, Http1Pool] | None = None if session is not None else {}
+        # Without a session of the caller's, calls go over the SDK's own lean connections: by
+        # endpoint and lane (see _lane).
+        self._pools: dict[tuple[str, bool], Http1Pool] | None = None if session is not None else {}
         self._head = b"".join(f"{k}: {v}\r\n".encode() for k, v in self._headers.items())
         self._json_head = b"".join(f"{k}: {v}\r\n".encode() for k, v in self._json_headers.items())
 
@@ -150,9 +151,10 @@ class Transport:
                 if pools is None:
                     url = base + path
                     return base, await self._once(method, url, data, params, extra_timeout_s)
-                pool = pools.get(base)
+                key = (base, _lane(method, path, params))
+                pool = pools.get(key)
                 if pool is None:
-                    pool = pools[base] = Http1Pool(base, ssl_context=self._ssl_context)
+                    pool = pools[key] = Http1Pool(base, ssl_context=self._ssl_context)
                 status, raw = await pool.request(
                     method,
                     path,
@@ -198,6 +200,20 @@ class Transport:
         except aiohttp.ClientError as e:
             raise ConnectionFailed(f"{method} {url}: {e!r}", sent=True) from e
         return _answer(status, raw)
+
+
+#: Paths of the calls the server's lean HTTP front answers itself (POST, no query string).
+_LEAN_SUFFIXES = ("/messages", "/receive", "/ack", "/nack", "/change-invisible")
+
+
+def _lane(method: str, path: str, params: Mapping[str, str] | None) -> bool:
+    """Whether a call goes on the connections kept for sends, receives and acks.
+
+    The server's lean front hands a connection to its general HTTP stack for good at the first
+    request it does not serve itself (docs/operations.md, "The lean HTTP path"): a
+    ``create_topic`` on the connection the sends then use would make every later send cost the
+    full stack. So those calls have connections of their own, and everything else others."""
+    return method == "POST" and not params and "%" not in path and path.endswith(_LEAN_SUFFIXES)
 
 
 def _answer(status: int, raw: bytes) -> Any:

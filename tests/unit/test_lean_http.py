@@ -28,6 +28,7 @@ from aiohttp import web
 
 from broker_core import http as broker_http
 from tempomq.app import GUARD, build_app, make_runner, make_site
+from tempomq.client import Client
 from tempomq.config import HostPort, Settings
 from tempomq.lean import LeanFront
 from tests.auth_helpers import (
@@ -402,6 +403,24 @@ async def test_a_compressed_body_is_read_as_its_content_encoding_says(
     assert [m["body"] for m in orjson.loads(got.body)["messages"]] == ["zipped"]
     bad = await exchange(lean_server.port, send("t", b"not gzip", {"Content-Encoding": "gzip"}))
     assert (bad.status, orjson.loads(bad.body)["error"]) == (400, "invalid_request")
+
+
+async def test_the_sdk_keeps_its_sends_on_lean_connections(tmp_path: Path) -> None:
+    """The SDK's other calls (create_topic, get_topic) go on connections of their own: on the
+    connection its sends use, the first of them would have handed it to aiohttp for good."""
+    async with serving(tmp_path, True) as served:
+        assert served.front is not None
+        async with Client(f"http://127.0.0.1:{served.port}") as client:
+            await client.create_topic("sdk", queues=1)
+            for i in range(3):
+                await client.send("sdk", f"m{i}")
+                await client.get_topic("sdk")
+            got = await client.receive("sdk", "g", max_messages=10)
+            await client.ack("sdk", "g", [m.receipt for m in got])
+            assert sorted(m.body for m in got) == [b"m0", b"m1", b"m2"]
+            # One connection for the rest went to aiohttp; the sends' one is still lean.
+            assert served.front.handed_over == 1
+            assert len(served.front.connections) == 1
 
 
 async def test_connection_close_is_honoured(lean_server: Served) -> None:
