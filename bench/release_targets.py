@@ -29,10 +29,7 @@ import asyncio
 import itertools
 import json
 import os
-import shutil
 import statistics
-import subprocess
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -40,68 +37,11 @@ from typing import Any
 
 import aiohttp
 import orjson
-from _server import BenchServer, free_port, percentile
+from _server import BenchServer, PrivateRedis, percentile
 
 NATS_URL = "nats://127.0.0.1:4222"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-class PrivateRedis:
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="tempomq-bench-redis-"))
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def __enter__(self) -> PrivateRedis:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server is not installed")
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        import redis
-
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        return self
-
-    def commands(self) -> int:
-        import redis
-
-        stats = redis.Redis(port=self.port).info("commandstats")
-        return sum(int(v["calls"]) for k, v in stats.items() if k not in ("cmdstat_info",))
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def cpu_s(pid: int) -> float:
@@ -201,7 +141,7 @@ async def throughput_run(kind: str, nodes: int, messages: int) -> dict[str, floa
     try:
         with PrivateRedis() as redis:
             servers = [
-                BenchServer("--redis-url", redis.url, "--auto-create-topics", *sink.args())
+                BenchServer("--redis-url", redis.url(), "--auto-create-topics", *sink.args())
                 for _ in range(nodes)
             ]
             for s in servers:
@@ -270,7 +210,7 @@ async def lateness_run(rate: int, seconds: float) -> dict[str, float]:
     try:
         with (
             PrivateRedis() as redis,
-            BenchServer("--redis-url", redis.url, "--auto-create-topics", *sink.args()) as server,
+            BenchServer("--redis-url", redis.url(), "--auto-create-topics", *sink.args()) as server,
         ):
             async with aiohttp.ClientSession() as session:
                 await _ready(session, [server.url], 1)
