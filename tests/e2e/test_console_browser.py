@@ -244,6 +244,47 @@ async def test_create_a_topic_send_a_message_and_find_it_by_key(server: Server) 
         await expect(page.locator("pre.body")).to_have_text("paid in full")
 
 
+async def test_a_key_search_survives_the_page_refresh_after_a_send(server: Server) -> None:
+    """A send refreshes the topic page when it is answered; a key search made before that
+    refresh is in keeps its results (the refresh replaced the forms and emptied them)."""
+    topic = unique("orders")
+    key = unique("order")
+    async with open_page(server.url) as page:
+        await page.goto("/console/#/topics")
+        form = page.locator("#create-topic")
+        await form.locator("input[name=name]").fill(topic)
+        await form.locator("input[name=queues]").fill("1")  # both sends show in queue 0
+        await form.get_by_role("button", name="Create topic").click()
+        await page.get_by_role("link", name=topic).click()
+        await expect(page.locator("h1")).to_have_text(f"Topic {topic}")
+        send = page.locator("#send")
+        await send.locator("textarea[name=body]").fill("first")
+        await send.locator("input[name=keys]").fill(key)
+        await send.get_by_role("button", name="Send test message").click()
+        await expect(page.locator("main")).to_contain_text("first")  # refreshed
+        # Hold the next refresh's read of the topic until the search is done.
+        release = asyncio.Event()
+
+        async def held(route: Any) -> None:
+            await release.wait()
+            await route.continue_()
+
+        await page.route(re.compile(rf".*/v1/topics/{topic}$"), held)
+        await send.locator("textarea[name=body]").fill("second")
+        await send.locator("input[name=keys]").fill("")
+        await send.get_by_role("button", name="Send test message").click()
+        await expect(page.locator("#flash")).to_contain_text("sent ")
+        by_key = page.locator("#by-key")
+        await by_key.locator("input[name=key]").fill(key)
+        await by_key.get_by_role("button", name="Find by key").click()
+        row = page.locator("#key-results tbody tr")
+        await expect(row).to_have_count(1)
+        release.set()
+        await expect(page.locator("main")).to_contain_text("second")  # the refresh is in
+        await expect(row).to_have_count(1)
+        await expect(row).to_contain_text("first")
+
+
 async def test_a_delayed_message_leaves_the_timeline_for_its_topic(
     server: Server, session: aiohttp.ClientSession
 ) -> None:

@@ -286,6 +286,46 @@ function messagesTable(messages, extra) {
     "No messages.");
 }
 
+// The topic page's forms and the key search's results, kept while the same topic is shown: a
+// re-render (after a send, say) must not wipe what was typed or found meanwhile.
+let topicForms = null;
+
+function formsOfTopic(name, params) {
+  if (topicForms && topicForms.name === name && document.body.contains(topicForms.send)) {
+    topicForms.params = params;
+    return topicForms;
+  }
+  const forms = { name, params };
+  const keyResults = h("div", { id: "key-results" });
+  const byKey = h("form", { class: "inline", id: "by-key", onsubmit: (e) => {
+    e.preventDefault();
+    act(async () => {
+      const { messages } = await api("GET", `/v1/topics/${enc(name)}/messages?key=${enc(formValues(e.target).key)}`);
+      keyResults.replaceChildren(messagesTable(messages));
+    });
+  } }, h("label", {}, "Key", h("input", { name: "key", required: true })), h("button", { type: "submit", class: "secondary" }, "Find by key"));
+  const send = h("form", { class: "inline", id: "send", onsubmit: (e) => {
+    e.preventDefault();
+    const v = formValues(e.target);
+    const msg = { body: v.body };
+    if (v.tags) msg.tags = v.tags;
+    if (v.keys) msg.keys = v.keys.split(",").map((k) => k.trim()).filter(Boolean);
+    if (v.delay_ms) msg.delay_ms = Number(v.delay_ms);
+    act(async () => {
+      const r = await api("POST", `/v1/topics/${enc(name)}/messages`, msg);
+      return r.deliver_at ? `scheduled ${r.msg_id} for ${when(r.deliver_at)}` : `sent ${r.msg_id} to queue ${r.queue_id}`;
+    }, () => pageTopic(name, forms.params));
+  } },
+  h("label", {}, "Body", h("textarea", { name: "body", required: true })),
+  h("label", {}, "Tags", h("input", { name: "tags", size: 10 })),
+  h("label", {}, "Keys (comma-separated)", h("input", { name: "keys" })),
+  h("label", {}, "Delay ms", h("input", { name: "delay_ms", type: "number", min: 0, size: 8 })),
+  h("button", { type: "submit" }, "Send test message"));
+  Object.assign(forms, { byKey, keyResults, send });
+  topicForms = forms;
+  return forms;
+}
+
 async function pageTopic(name, params) {
   const t = await api("GET", `/v1/topics/${enc(name)}`);
   const queue = Number(params.get("queue") || 0);
@@ -310,31 +350,7 @@ async function pageTopic(name, params) {
     page.offset > page.min_offset ? h("button", { class: "secondary", onclick: () => go({ queue, offset: Math.max(page.min_offset, page.offset - 50) }) }, "← Older") : null, " ",
     page.next_offset < page.max_offset ? h("button", { class: "secondary", onclick: () => go({ queue, offset: page.next_offset }) }, "Newer →") : null,
     h("span", { class: "muted" }, ` offsets ${num(page.offset)}–${num(page.next_offset)} of ${num(page.min_offset)}–${num(page.max_offset)}`));
-  const keyResults = h("div", { id: "key-results" });
-  const byKey = h("form", { class: "inline", id: "by-key", onsubmit: (e) => {
-    e.preventDefault();
-    act(async () => {
-      const { messages } = await api("GET", `/v1/topics/${enc(name)}/messages?key=${enc(formValues(e.target).key)}`);
-      keyResults.replaceChildren(messagesTable(messages));
-    });
-  } }, h("label", {}, "Key", h("input", { name: "key", required: true })), h("button", { type: "submit", class: "secondary" }, "Find by key"));
-  const send = h("form", { class: "inline", id: "send", onsubmit: (e) => {
-    e.preventDefault();
-    const v = formValues(e.target);
-    const msg = { body: v.body };
-    if (v.tags) msg.tags = v.tags;
-    if (v.keys) msg.keys = v.keys.split(",").map((k) => k.trim()).filter(Boolean);
-    if (v.delay_ms) msg.delay_ms = Number(v.delay_ms);
-    act(async () => {
-      const r = await api("POST", `/v1/topics/${enc(name)}/messages`, msg);
-      return r.deliver_at ? `scheduled ${r.msg_id} for ${when(r.deliver_at)}` : `sent ${r.msg_id} to queue ${r.queue_id}`;
-    }, () => pageTopic(name, params));
-  } },
-  h("label", {}, "Body", h("textarea", { name: "body", required: true })),
-  h("label", {}, "Tags", h("input", { name: "tags", size: 10 })),
-  h("label", {}, "Keys (comma-separated)", h("input", { name: "keys" })),
-  h("label", {}, "Delay ms", h("input", { name: "delay_ms", type: "number", min: 0, size: 8 })),
-  h("button", { type: "submit" }, "Send test message"));
+  const { byKey, keyResults, send } = formsOfTopic(name, params);
   main.replaceChildren(h("h1", {}, `Topic ${name}`), browse, nav, messagesTable(page.messages),
     h("h2", {}, "Find by key"), byKey, keyResults, h("h2", {}, "Send a test message"), send);
 }
