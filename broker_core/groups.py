@@ -42,12 +42,14 @@ redelivered with ``delivery_attempt`` one higher, and after ``max_attempts`` dea
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
+from heapq import heappop, heappush
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +70,7 @@ from broker_core.errors import (
     StoreUnavailable,
 )
 from broker_core.message import CLIENT_NAME_PATTERN, Message, StoredMessage, is_system_topic
-from broker_core.protocols import Scheduler, Timers
+from broker_core.protocols import Scheduler, TimerHandle, Timers
 from broker_core.retry import delivery_attempt, dlq_topic, plan_redelivery, retry_topic
 from broker_core.store import MessageStore, set_aside, write_json_atomic
 from broker_core.tasks import cancel_and_wait
@@ -80,6 +82,12 @@ MAX_ATTEMPTS = 1000
 _GROUPS_FILE = "groups.json"
 #: When a redelivery could not be stored (a full disk, say), it is tried again this much later.
 _REDELIVERY_RETRY_MS = 1000
+#: Receive batches whose invisibility ends are checked per turn of the event loop.
+_EXPIRE_CHUNK = 1024
+
+#: A receive batch's invisibility deadline: ``(deadline_ms, seq, (group, topic), ((cursor index,
+#: offset, token), ...))``.
+_Deadline = tuple[int, int, tuple[str, str], tuple[tuple[int, int, int], ...]]
 
 
 @dataclass(slots=True)
@@ -240,6 +248,17 @@ class GroupManager:
         self._saved_offsets: dict[str, dict[str, dict[str, int]]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Invisibility deadlines of receive batches, a heap of plain tuples naming deliveries
+        #: by cursor index, offset and token, with one timer armed at its head. A timer and a
+        #: callback per batch, holding the deliveries themselves, kept every message received
+        #: in the last ``invisible_ms`` alive and tracked by the cyclic collector, acknowledged
+        #: or not: at 4,000 messages a second and the default 30 s, each full collection walked
+        #: 120,000 of them and held the event loop for 40-70 ms. Tuples of ints and strs are
+        #: left alone by the collector, and an acknowledged delivery leaves nothing behind.
+        self._deadlines: list[_Deadline] = []
+        self._deadline_seq = 0
+        self._deadline_timer: TimerHandle | None = None
+        self._deadline_timer_ms: float = math.inf
         self._epoch = int.from_bytes(os.urandom(4), "big")
         self._token = 0
         self._dirty = False
@@ -393,8 +412,10 @@ class GroupManager:
                     if p.ready_at_ms is not None:
                         self.timers.call_at(p.ready_at_ms, partial(self.wake, {sub.topic}))
                     else:
-                        self.timers.call_at(
-                            p.deadline_ms, partial(self._expire, sub, [(cur, p)])
+                        self._expire_at(
+                            p.deadline_ms,
+                            (sub.config.name, sub.topic),
+                            ((cur.index, p.offset, p.token),),
                         )
 
     def snapshot(self) -> dict[str, object] | None:
@@ -616,7 +637,11 @@ class GroupManager:
             if len(out) >= max_n:
                 break
         if issued:
-            self.timers.call_at(deadline, partial(self._expire, sub, issued))
+            self._expire_at(
+                deadline,
+                (sub.config.name, sub.topic),
+                tuple([(c.index, p.offset, p.token) for c, p in issued]),
+            )
         if not moved and not issued:
             return out, None
         _, fut = self._journal(
@@ -812,6 +837,54 @@ class GroupManager:
                 cur.pending[again.offset] = old
             raise
         return self._receipt(sub, cur, again)
+
+    def _expire_at(
+        self, deadline_ms: int, key: tuple[str, str], issued: tuple[tuple[int, int, int], ...]
+    ) -> None:
+        """Fail what of ``issued`` (deliveries of the subscription ``key``) is still out at
+        ``deadline_ms``."""
+        self._deadline_seq += 1
+        heappush(self._deadlines, (deadline_ms, self._deadline_seq, key, issued))
+        if deadline_ms < self._deadline_timer_ms:
+            self._arm_deadlines(deadline_ms)
+
+    def _arm_deadlines(self, at_ms: int | None) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        if at_ms is None:
+            self._deadline_timer, self._deadline_timer_ms = None, math.inf
+        else:
+            self._deadline_timer = self.timers.call_at(at_ms, self._deadlines_due)
+            self._deadline_timer_ms = at_ms
+
+    def _deadlines_due(self) -> None:
+        """The deadline timer: expire the receive batches due by now, at most
+        ``_EXPIRE_CHUNK`` per turn of the loop, then arm the timer at the next."""
+        self._arm_deadlines(None)
+        now = self.timers.now_ms()
+        heap, subs = self._deadlines, self._subs
+        for _ in range(_EXPIRE_CHUNK):
+            if not heap or heap[0][0] > now:
+                break
+            _at, _seq, key, issued = heappop(heap)
+            sub = subs.get(key)
+            if sub is None or sub.gone:
+                continue
+            cursors = sub.cursors
+            out = []
+            for qidx, offset, token in issued:
+                if qidx < len(cursors):
+                    cur = cursors[qidx]
+                    p = cur.pending.get(offset)
+                    if p is not None and p.token == token:
+                        out.append((cur, p))
+            if out:
+                self._expire(sub, out)
+        else:
+            asyncio.get_running_loop().call_soon(self._deadlines_due)
+            return
+        if heap:
+            self._arm_deadlines(heap[0][0])
 
     def _expire(self, sub: Subscription, issued: list[tuple[Cursor, Pending]]) -> None:
         """Invisibility timer of one receive batch: what is still out has failed."""

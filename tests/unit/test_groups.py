@@ -5,6 +5,7 @@ and offsets across restarts."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from broker_core.errors import (
     ReceiptMismatch,
     TopicNotFound,
 )
-from broker_core.groups import Delivery, ReceiptFailure, parse_tags
+from broker_core.groups import Delivery, Pending, ReceiptFailure, parse_tags
 from broker_core.message import (
     PROP_DELIVERY_ATTEMPT,
     PROP_DLQ_ORIGIN_TOPIC,
@@ -370,6 +371,80 @@ async def test_acked_before_timeout_is_not_redelivered(env: Env) -> None:
     [d] = await env.recv(invisible_ms=5 * S)
     await env.ack(d)
     await env.advance(60 * S)
+    assert env.scheduler.scheduled == []
+
+
+def _deliveries_alive() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is Pending)
+
+
+async def test_acknowledged_deliveries_leave_nothing_for_the_collector(env: Env) -> None:
+    """An acked delivery's state is freed at once, not kept until its invisibility deadline:
+    kept, every message received in the last ``invisible_ms`` was walked by each full
+    collection (40-70 ms pauses of the event loop at 4,000 messages a second)."""
+    await env.send("orders", *[f"m{i}" for i in range(300)])
+    got = []
+    for _ in range(10):
+        got += await env.recv(n=30)
+    assert len(got) == 300
+    assert _deliveries_alive() == 300
+    await env.ack(*got)
+    del got
+    assert _deliveries_alive() == 0
+    await env.advance(INVISIBLE_MS + 1)
+    assert env.scheduler.scheduled == []
+
+
+async def test_invisibility_deadlines_fire_in_time_order_whatever_the_receive_order(
+    env: Env,
+) -> None:
+    await env.send("orders", "late", "early", "middle")
+    [late] = await env.recv(n=1, invisible_ms=9 * S)
+    [early] = await env.recv(n=1, invisible_ms=2 * S)
+    [middle] = await env.recv(n=1, invisible_ms=5 * S)
+    order = []
+    for step in (2 * S, 3 * S, 4 * S):
+        await env.advance(step)
+        order += [c.body for c, _ in env.scheduler.scheduled[len(order) :]]
+    assert order == [b"early", b"middle", b"late"]
+    for d in (late, early, middle):
+        with pytest.raises(ReceiptExpired):
+            await env.ack(d)
+
+
+async def test_part_of_a_batch_acked_only_the_rest_times_out(env: Env) -> None:
+    await env.send("orders", "a", "b", "c")
+    a, _b, c = await env.recv(invisible_ms=5 * S)
+    await env.ack(a, c)
+    await env.advance(5 * S)
+    assert [m.body for m, _ in env.scheduler.scheduled] == [b"b"]
+
+
+async def test_a_delivery_given_more_time_does_not_time_out_at_its_first_deadline(
+    env: Env,
+) -> None:
+    await env.send("orders", "a")
+    [d] = await env.recv(invisible_ms=2 * S)
+    receipt = await env.b.change_invisible("orders", "g", d.receipt, 20 * S)
+    await env.advance(2 * S)
+    await env.release()
+    assert env.scheduler.scheduled == []
+    assert await env.recv() == []
+    await env.advance(18 * S)
+    await env.release()
+    [again] = await env.recv()
+    assert (again.message.body, again.attempt) == (b"a", 2)
+    with pytest.raises(ReceiptExpired):
+        await env.b.ack("orders", "g", [receipt])
+
+
+async def test_deadlines_of_a_deleted_group_do_nothing(env: Env) -> None:
+    await env.b.create_group("gone", fifo=False, max_attempts=16)
+    await env.send("orders", "a")
+    await env.recv(group="gone", invisible_ms=2 * S)
+    await env.b.delete_group("gone")
+    await env.advance(3 * S)
     assert env.scheduler.scheduled == []
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 from structlog.testing import capture_logs
 
 from broker_core.protocols import TimerHandle, Timers
-from delayserver.timers import TimerService, epoch_ms
+from delayserver import timers as timers_module
+from delayserver.timers import RealtimeAlarm, TimerService, epoch_ms
 
 # Loaded CI machines stall; lateness is a benchmark's business, here it only must not be absurd.
 LATE_MS = 200
@@ -252,5 +255,85 @@ async def test_max_sleep_bounds_a_sleep_after_the_wall_clock_jumps() -> None:
         await asyncio.sleep(0.02)
         offset_ms = 3_600_000  # NTP stepped the clock forward an hour
         await recorder.wait()
+    finally:
+        await service.stop()
+
+
+# -- the realtime alarm (Linux timerfd) ----------------------------------------------------------
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the realtime alarm is a Linux timerfd"
+)
+
+
+@linux_only
+async def test_the_alarm_wakes_the_driver_before_the_loops_own_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The loop's timer is only a backstop; held back 30 s, the timer still runs on time.
+    monkeypatch.setattr(timers_module, "_BACKSTOP_S", 30.0)
+    service = TimerService(max_sleep_ms=None)
+    service.start()
+    try:
+        recorder = Recorder(expected=1)
+        due = service.now_ms() + 20
+        service.call_at(due, recorder.callback("soon"))
+        await recorder.wait()
+        [(_, ran_at)] = recorder.runs
+        assert due <= ran_at <= due + LATE_MS
+    finally:
+        await service.stop()
+
+
+@linux_only
+async def test_an_alarm_fires_at_its_time_never_before() -> None:
+    loop = asyncio.get_running_loop()
+    alarm = RealtimeAlarm.open(loop)
+    assert alarm is not None
+    try:
+        fired: asyncio.Future[int] = loop.create_future()
+        target = time.time_ns() + 15_000_000
+        alarm.arm(target, lambda: fired.set_result(time.time_ns()))
+        async with asyncio.timeout(WAIT_S):
+            assert await fired >= target
+    finally:
+        alarm.close()
+
+
+@linux_only
+async def test_arming_again_replaces_the_time_and_disarm_stops_it() -> None:
+    loop = asyncio.get_running_loop()
+    alarm = RealtimeAlarm.open(loop)
+    assert alarm is not None
+    runs: list[str] = []
+    try:
+        now = time.time_ns()
+        alarm.arm(now + 30_000_000, lambda: runs.append("first"))
+        alarm.arm(now + 5_000_000, lambda: runs.append("second"))
+        await asyncio.sleep(0.1)
+        assert runs == ["second"]
+        alarm.arm(time.time_ns() + 5_000_000, lambda: runs.append("third"))
+        alarm.disarm()
+        await asyncio.sleep(0.1)
+        assert runs == ["second"]
+    finally:
+        alarm.close()
+    assert not loop.remove_reader(alarm._fd)  # closed: no longer watched
+
+
+async def test_without_an_alarm_the_loops_timer_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(RealtimeAlarm, "open", classmethod(lambda cls, loop: None))
+    service = TimerService(max_sleep_ms=None)
+    service.start()
+    try:
+        recorder = Recorder(expected=3)
+        now = service.now_ms()
+        for i, ms in enumerate((30, 10, 20)):
+            service.call_at(now + ms, recorder.callback(str(i)))
+        await recorder.wait()
+        assert [name for name, _ in recorder.runs] == ["1", "2", "0"]
+        assert all(
+            ran >= now + ms for (_, ran), ms in zip(recorder.runs, (10, 20, 30), strict=True)
+        )
     finally:
         await service.stop()
