@@ -43,7 +43,13 @@ CREATE INDEX IF NOT EXISTS delayed_done ON delayed (finished_at) WHERE state != 
 """
 _STATES = (DelayState.SCHEDULED, DelayState.DELIVERED, DelayState.CANCELLED)
 _SCHEDULED, _DELIVERED, _CANCELLED = 0, 1, 2
-_IN_CHUNK = 500  # ids per "IN (...)" query, under SQLite's variable limit
+#: A message scheduled, or left out when its id is known (row count 0): a resend. Only the
+#: id's uniqueness is let go (not ``INSERT OR IGNORE``, which would skip any violated
+#: constraint silently).
+_INSERT = (
+    "INSERT INTO delayed (msg_id, deliver_at, topic, state, record) VALUES (?, ?, ?, 0, ?) "
+    "ON CONFLICT (msg_id) DO NOTHING"
+)
 #: Writes of up to this many rows may commit on the event loop in async mode (tens of
 #: microseconds); larger ones go to the database's thread so the loop never waits on them.
 _SMALL_WRITE = 16
@@ -78,24 +84,20 @@ class EmbeddedDelayStore:
     # -- operations ------------------------------------------------------------------------------
 
     async def schedule(self, items: Sequence[tuple[Message, int]]) -> list[bool]:
+        if len(items) == 1:
+            # A lone message (a one-call send): one autocommit statement, whose row count
+            # tells new (1) from a resend (0).
+            msg, at = items[0]
+            row = (msg.msg_id, at, msg.topic, encode_message(msg))
+            new = await self._db.write_one(_INSERT, row) == 1
+            self._pending += new
+            return [new]
         rows = [(m.msg_id, at, m.topic, encode_message(m)) for m, at in items]
 
         def run(db: sqlite3.Connection) -> list[bool]:
-            known = _existing(db, [r[0] for r in rows])
-            fresh = []
-            out = []
-            for row in rows:
-                new = row[0] not in known
-                out.append(new)
-                if new:
-                    known.add(row[0])  # the same id twice in one call: the first wins
-                    fresh.append(row)
-            db.executemany(
-                "INSERT INTO delayed (msg_id, deliver_at, topic, state, record) "
-                "VALUES (?, ?, ?, 0, ?)",
-                fresh,
-            )
-            return out
+            # The same id twice in one call: the first wins, the second is ignored as a resend.
+            insert = db.execute
+            return [insert(_INSERT, row).rowcount == 1 for row in rows]
 
         result = await self._write(run, small=len(rows) <= _SMALL_WRITE)
         self._pending += sum(result)
@@ -194,18 +196,6 @@ class EmbeddedDelayStore:
             ).rowcount
 
         return await self._write(run)
-
-
-def _existing(db: sqlite3.Connection, ids: list[bytes]) -> set[bytes]:
-    found: set[bytes] = set()
-    for i in range(0, len(ids), _IN_CHUNK):
-        chunk = ids[i : i + _IN_CHUNK]
-        marks = ",".join("?" * len(chunk))
-        found.update(
-            bytes(r[0])
-            for r in db.execute(f"SELECT msg_id FROM delayed WHERE msg_id IN ({marks})", chunk)
-        )
-    return found
 
 
 def _info(db: sqlite3.Connection, msg_id: bytes) -> DelayedInfo | None:

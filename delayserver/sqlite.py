@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -40,6 +40,8 @@ def connect(path: Path) -> sqlite3.Connection:
 
 #: Inline commits between two passive WAL checkpoints (on the database's thread).
 _CHECKPOINT_EVERY = 1000
+#: Primary result codes of a statement that found the database locked (and changed nothing).
+_BUSY = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
 
 def _checkpoint(db: sqlite3.Connection) -> None:
@@ -155,6 +157,30 @@ class SqliteRunner:
             self._writer = asyncio.create_task(self._drain(), name=f"tempomq-{self.name}-writer")
         return await fut
 
+    async def write_one(self, sql: str, params: Sequence[object]) -> int:
+        """One statement (``INSERT OR IGNORE`` of one row, say) as a write of its own; returns
+        its row count (``sqlite3.Cursor.rowcount``: 0 for a row ignored as a duplicate).
+
+        In async mode with no write queued or running, it runs right here on the event loop
+        in SQLite's autocommit mode: the statement is its own transaction, committed into the
+        WAL before it returns (as durable as any other commit of this runner), with no BEGIN
+        and COMMIT of its own to run. A busy database (a transaction of the thread's, or of
+        another process) sends it to the thread, as :meth:`write` does with a small write."""
+        if self._db is None:
+            raise self.unavailable(f"{self.name} is not open")
+        db = self._inline
+        if db is not None and self._writer is None and self.failure is None:
+            try:
+                count = db.execute(sql, params).rowcount
+            except sqlite3.Error as e:
+                # Busy: SQLite took no lock and changed nothing; the thread waits for the lock.
+                if getattr(e, "sqlite_errorcode", 0) & 0xFF not in _BUSY:
+                    raise self._failed(e) from None
+            else:
+                self._committed_inline()
+                return count
+        return await self.write(lambda db: db.execute(sql, params).rowcount)
+
     def _write_inline(self, fn: Callable[[sqlite3.Connection], T]) -> tuple[bool, Any]:
         """Async mode (``synchronous=NORMAL``, no fsync) with no write queued or running: run
         ``fn`` in a transaction of its own right here. A small write commits into the WAL in
@@ -181,12 +207,15 @@ class SqliteRunner:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self._committed_inline()
+        return True, result
+
+    def _committed_inline(self) -> None:
         self._inline_commits += 1
         if self._inline_commits % _CHECKPOINT_EVERY == 0:
             # The inline connection never checkpoints; the thread's does, passively.
             self._queued.append((_checkpoint, asyncio.get_running_loop().create_future()))
             self._writer = asyncio.create_task(self._drain(), name=f"tempomq-{self.name}-writer")
-        return True, result
 
     def _failed(self, e: sqlite3.Error) -> Exception:
         self.failure = f"{self.name} write failed: {e}"

@@ -223,6 +223,49 @@ async def test_schedule_is_idempotent_by_msg_id(store: DelayStore) -> None:
     ]
 
 
+async def test_a_lone_resend_is_known_in_every_state(store: DelayStore) -> None:
+    # One message per call, as a one-call send schedules it.
+    a, delivered, cancelled = (message(body=b"m%d" % i) for i in range(3))
+    for i, m in enumerate((a, delivered, cancelled)):
+        assert await store.schedule([(m, T0_MS + i)]) == [True]
+    await store.mark_delivered([delivered.msg_id], T0_MS + 1)
+    await store.cancel(cancelled.msg_id, T0_MS)
+
+    for m in (a, delivered, cancelled):
+        again = Message(m.topic, b"other", msg_id=m.msg_id)
+        assert await store.schedule([(again, T0_MS + 99)]) == [False]
+
+    assert [await store.get(m.msg_id) for m in (a, delivered, cancelled)] == [
+        DelayedInfo(a.msg_id, "orders", T0_MS, DelayState.SCHEDULED),
+        DelayedInfo(delivered.msg_id, "orders", T0_MS + 1, DelayState.DELIVERED),
+        DelayedInfo(cancelled.msg_id, "orders", T0_MS + 2, DelayState.CANCELLED),
+    ]
+    assert [(d.msg_id, decode_message(d.record).body) for d in await all_due(store)] == [
+        (a.msg_id, b"m0")
+    ]
+    assert await store.pending() == 1
+
+
+async def test_same_id_in_a_batch_after_a_known_one(store: DelayStore) -> None:
+    known = message(body=b"known")
+    assert await store.schedule([(known, T0_MS)]) == [True]
+    m = message(body=b"first")
+    batch = [
+        (Message(known.topic, b"again", msg_id=known.msg_id), T0_MS + 5),
+        (m, T0_MS + 1),
+        (Message(m.topic, b"second", msg_id=m.msg_id), T0_MS + 2),
+        (Message(known.topic, b"again", msg_id=known.msg_id), T0_MS + 6),
+    ]
+
+    assert await store.schedule(batch) == [False, True, False, False]
+
+    assert [(d.deliver_at_ms, decode_message(d.record).body) for d in await all_due(store)] == [
+        (T0_MS, b"known"),
+        (T0_MS + 1, b"first"),
+    ]
+    assert await store.pending() == 2
+
+
 async def test_same_id_twice_in_one_batch_first_wins(store: DelayStore) -> None:
     m = message(body=b"first")
     twin = Message(m.topic, b"second", msg_id=m.msg_id)
