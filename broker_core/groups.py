@@ -854,14 +854,17 @@ class GroupManager:
         if at_ms is None:
             self._deadline_timer, self._deadline_timer_ms = None, math.inf
         else:
-            self._deadline_timer = self.timers.call_at(at_ms, self._deadlines_due)
+            self._deadline_timer = self.timers.call_at(at_ms, partial(self._deadlines_due, at_ms))
             self._deadline_timer_ms = at_ms
 
-    def _deadlines_due(self) -> None:
-        """The deadline timer: expire the receive batches due by now, at most
-        ``_EXPIRE_CHUNK`` per turn of the loop, then arm the timer at the next."""
+    def _deadlines_due(self, due_ms: int) -> None:
+        """The deadline timer, armed for ``due_ms`` (epoch ms): expire the receive batches due
+        by then or by now, at most ``_EXPIRE_CHUNK`` per turn of the loop, then arm the timer at
+        the next. The timers' own time decides what is due: after the wall clock stepped back,
+        ``now_ms()`` reads earlier than a time they already hold as past, and arming again at
+        such a time would run this at once, again and again, until the clock caught up."""
         self._arm_deadlines(None)
-        now = self.timers.now_ms()
+        now = max(self.timers.now_ms(), due_ms)
         heap, subs = self._deadlines, self._subs
         for _ in range(_EXPIRE_CHUNK):
             if not heap or heap[0][0] > now:
@@ -881,7 +884,7 @@ class GroupManager:
             if out:
                 self._expire(sub, out)
         else:
-            asyncio.get_running_loop().call_soon(self._deadlines_due)
+            asyncio.get_running_loop().call_soon(self._deadlines_due, now)
             return
         if heap:
             self._arm_deadlines(heap[0][0])
