@@ -264,6 +264,9 @@ class GroupManager:
         self._dirty = False
         self._closing = False
         self._unarmed = False
+        #: Set by :meth:`stop`: the timers outlive this manager, and what they still hold for it
+        #: must not act on a closed store (each failure would arm a retry, every second, forever).
+        self._stopped = False
         self._path = Path(config.data_dir) / _GROUPS_FILE
 
     # -- persistence ---------------------------------------------------------------------------
@@ -276,6 +279,7 @@ class GroupManager:
     async def restore(self) -> None:
         """Load the snapshot and replay the state records after it (the store is open); then
         arm the timers of the deliveries that were out."""
+        self._stopped = False
         loop = asyncio.get_running_loop()
         data, ops = await loop.run_in_executor(None, self._read_state)
         for g in data.get("groups", []):
@@ -824,6 +828,8 @@ class GroupManager:
                 self.timers.call_at(self.timers.now_ms() + _REDELIVERY_RETRY_MS, expire)
 
         def expire() -> None:
+            if self._stopped:
+                return
             if cur.pending.get(again.offset) is again and again.token and again.ready_at_ms is None:
                 task = asyncio.get_running_loop().create_task(redeliver())
                 self._tasks.add(task)
@@ -864,6 +870,8 @@ class GroupManager:
         ``now_ms()`` reads earlier than a time they already hold as past, and arming again at
         such a time would run this at once, again and again, until the clock caught up."""
         self._arm_deadlines(None)
+        if self._stopped:
+            return
         now = max(self.timers.now_ms(), due_ms)
         heap, subs = self._deadlines, self._subs
         for _ in range(_EXPIRE_CHUNK):
@@ -891,6 +899,8 @@ class GroupManager:
 
     def _expire(self, sub: Subscription, issued: list[tuple[Cursor, Pending]]) -> None:
         """Invisibility timer of one receive batch: what is still out has failed."""
+        if self._stopped:
+            return
         failed = [
             (cur, p)
             for cur, p in issued
@@ -1215,6 +1225,9 @@ class GroupManager:
 
     async def stop(self) -> None:
         # Cancelled or failed: what was not stored is delivered again after a restart.
+        self._stopped = True
+        self._arm_deadlines(None)
+        self._deadlines.clear()
         await cancel_and_wait(self._tasks)
         for waiters in self._waiters.values():
             for f in waiters:

@@ -483,6 +483,22 @@ async def test_deadlines_follow_the_timers_after_the_wall_clock_stepped_back(
         await e.stop()
 
 
+async def test_a_stopped_broker_leaves_no_deadline_acting_on_its_closed_store(env: Env) -> None:
+    """The timers outlive a stopped broker: its invisibility deadlines must not fire on its
+    closed store (each failure there armed a retry a second later, forever); the deliveries
+    come back once, from the broker that restored them."""
+    await env.send("orders", "a", "b")
+    await env.recv(invisible_ms=2 * S)
+    old = env.b
+    await env.restart()
+    await env.advance(3 * S)
+    await settle(old)
+    assert sorted(m.body for m, _ in env.scheduler.scheduled) == [b"a", b"b"]
+    assert env.timers.pending() == []
+    await env.advance(5 * S)
+    assert len(env.scheduler.scheduled) == 2
+
+
 async def test_dead_letter_after_max_attempts(env: Env) -> None:
     await env.b.create_group("three", fifo=False, max_attempts=3)
     [sent] = await env.send("orders", "a", keys=["order-1"])
