@@ -264,6 +264,9 @@ class GroupManager:
         self._dirty = False
         self._closing = False
         self._unarmed = False
+        #: Set by :meth:`stop`: the timers outlive this manager, and what they still hold for it
+        #: must not act on a closed store (each failure would arm a retry, every second, forever).
+        self._stopped = False
         self._path = Path(config.data_dir) / _GROUPS_FILE
 
     # -- persistence ---------------------------------------------------------------------------
@@ -276,6 +279,7 @@ class GroupManager:
     async def restore(self) -> None:
         """Load the snapshot and replay the state records after it (the store is open); then
         arm the timers of the deliveries that were out."""
+        self._stopped = False
         loop = asyncio.get_running_loop()
         data, ops = await loop.run_in_executor(None, self._read_state)
         for g in data.get("groups", []):
@@ -824,6 +828,8 @@ class GroupManager:
                 self.timers.call_at(self.timers.now_ms() + _REDELIVERY_RETRY_MS, expire)
 
         def expire() -> None:
+            if self._stopped:
+                return
             if cur.pending.get(again.offset) is again and again.token and again.ready_at_ms is None:
                 task = asyncio.get_running_loop().create_task(redeliver())
                 self._tasks.add(task)
@@ -854,14 +860,19 @@ class GroupManager:
         if at_ms is None:
             self._deadline_timer, self._deadline_timer_ms = None, math.inf
         else:
-            self._deadline_timer = self.timers.call_at(at_ms, self._deadlines_due)
+            self._deadline_timer = self.timers.call_at(at_ms, partial(self._deadlines_due, at_ms))
             self._deadline_timer_ms = at_ms
 
-    def _deadlines_due(self) -> None:
-        """The deadline timer: expire the receive batches due by now, at most
-        ``_EXPIRE_CHUNK`` per turn of the loop, then arm the timer at the next."""
+    def _deadlines_due(self, due_ms: int) -> None:
+        """The deadline timer, armed for ``due_ms`` (epoch ms): expire the receive batches due
+        by then or by now, at most ``_EXPIRE_CHUNK`` per turn of the loop, then arm the timer at
+        the next. The timers' own time decides what is due: after the wall clock stepped back,
+        ``now_ms()`` reads earlier than a time they already hold as past, and arming again at
+        such a time would run this at once, again and again, until the clock caught up."""
         self._arm_deadlines(None)
-        now = self.timers.now_ms()
+        if self._stopped:
+            return
+        now = max(self.timers.now_ms(), due_ms)
         heap, subs = self._deadlines, self._subs
         for _ in range(_EXPIRE_CHUNK):
             if not heap or heap[0][0] > now:
@@ -881,13 +892,15 @@ class GroupManager:
             if out:
                 self._expire(sub, out)
         else:
-            asyncio.get_running_loop().call_soon(self._deadlines_due)
+            asyncio.get_running_loop().call_soon(self._deadlines_due, now)
             return
         if heap:
             self._arm_deadlines(heap[0][0])
 
     def _expire(self, sub: Subscription, issued: list[tuple[Cursor, Pending]]) -> None:
         """Invisibility timer of one receive batch: what is still out has failed."""
+        if self._stopped:
+            return
         failed = [
             (cur, p)
             for cur, p in issued
@@ -1212,6 +1225,9 @@ class GroupManager:
 
     async def stop(self) -> None:
         # Cancelled or failed: what was not stored is delivered again after a restart.
+        self._stopped = True
+        self._arm_deadlines(None)
+        self._deadlines.clear()
         await cancel_and_wait(self._tasks)
         for waiters in self._waiters.values():
             for f in waiters:

@@ -30,7 +30,9 @@ from broker_core.message import (
     PROP_ORIGIN_MSG_ID,
     PROP_RETRY_TOPIC,
 )
+from delayserver.timers import TimerService
 from tests.unit.broker_helpers import (
+    T0_MS,
     FakeScheduler,
     FakeTimers,
     RealTimers,
@@ -446,6 +448,55 @@ async def test_deadlines_of_a_deleted_group_do_nothing(env: Env) -> None:
     await env.b.delete_group("gone")
     await env.advance(3 * S)
     assert env.scheduler.scheduled == []
+
+
+async def test_deadlines_follow_the_timers_after_the_wall_clock_stepped_back(
+    tmp_path: Path,
+) -> None:
+    """The timers hold a time as past once they reached it, even if the wall clock then steps
+    back: a deadline at such a time fires at once, and must expire its deliveries then rather
+    than arm the timer again at a time that is due at once, without end."""
+    clock = [T0_MS]
+    timers = TimerService(clock=lambda: clock[0])
+    e = Env(tmp_path / "data", timers=timers)
+    await e.start()
+    timers.start()
+    try:
+        await e.b.create_topic("orders", 1)
+        await e.send("orders", "a")
+        clock[0] = T0_MS + 10 * S
+        reached = asyncio.get_running_loop().create_future()
+        timers.call_at(clock[0], lambda: reached.set_result(None))
+        await reached
+        clock[0] = T0_MS  # stepped back 10 s
+        [d] = await e.recv(invisible_ms=2 * S)  # due by the timers' time already
+        for _ in range(50):
+            if e.scheduler.scheduled:
+                break
+            await asyncio.sleep(0)
+        assert [m.body for m, _ in e.scheduler.scheduled] == [b"a"]
+        assert timers.pending == 0  # no timer armed again and again
+        with pytest.raises(ReceiptExpired):
+            await e.ack(d)
+    finally:
+        await timers.stop()
+        await e.stop()
+
+
+async def test_a_stopped_broker_leaves_no_deadline_acting_on_its_closed_store(env: Env) -> None:
+    """The timers outlive a stopped broker: its invisibility deadlines must not fire on its
+    closed store (each failure there armed a retry a second later, forever); the deliveries
+    come back once, from the broker that restored them."""
+    await env.send("orders", "a", "b")
+    await env.recv(invisible_ms=2 * S)
+    old = env.b
+    await env.restart()
+    await env.advance(3 * S)
+    await settle(old)
+    assert sorted(m.body for m, _ in env.scheduler.scheduled) == [b"a", b"b"]
+    assert env.timers.pending() == []
+    await env.advance(5 * S)
+    assert len(env.scheduler.scheduled) == 2
 
 
 async def test_dead_letter_after_max_attempts(env: Env) -> None:
