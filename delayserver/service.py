@@ -38,6 +38,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Collection, Sequence
+from functools import partial
 from heapq import heappop, heappush
 from typing import Protocol, cast
 
@@ -176,8 +177,9 @@ class DelayService:
         #: Heap of ``(deliver_at_ms, msg_id)``; an item whose id is no longer in ``_entries``
         #: at that time is stale (cancelled, re-armed earlier) and skipped when it comes up.
         self._queue: list[tuple[int, bytes]] = []
-        #: The one timer, armed at ``_timer_ms``: the head of the queue or earlier.
-        self._timer: TimerEntry | None = None
+        #: The one timer, armed at ``_timer_ms``: the head of the queue or earlier (a handle of
+        #: the loop's after a backward step of the wall clock; see :meth:`_fire`).
+        self._timer: TimerEntry | asyncio.TimerHandle | None = None
         self._timer_ms: float = math.inf
         self._releasing: set[bytes] = set()
         self._due: list[Due] = []
@@ -349,12 +351,19 @@ class DelayService:
         if at is None:
             self._timer, self._timer_ms = None, math.inf
         else:
-            self._timer, self._timer_ms = self.timers.call_at(at, self._fire), at
+            self._timer = self.timers.call_at(at, partial(self._fire, at))
+            self._timer_ms = at
 
-    def _fire(self) -> None:
-        """The timer: hand what is due by now to the releaser, at most ``_FIRE_CHUNK`` items per
-        turn of the loop (a burst due in one millisecond goes out in chunks, the rest of the
-        service running between them), then arm the timer at the next item."""
+    def _fire(self, fired_for: int) -> None:
+        """The timer, armed for ``fired_for`` (epoch ms): hand what is due by now to the
+        releaser, at most ``_FIRE_CHUNK`` items per turn of the loop (a burst due in one
+        millisecond goes out in chunks, the rest of the service running between them), then arm
+        the timer at the next item.
+
+        Due means due by the wall clock, never earlier. After the wall clock stepped back, the
+        timers (whose time never goes back) hold a time as past that the clock has not reached
+        again: a timer armed at it would run at once, again and again. The next item is then
+        awaited on the loop's monotonic clock instead, at most a second at a time."""
         self._set_timer(None)
         now = self.timers.now_ms()
         queue, entries, due_list, releasing = self._queue, self._entries, self._due, self._releasing
@@ -373,12 +382,18 @@ class DelayService:
         else:
             # More may be due: the rest after the loop's other callbacks (the releaser first;
             # a timer due now would run in the timer service's same turn).
-            asyncio.get_running_loop().call_soon(self._fire)
+            asyncio.get_running_loop().call_soon(self._fire, fired_for)
             queue = []
         if taken:
             self._wake_releaser.set()
         if queue:
-            self._set_timer(queue[0][0])
+            head = queue[0][0]
+            if now < head <= fired_for:  # the wall clock stepped back (see above)
+                wait_s = min(head - now, 1000) / 1000
+                self._timer = asyncio.get_running_loop().call_later(wait_s, self._fire, head)
+                self._timer_ms = head
+            else:
+                self._set_timer(head)
 
     async def _loader(self) -> None:
         while True:

@@ -62,6 +62,7 @@ class _Itimerspec(ctypes.Structure):
 
 _CLOCK_REALTIME = 0
 _TFD_TIMER_ABSTIME = 1
+_MAX_NS = (1 << 63) - 1
 #: The backstop: the loop's own timer, this much after the alarm's time.
 _BACKSTOP_S = 0.002
 
@@ -126,7 +127,8 @@ class RealtimeAlarm:
         """Run ``callback`` on the loop once the wall clock reaches ``epoch_ns`` (at once if it
         has); replaces the time and callback armed before."""
         self._callback = callback
-        self._settime(self._fd, max(epoch_ns, 1))  # 0 would disarm
+        # 0 would disarm; beyond the year 2262 a time no longer fits 64 bits of nanoseconds.
+        self._settime(self._fd, min(max(epoch_ns, 1), _MAX_NS))
 
     def disarm(self) -> None:
         self._callback = None

@@ -18,7 +18,7 @@ from broker_core.message import PROP_DELIVER_AT, PROP_RELEASED_AT, Message
 from delayserver.embedded import EmbeddedDelayStore
 from delayserver.service import DelayService
 from delayserver.store import DelayState, DelayStoreUnavailable
-from delayserver.timers import TimerService
+from delayserver.timers import TimerService, epoch_ms
 from tests.unit.broker_helpers import wait_for
 
 
@@ -405,3 +405,47 @@ async def test_a_resend_answers_the_time_it_was_first_scheduled_for(
     assert times == [now + 60_000, now + 70_000]  # the resend keeps its first time
     info = await node.delay.get(b"client-chosen-id")
     assert info is not None and info.deliver_at_ms == now + 60_000
+
+
+async def test_after_the_wall_clock_steps_back_releases_wait_for_it_without_spinning(
+    tmp_path: Path,
+) -> None:
+    """The timers hold a time as past once reached, even when the wall clock then steps back: a
+    message due at such a time must wait for the clock (never early) without the timer firing
+    again and again meanwhile."""
+    t0 = epoch_ms()
+    clock = [t0]
+    timers = TimerService(clock=lambda: clock[0], max_sleep_ms=None)
+    broker = Broker(BrokerConfig(data_dir=tmp_path / "d", segment_bytes=1 << 20), timers=timers)
+    delay = DelayService(EmbeddedDelayStore(tmp_path / "d" / "delay.db"), broker.store, timers)
+    fires = []
+    fire = delay._fire
+
+    def counted(*fired_for: int) -> None:
+        fires.append(fired_for)
+        fire(*fired_for)
+
+    delay._fire = counted  # type: ignore[method-assign,assignment]
+    timers.start()
+    await broker.start()
+    await delay.start()
+    try:
+        await broker.create_topic("orders", 1)
+        clock[0] = t0 + 10_000
+        reached = asyncio.get_running_loop().create_future()
+        timers.call_at(clock[0], lambda: reached.set_result(None))
+        await reached
+        clock[0] = t0  # stepped back 10 s
+        msg = Message("orders", b"at five")
+        await delay.schedule([msg], [t0 + 5_000])
+        await asyncio.sleep(0.1)
+        assert broker.store.queue_bounds("orders", 0) == (0, 0)  # never early
+        assert len(fires) < 5  # waiting, not spinning
+        clock[0] = t0 + 5_000
+        await wait_for(lambda: broker.store.queue_bounds("orders", 0) == (0, 1))
+        released = broker.get_message(msg.msg_id)
+        assert int(released.properties[PROP_RELEASED_AT]) >= t0 + 5_000
+    finally:
+        await delay.stop()
+        await broker.stop()
+        await timers.stop()

@@ -337,3 +337,18 @@ async def test_without_an_alarm_the_loops_timer_serves(monkeypatch: pytest.Monke
         )
     finally:
         await service.stop()
+
+
+@linux_only
+async def test_an_alarm_beyond_what_64_bits_of_nanoseconds_hold_is_armed_not_refused() -> None:
+    loop = asyncio.get_running_loop()
+    alarm = RealtimeAlarm.open(loop)
+    assert alarm is not None
+    runs: list[str] = []
+    try:
+        alarm.arm(1 << 80, lambda: runs.append("never"))
+        alarm.arm(time.time_ns() + 5_000_000, lambda: runs.append("soon"))
+        await asyncio.sleep(0.05)
+        assert runs == ["soon"]
+    finally:
+        alarm.close()
