@@ -52,7 +52,7 @@ class _Answer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | bytearray) -> None:
         if self.waiter is None:  # bytes nobody asked for: the connection is not reusable
             self._close()
             return
@@ -271,8 +271,10 @@ class Http1Pool:
             lines = self._lines(method, target, head)
         else:
             key = (method, path, head)
-            lines = self._heads.get(key)
-            if lines is None:
+            cached = self._heads.get(key)
+            if cached is not None:
+                lines = cached
+            else:
                 if len(self._heads) >= _MAX_CACHED_HEADS:
                     self._heads.clear()  # ids in paths (GET /v1/messages/<id>) are unbounded
                 lines = self._heads[key] = self._lines(method, self.prefix + path, head)
