@@ -182,6 +182,9 @@ class DelayService:
         self._timer: TimerEntry | asyncio.TimerHandle | None = None
         self._timer_ms: float = math.inf
         self._releasing: set[bytes] = set()
+        #: Ids armed again from a resend (see :meth:`_known`): released with a check of their
+        #: topic for a copy, as after a restart.
+        self._recheck: set[bytes] = set()
         self._due: list[Due] = []
         self._wake_releaser = asyncio.Event()
         #: Without leases: ``(released_at_ms, ids)`` in their topics, still to be marked
@@ -272,6 +275,7 @@ class DelayService:
             await self.leases.stop()
         self._entries.clear()
         self._queue.clear()
+        self._recheck.clear()
         self._set_timer(None)
         await self.store.close()
 
@@ -452,8 +456,7 @@ class DelayService:
             batch = await self._claim(batch, now)
             if not batch:
                 return
-        started = self._started_at_ms
-        check = retry or any(due.deliver_at_ms <= started for due in batch)
+        check = self._needs_check(batch, retry)
         released = str(now)
         msgs = []
         store = self.broker_store
@@ -500,6 +503,20 @@ class DelayService:
             observe(max(now - due.deliver_at_ms, 0) / 1000)
         if error is not None:
             raise _PartlyReleased(str(error), left)
+
+    def _needs_check(self, batch: list[Due], retry: bool) -> bool:
+        """Whether the release of ``batch`` must check the topics for copies already there:
+        a retry (the put may have landed), a message due before this run started (an earlier
+        run may have released it), or one armed again from a stale read (see :meth:`_known`;
+        a failed release is a retry, so those ids leave the set here)."""
+        started = self._started_at_ms
+        check = retry or any(due.deliver_at_ms <= started for due in batch)
+        recheck = self._recheck
+        if recheck:
+            ids = [due.msg_id for due in batch]
+            check = check or not recheck.isdisjoint(ids)
+            recheck.difference_update(ids)
+        return check
 
     async def _marker(self) -> None:
         """Mark released messages delivered in the store, what queued meanwhile together
@@ -734,8 +751,10 @@ class DelayService:
         try:
             due = await self.store.due(msg_id)
             if due is not None:
-                if due.deliver_at_ms < horizon:
-                    self._arm(due)
+                # The read may be stale: the message may have been released and marked while
+                # it ran. Armed again, its release checks its topic for it first.
+                if due.deliver_at_ms < horizon and self._arm(due):
+                    self._recheck.add(msg_id)
                 return due.deliver_at_ms
             info = await self.store.get(msg_id)
         except DelayStoreUnavailable as e:

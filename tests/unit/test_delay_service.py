@@ -9,6 +9,7 @@ import gc
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -449,3 +450,37 @@ async def test_after_the_wall_clock_steps_back_releases_wait_for_it_without_spin
         await delay.stop()
         await broker.stop()
         await timers.stop()
+
+
+async def test_a_resend_whose_read_went_stale_during_the_release_is_not_released_twice(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    """A resend of a scheduled id reads the stored message and arms it again; if the message
+    was released and marked delivered while that read ran, the stale copy must not put it into
+    its topic a second time (a consumer retry scheduled again after a crash did that: its
+    copy then reached the dead-letter topic twice)."""
+    node = await _node(nodes, tmp_path / "d")
+    await node.broker.create_topic("orders", 1)
+    msg_id = node.delay.new_msg_id()
+    at = node.timers.now_ms() + 200
+    await node.delay.schedule([Message("orders", b"once", msg_id=msg_id)], [at])
+    store = node.delay.store
+    read_due = store.due
+    go = asyncio.Event()
+
+    async def stale_due(msg_id: bytes) -> Any:
+        due = await read_due(msg_id)  # read while still scheduled ...
+        await go.wait()  # ... and handed back after the release and its mark
+        return due
+
+    store.due = stale_due  # type: ignore[method-assign]
+    resend = asyncio.create_task(
+        node.delay.schedule([Message("orders", b"once", msg_id=msg_id)], [at])
+    )
+    await asyncio.sleep(0.05)
+    await wait_for(lambda: node.bodies("orders") == [b"once"])
+    await wait_for(lambda: not node.delay._releasing)  # marked delivered in the store
+    go.set()
+    assert await resend == [at]
+    await asyncio.sleep(0.3)
+    assert node.bodies("orders") == [b"once"]
