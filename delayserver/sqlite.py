@@ -158,8 +158,9 @@ class SqliteRunner:
         return await fut
 
     async def write_one(self, sql: str, params: Sequence[object]) -> int:
-        """One statement (``INSERT OR IGNORE`` of one row, say) as a write of its own; returns
-        its row count (``sqlite3.Cursor.rowcount``: 0 for a row ignored as a duplicate).
+        """One statement (an ``INSERT ... ON CONFLICT DO NOTHING`` of one row, say) as a write
+        of its own; returns its row count (``sqlite3.Cursor.rowcount``: 0 for a row left out as
+        a duplicate).
 
         In async mode with no write queued or running, it runs right here on the event loop
         in SQLite's autocommit mode: the statement is its own transaction, committed into the
