@@ -285,6 +285,31 @@ async def test_a_key_search_survives_the_page_refresh_after_a_send(server: Serve
         await expect(row).to_contain_text("first")
 
 
+async def test_the_refresh_after_a_send_moves_no_form(server: Server) -> None:
+    """The list a send refreshes grows; the forms the user clicks next stay where they were. A
+    button that moves between the press and the release of a click gets no click at all (the
+    key search of a busy page was lost that way: no request, no error)."""
+    topic = unique("orders")
+    async with open_page(server.url) as page:
+        await page.goto("/console/#/topics")
+        form = page.locator("#create-topic")
+        await form.locator("input[name=name]").fill(topic)
+        await form.locator("input[name=queues]").fill("1")  # the send shows in queue 0
+        await form.get_by_role("button", name="Create topic").click()
+        await page.get_by_role("link", name=topic).click()
+        await expect(page.locator("h1")).to_have_text(f"Topic {topic}")
+        buttons = [
+            page.locator("#send").get_by_role("button", name="Send test message"),
+            page.locator("#by-key").get_by_role("button", name="Find by key"),
+        ]
+        before = [await b.bounding_box() for b in buttons]
+        send = page.locator("#send")
+        await send.locator("textarea[name=body]").fill("line one\nline two\nline three")
+        await send.get_by_role("button", name="Send test message").click()
+        await expect(page.locator("main table tbody tr", has_text="line one")).to_have_count(1)
+        assert [await b.bounding_box() for b in buttons] == before
+
+
 async def test_a_delayed_message_leaves_the_timeline_for_its_topic(
     server: Server, session: aiohttp.ClientSession
 ) -> None:

@@ -351,8 +351,12 @@ async function pageTopic(name, params) {
     page.next_offset < page.max_offset ? h("button", { class: "secondary", onclick: () => go({ queue, offset: page.next_offset }) }, "Newer →") : null,
     h("span", { class: "muted" }, ` offsets ${num(page.offset)}–${num(page.next_offset)} of ${num(page.min_offset)}–${num(page.max_offset)}`));
   const { byKey, keyResults, send } = formsOfTopic(name, params);
-  main.replaceChildren(h("h1", {}, `Topic ${name}`), browse, nav, messagesTable(page.messages),
-    h("h2", {}, "Find by key"), byKey, keyResults, h("h2", {}, "Send a test message"), send);
+  // The forms come before the list a send refreshes: a list that grows above them would move
+  // them under the pointer, and a click whose press and release land on different elements
+  // is no click at all.
+  main.replaceChildren(h("h1", {}, `Topic ${name}`),
+    h("h2", {}, "Send a test message"), send, h("h2", {}, "Find by key"), byKey, keyResults,
+    h("h2", {}, "Messages"), browse, nav, messagesTable(page.messages));
 }
 
 async function pageMessage(id) {
