@@ -357,6 +357,33 @@ async def test_reschedule_then_cancel_a_delayed_message(
     assert info["state"] == "cancelled"
 
 
+async def test_the_timeline_refresh_moves_no_form(
+    server: Server, session: aiohttp.ClientSession
+) -> None:
+    """The timeline refreshes itself every few seconds and grows with what is scheduled; the
+    look-up form's buttons stay where they were (see the topic page's test of the same)."""
+    base = server.url
+    async with open_page(base) as page:
+        await page.goto("/console/#/delayed")
+        await expect(page.locator("#timeline")).to_contain_text("pending")
+        lookup = page.locator("#delayed-lookup")
+        buttons = [
+            lookup.get_by_role("button", name=n) for n in ("Look up", "Reschedule", "Cancel")
+        ]
+        before = [await b.bounding_box() for b in buttons]
+        topic, _ = await delayed_message(session, base, "later", 1_800_000)
+        for _ in range(2):
+            await ok(
+                session,
+                "POST",
+                f"{base}/v1/topics/{topic}/messages",
+                {"body": "later", "delay_ms": 1_800_000},
+            )
+        rows = page.locator("#timeline tbody tr", has_text=topic)
+        await expect(rows).to_have_count(3, timeout=15_000)  # the next refresh has them
+        assert [await b.bounding_box() for b in buttons] == before
+
+
 async def test_commit_a_parked_transaction(server: Server, session: aiohttp.ClientSession) -> None:
     base = server.url
     topic = unique("tx")

@@ -482,8 +482,9 @@ async function pageDelayed() {
           act(async () => { await api("DELETE", `/v1/delayed/${d.msg_id}`); return `${d.msg_id} cancelled`; }, refreshTimeline);
         } }, "Cancel")]), "Nothing scheduled."));
   }
-  main.replaceChildren(h("h1", {}, "Delayed messages"), h("h2", {}, "What falls due"), timeline,
-    h("h2", {}, "Look up, reschedule or cancel"), lookup, result,
+  // The form first: the timeline below it changes every few seconds (see pageTopic).
+  main.replaceChildren(h("h1", {}, "Delayed messages"),
+    h("h2", {}, "Look up, reschedule or cancel"), lookup, result, h("h2", {}, "What falls due"), timeline,
     h("h2", {}, `Release lateness (${num(t.lateness.count)} released by this server)`), barChart(lat, { height: 160 }));
   every(3000, () => refreshTimeline().catch((e) => flash(e.message, true)));
 }
