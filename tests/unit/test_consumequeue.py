@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -286,3 +287,35 @@ def test_tag_hash_is_stable_and_zero_for_no_tag() -> None:
     assert len(values) == 2000
     assert all(0 < v < 2**63 for v in values)
     assert tag_hash("é") > 0
+
+
+# -- page cache ----------------------------------------------------------------------------------
+
+
+def _resident_pages(view: object, length: int) -> int:
+    """Pages of a mapping's first ``length`` bytes in the page cache (mincore(2))."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = -(-length // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))  # type: ignore[arg-type]
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    assert libc.mincore(addr, length, vec) == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vec)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore(2) as on Linux")
+def test_the_first_entry_of_a_new_file_brings_in_no_run_of_pages(
+    qdir: Path, opened: list[ConsumeQueue]
+) -> None:
+    """A write to a fresh page of the sparse file must not read ahead: that zeroed up to
+    megabytes of the file, on the event loop, for the first entry of each new file."""
+    per_file = 300_000  # the default: a 6 MB file
+    cq = open_cq(qdir, opened, per_file=per_file)
+    cq.preallocate(0)
+    assert cq.put(0, *entry(0))
+    view = cq._files[0][1]
+    assert _resident_pages(view, per_file * ENTRY_SIZE) <= 4
+    assert cq.get(0) == entry(0)
