@@ -24,6 +24,13 @@ _ALLOCATE_ENTRIES = 4096
 _MADV_RANDOM: int | None = getattr(mmap, "MADV_RANDOM", None)
 
 
+def sync_file(fd: int) -> None:
+    """Write a mapped file's dirty pages to disk, as ``msync(MS_SYNC)`` of its whole mapping
+    does on Linux, with the interpreter lock let go meanwhile: ``mmap.flush`` holds it through
+    the whole write, which stopped the event loop for 3-4 ms at every periodic flush."""
+    os.fdatasync(fd)
+
+
 def tag_hash(tags: str) -> int:
     """Stable 63-bit hash of a tag (0 for no tag), cheap enough for every put."""
     if not tags:
@@ -191,12 +198,12 @@ class ConsumeQueue:
                 self._unmap(start)
 
     def flush(self) -> None:
-        for _fd, view in list(self._files.values()):
-            view.flush()
+        for fd, _view in list(self._files.values()):
+            sync_file(fd)
 
     def close(self) -> None:
         for fd, view in self._files.values():
-            view.flush()
+            sync_file(fd)
             view.close()
             os.close(fd)
         self._files.clear()

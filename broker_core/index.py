@@ -24,6 +24,8 @@ import os
 import struct
 from pathlib import Path
 
+from broker_core.consumequeue import sync_file
+
 _MAGIC = 0x54514958  # "TQIX"
 _HEADER = struct.Struct(">IIIIqqI")
 _HEADER_SIZE = 64
@@ -161,7 +163,7 @@ class _IndexFile:
 
     def close(self) -> None:
         self.sync_header(clean=True)
-        self.view.flush()
+        sync_file(self.fd)
         self.view.close()
         os.close(self.fd)
 
@@ -203,7 +205,7 @@ class Index:
             if self._files:
                 full = self._files[-1]
                 full.sync_header(clean=True)
-                full.view.flush()  # sealed: a later crash cannot leave it half written
+                sync_file(full.fd)  # sealed: a later crash cannot leave it half written
             f, self._spare = self._spare or self._new_file(), None
             self._files.append(f)
         return self._files[-1]
@@ -266,7 +268,7 @@ class Index:
         for f in list(self._files):
             if not f.clean:
                 f.sync_header()
-                f.view.flush()
+                sync_file(f.fd)
 
     def drop_before(self, phy_min: int) -> None:
         """Retention: delete files whose every record is older than the CommitLog's start."""

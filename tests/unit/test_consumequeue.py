@@ -1,9 +1,13 @@
-"""ConsumeQueue: entry arithmetic, puts and reads across files, reload, truncation, retention."""
+"""ConsumeQueue, and the index files written beside it: entry arithmetic, puts and reads across
+files, reload, truncation, retention, the page cache, and the flush to disk."""
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -319,3 +323,68 @@ def test_the_first_entry_of_a_new_file_brings_in_no_run_of_pages(
     view = cq._files[0][1]
     assert _resident_pages(view, per_file * ENTRY_SIZE) <= 4
     assert cq.get(0) == entry(0)
+
+
+def ticks_during(work: Callable[[], None]) -> int:
+    """How often this thread ran while ``work`` ran on another thread."""
+    window: list[float] = []
+    started = threading.Event()
+
+    def run() -> None:
+        started.set()
+        t0 = time.perf_counter()
+        work()
+        window.extend((t0, time.perf_counter()))
+
+    thread = threading.Thread(target=run)
+    ticks = []
+    thread.start()
+    started.wait()
+    while thread.is_alive():
+        ticks.append(time.perf_counter())
+    thread.join()
+    return sum(1 for t in ticks if window[0] < t < window[1])
+
+
+@pytest.fixture
+def slow_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk that takes 50 ms per file sync (the sync itself lets go of the interpreter lock,
+    as the system call does)."""
+    real = os.fdatasync
+
+    def slow(fd: int) -> None:
+        time.sleep(0.05)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+
+
+@pytest.mark.usefixtures("slow_disk")
+def test_writing_the_files_to_disk_lets_the_event_loop_run(
+    qdir: Path, opened: list[ConsumeQueue]
+) -> None:
+    """The periodic flush writes the queue's files on a thread while the event loop serves;
+    ``mmap.flush`` held the interpreter lock through the whole write, so the loop stood still
+    for it (3-4 ms at every flush interval, seen as release lateness)."""
+    cq = open_cq(qdir, opened, per_file=1000)
+    fill(cq, 2500)
+    assert ticks_during(cq.flush) > 100
+    assert [cq.get(i) for i in (0, 999, 1000, 2499)] == [entry(i) for i in (0, 999, 1000, 2499)]
+
+
+@pytest.mark.usefixtures("slow_disk")
+def test_writing_the_index_to_disk_lets_the_event_loop_run(tmp_path: Path) -> None:
+    """The same for the index files the periodic flush writes (see the test above)."""
+    from broker_core.index import Index
+
+    index = Index(tmp_path / "index", slots=1024, capacity=4096)
+    index.load()
+    ids = [os.urandom(16) for _ in range(100)]
+    for phy, msg_id in enumerate(ids):
+        index.add(phy * 100, msg_id, "orders", (f"k{phy}",))
+    try:
+        assert ticks_during(index.flush) > 100
+        assert index.lookup_id(ids[42]) == [4200]
+        assert index.lookup_key("orders", "k7") == [700]
+    finally:
+        index.close()
