@@ -388,3 +388,40 @@ def test_writing_the_index_to_disk_lets_the_event_loop_run(tmp_path: Path) -> No
         assert index.lookup_key("orders", "k7") == [700]
     finally:
         index.close()
+
+
+def test_an_index_file_that_fills_up_is_sealed_by_the_flush_not_on_the_put_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The put path (the event loop) rolls to the next index file when one fills; syncing the
+    full file there stopped the loop for as long as the disk took. The periodic flush, on its
+    thread, seals it instead: on disk it is then full and clean, and needs no repair."""
+    from broker_core.index import Index
+
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def counted(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counted)
+    index = Index(tmp_path / "index", slots=64, capacity=100)
+    index.load()
+    ids = [os.urandom(16) for _ in range(150)]
+    for phy, msg_id in enumerate(ids):
+        index.add(phy * 100, msg_id, "orders", ())
+    assert synced == []  # nothing written to disk on the put path
+    index.flush()
+    assert synced
+    full = index._files[0]
+    assert (full.count, full.clean) == (100, True)
+    index.close()
+    again = Index(tmp_path / "index", slots=64, capacity=100)
+    again.load()
+    try:
+        assert (again._files[0].count, again._files[0].clean) == (100, True)
+        found = [again.lookup_id(ids[i]) for i in (0, 99, 100, 149)]
+        assert found == [[0], [9900], [10000], [14900]]
+    finally:
+        again.close()
