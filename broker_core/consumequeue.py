@@ -198,8 +198,16 @@ class ConsumeQueue:
                 self._unmap(start)
 
     def flush(self) -> None:
-        for fd, _view in list(self._files.values()):
-            sync_file(fd)
+        """Write the queue's files to disk. Runs on the flush thread while retention, on the
+        event loop, may close and delete a file meanwhile (:meth:`drop_before`): a file no longer
+        here needs no sync, and its failure (EBADF, or the error of a file that took its
+        descriptor's number) is not the flush's. Raises ``OSError`` for a file still here."""
+        for start, (fd, view) in list(self._files.items()):
+            try:
+                sync_file(fd)
+            except OSError:
+                if self._files.get(start, (fd, None))[1] is view:
+                    raise
 
     def close(self) -> None:
         for fd, view in self._files.values():

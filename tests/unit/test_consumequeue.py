@@ -425,3 +425,41 @@ def test_an_index_file_that_fills_up_is_sealed_by_the_flush_not_on_the_put_path(
         assert found == [[0], [9900], [10000], [14900]]
     finally:
         again.close()
+
+
+def test_retention_closing_a_file_during_the_flush_fails_no_flush(
+    qdir: Path, opened: list[ConsumeQueue], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush syncs on its thread, the interpreter lock let go, while retention on the event
+    loop closes and deletes the files it has done with: their descriptors were then closed (or
+    taken by another file) under the flush, which failed with EBADF and skipped the checkpoint
+    and the consumer offsets' save. A file retention deleted needs no sync."""
+    cq = open_cq(qdir, opened, per_file=10)
+    fill(cq, 35)
+    real = os.fdatasync
+    first = threading.Event()
+    dropped = threading.Event()
+
+    def slow(fd: int) -> None:
+        first.set()
+        dropped.wait(5)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+    failed: list[BaseException] = []
+
+    def flush() -> None:
+        try:
+            cq.flush()
+        except BaseException as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=flush)
+    thread.start()
+    first.wait(5)  # the flush is in its first file's sync
+    cq.drop_before(entry(30)[0])  # retention: the files of entries 0-29 go
+    dropped.set()
+    thread.join()
+    assert failed == []
+    assert sorted(cq._files) == [30]
+    assert (cq.min_offset, cq.max_offset) == (30, 35)
