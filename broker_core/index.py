@@ -202,10 +202,8 @@ class Index:
 
     def _active(self) -> _IndexFile:
         if not self._files or self._files[-1].count >= self._files[-1].capacity:
-            if self._files:
-                full = self._files[-1]
-                full.sync_header(clean=True)
-                sync_file(full.fd)  # sealed: a later crash cannot leave it half written
+            # The full file is sealed by the next flush, on its thread (see flush): a sync here,
+            # on the event loop, stopped the loop for as long as the disk took.
             f, self._spare = self._spare or self._new_file(), None
             self._files.append(f)
         return self._files[-1]
@@ -265,9 +263,17 @@ class Index:
         return out
 
     def flush(self) -> None:
+        """Write the files still taking writes, or full but not yet sealed, to disk. Runs on
+        the flush thread; a full file takes no more writes, so it is sealed here: its entries
+        go to disk first, then the header that marks it clean (never the header alone, which
+        would vouch for entries a power cut lost). Raises ``OSError`` from the sync."""
         for f in list(self._files):
-            if not f.clean:
-                f.sync_header()
+            if f.clean:
+                continue
+            f.sync_header()
+            sync_file(f.fd)
+            if f.count >= f.capacity:
+                f.sync_header(clean=True)
                 sync_file(f.fd)
 
     def drop_before(self, phy_min: int) -> None:

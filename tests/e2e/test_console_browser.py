@@ -384,6 +384,66 @@ async def test_the_timeline_refresh_moves_no_form(
         assert [await b.bounding_box() for b in buttons] == before
 
 
+def watch_timeline(page: Any) -> tuple[list[str], list[str]]:
+    """(confirmations asked, then dismissed; the timeline's refresh requests), as they come."""
+    asked: list[str] = []
+    refreshes: list[str] = []
+
+    async def dismiss(dialog: Any) -> None:
+        asked.append(dialog.message)
+        await dialog.dismiss()
+
+    def request(r: Any) -> None:
+        if "/delay/timeline" in r.url:
+            refreshes.append(r.url)
+
+    page.on("dialog", dismiss)
+    page.on("request", request)
+    return asked, refreshes
+
+
+async def until_asked(page: Any, asked: list[str]) -> None:
+    """Wait up to 5 s for a confirmation to be asked."""
+    for _ in range(50):
+        if asked:
+            return
+        await page.wait_for_timeout(100)
+
+
+@pytest.mark.parametrize("how", ["pointer", "keyboard"])
+async def test_a_cancel_on_the_timeline_survives_its_refresh(
+    server: Server, session: aiohttp.ClientSession, how: str
+) -> None:
+    """The timeline is rebuilt every few seconds, its Cancel buttons with it. A click pressed on
+    one of them and released after a rebuild was released on a button no longer in the page, and
+    was lost: no confirmation asked, no request, no error. From the keyboard, the rebuild dropped
+    the button's focus to the start of the page, so Enter did nothing."""
+    base = server.url
+    topic, msg_id = await delayed_message(session, base, "soon", 120_000)
+    async with open_page(base) as page:
+        asked, refreshes = watch_timeline(page)
+        await page.goto("/console/#/delayed")
+        row = page.locator("#timeline tbody tr", has_text=topic)
+        button = row.get_by_role("button", name="Cancel")
+        before = len(refreshes)
+        if how == "pointer":
+            box = await button.bounding_box()
+            assert box is not None
+            await page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            await page.mouse.down()
+            await page.wait_for_timeout(3_500)  # the timeline refreshes meanwhile (every 3 s)
+            await page.mouse.up()
+        else:
+            await button.focus()
+            await page.wait_for_timeout(3_500)
+            await expect(button).to_be_focused()
+            await page.keyboard.press("Enter")
+        assert len(refreshes) > before
+        await until_asked(page, asked)
+        assert asked == [f"Cancel delayed message {msg_id}?"]
+        await expect(row).to_have_count(1)  # dismissed: still scheduled, and still shown
+
+
 async def test_commit_a_parked_transaction(server: Server, session: aiohttp.ClientSession) -> None:
     base = server.url
     topic = unique("tx")

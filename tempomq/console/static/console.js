@@ -86,6 +86,37 @@ function every(ms, fn) {
   pageTimers.push(setInterval(fn, ms));
 }
 
+// A click is a press and a release on the same element: a refresh that replaces the element
+// between the two loses the click (no error, nothing sent). Refreshes that rebuild controls
+// await released() before they touch the page; it resolves at once when no pointer is down,
+// else after the release and the click it makes.
+let pointerDown = false;
+let releaseWaiters = [];
+document.addEventListener("pointerdown", () => { pointerDown = true; }, true);
+for (const type of ["pointerup", "pointercancel"]) {
+  document.addEventListener(type, () => setTimeout(() => {
+    pointerDown = false;
+    releaseWaiters.splice(0).forEach((resolve) => resolve());
+  }), true);
+}
+
+function released() {
+  return pointerDown ? new Promise((resolve) => releaseWaiters.push(resolve)) : Promise.resolve();
+}
+
+// The same for the keyboard: a rebuild drops the focus of a control it replaces to the page's
+// start. keepFocus(el, build) rebuilds el and focuses again the control that had the focus in
+// it, found by its data-focus attribute or its link.
+function keepFocus(el, build) {
+  const key = (x) => x.getAttribute("data-focus") || x.getAttribute("href");
+  const had = el.contains(document.activeElement) ? key(document.activeElement) : null;
+  build();
+  if (had) {
+    const again = [...el.querySelectorAll("[data-focus], a[href]")].find((x) => key(x) === had);
+    if (again) again.focus();
+  }
+}
+
 // -- the API, with login on 401 --------------------------------------------------------------
 
 class ApiError extends Error {
@@ -471,7 +502,8 @@ async function pageDelayed() {
   const timeline = h("div", { id: "timeline" });
   async function refreshTimeline() {
     const x = await api("GET", "/v1/delay/timeline?limit=20");
-    timeline.replaceChildren(
+    await released();  // its Cancel buttons are rebuilt: never between a click's press and release
+    keepFocus(timeline, () => timeline.replaceChildren(
       h("p", {}, `${num(x.pending)} pending`),
       barChart(x.buckets.map((b) => ({ label: b.label, value: b.count, color: b.label === "overdue" ? "#c23b3b" : "#2f6fd6" }))),
       h("h2", {}, "Next due"),
@@ -480,7 +512,7 @@ async function pageDelayed() {
         h("button", { class: "danger", onclick: () => {
           if (!confirm(`Cancel delayed message ${d.msg_id}?`)) return;
           act(async () => { await api("DELETE", `/v1/delayed/${d.msg_id}`); return `${d.msg_id} cancelled`; }, refreshTimeline);
-        } }, "Cancel")]), "Nothing scheduled."));
+        }, "data-focus": `cancel ${d.msg_id}` }, "Cancel")]), "Nothing scheduled.")));
   }
   // The form first: the timeline below it changes every few seconds (see pageTopic).
   main.replaceChildren(h("h1", {}, "Delayed messages"),
