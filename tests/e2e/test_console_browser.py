@@ -62,6 +62,17 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+async def create_and_open_topic(page: Any, topic: str, queues: int) -> None:
+    """Create ``topic`` through the topics page's form and open its page."""
+    await page.goto("/console/#/topics")
+    form = page.locator("#create-topic")
+    await form.locator("input[name=name]").fill(topic)
+    await form.locator("input[name=queues]").fill(str(queues))
+    await form.get_by_role("button", name="Create topic").click()
+    await page.get_by_role("link", name=topic).click()
+    await expect(page.locator("h1")).to_have_text(f"Topic {topic}")
+
+
 async def ok(session: aiohttp.ClientSession, method: str, url: str, body: Any = None) -> Any:
     status, data = await call(session, method, url, body)
     assert status in (200, 201), data
@@ -220,13 +231,7 @@ async def test_create_a_topic_send_a_message_and_find_it_by_key(server: Server) 
     topic = unique("orders")
     key = unique("order")
     async with open_page(server.url) as page:
-        await page.goto("/console/#/topics")
-        form = page.locator("#create-topic")
-        await form.locator("input[name=name]").fill(topic)
-        await form.locator("input[name=queues]").fill("2")
-        await form.get_by_role("button", name="Create topic").click()
-        await page.get_by_role("link", name=topic).click()
-        await expect(page.locator("h1")).to_have_text(f"Topic {topic}")
+        await create_and_open_topic(page, topic, 2)
 
         send = page.locator("#send")
         await send.locator("textarea[name=body]").fill("paid in full")
@@ -250,13 +255,7 @@ async def test_a_key_search_survives_the_page_refresh_after_a_send(server: Serve
     topic = unique("orders")
     key = unique("order")
     async with open_page(server.url) as page:
-        await page.goto("/console/#/topics")
-        form = page.locator("#create-topic")
-        await form.locator("input[name=name]").fill(topic)
-        await form.locator("input[name=queues]").fill("1")  # both sends show in queue 0
-        await form.get_by_role("button", name="Create topic").click()
-        await page.get_by_role("link", name=topic).click()
-        await expect(page.locator("h1")).to_have_text(f"Topic {topic}")
+        await create_and_open_topic(page, topic, 1)  # both sends show in queue 0
         send = page.locator("#send")
         await send.locator("textarea[name=body]").fill("first")
         await send.locator("input[name=keys]").fill(key)
@@ -291,13 +290,7 @@ async def test_the_refresh_after_a_send_moves_no_form(server: Server) -> None:
     key search of a busy page was lost that way: no request, no error)."""
     topic = unique("orders")
     async with open_page(server.url) as page:
-        await page.goto("/console/#/topics")
-        form = page.locator("#create-topic")
-        await form.locator("input[name=name]").fill(topic)
-        await form.locator("input[name=queues]").fill("1")  # the send shows in queue 0
-        await form.get_by_role("button", name="Create topic").click()
-        await page.get_by_role("link", name=topic).click()
-        await expect(page.locator("h1")).to_have_text(f"Topic {topic}")
+        await create_and_open_topic(page, topic, 1)  # the send shows in queue 0
         buttons = [
             page.locator("#send").get_by_role("button", name="Send test message"),
             page.locator("#by-key").get_by_role("button", name="Find by key"),
