@@ -285,19 +285,24 @@ async def test_the_alarm_wakes_the_driver_before_the_loops_own_timer(
         await service.stop()
 
 
-@linux_only
-async def test_an_alarm_fires_at_its_time_never_before() -> None:
-    loop = asyncio.get_running_loop()
-    alarm = RealtimeAlarm.open(loop)
-    assert alarm is not None
+@pytest.fixture
+async def alarm() -> AsyncIterator[RealtimeAlarm]:
+    """An alarm on the running loop, closed after the test."""
+    opened = RealtimeAlarm.open(asyncio.get_running_loop())
+    assert opened is not None
     try:
-        fired: asyncio.Future[int] = loop.create_future()
-        target = time.time_ns() + 15_000_000
-        alarm.arm(target, lambda: fired.set_result(time.time_ns()))
-        async with asyncio.timeout(WAIT_S):
-            assert await fired >= target
+        yield opened
     finally:
-        alarm.close()
+        opened.close()
+
+
+@linux_only
+async def test_an_alarm_fires_at_its_time_never_before(alarm: RealtimeAlarm) -> None:
+    fired: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    target = time.time_ns() + 15_000_000
+    alarm.arm(target, lambda: fired.set_result(time.time_ns()))
+    async with asyncio.timeout(WAIT_S):
+        assert await fired >= target
 
 
 @linux_only
@@ -340,15 +345,11 @@ async def test_without_an_alarm_the_loops_timer_serves(monkeypatch: pytest.Monke
 
 
 @linux_only
-async def test_an_alarm_beyond_what_64_bits_of_nanoseconds_hold_is_armed_not_refused() -> None:
-    loop = asyncio.get_running_loop()
-    alarm = RealtimeAlarm.open(loop)
-    assert alarm is not None
+async def test_an_alarm_beyond_what_64_bits_of_nanoseconds_hold_is_armed_not_refused(
+    alarm: RealtimeAlarm,
+) -> None:
     runs: list[str] = []
-    try:
-        alarm.arm(1 << 80, lambda: runs.append("never"))
-        alarm.arm(time.time_ns() + 5_000_000, lambda: runs.append("soon"))
-        await asyncio.sleep(0.05)
-        assert runs == ["soon"]
-    finally:
-        alarm.close()
+    alarm.arm(1 << 80, lambda: runs.append("never"))
+    alarm.arm(time.time_ns() + 5_000_000, lambda: runs.append("soon"))
+    await asyncio.sleep(0.05)
+    assert runs == ["soon"]
