@@ -227,8 +227,9 @@ class ConsumeQueue:
             try:
                 sync_file(fd)
             except OSError:
-                if self._files.get(start, (fd, None))[1] is view:
-                    raise
+                current = self._files.get(start)
+                if current is not None and current[1] is view:
+                    raise  # still this queue's file: the sync itself failed
 
     def close(self) -> None:
         for fd, view in self._files.values():
