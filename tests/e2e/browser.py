@@ -12,11 +12,14 @@ import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.services import services_required
+
+if TYPE_CHECKING:  # playwright may be missing: chromium_path() skips then
+    from playwright.async_api import ViewportSize
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -27,7 +30,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-VIEWPORT = {"width": 1280, "height": 860}
+VIEWPORT: ViewportSize = {"width": 1280, "height": 860}
 #: Where screenshots of the pages go besides the test's tmp dir (docs/console.md sets it to
 #: docs/img to refresh the pictures there).
 SCREENSHOT_DIR_ENV = "TEMPOMQ_SCREENSHOT_DIR"

@@ -249,6 +249,26 @@ async def test_create_a_topic_send_a_message_and_find_it_by_key(server: Server) 
         await expect(page.locator("pre.body")).to_have_text("paid in full")
 
 
+async def test_creating_a_topic_keeps_what_was_typed_in_the_other_forms(server: Server) -> None:
+    """Creating a topic re-renders the topics page; an id typed into the lookup and not looked
+    up yet stays (the re-render emptied it). The create form, done with, is emptied, and the
+    focus stays where the user was typing."""
+    topic = unique("orders")
+    msg_id = "0123456789abcdef0123456789abcdef"
+    async with open_page(server.url) as page:
+        await page.goto("/console/#/topics")
+        lookup = page.locator("#find-message input[name=id]")
+        await lookup.fill(msg_id)
+        form = page.locator("#create-topic")
+        name = form.locator("input[name=name]")
+        await name.fill(topic)
+        await name.press("Enter")
+        await expect(page.get_by_role("link", name=topic)).to_be_visible()  # re-rendered
+        await expect(lookup).to_have_value(msg_id)
+        await expect(name).to_have_value("")
+        await expect(name).to_be_focused()
+
+
 async def test_a_key_search_survives_the_page_refresh_after_a_send(server: Server) -> None:
     """A send refreshes the topic page when it is answered; a key search made before that
     refresh is in keeps its results (the refresh replaced the forms and emptied them)."""

@@ -19,6 +19,7 @@ from broker_core.consumequeue import (
     file_start,
     tag_hash,
 )
+from broker_core.index import Index
 
 PER_FILE = 4
 
@@ -375,8 +376,6 @@ def test_writing_the_files_to_disk_lets_the_event_loop_run(
 @pytest.mark.usefixtures("slow_disk")
 def test_writing_the_index_to_disk_lets_the_event_loop_run(tmp_path: Path) -> None:
     """The same for the index files the periodic flush writes (see the test above)."""
-    from broker_core.index import Index
-
     index = Index(tmp_path / "index", slots=1024, capacity=4096)
     index.load()
     ids = [os.urandom(16) for _ in range(100)]
@@ -390,22 +389,27 @@ def test_writing_the_index_to_disk_lets_the_event_loop_run(tmp_path: Path) -> No
         index.close()
 
 
+@pytest.fixture
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The descriptors of the file syncs made in the test, in order (after any ``slow_disk``
+    the test asks for before this)."""
+    out: list[int] = []
+    real = os.fdatasync
+
+    def counted(fd: int) -> None:
+        out.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counted)
+    return out
+
+
 def test_an_index_file_that_fills_up_is_sealed_by_the_flush_not_on_the_put_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, synced: list[int]
 ) -> None:
     """The put path (the event loop) rolls to the next index file when one fills; syncing the
     full file there stopped the loop for as long as the disk took. The periodic flush, on its
     thread, seals it instead: on disk it is then full and clean, and needs no repair."""
-    from broker_core.index import Index
-
-    synced: list[int] = []
-    real = os.fdatasync
-
-    def counted(fd: int) -> None:
-        synced.append(fd)
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", counted)
     index = Index(tmp_path / "index", slots=64, capacity=100)
     index.load()
     ids = [os.urandom(16) for _ in range(150)]
@@ -427,6 +431,78 @@ def test_an_index_file_that_fills_up_is_sealed_by_the_flush_not_on_the_put_path(
         again.close()
 
 
+def _index_of_three_files(directory: Path) -> tuple[Index, list[bytes]]:
+    """An index whose files 0 and 1 are full (ids 0-99 and 100-199) and file 2 takes writes."""
+    index = Index(directory, slots=64, capacity=100)
+    index.load()
+    ids = [os.urandom(16) for _ in range(250)]
+    for phy, msg_id in enumerate(ids):
+        index.add(phy * 100, msg_id, "orders", ())
+    return index, ids
+
+
+def _index_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["unsealed", "sealed"])
+def test_retention_deletes_index_files_without_syncing_them(
+    tmp_path: Path, slow_disk: None, synced: list[int], sealed: bool
+) -> None:
+    """Retention runs on the event loop; it closed each index file it deleted with a sync of
+    the file, which stopped the loop for as long as the disk took. A file being deleted needs
+    none, whether the flush sealed it already or not."""
+    index, ids = _index_of_three_files(tmp_path / "index")
+    try:
+        if sealed:
+            index.flush()
+        synced.clear()
+        index.drop_before(200 * 100)  # records 0-199 are gone: files 0 and 1 go
+        assert synced == []
+        assert _index_files(tmp_path / "index") == ["000000000002.idx"]
+        assert [index.lookup_id(ids[i]) for i in (0, 199, 200, 249)] == [[], [], [20000], [24900]]
+    finally:
+        index.close()
+
+
+def retention_during_flush(
+    monkeypatch: pytest.MonkeyPatch, flush: Callable[[], None], drop: Callable[[], None]
+) -> tuple[list[BaseException], list[int]]:
+    """Run ``flush`` on a thread and ``drop`` (retention) here while the flush is in its first
+    file's sync: what the flush raised, and the descriptors it synced once ``drop`` was done."""
+    real = os.fdatasync
+    first = threading.Event()
+    dropped = threading.Event()
+    synced_after: list[int] = []
+
+    def held(fd: int) -> None:
+        if dropped.is_set():
+            synced_after.append(fd)
+        elif not first.is_set():
+            first.set()
+            dropped.wait(5)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            flush()
+        except BaseException as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        first.wait(5)
+        drop()
+    finally:
+        dropped.set()
+        thread.join()
+    return failed, list(synced_after)
+
+
 def test_retention_closing_a_file_during_the_flush_fails_no_flush(
     qdir: Path, opened: list[ConsumeQueue], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -436,33 +512,37 @@ def test_retention_closing_a_file_during_the_flush_fails_no_flush(
     and the consumer offsets' save. A file retention deleted needs no sync."""
     cq = open_cq(qdir, opened, per_file=10)
     fill(cq, 35)
-    real = os.fdatasync
-    first = threading.Event()
-    dropped = threading.Event()
-
-    def slow(fd: int) -> None:
-        first.set()
-        dropped.wait(5)
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", slow)
-    failed: list[BaseException] = []
-
-    def flush() -> None:
-        try:
-            cq.flush()
-        except BaseException as e:
-            failed.append(e)
-
-    thread = threading.Thread(target=flush)
-    thread.start()
-    first.wait(5)  # the flush is in its first file's sync
-    cq.drop_before(entry(30)[0])  # retention: the files of entries 0-29 go
-    dropped.set()
-    thread.join()
+    # Retention: the files of entries 0-29 go.
+    failed, _ = retention_during_flush(monkeypatch, cq.flush, lambda: cq.drop_before(entry(30)[0]))
     assert failed == []
     assert sorted(cq._files) == [30]
     assert (cq.min_offset, cq.max_offset) == (30, 35)
+
+
+def test_retention_deleting_index_files_during_the_flush_fails_no_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for the index: retention discards full index files the flush, on its thread,
+    is still syncing and sealing. Their closed descriptors (EBADF) and mappings are not the
+    flush's failure, and the file that stays is written to disk as before."""
+    index, ids = _index_of_three_files(tmp_path / "index")
+    try:
+        # Retention: files 0 and 1 go while the flush is in the sync of file 0.
+        failed, synced_after = retention_during_flush(
+            monkeypatch, index.flush, lambda: index.drop_before(200 * 100)
+        )
+        assert failed == []
+        assert synced_after == [index._files[0].fd]  # the file kept, not file 1 (dropped)
+        assert _index_files(tmp_path / "index") == ["000000000002.idx"]
+        index.flush()
+    finally:
+        index.close()
+    again = Index(tmp_path / "index", slots=64, capacity=100)
+    again.load()
+    try:
+        assert [again.lookup_id(ids[i]) for i in (0, 200, 249)] == [[], [20000], [24900]]
+    finally:
+        again.close()
 
 
 def test_retention_finds_the_new_first_entry_without_reading_every_entry_before_it(

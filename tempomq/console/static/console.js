@@ -106,15 +106,51 @@ function released() {
 
 // The same for the keyboard: a rebuild drops the focus of a control it replaces to the page's
 // start. keepFocus(el, build) rebuilds el and focuses again the control that had the focus in
-// it, found by its data-focus attribute or its link.
+// it, found by its data-focus attribute, its link, or its form's id and its name.
+const CONTROLS = "[data-focus], a[href], form[id] [name]";
+
+function controlKey(x) {
+  return x.getAttribute("data-focus") || x.getAttribute("href")
+    || (x.name && x.form && x.form.id ? `${x.form.id} ${x.name}` : null);
+}
+
 function keepFocus(el, build) {
-  const key = (x) => x.getAttribute("data-focus") || x.getAttribute("href");
-  const had = el.contains(document.activeElement) ? key(document.activeElement) : null;
+  const had = el.contains(document.activeElement) ? controlKey(document.activeElement) : null;
   build();
   if (had) {
-    const again = [...el.querySelectorAll("[data-focus], a[href]")].find((x) => key(x) === had);
+    const again = [...el.querySelectorAll(CONTROLS)].find((x) => controlKey(x) === had);
     if (again) again.focus();
   }
+}
+
+// A page re-rendered by its own action (a create, a send: the route is the same) rebuilds its
+// forms, which emptied what was typed and not submitted yet. show(...) puts the page in main
+// and, on the same route, gives back the fields the user changed (those of forms with an id,
+// matched by form id and name) and the focus. A form an action was done with is reset first
+// (see act), so it starts empty again.
+function show(...children) {
+  const build = () => main.replaceChildren(...children);
+  if (main.dataset.route !== location.hash) {
+    main.dataset.route = location.hash;
+    build();
+    return;
+  }
+  const typed = new Map();
+  for (const x of main.querySelectorAll("form[id] [name]")) {
+    if (changed(x)) typed.set(controlKey(x), x.type === "checkbox" ? x.checked : x.value);
+  }
+  keepFocus(main, build);
+  for (const x of main.querySelectorAll("form[id] [name]")) {
+    const value = typed.get(controlKey(x));
+    if (value === undefined) continue;
+    if (x.type === "checkbox") x.checked = value; else x.value = value;
+  }
+}
+
+function changed(x) {
+  if (x.type === "checkbox") return x.checked !== x.defaultChecked;
+  if (x.tagName === "SELECT") return [...x.options].some((o) => o.selected !== o.defaultSelected);
+  return x.value !== x.defaultValue;
 }
 
 // -- the API, with login on 401 --------------------------------------------------------------
@@ -177,11 +213,13 @@ async function api(method, path, body) {
   }
 }
 
-// An action from a button or form: runs it, reports the error, re-renders on success.
-async function act(fn, done) {
+// An action from a button or form: runs it, reports the error, re-renders on success. A form
+// given is done with on success: it is reset before the re-render (which keeps the others').
+async function act(fn, done, form) {
   try {
     const text = await fn();
     if (text) flash(text);
+    if (form) form.reset();
     if (done) await done();
   } catch (e) {
     flash(e.message, true);
@@ -232,7 +270,7 @@ async function pageOverview() {
   let last = null;
   const tiles = h("div", { class: "cards", id: "rates" });
   const state = h("div", {});
-  main.replaceChildren(h("h1", {}, "Overview"), tiles, state);
+  show(h("h1", {}, "Overview"), tiles, state);
   async function refresh() {
     const [o, ready] = await Promise.all([api("GET", "/v1/overview"), readiness()]);
     if (last) {
@@ -293,18 +331,18 @@ async function pageTopics() {
     act(async () => {
       await api("POST", "/v1/topics", { name: v.name, queues: v.queues ? Number(v.queues) : undefined });
       return `topic ${v.name} created`;
-    }, pageTopics);
+    }, pageTopics, e.target);
   } },
   h("label", {}, "Name", h("input", { name: "name", required: true, placeholder: "orders" })),
   h("label", {}, "Queues", h("input", { name: "queues", type: "number", min: 1, placeholder: "8" })),
   h("button", { type: "submit" }, "Create topic"));
-  const lookup = h("form", { class: "inline", onsubmit: (e) => {
+  const lookup = h("form", { class: "inline", id: "find-message", onsubmit: (e) => {
     e.preventDefault();
     location.hash = messageHref(formValues(e.target).id.trim());
   } },
   h("label", {}, "Message id", h("input", { name: "id", required: true, size: 34, placeholder: "32 hex digits" })),
   h("button", { type: "submit", class: "secondary" }, "Find"));
-  main.replaceChildren(h("h1", {}, "Topics"), form,
+  show(h("h1", {}, "Topics"), form,
     table(["topic", { label: "queues", num: true }, { label: "messages", num: true }, "created"], rows, "No topics yet."),
     h("h2", {}, "Find a message by id"), lookup);
 }
@@ -385,7 +423,7 @@ async function pageTopic(name, params) {
   // The forms come before the list a send refreshes: a list that grows above them would move
   // them under the pointer, and a click whose press and release land on different elements
   // is no click at all.
-  main.replaceChildren(h("h1", {}, `Topic ${name}`),
+  show(h("h1", {}, `Topic ${name}`),
     h("h2", {}, "Send a test message"), send, h("h2", {}, "Find by key"), byKey, keyResults,
     h("h2", {}, "Messages"), browse, nav, messagesTable(page.messages));
 }
@@ -413,7 +451,7 @@ async function pageMessage(id) {
   }
   parts.push(h("h2", {}, "Stored records"), table(["topic", { label: "queue", num: true }, { label: "offset", num: true }, "stored"],
     t.records.map((r) => [r.topic, r.queue_id, r.queue_offset, when(r.stored_at)]), "Not stored in a topic yet."));
-  main.replaceChildren(...parts);
+  show(...parts);
 }
 
 async function pageGroups() {
@@ -423,13 +461,14 @@ async function pageGroups() {
     h("span", {}, g.topics.map((t) => h("span", {}, link(`#/groups/${enc(g.name)}/${enc(t.topic)}`, t.topic), ` (lag ${num(t.lag)}) `))),
     g.dlq_messages ? link(topicHref(g.dlq_topic), num(g.dlq_messages)) : "0",
     h("button", { class: "danger", onclick: () => deleteGroup(g.name) }, "Delete")]);
-  const form = h("form", { class: "inline", onsubmit: (e) => {
+  const form = h("form", { class: "inline", id: "create-group", onsubmit: (e) => {
     e.preventDefault();
     const v = formValues(e.target);
-    act(async () => { await api("POST", "/v1/groups", { name: v.name, fifo: v.fifo === "on" }); return `group ${v.name} created`; }, pageGroups);
+    act(async () => { await api("POST", "/v1/groups", { name: v.name, fifo: v.fifo === "on" }); return `group ${v.name} created`; },
+      pageGroups, e.target);
   } }, h("label", {}, "Name", h("input", { name: "name", required: true })),
   h("label", {}, "FIFO", h("input", { name: "fifo", type: "checkbox" })), h("button", { type: "submit" }, "Create group"));
-  main.replaceChildren(h("h1", {}, "Groups"), form,
+  show(h("h1", {}, "Groups"), form,
     table(["group", "kind", { label: "max attempts", num: true }, "topics (lag)", { label: "DLQ", num: true }, ""], rows, "No groups yet."));
 }
 
@@ -450,10 +489,10 @@ async function pageGroup(group, topic) {
     const ts = v.at ? Date.parse(v.at + "Z") : Date.now();
     if (!confirm(`Reset ${group} on ${topic} to ${when(ts)}? Deliveries out now lose their receipts.`)) return;
     act(async () => { await api("POST", `${base}/reset`, { timestamp: ts }); return `${group} reset to ${when(ts)}`; },
-      () => pageGroup(group, topic));
+      () => pageGroup(group, topic), e.target);
   } }, h("label", {}, "Reset to time (UTC; empty: now)", h("input", { name: "at", type: "datetime-local", step: 1 })),
   h("button", { type: "submit", class: "danger" }, "Reset offsets"));
-  main.replaceChildren(h("h1", {}, `Group ${group} on ${topic}`),
+  show(h("h1", {}, `Group ${group} on ${topic}`),
     h("div", { class: "cards" }, card("Lag", num(s.lag), "group-lag"), card("In flight", num(s.inflight), "group-inflight"),
       card("Kind", s.fifo ? "FIFO" : "concurrent"), card("Max attempts", num(s.max_attempts))),
     h("h2", {}, "Queues"),
@@ -515,7 +554,7 @@ async function pageDelayed() {
         }, "data-focus": `cancel ${d.msg_id}` }, "Cancel")]), "Nothing scheduled.")));
   }
   // The form first: the timeline below it changes every few seconds (see pageTopic).
-  main.replaceChildren(h("h1", {}, "Delayed messages"),
+  show(h("h1", {}, "Delayed messages"),
     h("h2", {}, "Look up, reschedule or cancel"), lookup, result, h("h2", {}, "What falls due"), timeline,
     h("h2", {}, `Release lateness (${num(t.lateness.count)} released by this server)`), barChart(lat, { height: 160 }));
   every(3000, () => refreshTimeline().catch((e) => flash(e.message, true)));
@@ -547,14 +586,14 @@ async function pageTransactions(params) {
       t.state === "prepared" && t.check_count ? h("span", { class: "badge warn" }, "checking") : h("span", { class: "badge" }, t.state),
       when(t.created_at), h("div", {}, showChecks, " ", open ? [end("commit"), " ", end("rollback")] : null, history)];
   });
-  main.replaceChildren(h("h1", {}, "Transactions"), tabs,
+  show(h("h1", {}, "Transactions"), tabs,
     table(["tx_id", "msg_id", "topic", "producer group", "state", "created", ""], rows, "No transactions in this state."),
     ...(next ? [h("p", {}, link(`#/transactions?state=${state}&after=${enc(next)}`, "Next page →"))] : []));
 }
 
 async function pageServers() {
   const body = h("div", { id: "servers" });
-  main.replaceChildren(h("h1", {}, "Delay servers"), body);
+  show(h("h1", {}, "Delay servers"), body);
   async function refresh() {
     const s = await api("GET", "/v1/delay/servers");
     if (s.store !== "redis") {
@@ -592,7 +631,7 @@ async function route() {
       default: return await pageOverview();
     }
   } catch (e) {
-    main.replaceChildren(h("h1", {}, "Error"), h("p", { class: "error", id: "page-error" }, e.message));
+    show(h("h1", {}, "Error"), h("p", { class: "error", id: "page-error" }, e.message));
   }
 }
 
