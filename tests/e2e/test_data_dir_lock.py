@@ -4,10 +4,12 @@ or taken; the owner keeps serving and keeps everything it acknowledged."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -44,6 +46,20 @@ def _tree(root: Path) -> dict[str, tuple[int, str]]:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             out[str(path.relative_to(root))] = (path.stat().st_mtime_ns, digest)
     return out
+
+
+async def _settled_tree(root: Path, timeout_s: float = 60.0) -> dict[str, tuple[int, str]]:
+    """:func:`_tree` once the running owner has stopped writing (two reads 1 s apart agree): a
+    restarted owner goes on writing for a while (recovery, its first flushes), longer on a slow
+    machine, and only what the second server does may be compared."""
+    deadline = time.monotonic() + timeout_s
+    tree = _tree(root)
+    while True:
+        await asyncio.sleep(1.0)
+        again = _tree(root)
+        if again == tree or time.monotonic() > deadline:
+            return again
+        tree = again
 
 
 async def _send(session: aiohttp.ClientSession, base: str, bodies: list[str]) -> None:
@@ -92,7 +108,7 @@ async def test_a_second_server_on_a_busy_port_touches_no_file(owner: Server) -> 
     assert owner.terminate() == 0
     owner.start()
     assert (owner.data_dir / "checkpoint.json").exists()
-    before = _tree(owner.data_dir)
+    before = await _settled_tree(owner.data_dir)
 
     second = _second_server(owner.data_dir, owner.port)
     assert second.returncode == 1, second
