@@ -9,10 +9,18 @@ with SQLite's page cache rather than the Python heap. All SQL runs on the databa
 Durability: WAL journal; ``sync=False`` (the broker's async flush mode) commits without fsync,
 which survives ``kill -9`` but may lose the last transactions on power loss; ``sync=True``
 fsyncs every commit.
+
+In async mode a schedule of a few messages (a one-call send) is acknowledged once appended to
+the schedule log (:mod:`delayserver.schedule_log`), as durable as that mode's commit, and its
+rows reach the table in batches a few milliseconds later, many schedules to one transaction.
+Every other operation first waits for the rows scheduled before it, so what it reads or
+changes is in the table; a resend is told from the table and from the rows not yet in it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +29,7 @@ from typing import TypeVar
 import structlog
 
 from broker_core.message import Message
+from delayserver.schedule_log import ScheduleLog, frame
 from delayserver.sqlite import SqliteRunner
 from delayserver.store import DelayedInfo, DelayState, DelayStoreUnavailable, Due, encode_message
 
@@ -40,6 +49,10 @@ CREATE TABLE IF NOT EXISTS delayed (
 );
 CREATE INDEX IF NOT EXISTS delayed_due ON delayed (deliver_at, msg_id) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS delayed_done ON delayed (finished_at) WHERE state != 0;
+CREATE TABLE IF NOT EXISTS schedule_log (
+    id      INTEGER PRIMARY KEY CHECK (id = 0),
+    applied INTEGER NOT NULL
+);
 """
 _STATES = (DelayState.SCHEDULED, DelayState.DELIVERED, DelayState.CANCELLED)
 _SCHEDULED, _DELIVERED, _CANCELLED = 0, 1, 2
@@ -52,7 +65,20 @@ _INSERT = (
 )
 #: Writes of up to this many rows may commit on the event loop in async mode (tens of
 #: microseconds); larger ones go to the database's thread so the loop never waits on them.
+#: Schedules of up to this many go through the schedule log in async mode.
 _SMALL_WRITE = 16
+#: The watermark: every schedule-log entry up to this seq is in the table.
+_APPLIED = (
+    "INSERT INTO schedule_log (id, applied) VALUES (0, ?) "
+    "ON CONFLICT (id) DO UPDATE SET applied = excluded.applied"
+)
+_KNOWN = "SELECT 1 FROM delayed WHERE msg_id = ?"
+#: Rows wait this long after the first of them is logged before they are applied together.
+_APPLY_AFTER_S = 0.01
+#: ... or until this many wait; a schedule finding twice as many waits for them first.
+_APPLY_ROWS = 2000
+#: After a failed apply, the rows wait this long before the next try.
+_RETRY_AFTER_S = 1.0
 
 
 class EmbeddedDelayStore:
@@ -65,9 +91,23 @@ class EmbeddedDelayStore:
         self._read = self._db.read
         self._write = self._db.write
         self._pending = 0
+        self._sync = sync
+        self._log = ScheduleLog(path)
+        self._seq = 0
+        #: Logged rows not yet in the table, oldest first: (seq, msg_id, at, topic, record).
+        self._unapplied: list[tuple[int, bytes, int, str, bytes]] = []
+        self._unapplied_ids: set[bytes] = set()
+        #: Ids being written by a large schedule on the database's thread.
+        self._direct_ids: set[bytes] = set()
+        self._apply_lock = asyncio.Lock()
+        self._apply_timer: asyncio.TimerHandle | None = None
+        self._apply_task: asyncio.Task[None] | None = None
+        #: Why the last apply failed; None once one succeeds.
+        self._apply_error: str | None = None
 
     async def open(self) -> None:
         await self._db.open()
+        await self._replay()
         self._pending = await self._read(
             lambda db: db.execute(
                 "SELECT count(*) FROM delayed INDEXED BY delayed_due WHERE state = 0"
@@ -75,15 +115,59 @@ class EmbeddedDelayStore:
         )
         log.info("delay_store.opened", path=str(self.path), pending=self._pending)
 
+    async def _replay(self) -> None:
+        """Apply what the schedule log holds above the watermark (a crash, or a close whose
+        last apply failed), then start it empty; in sync mode, leave it closed."""
+        loop = asyncio.get_running_loop()
+        applied = await self._read(_applied_seq)
+        entries = [e for e in await loop.run_in_executor(None, self._log.read) if e.seq > applied]
+        if entries:
+
+            def run(db: sqlite3.Connection) -> None:
+                db.executemany(
+                    _INSERT, [(e.msg_id, e.deliver_at_ms, e.topic, e.record) for e in entries]
+                )
+                db.execute(_APPLIED, (entries[-1].seq,))
+
+            await self._write(run)
+            log.info("delay_store.schedule_log_replayed", entries=len(entries))
+        self._seq = max(applied, entries[-1].seq if entries else 0)
+        await loop.run_in_executor(None, self._log.remove if self._sync else self._log.start)
+
     async def close(self) -> None:
+        if self._apply_timer is not None:
+            self._apply_timer.cancel()
+            self._apply_timer = None
+        try:
+            await self._settle()
+        except Exception as e:  # the rows stay in the log, applied at the next open
+            log.warning("delay_store.apply_failed_at_close", error=str(e))
         await self._db.close()
+        self._log.close()
 
     async def health(self) -> str | None:
-        return await self._db.check()
+        problem = await self._db.check()
+        if problem is None and self._apply_error is not None:
+            with contextlib.suppress(DelayStoreUnavailable):  # _apply_error says why
+                await self._apply()
+            return self._apply_error
+        return problem
 
     # -- operations ------------------------------------------------------------------------------
 
     async def schedule(self, items: Sequence[tuple[Message, int]]) -> list[bool]:
+        if (
+            self._log.open
+            and len(items) <= _SMALL_WRITE
+            and self._db.failure is None
+            and self._apply_error is None
+            and len(self._unapplied) < 2 * _APPLY_ROWS
+            and not (self._direct_ids and any(m.msg_id in self._direct_ids for m, _ in items))
+        ):
+            result = self._schedule_logged(items)
+            if result is not None:
+                return result
+        await self._settle()
         if len(items) == 1:
             # A lone message (a one-call send): one autocommit statement, whose row count
             # tells new (1) from a resend (0).
@@ -99,13 +183,133 @@ class EmbeddedDelayStore:
             insert = db.execute
             return [insert(_INSERT, row).rowcount == 1 for row in rows]
 
-        result = await self._write(run, small=len(rows) <= _SMALL_WRITE)
+        ids = {m.msg_id for m, _ in items}
+        ids.difference_update(self._direct_ids)
+        self._direct_ids |= ids
+        try:
+            result = await self._write(run, small=len(rows) <= _SMALL_WRITE)
+        finally:
+            self._direct_ids -= ids
         self._pending += sum(result)
         return result
+
+    def _schedule_logged(self, items: Sequence[tuple[Message, int]]) -> list[bool] | None:
+        """Schedule through the log, all on the loop (no await: no other schedule can come
+        between the check for a known id and the append). None when the log cannot take them:
+        the caller stores them directly."""
+        db = self._db.inline
+        assert db is not None
+        known = self._unapplied_ids
+        fresh: list[bool] = []
+        frames: list[bytes] = []
+        rows = []
+        seq = self._seq
+        try:
+            for msg, at in items:
+                msg_id = msg.msg_id
+                if msg_id in known or db.execute(_KNOWN, (msg_id,)).fetchone() is not None:
+                    fresh.append(False)
+                    continue
+                seq += 1
+                record = encode_message(msg)
+                frames.append(frame(seq, msg_id, at, msg.topic.encode(), record))
+                rows.append((seq, msg_id, at, msg.topic, record))
+                known.add(msg_id)
+                fresh.append(True)
+        except sqlite3.Error as e:
+            known.difference_update(r[1] for r in rows)
+            log.warning("delay_store.lookup_failed", error=str(e))
+            return None
+        if not rows:
+            return fresh
+        try:
+            self._log.append(b"".join(frames), seq)
+        except OSError as e:
+            known.difference_update(r[1] for r in rows)
+            log.error("delay_store.schedule_log_failed", error=str(e), open=self._log.open)
+            return None
+        self._seq = seq
+        self._unapplied += rows
+        self._pending += len(rows)
+        if len(self._unapplied) >= _APPLY_ROWS:
+            self._apply_soon(0)
+        elif self._apply_timer is None and self._apply_task is None:
+            self._apply_soon(_APPLY_AFTER_S)
+        return fresh
+
+    # -- applying the log --------------------------------------------------------------------
+
+    def _apply_soon(self, delay_s: float) -> None:
+        if self._apply_timer is not None:
+            self._apply_timer.cancel()
+        self._apply_timer = asyncio.get_running_loop().call_later(delay_s, self._start_apply)
+
+    def _start_apply(self) -> None:
+        self._apply_timer = None
+        if self._apply_task is None:
+            self._apply_task = asyncio.create_task(
+                self._apply_in_background(), name="tempomq-delay-store-apply"
+            )
+
+    async def _apply_in_background(self) -> None:
+        retry = False
+        try:
+            await self._apply()
+        except DelayStoreUnavailable as e:
+            log.error("delay_store.apply_failed", error=str(e), waiting=len(self._unapplied))
+            retry = True
+        except Exception:
+            log.exception("delay_store.apply_failed", waiting=len(self._unapplied))
+            retry = True
+        finally:
+            self._apply_task = None
+        if self._unapplied and self._apply_timer is None:
+            self._apply_soon(_RETRY_AFTER_S if retry else _APPLY_AFTER_S)
+
+    async def _settle(self) -> None:
+        """Return once every row logged before the call is in the table. Raises
+        ``DelayStoreUnavailable`` when they cannot be applied (they stay logged)."""
+        if self._unapplied or self._apply_lock.locked():
+            await self._apply()
+
+    async def _apply(self) -> None:
+        async with self._apply_lock:
+            if not self._unapplied:
+                return
+            rows, self._unapplied = self._unapplied, []
+            last = rows[-1][0]
+
+            def run(db: sqlite3.Connection) -> None:
+                db.executemany(_INSERT, [r[1:] for r in rows])
+                db.execute(_APPLIED, (last,))
+
+            try:
+                await self._write(run)
+            except DelayStoreUnavailable as e:
+                self._unapplied[:0] = rows
+                self._apply_error = str(e)
+                raise
+            except BaseException:
+                self._unapplied[:0] = rows
+                raise
+            self._apply_error = None
+            self._unapplied_ids.difference_update(r[1] for r in rows)
+            index = self._log.to_empty(last)
+        if index is not None:
+            ok = False
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._log.empty, index)
+                ok = True
+            except OSError as e:
+                log.warning("delay_store.schedule_log_not_emptied", error=str(e))
+            finally:
+                self._log.emptied(index, ok)
 
     async def window(
         self, from_ms: int, to_ms: int, limit: int, *, after_msg_id: bytes = b""
     ) -> list[Due]:
+        await self._settle()
+
         def run(db: sqlite3.Connection) -> list[Due]:
             # A row value comparison: one range scan of the (deliver_at, msg_id) index.
             cur = db.execute(
@@ -119,6 +323,9 @@ class EmbeddedDelayStore:
         return await self._read(run)
 
     async def due(self, msg_id: bytes) -> Due | None:
+        if msg_id in self._unapplied_ids:
+            await self._settle()
+
         def run(db: sqlite3.Connection) -> Due | None:
             row = db.execute(
                 "SELECT deliver_at, record FROM delayed WHERE msg_id = ? AND state = 0", (msg_id,)
@@ -128,6 +335,8 @@ class EmbeddedDelayStore:
         return await self._read(run)
 
     async def mark_delivered(self, msg_ids: Sequence[bytes], released_at_ms: int) -> None:
+        if self._unapplied_ids and not self._unapplied_ids.isdisjoint(msg_ids):
+            await self._settle()
         params = [(released_at_ms, m) for m in msg_ids]
 
         def run(db: sqlite3.Connection) -> int:
@@ -144,6 +353,9 @@ class EmbeddedDelayStore:
         self._pending -= done
 
     async def cancel(self, msg_id: bytes, now_ms: int) -> DelayedInfo | None:
+        if msg_id in self._unapplied_ids:
+            await self._settle()
+
         def run(db: sqlite3.Connection) -> tuple[int, DelayedInfo | None]:
             n = db.execute(
                 "UPDATE delayed SET state = 2, finished_at = ?, record = NULL "
@@ -157,6 +369,9 @@ class EmbeddedDelayStore:
         return info
 
     async def reschedule(self, msg_id: bytes, deliver_at_ms: int) -> DelayedInfo | None:
+        if msg_id in self._unapplied_ids:
+            await self._settle()
+
         def run(db: sqlite3.Connection) -> DelayedInfo | None:
             db.execute(
                 "UPDATE delayed SET deliver_at = ? WHERE msg_id = ? AND state = 0",
@@ -167,12 +382,16 @@ class EmbeddedDelayStore:
         return await self._write(run, small=True)
 
     async def get(self, msg_id: bytes) -> DelayedInfo | None:
+        if msg_id in self._unapplied_ids:
+            await self._settle()
         return await self._read(lambda db: _info(db, msg_id))
 
     async def pending(self) -> int:
         return self._pending
 
     async def count_due(self, bounds_ms: Sequence[int]) -> list[int]:
+        await self._settle()
+
         def run(db: sqlite3.Connection) -> list[int]:
             # Counts entries of the partial time index, no message row. Each range between two
             # bounds is counted once and summed, so the index is read up to the last bound once.
@@ -196,6 +415,11 @@ class EmbeddedDelayStore:
             ).rowcount
 
         return await self._write(run)
+
+
+def _applied_seq(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT applied FROM schedule_log WHERE id = 0").fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def _info(db: sqlite3.Connection, msg_id: bytes) -> DelayedInfo | None:

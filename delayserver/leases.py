@@ -60,6 +60,7 @@ def _register_gauges() -> None:
         with contextlib.suppress(ValueError):  # registered by an earlier start
             REGISTRY.register(gauge)
 
+
 ShardsCallback = Callable[[frozenset[int]], Awaitable[None]]
 
 

@@ -91,6 +91,9 @@ _INBOX_EVERY_S = 0.01
 _INBOX_ALONE_S = 0.5
 #: Ids changed elsewhere re-read at once (their reads in flight together).
 _REFRESH_CHUNK = 256
+#: Released messages are marked delivered in the store this long after the first of them, the
+#: releases meanwhile in the same write. Until marked they are neither re-armed nor cancelled.
+_MARK_LINGER_S = 0.005
 #: Writers tell a shard's holder about messages due before the end of its window plus this
 #: (the servers' clocks may differ by up to this much).
 _NEAR_SLACK_MS = 5000
@@ -182,6 +185,8 @@ class DelayService:
         self._timer: TimerEntry | asyncio.TimerHandle | None = None
         self._timer_ms: float = math.inf
         self._releasing: set[bytes] = set()
+        #: Released (in their topics) and not yet marked delivered in the store.
+        self._unmarked: set[bytes] = set()
         #: Ids armed again from a resend (see :meth:`_known`): released with a check of their
         #: topic for a copy, as after a restart.
         self._recheck: set[bytes] = set()
@@ -492,6 +497,7 @@ class DelayService:
             # before the mark re-releases them after restart, and the idempotent put drops the
             # copies (their times are before the restart).
             self._to_mark.append((now, ids))
+            self._unmarked.update(ids)
             self._wake_marker.set()
         else:
             # With leases the mark stays under the release lock: a shard given up waits for it.
@@ -524,6 +530,10 @@ class DelayService:
         tried again; nothing is released twice meanwhile (the ids stay in _releasing)."""
         while True:
             await self._wake_marker.wait()
+            if self._running:
+                # Releases come a few at a time (one timer each); the marks of the next few
+                # milliseconds' releases go in the same write.
+                await asyncio.sleep(_MARK_LINGER_S)
             self._wake_marker.clear()
             while self._to_mark:
                 groups, self._to_mark = self._to_mark, []
@@ -544,6 +554,7 @@ class DelayService:
                     self._marking = False
                 for _at, ids in groups:
                     self._releasing.difference_update(ids)
+                    self._unmarked.difference_update(ids)
 
     async def _marks_done(self, timeout_s: float) -> None:
         """Wait until everything released is marked (at stop), at most ``timeout_s``."""
@@ -762,16 +773,21 @@ class DelayService:
         return asked_ms if info is None else info.deliver_at_ms
 
     async def get(self, msg_id: bytes) -> DelayedInfo | None:
+        """The message's state: delivered as soon as it is in its topic, before the store's
+        mark (which follows the release by a few milliseconds) says so."""
         try:
-            return await self.store.get(msg_id)
+            info = await self.store.get(msg_id)
         except DelayStoreUnavailable as e:
             raise DelayUnavailable(str(e)) from None
+        if info is not None and info.state is DelayState.SCHEDULED and msg_id in self._unmarked:
+            return DelayedInfo(info.msg_id, info.topic, info.deliver_at_ms, DelayState.DELIVERED)
+        return info
 
     async def cancel(self, msg_id: bytes) -> DelayedInfo | None:
         """Cancel a scheduled message; the info after the call says whether it worked
         (``state`` delivered means it was too late)."""
         if msg_id in self._releasing:
-            return await self.get(msg_id)  # being released: it is delivered, or about to be
+            return await self._being_released(msg_id)
         armed = self._disarm(msg_id)
         self._note_near()
         try:
@@ -786,9 +802,18 @@ class DelayService:
         armed = self._entries.pop(msg_id, None)
         return None if armed is None else Due(msg_id, *armed)
 
+    async def _being_released(self, msg_id: bytes) -> DelayedInfo | None:
+        """What a cancel or reschedule of a message being released answers: delivered (it is
+        in its topic, or will be: a release is not called back), even while the store, whose
+        mark comes after the release, still says scheduled."""
+        info = await self.get(msg_id)
+        if info is not None and info.state is DelayState.SCHEDULED:
+            return DelayedInfo(info.msg_id, info.topic, info.deliver_at_ms, DelayState.DELIVERED)
+        return info
+
     async def reschedule(self, msg_id: bytes, deliver_at_ms: int) -> DelayedInfo | None:
         if msg_id in self._releasing:
-            return await self.get(msg_id)
+            return await self._being_released(msg_id)
         armed = self._disarm(msg_id)
         self._note_near()
         try:

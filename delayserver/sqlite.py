@@ -122,6 +122,12 @@ class SqliteRunner:
             self._db.close()
             self._db = None
 
+    @property
+    def inline(self) -> sqlite3.Connection | None:
+        """The connection for writes and reads on the event loop (async mode only), for a
+        caller's own quick statements between awaits; None in sync mode or when closed."""
+        return self._inline
+
     def health(self) -> str | None:
         if self._db is None:
             return f"{self.name} is not open"

@@ -1,7 +1,8 @@
-"""The embedded delay store's writes of one message (a one-call send): committed before the
+"""The embedded delay store's writes of one message (a one-call send): durable before the
 answer in both flush modes (a process killed with SIGKILL right after keeps it), a resend known
-across calls, a database locked by another writer sending the write to the database's thread
-(which waits for the lock), and a failed write reported with its cause."""
+across calls, a database locked by another writer (sync mode: the write waits for the lock on
+the database's thread; async mode: acknowledged from the schedule log, in the table once the
+lock goes), and a failed direct write reported with its cause."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ async def test_a_lone_resend_is_stored_once_in_both_flush_modes(tmp_path: Path, 
 
 async def test_a_lone_schedule_on_a_locked_database_waits_on_the_thread(tmp_path: Path) -> None:
     path = tmp_path / "delay.db"
-    store = EmbeddedDelayStore(path)
+    store = EmbeddedDelayStore(path, sync=True)
     await store.open()
     other = sqlite3.connect(path, isolation_level=None)
     try:
@@ -122,14 +123,42 @@ async def test_a_lone_schedule_on_a_locked_database_waits_on_the_thread(tmp_path
         await store.close()
 
 
+async def test_a_lone_schedule_on_a_locked_database_is_logged_and_applied_later(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "delay.db"
+    store = EmbeddedDelayStore(path)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        msg = Message("orders", b"logged", msg_id=_ids.next())
+        twin = Message("orders", b"twin", msg_id=msg.msg_id)
+        # Both answered at once, the loop never waiting on the lock; the twin is a resend.
+        assert await asyncio.wait_for(store.schedule([(msg, T0_MS)]), 1) == [True]
+        assert await asyncio.wait_for(store.schedule([(twin, T0_MS + 1)]), 1) == [False]
+        assert other.execute("SELECT count(*) FROM delayed").fetchone() == (0,)
+        other.execute("COMMIT")
+        due = await asyncio.wait_for(store.due(msg.msg_id), 10)
+        assert due is not None and decode_message(due.record).body == b"logged"
+        assert await store.pending() == 1
+        assert await store.health() is None
+    finally:
+        other.close()
+        await store.close()
+
+
 async def test_a_failed_lone_schedule_says_why_and_stores_nothing(tmp_path: Path) -> None:
     store = EmbeddedDelayStore(tmp_path / "delay.db")
     await store.open()
     try:
         inline = store._db._inline
         assert inline is not None
-        # The connection that writes on the loop may not grow the file: SQLITE_FULL, as on a
-        # full disk (not a busy database, which would go to the thread and succeed there).
+        # Without the schedule log (an append that failed and could not be cut off), a lone
+        # schedule is written on the loop. That connection may not grow the file:
+        # SQLITE_FULL, as on a full disk (not a busy database, which would go to the thread
+        # and succeed there).
+        store._log.close()
         inline.execute("PRAGMA max_page_count = 1")
         msg = Message("orders", b"x" * 20_000, msg_id=_ids.next())
         with pytest.raises(DelayStoreUnavailable, match="database or disk is full"):

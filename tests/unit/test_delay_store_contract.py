@@ -3,7 +3,7 @@
 Stores under test: RedisDelayStore on fakeredis (always runs), RedisDelayStore on the real Redis
 at ``TEMPOMQ_TEST_REDIS_URL`` (default db 15; skipped locally when Redis is down, failed under
 ``CI=true``) with a unique key prefix per test, RedisDelayStore on a throwaway three-node Redis
-Cluster, and the embedded SQLite store.
+Cluster, and the embedded SQLite store in both flush modes.
 
 Each case gets a :class:`Backend`: it opens stores on one backing dataset (a fakeredis server, a
 key prefix, a file), so "reopen" means a new store instance on the same data.
@@ -113,7 +113,7 @@ async def _cluster_backend(url: str) -> AsyncIterator[Backend]:
     await backend.close()
 
 
-async def _embedded_backend(tmp_path: Path) -> AsyncIterator[Backend]:
+async def _embedded_backend(tmp_path: Path, sync: bool = False) -> AsyncIterator[Backend]:
     try:
         embedded = importlib.import_module("delayserver.embedded")
     except ModuleNotFoundError as e:
@@ -121,15 +121,22 @@ async def _embedded_backend(tmp_path: Path) -> AsyncIterator[Backend]:
             raise  # the module is there but broken: fail, do not hide it
         pytest.skip("delayserver.embedded does not exist yet")
     path = tmp_path / "delay.db"
-    backend = Backend(lambda: embedded.EmbeddedDelayStore(path))
+    backend = Backend(lambda: embedded.EmbeddedDelayStore(path, sync=sync))
     yield backend
     await backend.close()
+
+
+async def _embedded_sync_backend(tmp_path: Path) -> AsyncIterator[Backend]:
+    async for backend in _embedded_backend(tmp_path, sync=True):
+        yield backend
 
 
 BACKENDS = {
     "fakeredis": _fakeredis_backend,
     "redis": _redis_backend,
+    # async flush mode (the schedule log) and sync mode (every schedule straight to the table)
     "embedded": _embedded_backend,
+    "embedded-sync": _embedded_sync_backend,
 }
 
 
