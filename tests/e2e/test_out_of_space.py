@@ -64,11 +64,12 @@ def server(small_disk: Path) -> Iterator[Server]:
 def fill(path: Path) -> None:
     """Write ``path`` until the filesystem is full."""
     chunk = b"\0" * 65536
-    with open(path, "wb") as f:
+    # Unbuffered: a buffered file would try the rest of a short write again at close, and
+    # raise ENOSPC there.
+    with open(path, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(chunk)
-                f.flush()
         except OSError as e:
             assert e.errno == errno.ENOSPC, e
 
