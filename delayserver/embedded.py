@@ -97,8 +97,9 @@ class EmbeddedDelayStore:
         #: Logged rows not yet in the table, oldest first: (seq, msg_id, at, topic, record).
         self._unapplied: list[tuple[int, bytes, int, str, bytes]] = []
         self._unapplied_ids: set[bytes] = set()
-        #: Ids being written by a large schedule on the database's thread.
-        self._direct_ids: set[bytes] = set()
+        #: Ids being stored by schedules that bypass the log, with how many such schedules
+        #: hold each.
+        self._direct_ids: dict[bytes, int] = {}
         self._apply_lock = asyncio.Lock()
         self._apply_timer: asyncio.TimerHandle | None = None
         self._apply_task: asyncio.Task[None] | None = None
@@ -167,6 +168,22 @@ class EmbeddedDelayStore:
             result = self._schedule_logged(items)
             if result is not None:
                 return result
+        # Known as being written from before the first await: a schedule through the log
+        # meanwhile (the apply below, the write) is then stored directly too, after this one.
+        ids = {m.msg_id for m, _ in items}
+        direct = self._direct_ids
+        for msg_id in ids:
+            direct[msg_id] = direct.get(msg_id, 0) + 1
+        try:
+            return await self._schedule_directly(items)
+        finally:
+            for msg_id in ids:
+                if direct[msg_id] == 1:
+                    del direct[msg_id]
+                else:
+                    direct[msg_id] -= 1
+
+    async def _schedule_directly(self, items: Sequence[tuple[Message, int]]) -> list[bool]:
         await self._settle()
         if len(items) == 1:
             # A lone message (a one-call send): one autocommit statement, whose row count
@@ -183,13 +200,7 @@ class EmbeddedDelayStore:
             insert = db.execute
             return [insert(_INSERT, row).rowcount == 1 for row in rows]
 
-        ids = {m.msg_id for m, _ in items}
-        ids.difference_update(self._direct_ids)
-        self._direct_ids |= ids
-        try:
-            result = await self._write(run, small=len(rows) <= _SMALL_WRITE)
-        finally:
-            self._direct_ids -= ids
+        result = await self._write(run, small=len(rows) <= _SMALL_WRITE)
         self._pending += sum(result)
         return result
 

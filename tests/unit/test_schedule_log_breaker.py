@@ -1,0 +1,77 @@
+"""The embedded delay store's schedule log under races and failures: a schedule of an id that a
+direct write is storing is a resend, however the two interleave; a log closed by a failed cut
+still lets schedules through to the table, and what the failed write left in it never comes
+back once delivered and purged; a close ends the background apply for good."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from broker_core.message import Message, MsgIdGenerator
+from delayserver import embedded
+from delayserver.embedded import EmbeddedDelayStore
+
+T0_MS = 1_700_000_000_000
+_ids = MsgIdGenerator()
+
+
+def _msg(body: bytes = b"x") -> Message:
+    return Message("orders", body, msg_id=_ids.next())
+
+
+async def _opened(path: Path) -> EmbeddedDelayStore:
+    store = EmbeddedDelayStore(path)
+    await store.open()
+    return store
+
+
+async def _crash_copy(path: Path, dest: Path) -> Path:
+    """What a kill -9 now would leave (no close, no checkpoint)."""
+    dest.mkdir()
+    for f in path.parent.iterdir():
+        if f.name.startswith(path.name):
+            (dest / f.name).write_bytes(f.read_bytes())
+    return dest / path.name
+
+
+def _no_space(*_: object) -> int:
+    raise OSError(28, "No space left on device")
+
+
+async def test_a_large_schedule_waiting_for_the_apply_and_a_logged_resend_store_the_id_once(
+    tmp_path: Path,
+) -> None:
+    store = await _opened(tmp_path / "delay.db")
+    try:
+        assert await store.schedule([(_msg(), T0_MS)]) == [True]  # a row waits to be applied
+        twin = _msg(b"first")
+        big = [(twin, T0_MS)] + [(_msg(), T0_MS + 1) for _ in range(40)]
+        large = asyncio.ensure_future(store.schedule(big))
+        await asyncio.sleep(0)  # the large one waits for the apply of the row before it
+        lone = await store.schedule([(Message("orders", b"second", msg_id=twin.msg_id), 5)])
+        results = await large
+        assert [results[0], lone[0]].count(True) == 1
+        assert await store.pending() == 42
+    finally:
+        await store.close()
+
+
+async def test_a_lone_direct_schedule_and_a_logged_resend_store_the_id_once(
+    tmp_path: Path,
+) -> None:
+    store = await _opened(tmp_path / "delay.db")
+    try:
+        # So many rows wait that the next schedule goes to the table, after applying them.
+        waiting = 2 * embedded._APPLY_ROWS
+        for _ in range(waiting):
+            assert await store.schedule([(_msg(), T0_MS)]) == [True]
+        twin = _msg(b"first")
+        direct = asyncio.ensure_future(store.schedule([(twin, T0_MS)]))
+        await asyncio.sleep(0)  # it waits for the apply; the log takes schedules again
+        lone = await store.schedule([(Message("orders", b"second", msg_id=twin.msg_id), 5)])
+        first = await direct
+        assert [first[0], lone[0]].count(True) == 1
+        assert await store.pending() == waiting + 1
+    finally:
+        await store.close()
