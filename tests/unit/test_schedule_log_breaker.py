@@ -8,9 +8,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from broker_core.message import Message, MsgIdGenerator
-from delayserver import embedded
+from delayserver import embedded, schedule_log
 from delayserver.embedded import EmbeddedDelayStore
+from delayserver.schedule_log import ScheduleLog, frame
+from delayserver.store import DelayState
 
 T0_MS = 1_700_000_000_000
 _ids = MsgIdGenerator()
@@ -75,3 +79,41 @@ async def test_a_lone_direct_schedule_and_a_logged_resend_store_the_id_once(
         assert await store.pending() == waiting + 1
     finally:
         await store.close()
+
+
+async def test_a_log_closed_by_a_failed_cut_lets_the_schedule_through_to_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await _opened(tmp_path / "delay.db")
+    store._log.switch_bytes = 1024
+    try:
+        sent = [_msg(b"z" * 200) for _ in range(8)]
+        for m in sent:
+            assert await store.schedule([(m, T0_MS)]) == [True]
+        # Both files hold entries not yet applied.
+        assert all(p.stat().st_size for p in store._log.paths)
+        monkeypatch.setattr(schedule_log.os, "write", _no_space)
+        monkeypatch.setattr(schedule_log.os, "ftruncate", _no_space)
+        last = _msg(b"last")
+        assert await store.schedule([(last, T0_MS)]) == [True]
+        monkeypatch.undo()
+        assert not store._log.open
+        for m in [*sent, last]:
+            info = await store.get(m.msg_id)
+            assert info is not None and info.state is DelayState.SCHEDULED
+        assert await store.pending() == 9
+    finally:
+        await store.close()
+
+
+def test_emptying_a_file_of_a_closed_log_fails_as_an_os_error(tmp_path: Path) -> None:
+    log = ScheduleLog(tmp_path / "delay.db", switch_bytes=1)
+    log.start()
+    log.append(frame(1, b"i", 0, b"t", b"r"), 1)  # full: the next append goes to the other
+    index = log.to_empty(1)
+    assert index == 0
+    log.close()  # a failed cut, while the emptying waited for its thread
+    with pytest.raises(OSError):
+        log.empty(index)
+    log.emptied(index, False)
+    assert log.to_empty(1) is None
