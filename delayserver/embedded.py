@@ -105,8 +105,11 @@ class EmbeddedDelayStore:
         self._apply_task: asyncio.Task[None] | None = None
         #: Why the last apply failed; None once one succeeds.
         self._apply_error: str | None = None
+        #: Set at close: the background apply is not started or retried any more.
+        self._closing = False
 
     async def open(self) -> None:
+        self._closing = False
         await self._db.open()
         await self._replay()
         self._pending = await self._read(
@@ -136,6 +139,7 @@ class EmbeddedDelayStore:
         await loop.run_in_executor(None, self._log.remove if self._sync else self._log.start)
 
     async def close(self) -> None:
+        self._closing = True
         if self._apply_timer is not None:
             self._apply_timer.cancel()
             self._apply_timer = None
@@ -143,6 +147,8 @@ class EmbeddedDelayStore:
             await self._settle()
         except Exception as e:  # the rows stay in the log, applied at the next open
             log.warning("delay_store.apply_failed_at_close", error=str(e))
+        if self._apply_task is not None:  # it may still be emptying a file
+            await asyncio.wait([self._apply_task])
         await self._db.close()
         self._log.close()
 
@@ -251,6 +257,8 @@ class EmbeddedDelayStore:
     # -- applying the log --------------------------------------------------------------------
 
     def _apply_soon(self, delay_s: float) -> None:
+        if self._closing:
+            return  # close applies what it can; the rest waits in the log for the next open
         if self._apply_timer is not None:
             self._apply_timer.cancel()
         self._apply_timer = asyncio.get_running_loop().call_later(delay_s, self._start_apply)

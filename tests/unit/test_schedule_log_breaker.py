@@ -6,6 +6,7 @@ back once delivered and purged; a close ends the background apply for good."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,28 @@ def test_emptying_a_file_of_a_closed_log_fails_as_an_os_error(tmp_path: Path) ->
         log.empty(index)
     log.emptied(index, False)
     assert log.to_empty(1) is None
+
+
+async def test_a_close_while_the_apply_fails_leaves_no_apply_behind(tmp_path: Path) -> None:
+    path = tmp_path / "delay.db"
+    store = await _opened(path)
+    other = sqlite3.connect(path, isolation_level=None, timeout=0)
+    msg = _msg()
+    try:
+        db = store._db._db
+        assert db is not None
+        db.execute("PRAGMA busy_timeout = 200")  # the apply fails soon on the lock below
+        other.execute("BEGIN IMMEDIATE")
+        assert await store.schedule([(msg, T0_MS)]) == [True]
+        while not store._apply_lock.locked():  # the background apply waits for the lock
+            await asyncio.sleep(0.001)
+        await store.close()  # its own apply fails too: the row stays in the log
+        assert store._apply_timer is None and store._apply_task is None
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store = await _opened(path)
+    try:
+        assert await store.due(msg.msg_id) is not None
+    finally:
+        await store.close()
