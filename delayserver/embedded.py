@@ -105,6 +105,10 @@ class EmbeddedDelayStore:
         self._apply_task: asyncio.Task[None] | None = None
         #: Why the last apply failed; None once one succeeds.
         self._apply_error: str | None = None
+        #: The seq of the last entry a failed append may have left whole in a log it could
+        #: not cut (0: none): the next direct schedule raises the watermark to it, so those
+        #: entries, never acknowledged, are never replayed.
+        self._spent_seq = 0
         #: Set at close: the background apply is not started or retried any more.
         self._closing = False
 
@@ -191,7 +195,10 @@ class EmbeddedDelayStore:
 
     async def _schedule_directly(self, items: Sequence[tuple[Message, int]]) -> list[bool]:
         await self._settle()
-        if len(items) == 1:
+        # Every row logged is in the table now (a log that leaves seqs spent is closed: no
+        # row is logged after them), so the watermark may pass them.
+        spent = self._spent_seq
+        if len(items) == 1 and not spent:
             # A lone message (a one-call send): one autocommit statement, whose row count
             # tells new (1) from a resend (0).
             msg, at = items[0]
@@ -204,9 +211,14 @@ class EmbeddedDelayStore:
         def run(db: sqlite3.Connection) -> list[bool]:
             # The same id twice in one call: the first wins, the second is ignored as a resend.
             insert = db.execute
-            return [insert(_INSERT, row).rowcount == 1 for row in rows]
+            result = [insert(_INSERT, row).rowcount == 1 for row in rows]
+            if spent:
+                db.execute(_APPLIED, (spent,))
+            return result
 
         result = await self._write(run, small=len(rows) <= _SMALL_WRITE)
+        if self._spent_seq == spent:
+            self._spent_seq = 0
         self._pending += sum(result)
         return result
 
@@ -244,6 +256,9 @@ class EmbeddedDelayStore:
         except OSError as e:
             known.difference_update(r[1] for r in rows)
             log.error("delay_store.schedule_log_failed", error=str(e), open=self._log.open)
+            if not self._log.open:
+                # Not cut off: whole entries of this write may be in the file.
+                self._seq = self._spent_seq = seq
             return None
         self._seq = seq
         self._unapplied += rows

@@ -6,6 +6,7 @@ back once delivered and purged; a close ends the background apply for good."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from pathlib import Path
 
@@ -141,5 +142,36 @@ async def test_a_close_while_the_apply_fails_leaves_no_apply_behind(tmp_path: Pa
     store = await _opened(path)
     try:
         assert await store.due(msg.msg_id) is not None
+    finally:
+        await store.close()
+
+
+async def test_entries_a_failed_cut_left_in_the_log_stay_gone_once_delivered_and_purged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "a" / "delay.db"
+    store = await _opened(path)
+    try:
+        a, b = _msg(b"a"), _msg(b"b")
+        real_write = os.write
+
+        def torn(fd: int, data: bytes) -> int:  # the first entry whole, the second not
+            return real_write(fd, data[: len(data) - 5])
+
+        monkeypatch.setattr(schedule_log.os, "write", torn)
+        monkeypatch.setattr(schedule_log.os, "ftruncate", _no_space)
+        assert await store.schedule([(a, T0_MS), (b, T0_MS)]) == [True, True]
+        monkeypatch.undo()
+        assert not store._log.open  # stored in the table directly
+        await store.mark_delivered([a.msg_id, b.msg_id], T0_MS + 1)
+        assert await store.purge(T0_MS + 2) == 2
+        crashed = await _crash_copy(path, tmp_path / "b")
+    finally:
+        await store.close()
+    store = await _opened(crashed)
+    try:
+        assert await store.get(a.msg_id) is None
+        assert await store.get(b.msg_id) is None
+        assert await store.pending() == 0
     finally:
         await store.close()
