@@ -8,15 +8,21 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from broker_core.broker import Broker
+from broker_core.config import BrokerConfig
 from broker_core.message import Message, MsgIdGenerator
 from delayserver import embedded, schedule_log
 from delayserver.embedded import EmbeddedDelayStore
 from delayserver.schedule_log import ScheduleLog, frame
-from delayserver.store import DelayState
+from delayserver.service import DelayService
+from delayserver.store import DelayedInfo, DelayState
+from delayserver.timers import TimerService
+from tests.unit.broker_helpers import wait_for
 
 T0_MS = 1_700_000_000_000
 _ids = MsgIdGenerator()
@@ -175,3 +181,48 @@ async def test_entries_a_failed_cut_left_in_the_log_stay_gone_once_delivered_and
         assert await store.pending() == 0
     finally:
         await store.close()
+
+
+async def test_a_state_read_the_mark_overtakes_still_answers_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timers = TimerService(max_sleep_ms=None)
+    broker = Broker(BrokerConfig(data_dir=tmp_path, segment_bytes=1 << 20), timers=timers)
+    service = DelayService(EmbeddedDelayStore(tmp_path / "delay.db"), broker.store, timers)
+    timers.start()
+    await broker.start()
+    await service.start()
+    try:
+        await broker.create_topic("t", 1)
+        store = service.store
+        read_done = asyncio.Event()
+        marked: list[bytes] = []
+        mark, get = store.mark_delivered, store.get
+
+        async def mark_after_the_read(msg_ids: Sequence[bytes], released_at_ms: int) -> None:
+            await read_done.wait()
+            await mark(msg_ids, released_at_ms)
+            marked.extend(msg_ids)
+
+        async def read_answered_after_the_mark(msg_id: bytes) -> DelayedInfo | None:
+            info = await get(msg_id)  # before the mark: scheduled
+            read_done.set()
+            await wait_for(lambda: msg_id in marked)
+            return info
+
+        monkeypatch.setattr(store, "mark_delivered", mark_after_the_read)
+        monkeypatch.setattr(store, "get", read_answered_after_the_mark)
+        msg = Message("t", b"m")
+        await service.schedule([msg], [timers.now_ms() + 50])
+        await wait_for(lambda: _in_topic(broker))
+        info = await service.get(msg.msg_id)  # asked once the message is in its topic
+        assert info is not None and info.state is DelayState.DELIVERED, info
+    finally:
+        await service.stop()
+        await broker.stop()
+        await timers.stop()
+
+
+def _in_topic(broker: Broker) -> bool:
+    lo, hi = broker.store.queue_bounds("t", 0)
+    return hi > lo
