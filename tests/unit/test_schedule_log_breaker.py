@@ -1,7 +1,8 @@
 """The embedded delay store's schedule log under races and failures: a schedule of an id that a
 direct write is storing is a resend, however the two interleave; a log closed by a failed cut
 still lets schedules through to the table, and what the failed write left in it never comes
-back once delivered and purged; a close ends the background apply for good."""
+back once delivered and purged; a close ends the background apply for good; and the service
+answers delivered for a released message even when the store's answer predates its mark."""
 
 from __future__ import annotations
 
@@ -138,8 +139,7 @@ async def test_a_close_while_the_apply_fails_leaves_no_apply_behind(tmp_path: Pa
         db.execute("PRAGMA busy_timeout = 200")  # the apply fails soon on the lock below
         other.execute("BEGIN IMMEDIATE")
         assert await store.schedule([(msg, T0_MS)]) == [True]
-        while not store._apply_lock.locked():  # the background apply waits for the lock
-            await asyncio.sleep(0.001)
+        await wait_for(store._apply_lock.locked)  # the background apply waits for the lock
         await store.close()  # its own apply fails too: the row stays in the log
         assert store._apply_timer is None and store._apply_task is None
     finally:
