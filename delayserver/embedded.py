@@ -249,6 +249,9 @@ class EmbeddedDelayStore:
             known.difference_update(r[1] for r in rows)
             log.warning("delay_store.lookup_failed", error=str(e))
             return None
+        except BaseException:  # a message that cannot be encoded: none of the call is stored
+            known.difference_update(r[1] for r in rows)
+            raise
         if not rows:
             return fresh
         try:

@@ -1,14 +1,16 @@
 """The embedded delay store's schedule log under races and failures: a schedule of an id that a
-direct write is storing is a resend, however the two interleave; a log closed by a failed cut
-still lets schedules through to the table, and what the failed write left in it never comes
-back once delivered and purged; a close ends the background apply for good; and the service
-answers delivered for a released message even when the store's answer predates its mark."""
+direct write is storing is a resend, however the two interleave, and a schedule that fails
+part-way leaves no id known; a log closed by a failed cut still lets schedules through to the
+table, and what the failed write left in it never comes back once delivered and purged; a
+close ends the background apply for good; and the service answers delivered for a released
+message even when the store's answer predates its mark."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import sqlite3
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -226,3 +228,20 @@ async def test_a_state_read_the_mark_overtakes_still_answers_delivered(
 def _in_topic(broker: Broker) -> bool:
     lo, hi = broker.store.queue_bounds("t", 0)
     return hi > lo
+
+
+async def test_a_schedule_that_fails_part_way_leaves_none_of_its_ids_known(
+    tmp_path: Path,
+) -> None:
+    store = await _opened(tmp_path / "delay.db")
+    try:
+        good = _msg(b"good")
+        unencodable = Message("orders", b"x", msg_id=_ids.next(), keys=("k" * 70_000,))
+        with pytest.raises(struct.error):
+            await store.schedule([(good, T0_MS), (unencodable, T0_MS)])
+        assert await store.get(good.msg_id) is None
+        # Never stored: sent again, it is new, and stored.
+        assert await store.schedule([(good, T0_MS)]) == [True]
+        assert await store.get(good.msg_id) is not None
+    finally:
+        await store.close()
