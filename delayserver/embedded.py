@@ -97,15 +97,23 @@ class EmbeddedDelayStore:
         #: Logged rows not yet in the table, oldest first: (seq, msg_id, at, topic, record).
         self._unapplied: list[tuple[int, bytes, int, str, bytes]] = []
         self._unapplied_ids: set[bytes] = set()
-        #: Ids being written by a large schedule on the database's thread.
-        self._direct_ids: set[bytes] = set()
+        #: Ids being stored by schedules that bypass the log, with how many such schedules
+        #: hold each.
+        self._direct_ids: dict[bytes, int] = {}
         self._apply_lock = asyncio.Lock()
         self._apply_timer: asyncio.TimerHandle | None = None
         self._apply_task: asyncio.Task[None] | None = None
         #: Why the last apply failed; None once one succeeds.
         self._apply_error: str | None = None
+        #: The seq of the last entry a failed append may have left whole in a log it could
+        #: not cut (0: none): the next direct schedule raises the watermark to it, so those
+        #: entries, never acknowledged, are never replayed.
+        self._spent_seq = 0
+        #: Set at close: the background apply is not started or retried any more.
+        self._closing = False
 
     async def open(self) -> None:
+        self._closing = False
         await self._db.open()
         await self._replay()
         self._pending = await self._read(
@@ -135,6 +143,7 @@ class EmbeddedDelayStore:
         await loop.run_in_executor(None, self._log.remove if self._sync else self._log.start)
 
     async def close(self) -> None:
+        self._closing = True
         if self._apply_timer is not None:
             self._apply_timer.cancel()
             self._apply_timer = None
@@ -142,6 +151,8 @@ class EmbeddedDelayStore:
             await self._settle()
         except Exception as e:  # the rows stay in the log, applied at the next open
             log.warning("delay_store.apply_failed_at_close", error=str(e))
+        if self._apply_task is not None:  # it may still be emptying a file
+            await asyncio.wait([self._apply_task])
         await self._db.close()
         self._log.close()
 
@@ -167,8 +178,27 @@ class EmbeddedDelayStore:
             result = self._schedule_logged(items)
             if result is not None:
                 return result
+        # Known as being written from before the first await: a schedule through the log
+        # meanwhile (the apply below, the write) is then stored directly too, after this one.
+        ids = {m.msg_id for m, _ in items}
+        direct = self._direct_ids
+        for msg_id in ids:
+            direct[msg_id] = direct.get(msg_id, 0) + 1
+        try:
+            return await self._schedule_directly(items)
+        finally:
+            for msg_id in ids:
+                if direct[msg_id] == 1:
+                    del direct[msg_id]
+                else:
+                    direct[msg_id] -= 1
+
+    async def _schedule_directly(self, items: Sequence[tuple[Message, int]]) -> list[bool]:
         await self._settle()
-        if len(items) == 1:
+        # Every row logged is in the table now (a log that leaves seqs spent is closed: no
+        # row is logged after them), so the watermark may pass them.
+        spent = self._spent_seq
+        if len(items) == 1 and not spent:
             # A lone message (a one-call send): one autocommit statement, whose row count
             # tells new (1) from a resend (0).
             msg, at = items[0]
@@ -181,15 +211,14 @@ class EmbeddedDelayStore:
         def run(db: sqlite3.Connection) -> list[bool]:
             # The same id twice in one call: the first wins, the second is ignored as a resend.
             insert = db.execute
-            return [insert(_INSERT, row).rowcount == 1 for row in rows]
+            result = [insert(_INSERT, row).rowcount == 1 for row in rows]
+            if spent:
+                db.execute(_APPLIED, (spent,))
+            return result
 
-        ids = {m.msg_id for m, _ in items}
-        ids.difference_update(self._direct_ids)
-        self._direct_ids |= ids
-        try:
-            result = await self._write(run, small=len(rows) <= _SMALL_WRITE)
-        finally:
-            self._direct_ids -= ids
+        result = await self._write(run, small=len(rows) <= _SMALL_WRITE)
+        if self._spent_seq == spent:
+            self._spent_seq = 0
         self._pending += sum(result)
         return result
 
@@ -220,6 +249,9 @@ class EmbeddedDelayStore:
             known.difference_update(r[1] for r in rows)
             log.warning("delay_store.lookup_failed", error=str(e))
             return None
+        except BaseException:  # a message that cannot be encoded: none of the call is stored
+            known.difference_update(r[1] for r in rows)
+            raise
         if not rows:
             return fresh
         try:
@@ -227,6 +259,9 @@ class EmbeddedDelayStore:
         except OSError as e:
             known.difference_update(r[1] for r in rows)
             log.error("delay_store.schedule_log_failed", error=str(e), open=self._log.open)
+            if not self._log.open:
+                # Not cut off: whole entries of this write may be in the file.
+                self._seq = self._spent_seq = seq
             return None
         self._seq = seq
         self._unapplied += rows
@@ -240,6 +275,8 @@ class EmbeddedDelayStore:
     # -- applying the log --------------------------------------------------------------------
 
     def _apply_soon(self, delay_s: float) -> None:
+        if self._closing:
+            return  # close applies what it can; the rest waits in the log for the next open
         if self._apply_timer is not None:
             self._apply_timer.cancel()
         self._apply_timer = asyncio.get_running_loop().call_later(delay_s, self._start_apply)

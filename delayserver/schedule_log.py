@@ -22,6 +22,7 @@ torn tail): nothing after it was acknowledged, since a failed append is cut back
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -163,16 +164,21 @@ class ScheduleLog:
 
     def to_empty(self, applied_seq: int) -> int | None:
         """The file to empty now that every entry up to ``applied_seq`` is in the table (not
-        the one taking appends), or None; pass it to :meth:`empty`, then :meth:`emptied`."""
+        the one taking appends), or None; pass it to :meth:`empty`, then :meth:`emptied`.
+        None once closed: a log closed by a failed cut keeps its files as they are."""
         other = 1 - self._current
-        if self._emptying is None and 0 < self._last[other] <= applied_seq:
+        if self._fds and self._emptying is None and 0 < self._last[other] <= applied_seq:
             self._emptying = other
             return other
         return None
 
     def empty(self, index: int) -> None:
-        """Truncate file ``index`` (blocking)."""
-        os.ftruncate(self._fds[index], 0)
+        """Truncate file ``index`` (blocking). ``OSError`` once the log is closed (by a failed
+        cut while this waited for a thread)."""
+        fds = self._fds
+        if not fds:
+            raise OSError(errno.EBADF, "schedule log closed")
+        os.ftruncate(fds[index], 0)
 
     def emptied(self, index: int, ok: bool) -> None:
         self._emptying = None

@@ -775,11 +775,18 @@ class DelayService:
     async def get(self, msg_id: bytes) -> DelayedInfo | None:
         """The message's state: delivered as soon as it is in its topic, before the store's
         mark (which follows the release by a few milliseconds) says so."""
+        # Released before the read: its answer may predate the mark, which may be done (and
+        # the id no longer unmarked) by the time the answer arrives.
+        released = msg_id in self._unmarked
         try:
             info = await self.store.get(msg_id)
         except DelayStoreUnavailable as e:
             raise DelayUnavailable(str(e)) from None
-        if info is not None and info.state is DelayState.SCHEDULED and msg_id in self._unmarked:
+        if (
+            info is not None
+            and info.state is DelayState.SCHEDULED
+            and (released or msg_id in self._unmarked)
+        ):
             return DelayedInfo(info.msg_id, info.topic, info.deliver_at_ms, DelayState.DELIVERED)
         return info
 
