@@ -234,26 +234,6 @@ async def test_every_operation_sees_rows_not_yet_applied(tmp_path: Path) -> None
         await store.close()
 
 
-async def test_a_logged_schedule_and_a_large_one_of_the_same_id_store_it_once(
-    tmp_path: Path,
-) -> None:
-    store = await _opened(tmp_path / "delay.db")
-    try:
-        twin = _msg(b"first")
-        big = [(twin, T0_MS)] + [(_msg(), T0_MS + 1) for _ in range(40)]
-        large = asyncio.ensure_future(store.schedule(big))
-        await asyncio.sleep(0)  # the large one is on its way to the thread
-        lone = await store.schedule([(Message("orders", b"second", msg_id=twin.msg_id), 5)])
-        results = await large
-        assert [results[0], lone[0]].count(True) == 1
-        due = await store.due(twin.msg_id)
-        assert due is not None
-        assert decode_message(due.record).body == (b"first" if results[0] else b"second")
-        assert await store.pending() == 41
-    finally:
-        await store.close()
-
-
 async def test_a_failed_append_is_cut_off_and_the_schedule_stored_directly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -23,7 +23,7 @@ from delayserver import embedded, schedule_log
 from delayserver.embedded import EmbeddedDelayStore
 from delayserver.schedule_log import ScheduleLog, frame
 from delayserver.service import DelayService
-from delayserver.store import DelayedInfo, DelayState
+from delayserver.store import DelayedInfo, DelayState, decode_message
 from delayserver.timers import TimerService
 from tests.unit.broker_helpers import wait_for
 
@@ -67,6 +67,9 @@ async def test_a_large_schedule_waiting_for_the_apply_and_a_logged_resend_store_
         lone = await store.schedule([(Message("orders", b"second", msg_id=twin.msg_id), 5)])
         results = await large
         assert [results[0], lone[0]].count(True) == 1
+        due = await store.due(twin.msg_id)
+        assert due is not None
+        assert decode_message(due.record).body == (b"first" if results[0] else b"second")
         assert await store.pending() == 42
     finally:
         await store.close()
