@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -67,6 +67,8 @@ _INSERT = (
 #: microseconds); larger ones go to the database's thread so the loop never waits on them.
 #: Schedules of up to this many go through the schedule log in async mode.
 _SMALL_WRITE = 16
+#: A schedule-log entry as a row to insert: (seq, msg_id, deliver_at_ms, topic, record).
+_Logged = tuple[int, bytes, int, str, bytes]
 #: The watermark: every schedule-log entry up to this seq is in the table.
 _APPLIED = (
     "INSERT INTO schedule_log (id, applied) VALUES (0, ?) "
@@ -91,11 +93,10 @@ class EmbeddedDelayStore:
         self._read = self._db.read
         self._write = self._db.write
         self._pending = 0
-        self._sync = sync
         self._log = ScheduleLog(path)
         self._seq = 0
-        #: Logged rows not yet in the table, oldest first: (seq, msg_id, at, topic, record).
-        self._unapplied: list[tuple[int, bytes, int, str, bytes]] = []
+        #: Logged rows not yet in the table, oldest first.
+        self._unapplied: list[_Logged] = []
         self._unapplied_ids: set[bytes] = set()
         #: Ids being stored by schedules that bypass the log, with how many such schedules
         #: hold each.
@@ -128,19 +129,16 @@ class EmbeddedDelayStore:
         last apply failed), then start it empty; in sync mode, leave it closed."""
         loop = asyncio.get_running_loop()
         applied = await self._read(_applied_seq)
-        entries = [e for e in await loop.run_in_executor(None, self._log.read) if e.seq > applied]
-        if entries:
-
-            def run(db: sqlite3.Connection) -> None:
-                db.executemany(
-                    _INSERT, [(e.msg_id, e.deliver_at_ms, e.topic, e.record) for e in entries]
-                )
-                db.execute(_APPLIED, (entries[-1].seq,))
-
-            await self._write(run)
-            log.info("delay_store.schedule_log_replayed", entries=len(entries))
-        self._seq = max(applied, entries[-1].seq if entries else 0)
-        await loop.run_in_executor(None, self._log.remove if self._sync else self._log.start)
+        rows = [
+            (e.seq, e.msg_id, e.deliver_at_ms, e.topic, e.record)
+            for e in await loop.run_in_executor(None, self._log.read)
+            if e.seq > applied
+        ]
+        if rows:
+            await self._write(_applying(rows))
+            log.info("delay_store.schedule_log_replayed", entries=len(rows))
+        self._seq = max(applied, rows[-1][0] if rows else 0)
+        await loop.run_in_executor(None, self._log.remove if self._db.sync else self._log.start)
 
     async def close(self) -> None:
         self._closing = True
@@ -314,24 +312,16 @@ class EmbeddedDelayStore:
             if not self._unapplied:
                 return
             rows, self._unapplied = self._unapplied, []
-            last = rows[-1][0]
-
-            def run(db: sqlite3.Connection) -> None:
-                db.executemany(_INSERT, [r[1:] for r in rows])
-                db.execute(_APPLIED, (last,))
-
             try:
-                await self._write(run)
-            except DelayStoreUnavailable as e:
+                await self._write(_applying(rows))
+            except BaseException as e:
                 self._unapplied[:0] = rows
-                self._apply_error = str(e)
-                raise
-            except BaseException:
-                self._unapplied[:0] = rows
+                if isinstance(e, DelayStoreUnavailable):
+                    self._apply_error = str(e)
                 raise
             self._apply_error = None
             self._unapplied_ids.difference_update(r[1] for r in rows)
-            index = self._log.to_empty(last)
+            index = self._log.to_empty(rows[-1][0])
         if index is not None:
             ok = False
             try:
@@ -452,6 +442,16 @@ class EmbeddedDelayStore:
             ).rowcount
 
         return await self._write(run)
+
+
+def _applying(rows: list[_Logged]) -> Callable[[sqlite3.Connection], None]:
+    """The write that puts logged rows into the table and moves the watermark to the last."""
+
+    def run(db: sqlite3.Connection) -> None:
+        db.executemany(_INSERT, [r[1:] for r in rows])
+        db.execute(_APPLIED, (rows[-1][0],))
+
+    return run
 
 
 def _applied_seq(db: sqlite3.Connection) -> int:

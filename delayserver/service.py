@@ -35,6 +35,7 @@ resort.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -782,12 +783,8 @@ class DelayService:
             info = await self.store.get(msg_id)
         except DelayStoreUnavailable as e:
             raise DelayUnavailable(str(e)) from None
-        if (
-            info is not None
-            and info.state is DelayState.SCHEDULED
-            and (released or msg_id in self._unmarked)
-        ):
-            return DelayedInfo(info.msg_id, info.topic, info.deliver_at_ms, DelayState.DELIVERED)
+        if released or msg_id in self._unmarked:
+            return _delivered(info)
         return info
 
     async def cancel(self, msg_id: bytes) -> DelayedInfo | None:
@@ -813,10 +810,7 @@ class DelayService:
         """What a cancel or reschedule of a message being released answers: delivered (it is
         in its topic, or will be: a release is not called back), even while the store, whose
         mark comes after the release, still says scheduled."""
-        info = await self.get(msg_id)
-        if info is not None and info.state is DelayState.SCHEDULED:
-            return DelayedInfo(info.msg_id, info.topic, info.deliver_at_ms, DelayState.DELIVERED)
-        return info
+        return _delivered(await self.get(msg_id))
 
     async def reschedule(self, msg_id: bytes, deliver_at_ms: int) -> DelayedInfo | None:
         if msg_id in self._releasing:
@@ -853,3 +847,10 @@ class DelayService:
     @property
     def in_window(self) -> int:
         return len(self._entries)
+
+
+def _delivered(info: DelayedInfo | None) -> DelayedInfo | None:
+    """``info`` of a released message the store may not have marked yet: delivered."""
+    if info is not None and info.state is DelayState.SCHEDULED:
+        return dataclasses.replace(info, state=DelayState.DELIVERED)
+    return info

@@ -35,7 +35,6 @@ from tests.integration.redis_process import RedisProcess
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 #: Long enough for a slow, shared machine to have the page open before it is released.
-#: Long enough for a slow machine to open the page before the release.
 RELEASE_DELAY_MS = 15_000
 
 
