@@ -22,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import structlog
 
 from broker_core.message import Message
+from delayserver.id_filter import IdFilter
 from delayserver.schedule_log import ScheduleLog, frame
 from delayserver.sqlite import SqliteRunner
 from delayserver.store import DelayedInfo, DelayState, DelayStoreUnavailable, Due, encode_message
@@ -81,6 +82,13 @@ _APPLY_AFTER_S = 0.01
 _APPLY_ROWS = 2000
 #: After a failed apply, the rows wait this long before the next try.
 _RETRY_AFTER_S = 1.0
+#: The id filter loads this many of the table's ids per read on the database's thread (other
+#: statements run between reads) ...
+_LOAD_ROWS = 20_000
+#: ... and adds this many per turn of the event loop.
+_LOAD_SLICE = 2_000
+#: After a failed load of the id filter, the next try comes this much later.
+_LOAD_RETRY_S = 5.0
 
 
 class EmbeddedDelayStore:
@@ -112,6 +120,14 @@ class EmbeddedDelayStore:
         self._spent_seq = 0
         #: Set at close: the background apply is not started or retried any more.
         self._closing = False
+        #: Async mode: the ids the table may hold (:mod:`delayserver.id_filter`), once loaded;
+        #: None until then, and in sync mode, where no schedule asks.
+        self._filter: IdFilter | None = None
+        #: The filter being loaded (at open, or to replace a full one); it gets every id
+        #: scheduled meanwhile too.
+        self._filling: IdFilter | None = None
+        self._filter_task: asyncio.Task[None] | None = None
+        self._filter_retry: asyncio.TimerHandle | None = None
 
     async def open(self) -> None:
         self._closing = False
@@ -123,6 +139,8 @@ class EmbeddedDelayStore:
             ).fetchone()[0]
         )
         log.info("delay_store.opened", path=str(self.path), pending=self._pending)
+        if not self._db.sync:
+            self._load_filter_soon(0)
 
     async def _replay(self) -> None:
         """Apply what the schedule log holds above the watermark (a crash, or a close whose
@@ -145,6 +163,13 @@ class EmbeddedDelayStore:
         if self._apply_timer is not None:
             self._apply_timer.cancel()
             self._apply_timer = None
+        if self._filter_retry is not None:
+            self._filter_retry.cancel()
+            self._filter_retry = None
+        if self._filter_task is not None:
+            self._filter_task.cancel()
+            await asyncio.wait([self._filter_task])
+        self._filter = None
         try:
             await self._settle()
         except Exception as e:  # the rows stay in the log, applied at the next open
@@ -179,6 +204,7 @@ class EmbeddedDelayStore:
         # Known as being written from before the first await: a schedule through the log
         # meanwhile (the apply below, the write) is then stored directly too, after this one.
         ids = {m.msg_id for m, _ in items}
+        self._note_ids(ids)
         direct = self._direct_ids
         for msg_id in ids:
             direct[msg_id] = direct.get(msg_id, 0) + 1
@@ -227,6 +253,7 @@ class EmbeddedDelayStore:
         db = self._db.inline
         assert db is not None
         known = self._unapplied_ids
+        held = self._filter  # None: ask SQLite about every id
         fresh: list[bool] = []
         frames: list[bytes] = []
         rows = []
@@ -234,7 +261,10 @@ class EmbeddedDelayStore:
         try:
             for msg, at in items:
                 msg_id = msg.msg_id
-                if msg_id in known or db.execute(_KNOWN, (msg_id,)).fetchone() is not None:
+                if msg_id in known or (
+                    (held is None or msg_id in held)
+                    and db.execute(_KNOWN, (msg_id,)).fetchone() is not None
+                ):
                     fresh.append(False)
                     continue
                 seq += 1
@@ -263,6 +293,7 @@ class EmbeddedDelayStore:
             return None
         self._seq = seq
         self._unapplied += rows
+        self._note_ids([row[1] for row in rows])
         self._pending += len(rows)
         if len(self._unapplied) >= _APPLY_ROWS:
             self._apply_soon(0)
@@ -331,6 +362,60 @@ class EmbeddedDelayStore:
                 log.warning("delay_store.schedule_log_not_emptied", error=str(e))
             finally:
                 self._log.emptied(index, ok)
+
+    # -- the id filter -----------------------------------------------------------------------
+
+    def _note_ids(self, msg_ids: Iterable[bytes]) -> None:
+        """Add ids about to be written to the table to the id filters (before the write
+        starts, so a filter loaded meanwhile never misses them)."""
+        held, filling = self._filter, self._filling
+        if held is not None:
+            if filling is not None:
+                msg_ids = list(msg_ids)
+            held.update(msg_ids)
+            if held.full and self._filter_task is None and self._filter_retry is None:
+                self._load_filter_soon(0)
+        if filling is not None:
+            filling.update(msg_ids)
+
+    def _load_filter_soon(self, delay_s: float) -> None:
+        if self._closing:
+            return
+        self._filter_retry = asyncio.get_running_loop().call_later(delay_s, self._start_load)
+
+    def _start_load(self) -> None:
+        self._filter_retry = None
+        if self._filter_task is None and not self._closing:
+            self._filter_task = asyncio.create_task(
+                self._load_filter(), name="tempomq-delay-store-id-filter"
+            )
+
+    async def _load_filter(self) -> None:
+        """Load a new id filter from the table, :data:`_LOAD_ROWS` ids per read and
+        :data:`_LOAD_SLICE` per turn of the loop; it replaces the one in use (or none) once
+        every id of the table is in it. Ids scheduled meanwhile go into it as they come, and
+        those whose rows are being written now are put in first, so none is missed: a row
+        in the table at the start is read, one written later was added."""
+        try:
+            rows_held = await self._read(_row_count)
+            filling = IdFilter(rows_held + len(self._unapplied_ids) + len(self._direct_ids))
+            self._filling = filling
+            filling.update(self._unapplied_ids)
+            filling.update(self._direct_ids)
+            after = -1
+            while rows := await self._read(_ids_after(after)):
+                after = rows[-1][0]
+                for start in range(0, len(rows), _LOAD_SLICE):
+                    filling.update([r[1] for r in rows[start : start + _LOAD_SLICE]])
+                    await asyncio.sleep(0)
+            self._filter = filling
+            log.info("delay_store.id_filter_loaded", ids=filling.count)
+        except (DelayStoreUnavailable, sqlite3.Error) as e:
+            log.warning("delay_store.id_filter_not_loaded", error=str(e), retry_s=_LOAD_RETRY_S)
+            self._load_filter_soon(_LOAD_RETRY_S)
+        finally:
+            self._filling = None
+            self._filter_task = None
 
     async def window(
         self, from_ms: int, to_ms: int, limit: int, *, after_msg_id: bytes = b""
@@ -450,6 +535,26 @@ def _applying(rows: list[_Logged]) -> Callable[[sqlite3.Connection], None]:
     def run(db: sqlite3.Connection) -> None:
         db.executemany(_INSERT, [r[1:] for r in rows])
         db.execute(_APPLIED, (rows[-1][0],))
+
+    return run
+
+
+def _row_count(db: sqlite3.Connection) -> int:
+    """How many rows the table holds, or a little more: the span of their ids while that is
+    small (two index probes), a count otherwise."""
+    lo, hi = db.execute("SELECT min(id), max(id) FROM delayed").fetchone()
+    if hi is None:
+        return 0
+    if hi - lo < 1 << 21:
+        return int(hi - lo + 1)
+    return int(db.execute("SELECT count(*) FROM delayed").fetchone()[0])
+
+
+def _ids_after(after: int) -> Callable[[sqlite3.Connection], list[tuple[int, bytes]]]:
+    def run(db: sqlite3.Connection) -> list[tuple[int, bytes]]:
+        return db.execute(
+            "SELECT id, msg_id FROM delayed WHERE id > ? ORDER BY id LIMIT ?", (after, _LOAD_ROWS)
+        ).fetchall()
 
     return run
 
