@@ -413,6 +413,9 @@ class EmbeddedDelayStore:
         except (DelayStoreUnavailable, sqlite3.Error) as e:
             log.warning("delay_store.id_filter_not_loaded", error=str(e), retry_s=_LOAD_RETRY_S)
             self._load_filter_soon(_LOAD_RETRY_S)
+        except Exception:  # a bug: schedules still ask SQLite; try again later
+            log.exception("delay_store.id_filter_not_loaded", retry_s=_LOAD_RETRY_S)
+            self._load_filter_soon(_LOAD_RETRY_S)
         finally:
             self._filling = None
             self._filter_task = None
