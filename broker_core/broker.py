@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 
 from broker_core import metrics
+from broker_core.claims import IdClaims
 from broker_core.config import BrokerConfig
 from broker_core.errors import ConsumeOnTarget, MessageNotFound, TopicNotFound
 from broker_core.groups import Delivery, GroupConfig, GroupManager, ReceiptFailure
@@ -34,6 +35,8 @@ class Broker:
         self.store = MessageStore(config, clock=timers.now_ms)
         self.groups = GroupManager(self.store, config, timers=timers, scheduler=scheduler)
         self._tasks: list[asyncio.Task[None]] = []
+        #: Ids being sent now (:mod:`broker_core.claims`): one send per id at a time.
+        self.claims = IdClaims()
         #: Set when messages are kept in another broker (``--release-to``): sends go there,
         #: and receiving here answers :class:`ConsumeOnTarget`.
         self.outlet: Outlet | None = None
@@ -157,9 +160,7 @@ class Broker:
 
     def _retry_topics(self, match: Callable[[str, str], bool]) -> list[str]:
         """Retry topics whose (group, topic) ``match`` accepts."""
-        return sorted(
-            t for t in self.store.topics if (r := retry_of(t)) is not None and match(*r)
-        )
+        return sorted(t for t in self.store.topics if (r := retry_of(t)) is not None and match(*r))
 
     def _held(self, topic: TopicConfig) -> int:
         """Messages ``topic`` holds now (its queues' ranges)."""
@@ -196,10 +197,16 @@ class Broker:
             topic = await self.store.ensure_topic(name, self.config.default_queues)
         return topic
 
-    async def put(self, messages: Sequence[Message], *, check_duplicate: bool) -> list[PutResult]:
+    async def put(
+        self, messages: Sequence[Message], *, check_duplicate: bool, checked: bool = False
+    ) -> list[PutResult]:
+        """Store ``messages`` in their topics, here or in the other broker (see
+        :meth:`MessageStore.put_many` for ``check_duplicate`` and ``checked``)."""
         outlet = self.outlet
         if outlet is None:
-            return await self.store.put_many(messages, check_duplicate=check_duplicate)
+            return await self.store.put_many(
+                messages, check_duplicate=check_duplicate, checked=checked
+            )
         for msg in messages:
             if not msg.msg_id:
                 msg.msg_id = self.store.new_msg_id()

@@ -34,6 +34,13 @@ class InvalidTopic(TempoError):
     status, code = 400, "invalid_topic"
 
 
+class MsgIdConflict(TempoError):
+    """A send with a message id already used in another topic: an id names one message, and
+    a resend goes where its first send went. The message names that topic."""
+
+    status, code = 409, "msg_id_conflict"
+
+
 class TopicExists(TempoError):
     status, code = 409, "topic_exists"
 

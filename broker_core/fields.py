@@ -93,7 +93,9 @@ def as_int(
         shown = "null" if value is None else type(value).__name__
         raise error(f"{name!r} must be an integer from {lo} to {hi}, not {shown}")
     if not lo <= number <= hi:
-        raise error(f"{name!r} must be an integer from {lo} to {hi}, got {number}")
+        # A float as the float it is: its integer digits are not what the client wrote.
+        shown = repr(value) if isinstance(value, float) else str(number)
+        raise error(f"{name!r} must be an integer from {lo} to {hi}, got {shown}")
     return number
 
 

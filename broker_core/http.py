@@ -7,10 +7,13 @@ turns them into the API's error bodies.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import json
+import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -23,6 +26,7 @@ from broker_core.errors import (
     InvalidTopic,
     MessageNotFound,
     MessageTooLarge,
+    MsgIdConflict,
     TempoError,
 )
 from broker_core.fields import as_int, check_fields, int_field, whole_number
@@ -46,6 +50,7 @@ from broker_core.message import (
     validate_message_fields,
     validate_topic_name,
 )
+from broker_core.protocols import FirstSend
 from broker_core.retry import real_topic
 
 BROKER = web.AppKey("broker", Broker)
@@ -77,6 +82,7 @@ _HIDDEN_PROPERTIES = frozenset(
     {PROP_ORIGIN_MSG_ID, PROP_RETRY_TOPIC, PROP_REAL_TOPIC, PROP_REAL_QUEUE}
 )
 _JSON = "application/json"
+_SEND_PATH = re.compile(r"/v1/topics/[^/]+/messages")
 
 
 def json_response(data: object, status: int = 200) -> web.Response:
@@ -193,10 +199,35 @@ async def send_messages(request: web.Request) -> web.Response:
     return json_response(await send(request.app[BROKER], name, await request.read()), status=201)
 
 
+def unreadable_body_code(method: str, path: str) -> str:
+    """The error code for a request body that cannot be read: the send route's
+    ``invalid_message`` (API.md lists it for every bad send), else ``invalid_request``."""
+    if method == "POST" and _SEND_PATH.fullmatch(path):
+        return InvalidMessage.code
+    return InvalidRequest.code
+
+
+def unreadable_body(e: BaseException) -> str:
+    """The error text for a request body that cannot be read as it was sent: ``e`` is
+    aiohttp's ``RequestPayloadError`` (caused by the decoding error) or the decoding error."""
+    cause = e.__cause__ or e
+    reason = getattr(cause, "message", None) or str(cause)
+    if reason in ("deflate", "gzip", "br"):  # aiohttp names only the encoding
+        reason = f"Can not decode content-encoding: {reason}"
+    return f"request body unreadable: {reason}"
+
+
 async def send(broker: Broker, name: str, raw: bytes) -> dict[str, object]:
     """The answer (status 201) to a send of the JSON body ``raw`` (one message or a batch) to
     the topic ``name`` (already checked by ``validate_topic_name``). Shared by the aiohttp
-    route and the lean front (:mod:`tempomq.lean`); raises the API's :class:`TempoError`."""
+    route and the lean front (:mod:`tempomq.lean`); raises the API's :class:`TempoError`.
+
+    A message id makes a send idempotent wherever the first send of that id went: stored in
+    its topic at once or held by the delay server, in this request or an earlier one. Only
+    the first is stored; a later one (plain or delayed, in any order) answers what the first
+    did: its ``queue_id``, and its ``deliver_at`` when it was delayed or the later one asks for
+    a time. An id used in another topic is ``409 msg_id_conflict``, and none of the request is
+    stored."""
     payload = parse_json(raw, InvalidMessage)
     batch = isinstance(payload, dict) and "messages" in payload
     if batch:
@@ -208,35 +239,201 @@ async def send(broker: Broker, name: str, raw: bytes) -> dict[str, object]:
         raise InvalidMessage(f"at most {MAX_BATCH} messages per request, got {len(items)}")
     topic = await broker.resolve_topic(name)
     now = broker.timers.now_ms()
-    max_body = broker.config.max_body_bytes
-    parsed = [parse_message(item, name, max_body=max_body, now_ms=now) for item in items]
+    parsed = _parse_messages(
+        items, name, raw, batch=batch, max_body=broker.config.max_body_bytes, now_ms=now
+    )
     select = broker.store.select_queue
-    now_msgs: list[tuple[Message, int]] = []
-    later: list[tuple[Message, int]] = []
-    for msg, at in parsed:
+    for msg, _at in parsed:
         msg.queue_id = select(topic, msg.properties.get(PROP_SHARDING_KEY))
-        (later if at > now else now_msgs).append((msg, at))
-    if later and broker.scheduler is None:
+    if broker.scheduler is None and any(at > now for _msg, at in parsed):
         raise InvalidMessage("delayed delivery is not enabled on this server")
-    check = any(m.msg_id for m, _ in parsed)
-    if now_msgs:
-        stored = await broker.put([m for m, _ in now_msgs], check_duplicate=check)
-        for (msg, _at), result in zip(now_msgs, stored, strict=True):
-            msg.queue_id = result.queue_id  # a resent id answers where the first one went
-    stored_at: dict[int, int] = {}  # id(message) -> its delivery time as scheduled
-    if later:
-        assert broker.scheduler is not None
-        times = await broker.scheduler.schedule([m for m, _ in later], [at for _, at in later])
-        stored_at = {id(m): t for (m, _), t in zip(later, times, strict=True)}
-    results = []
-    for item, (msg, at) in zip(items, parsed, strict=True):
-        r: dict[str, object] = {"msg_id": msg.msg_id.hex(), "queue_id": msg.queue_id}
-        if at > now:
-            r["deliver_at"] = stored_at[id(msg)]  # a resent id answers its first time
-        elif "delay_ms" in item or "deliver_at" in item:
-            r["deliver_at"] = now  # asked for a time that has come: delivered now
-        results.append(r)
+    ids = {msg.msg_id: None for msg, _at in parsed if msg.msg_id}
+    if not ids:
+        results = await _store_new(broker, items, parsed, now, {})
+    else:
+        # Claimed from the first look at the ids to the last store: a concurrent send of one of
+        # them waits, then finds it stored (broker_core.claims).
+        claims = broker.claims
+        if not claims.take(ids.keys()):
+            await claims.acquire(ids.keys())
+        try:
+            known, ask, writes = _look_up(broker, ids)
+            if known or ask:
+                await _known(broker, name, known, ask, writes)
+            results = await _store_new(broker, items, parsed, now, known)
+        finally:
+            claims.release(ids.keys())
     return {"results": results} if batch else results[0]
+
+
+def _parse_messages(
+    items: list[Any], name: str, raw: bytes, *, batch: bool, max_body: int, now_ms: int
+) -> list[tuple[Message, int]]:
+    """:func:`parse_message` of every item; an error names the item's place in a batch
+    (``messages[3]: ...``) and quotes numbers as the client wrote them."""
+    try:
+        return [parse_message(item, name, max_body=max_body, now_ms=now_ms) for item in items]
+    except TempoError as e:
+        error = e
+    # Which one? Only a refused request comes here: parse them again, one by one.
+    for i, item in enumerate(items):
+        try:
+            parse_message(item, name, max_body=max_body, now_ms=now_ms)
+        except TempoError as e:
+            error = e
+            if _has_float(item):
+
+                def parse_exactly(payload: Any, i: int = i) -> object:
+                    exact = payload["messages"][i] if batch else payload
+                    return parse_message(exact, name, max_body=max_body, now_ms=now_ms)
+
+                error = as_written(error, raw, parse_exactly)
+            if batch:
+                error.message = f"messages[{i}]: {error.message}"
+                error.args = (error.message,)
+            break
+    raise error
+
+
+def _has_float(obj: object) -> bool:
+    return isinstance(obj, dict) and any(isinstance(v, float) for v in obj.values())
+
+
+def as_written(e: TempoError, raw: bytes, parse: Callable[[Any], object]) -> TempoError:
+    """``e``, raised by ``parse`` of the JSON body ``raw`` as orjson read it, as ``parse``
+    raises it on ``raw`` read with integers exact. orjson reads an integer beyond 64 bits as a
+    float, so ``"delay_ms": 100000000000000000000000000000`` would be quoted as a float; the
+    standard library's parser keeps it whole (slow, but only an error comes here)."""
+    try:
+        parse(json.loads(raw))
+    except TempoError as exact:
+        return exact
+    except (ValueError, LookupError, TypeError):
+        pass
+    return e
+
+
+def _look_up(
+    broker: Broker, ids: dict[bytes, None]
+) -> tuple[dict[bytes, FirstSend], list[bytes], list[asyncio.Future[None]]]:
+    """What is known of a send's ids without waiting: the messages stored in a topic under
+    them (with the writes still to await), and the ids the scheduler may hold (to ask it). A
+    new id costs an index lookup and an id filter's answer, from memory."""
+    known: dict[bytes, FirstSend] = {}
+    writes = []
+    ask = []
+    first_send = broker.store.first_send
+    scheduler = broker.scheduler
+    for msg_id in ids:
+        found = first_send(msg_id)
+        if found is not None:
+            known[msg_id], write = found
+            if write is not None:
+                writes.append(write)
+        elif scheduler is not None and scheduler.may_hold(msg_id):
+            ask.append(msg_id)
+    return known, ask, writes
+
+
+async def _known(
+    broker: Broker,
+    name: str,
+    known: dict[bytes, FirstSend],
+    ask: list[bytes],
+    writes: list[asyncio.Future[None]],
+) -> None:
+    """Complete ``known`` (from :func:`_look_up`) with what the scheduler holds of the ids in
+    ``ask``, and wait for the first sends still being written: a resend is acknowledged only
+    once its first send is. Raises :class:`MsgIdConflict` for an id used in another topic."""
+    if ask:
+        assert broker.scheduler is not None
+        for msg_id, first in zip(ask, await broker.scheduler.held(ask), strict=True):
+            if first is not None:
+                known[msg_id] = first
+    for msg_id, first in known.items():
+        if first.topic != name:
+            raise MsgIdConflict(
+                f"msg_id {msg_id.hex()} is already used by a message of topic {first.topic!r}:"
+                " an id names one message (a resend goes to the topic of the first send);"
+                " send a new message without it or with a new id"
+            )
+    for write in writes:
+        await write
+
+
+async def _store_new(
+    broker: Broker,
+    items: list[Any],
+    parsed: list[tuple[Message, int]],
+    now: int,
+    known: dict[bytes, FirstSend],
+) -> list[dict[str, object]]:
+    """Store the messages whose ids are not ``known`` (of an id twice in the request, the
+    first), into their topic or the delay server; returns the answer to each message (a resend
+    answers where the first send of its id went)."""
+    results: list[dict[str, object] | None] = [None] * len(parsed)
+    storing: dict[bytes, int] = {}  # id -> the position of the message storing it
+    now_pos: list[int] = []
+    later_pos: list[int] = []
+    for pos, (msg, at) in enumerate(parsed):
+        if msg.msg_id:
+            if msg.msg_id in known or msg.msg_id in storing:
+                continue
+            storing[msg.msg_id] = pos
+        (later_pos if at > now else now_pos).append(pos)
+    if now_pos:
+        # Looked up under their claims already (``known``): the put need not look again.
+        msgs = [parsed[p][0] for p in now_pos]
+        stored = await broker.put(msgs, check_duplicate=bool(storing), checked=True)
+        for pos, result in zip(now_pos, stored, strict=True):
+            r: dict[str, object] = {"msg_id": result.msg_id.hex(), "queue_id": result.queue_id}
+            item = items[pos]
+            if "delay_ms" in item or "deliver_at" in item:
+                r["deliver_at"] = now  # asked for a time that has come: delivered now
+            results[pos] = r
+    if later_pos:
+        assert broker.scheduler is not None
+        msgs = [parsed[p][0] for p in later_pos]
+        times = await broker.scheduler.schedule(msgs, [parsed[p][1] for p in later_pos])
+        for pos, msg, at in zip(later_pos, msgs, times, strict=True):
+            # A resend (an id scheduled meanwhile another way) answers its stored time and queue.
+            results[pos] = {
+                "msg_id": msg.msg_id.hex(),
+                "queue_id": max(msg.queue_id, 0),
+                "deliver_at": at,
+            }
+    if len(now_pos) + len(later_pos) < len(parsed):
+        _answer_resends(results, items, parsed, now, known, storing)
+    return results  # type: ignore[return-value]  # every one answered now
+
+
+def _answer_resends(
+    results: list[dict[str, object] | None],
+    items: list[Any],
+    parsed: list[tuple[Message, int]],
+    now: int,
+    known: dict[bytes, FirstSend],
+    storing: dict[bytes, int],
+) -> None:
+    """Fill in the answers of the messages not stored (``None`` in ``results``): each answers
+    the first send of its id, an earlier request's (``known``) or this one's (``storing``)."""
+    for pos, r in enumerate(results):
+        if r is not None:
+            continue
+        msg, _at = parsed[pos]
+        first = known.get(msg.msg_id)
+        if first is None:  # the id's first message is in this request, answered above
+            was = storing[msg.msg_id]
+            answer = results[was]
+            assert answer is not None
+            at = answer.get("deliver_at", now)
+            assert isinstance(at, int)
+            first = FirstSend("", cast(int, answer["queue_id"]), at, parsed[was][1] > now)
+        r = {"msg_id": msg.msg_id.hex(), "queue_id": max(first.queue_id, 0)}
+        item = items[pos]
+        if first.delayed or "delay_ms" in item or "deliver_at" in item:
+            r["deliver_at"] = first.deliver_at_ms
+        results[pos] = r
 
 
 # -- messages out -------------------------------------------------------------------------------
@@ -274,8 +471,8 @@ def render_delivery(d: Delivery) -> dict[str, object]:
 async def get_message(request: web.Request) -> web.Response:
     try:
         msg_id = parse_msg_id(request.match_info["msg_id"])
-    except InvalidMessage:
-        raise MessageNotFound("no message with that id (ids are 32 hex digits)") from None
+    except InvalidMessage as e:
+        raise MessageNotFound(f"no message with that id: {e.message}") from None
     return json_response(render_message(request.app[BROKER].get_message(msg_id)))
 
 

@@ -43,6 +43,7 @@ CLIENT_NAME_PATTERN = r"^[A-Za-z0-9_\-]{1,100}$"
 _TOPIC_RE = re.compile(TOPIC_PATTERN)
 _CLIENT_TOPIC_RE = re.compile(CLIENT_NAME_PATTERN)
 _MSG_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_ANY_CASE_HEX_RE = re.compile(r"^[0-9a-fA-F]{32}$")
 
 
 @dataclass(slots=True)
@@ -115,10 +116,25 @@ def msg_id_time_ms(msg_id: bytes) -> int:
 
 
 def parse_msg_id(text: str) -> bytes:
-    """Parse a 32-hex-digit id; raises :class:`InvalidMessage` on anything else."""
+    """Parse a 32-hex-digit id; raises :class:`InvalidMessage` saying why anything else is
+    not one (see :func:`msg_id_problem`)."""
     if not isinstance(text, str) or not _MSG_ID_RE.fullmatch(text):
-        raise InvalidMessage("msg_id must be 32 lowercase hex digits")
+        raise InvalidMessage(msg_id_problem(text))
     return bytes.fromhex(text)
+
+
+def msg_id_problem(given: object) -> str:
+    """Why ``given`` is not a message id, quoting it (cut short)."""
+    reason = "msg_id must be 32 lowercase hex digits"
+    if isinstance(given, str) and _ANY_CASE_HEX_RE.fullmatch(given):
+        reason += " (uppercase is not accepted)"
+    return f"{reason}, got {quoted(given)}"
+
+
+def quoted(value: object, limit: int = 40) -> str:
+    """``value`` as an error message quotes it: its repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def is_system_topic(name: str) -> bool:

@@ -8,7 +8,7 @@ implements it and ``tempomq.app`` connects the two.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from broker_core.message import Message
 
@@ -28,11 +28,26 @@ class Timers(Protocol):
         ...
 
 
+class FirstSend(NamedTuple):
+    """Where the first send of a message id went: what a resend of that id answers."""
+
+    topic: str
+    #: The queue the message is in, or is to be released to; -1 when none is recorded.
+    queue_id: int
+    #: When it is (or was) delivered, epoch ms: its delivery time if it was delayed, else the
+    #: time it was sent.
+    deliver_at_ms: int
+    #: Sent with a time still to come (it went through the scheduler).
+    delayed: bool
+
+
 class Scheduler(Protocol):
     """Durably keeps messages and puts each into its topic at its time.
 
     ``schedule`` returns once the messages are stored durably, with the delivery time each one
-    has: the one given, or for an id already scheduled (a resend), the one it was stored with.
+    has: the one given, or for an id already scheduled (a resend), the one it was stored with;
+    a resend's ``queue_id`` is set to the queue its stored message will be released to (-1
+    when none is recorded).
     Release must be idempotent by ``(topic, msg_id)`` so a crash between release and
     bookkeeping never delivers twice.
     """
@@ -43,6 +58,17 @@ class Scheduler(Protocol):
 
     def new_msg_id(self) -> bytes:
         """A fresh id for a message this scheduler will keep (one it releases itself)."""
+        ...
+
+    def may_hold(self, msg_id: bytes) -> bool:
+        """False when this scheduler certainly holds no message with this id: answered from
+        memory (an id filter), at (almost) no cost; True when :meth:`held` must be asked."""
+        ...
+
+    async def held(self, msg_ids: Sequence[bytes]) -> list[FirstSend | None]:
+        """For each id, the message this scheduler holds under it (scheduled, or delivered or
+        cancelled and not yet forgotten), else None. Raises ``StoreUnavailable`` when the
+        store cannot tell."""
         ...
 
     async def release_now(self, messages: Sequence[Message]) -> None:

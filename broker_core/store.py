@@ -51,6 +51,7 @@ from broker_core.errors import (
 )
 from broker_core.index import Index
 from broker_core.message import (
+    PROP_DELIVER_AT,
     PROP_RETRY_TOPIC,
     Message,
     MsgIdGenerator,
@@ -58,6 +59,7 @@ from broker_core.message import (
     is_system_topic,
     validate_topic_name,
 )
+from broker_core.protocols import FirstSend
 
 log = structlog.get_logger(__name__)
 
@@ -124,6 +126,16 @@ class PutResult(NamedTuple):
     duplicate: bool = False
 
 
+def _first_send(m: Message | StoredMessage, queue_id: int) -> FirstSend:
+    """A stored message as the first send of its id: a released delayed message answers its
+    delivery time, any other the time it was sent (when it was delivered)."""
+    props = m.properties
+    deliver_at = props.get(PROP_DELIVER_AT) if props else None
+    if deliver_at is None:
+        return FirstSend(m.topic, queue_id, m.born_at, False)
+    return FirstSend(m.topic, queue_id, int(deliver_at), True)
+
+
 class _CommitFuture(asyncio.Future[None]):
     """The future every put of one group commit awaits. It refuses cancellation, so a caller
     that is cancelled while waiting (a client hung up) cannot cancel the batch for the other
@@ -180,9 +192,7 @@ class MessageStore:
         self.clock = clock
         root = Path(config.data_dir)
         self.root = root
-        self.commitlog = CommitLog(
-            root / "commitlog", segment_bytes=config.segment_bytes, io=io
-        )
+        self.commitlog = CommitLog(root / "commitlog", segment_bytes=config.segment_bytes, io=io)
         self.index = Index(root / "index", slots=config.index_slots, capacity=config.index_entries)
         self.topics: dict[str, TopicConfig] = {}
         #: The latest tombstone of each deleted topic name (re-created or not).
@@ -201,8 +211,9 @@ class MessageStore:
         self._buf_dispatch: list[_Dispatch] = []
         self._buf_future: _CommitFuture | None = None
         self._buf_records = 0
-        #: Client-supplied ids of records not yet written, with the write their puts await.
-        self._pending_ids: dict[tuple[bytes, str], tuple[PutResult, _CommitFuture]] = {}
+        #: Client-supplied ids of records not yet written: each one's result, the write its put
+        #: awaits and the message.
+        self._pending_ids: dict[bytes, tuple[PutResult, _CommitFuture, Message]] = {}
         self._wake_writer: asyncio.Event | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._write_pool = ThreadPoolExecutor(1, thread_name_prefix="tempomq-write")
@@ -429,8 +440,10 @@ class MessageStore:
             if not is_system_topic(topic) and msg.born_at < current.created_at:
                 return True
         real = msg.properties.get(PROP_RETRY_TOPIC) if msg.properties else None
-        return real is not None and real != topic and self.is_orphan(
-            Message(real, b"", born_at=msg.born_at)
+        return (
+            real is not None
+            and real != topic
+            and self.is_orphan(Message(real, b"", born_at=msg.born_at))
         )
 
     def _visible(self, m: StoredMessage) -> bool:
@@ -524,19 +537,22 @@ class MessageStore:
         return (await self.put_many((msg,), check_duplicate=check_duplicate))[0]
 
     async def put_many(
-        self, msgs: Sequence[Message], *, check_duplicate: bool = False
+        self, msgs: Sequence[Message], *, check_duplicate: bool = False, checked: bool = False
     ) -> list[PutResult]:
         """Store ``msgs`` (topics must exist). With ``check_duplicate``, a message whose
-        ``msg_id`` is already in its topic is not stored again; its first result is returned."""
+        ``msg_id`` is already in its topic is not stored again; its first result is returned.
+        ``checked``: the caller has just looked every id up (:meth:`first_send`, holding it:
+        :mod:`broker_core.claims`) and found none, so they are not looked up again; they are
+        still known as being written, as with ``check_duplicate``."""
         if self._closing:
             raise StoreUnavailable("the store is shutting down")
-        results, waits = self.stage(msgs, check_duplicate=check_duplicate)
+        results, waits = self.stage(msgs, check_duplicate=check_duplicate, checked=checked)
         for fut in waits:
             await fut
         return results
 
     def stage(  # noqa: C901 - the put hot path, one frame on purpose
-        self, msgs: Iterable[Message], *, check_duplicate: bool = False
+        self, msgs: Iterable[Message], *, check_duplicate: bool = False, checked: bool = False
     ) -> tuple[list[PutResult], list[_CommitFuture]]:
         """Append ``msgs`` to the pending write; returns their results and the writes to await
         (this batch's, and those of in-flight originals that a duplicate refers to). What one
@@ -567,7 +583,7 @@ class MessageStore:
             topic = topics[m.topic]
             if not m.msg_id:
                 m.msg_id = new_id(now)
-            elif check_duplicate:
+            elif check_duplicate and not checked:
                 prior = self._prior_put(m, waits)
                 if prior is not None:
                     results.append(prior)
@@ -595,7 +611,7 @@ class MessageStore:
             )
             result = PutResult(m.msg_id, m.topic, qid, qoff, phy)
             if check_duplicate:
-                self._pending_ids[(m.msg_id, m.topic)] = (result, batch)
+                self._pending_ids[m.msg_id] = (result, batch, m)
             results.append(result)
         if appended:
             self._buf_records += appended
@@ -656,8 +672,8 @@ class MessageStore:
     def _prior_put(self, m: Message, waits: list[_CommitFuture]) -> PutResult | None:
         """The earlier put of ``m.msg_id`` in ``m.topic``, if any. One still being written adds
         its write to ``waits``: the duplicate is acknowledged only when the original is."""
-        in_flight = self._pending_ids.get((m.msg_id, m.topic))
-        if in_flight is not None:
+        in_flight = self._pending_ids.get(m.msg_id)
+        if in_flight is not None and in_flight[0].topic == m.topic:
             if in_flight[1] not in waits:
                 waits.append(in_flight[1])
             return in_flight[0]._replace(duplicate=True)
@@ -768,9 +784,7 @@ class MessageStore:
         if self._failure is None:
             return True
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._write_pool, self.commitlog.probe
-            )
+            await asyncio.get_running_loop().run_in_executor(self._write_pool, self.commitlog.probe)
         except OSError as e:
             cause = f"cannot write to the CommitLog: {e.strerror or e}"
             if cause not in self._failure:
@@ -780,9 +794,7 @@ class MessageStore:
         self._failure = None
         return True
 
-    def _dispatch(
-        self, batch: list[_Dispatch]
-    ) -> None:
+    def _dispatch(self, batch: list[_Dispatch]) -> None:
         cqs = self._cqs
         index_add = self.index.add
         touched: set[str] = set()
@@ -796,9 +808,12 @@ class MessageStore:
             if topic is not last_topic:
                 touched.add(topic)
                 last_topic = topic
-        if self._pending_ids:
-            for topic, _q, _o, _p, _s, _t, msg_id, _k in batch:
-                self._pending_ids.pop((msg_id, topic), None)
+        pending = self._pending_ids
+        if pending:
+            for _topic, _q, _o, phy, _s, _t, msg_id, _k in batch:
+                in_flight = pending.get(msg_id)
+                if in_flight is not None and in_flight[0].phy_offset == phy:
+                    del pending[msg_id]
         metrics.PUT_MESSAGES.inc(len(batch))
         if self.on_dispatch is not None:
             self.on_dispatch(touched)
@@ -822,6 +837,21 @@ class MessageStore:
         for m in self.lookup_id(msg_id):
             if m.topic == topic:
                 return PutResult(m.msg_id, topic, m.queue_id, m.queue_offset, m.phy_offset, True)
+        return None
+
+    def first_send(self, msg_id: bytes) -> tuple[FirstSend, asyncio.Future[None] | None] | None:
+        """Where a client's message with this id went (a topic clients send to), with the
+        write to await when it is still being written: a resend is acknowledged only once the
+        first send is. None when no such message is stored. Costs an index lookup."""
+        in_flight = self._pending_ids.get(msg_id)
+        if in_flight is not None and not is_system_topic(in_flight[0].topic):
+            result, fut, m = in_flight
+            return _first_send(m, result.queue_id), fut
+        if not self.index.lookup_id(msg_id, 1):
+            return None  # nearly every id: new, and no record read
+        for stored in self.lookup_id(msg_id):
+            if not is_system_topic(stored.topic):
+                return _first_send(stored, stored.queue_id), None
         return None
 
     def lookup_id(self, msg_id: bytes) -> list[StoredMessage]:

@@ -22,17 +22,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import structlog
 
 from broker_core.message import Message
-from delayserver.id_filter import IdFilter
+from delayserver.id_filter import HeldIds
 from delayserver.schedule_log import ScheduleLog, frame
 from delayserver.sqlite import SqliteRunner
-from delayserver.store import DelayedInfo, DelayState, DelayStoreUnavailable, Due, encode_message
+from delayserver.store import (
+    RECORD_QUEUE_AT,
+    RECORD_STUB_BYTES,
+    DelayedInfo,
+    DelayState,
+    DelayStoreUnavailable,
+    Due,
+    encode_message,
+    queue_of,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -83,12 +92,14 @@ _APPLY_ROWS = 2000
 #: After a failed apply, the rows wait this long before the next try.
 _RETRY_AFTER_S = 1.0
 #: The id filter loads this many of the table's ids per read on the database's thread (other
-#: statements run between reads) ...
+#: statements run between reads).
 _LOAD_ROWS = 20_000
-#: ... and adds this many per turn of the event loop.
-_LOAD_SLICE = 2_000
-#: After a failed load of the id filter, the next try comes this much later.
-_LOAD_RETRY_S = 5.0
+#: What :meth:`EmbeddedDelayStore.find` reads of an id: its row, and the queue id of its
+#: record (two bytes: a scheduled message's whole record, or a cancelled one's stub).
+_FIND = (
+    f"SELECT topic, deliver_at, state, substr(record, {RECORD_QUEUE_AT + 1}, 2) FROM delayed "
+    "WHERE msg_id = ?"
+)
 
 
 class EmbeddedDelayStore:
@@ -120,14 +131,15 @@ class EmbeddedDelayStore:
         self._spent_seq = 0
         #: Set at close: the background apply is not started or retried any more.
         self._closing = False
-        #: Async mode: the ids the table may hold (:mod:`delayserver.id_filter`), once loaded;
-        #: None until then, and in sync mode, where no schedule asks.
-        self._filter: IdFilter | None = None
-        #: The filter being loaded (at open, or to replace a full one); it gets every id
-        #: scheduled meanwhile too.
-        self._filling: IdFilter | None = None
-        self._filter_task: asyncio.Task[None] | None = None
-        self._filter_retry: asyncio.TimerHandle | None = None
+        #: The ids the table may hold (:mod:`delayserver.id_filter`): a schedule through the
+        #: log and :meth:`find` ask SQLite only about those its filter may hold.
+        self._ids = HeldIds(
+            name="delay-store",
+            count=lambda: self._read(_row_count),
+            read=self._table_ids,
+            writing=lambda: [*self._unapplied_ids, *self._direct_ids],
+            errors=(DelayStoreUnavailable, sqlite3.Error),
+        )
 
     async def open(self) -> None:
         self._closing = False
@@ -139,8 +151,7 @@ class EmbeddedDelayStore:
             ).fetchone()[0]
         )
         log.info("delay_store.opened", path=str(self.path), pending=self._pending)
-        if not self._db.sync:
-            self._load_filter_soon(0)
+        self._ids.start()
 
     async def _replay(self) -> None:
         """Apply what the schedule log holds above the watermark (a crash, or a close whose
@@ -163,13 +174,7 @@ class EmbeddedDelayStore:
         if self._apply_timer is not None:
             self._apply_timer.cancel()
             self._apply_timer = None
-        if self._filter_retry is not None:
-            self._filter_retry.cancel()
-            self._filter_retry = None
-        if self._filter_task is not None:
-            self._filter_task.cancel()
-            await asyncio.wait([self._filter_task])
-        self._filter = None
+        await self._ids.stop()
         try:
             await self._settle()
         except Exception as e:  # the rows stay in the log, applied at the next open
@@ -204,7 +209,7 @@ class EmbeddedDelayStore:
         # Known as being written from before the first await: a schedule through the log
         # meanwhile (the apply below, the write) is then stored directly too, after this one.
         ids = {m.msg_id for m, _ in items}
-        self._note_ids(ids)
+        self._ids.note(ids)
         direct = self._direct_ids
         for msg_id in ids:
             direct[msg_id] = direct.get(msg_id, 0) + 1
@@ -253,7 +258,7 @@ class EmbeddedDelayStore:
         db = self._db.inline
         assert db is not None
         known = self._unapplied_ids
-        held = self._filter  # None: ask SQLite about every id
+        held = self._ids.filter  # None: ask SQLite about every id
         fresh: list[bool] = []
         frames: list[bytes] = []
         rows = []
@@ -293,7 +298,7 @@ class EmbeddedDelayStore:
             return None
         self._seq = seq
         self._unapplied += rows
-        self._note_ids([row[1] for row in rows])
+        self._ids.note([row[1] for row in rows])
         self._pending += len(rows)
         if len(self._unapplied) >= _APPLY_ROWS:
             self._apply_soon(0)
@@ -365,60 +370,30 @@ class EmbeddedDelayStore:
 
     # -- the id filter -----------------------------------------------------------------------
 
-    def _note_ids(self, msg_ids: Iterable[bytes]) -> None:
-        """Add ids about to be written to the table to the id filters (before the write
-        starts, so a filter loaded meanwhile never misses them)."""
-        held, filling = self._filter, self._filling
-        if held is not None:
-            if filling is not None:
-                msg_ids = list(msg_ids)
-            held.update(msg_ids)
-            if held.full and self._filter_task is None and self._filter_retry is None:
-                self._load_filter_soon(0)
-        if filling is not None:
-            filling.update(msg_ids)
+    async def _table_ids(self) -> AsyncIterator[list[bytes]]:
+        """Every id of the table, :data:`_LOAD_ROWS` per read (other statements run between)."""
+        after = -1
+        while rows := await self._read(_ids_after(after)):
+            after = rows[-1][0]
+            yield [r[1] for r in rows]
 
-    def _load_filter_soon(self, delay_s: float) -> None:
-        if self._closing:
-            return
-        self._filter_retry = asyncio.get_running_loop().call_later(delay_s, self._start_load)
+    def may_hold(self, msg_id: bytes) -> bool:
+        return self._ids.may_hold(msg_id)
 
-    def _start_load(self) -> None:
-        self._filter_retry = None
-        if self._filter_task is None and not self._closing:
-            self._filter_task = asyncio.create_task(
-                self._load_filter(), name="tempomq-delay-store-id-filter"
-            )
-
-    async def _load_filter(self) -> None:
-        """Load a new id filter from the table, :data:`_LOAD_ROWS` ids per read and
-        :data:`_LOAD_SLICE` per turn of the loop; it replaces the one in use (or none) once
-        every id of the table is in it. Ids scheduled meanwhile go into it as they come, and
-        those whose rows are being written now are put in first, so none is missed: a row
-        in the table at the start is read, one written later was added."""
-        try:
-            rows_held = await self._read(_row_count)
-            filling = IdFilter(rows_held + len(self._unapplied_ids) + len(self._direct_ids))
-            self._filling = filling
-            filling.update(self._unapplied_ids)
-            filling.update(self._direct_ids)
-            after = -1
-            while rows := await self._read(_ids_after(after)):
-                after = rows[-1][0]
-                for start in range(0, len(rows), _LOAD_SLICE):
-                    filling.update([r[1] for r in rows[start : start + _LOAD_SLICE]])
-                    await asyncio.sleep(0)
-            self._filter = filling
-            log.info("delay_store.id_filter_loaded", ids=filling.count)
-        except (DelayStoreUnavailable, sqlite3.Error) as e:
-            log.warning("delay_store.id_filter_not_loaded", error=str(e), retry_s=_LOAD_RETRY_S)
-            self._load_filter_soon(_LOAD_RETRY_S)
-        except Exception:  # a bug: schedules still ask SQLite; try again later
-            log.exception("delay_store.id_filter_not_loaded", retry_s=_LOAD_RETRY_S)
-            self._load_filter_soon(_LOAD_RETRY_S)
-        finally:
-            self._filling = None
-            self._filter_task = None
+    async def find(self, msg_ids: Sequence[bytes]) -> list[DelayedInfo | None]:
+        ask = [m for m in msg_ids if self._ids.may_hold(m)]
+        if not ask:
+            return [None] * len(msg_ids)
+        if not self._unapplied_ids.isdisjoint(ask):
+            await self._settle()
+        found: dict[bytes, DelayedInfo] | None = None
+        db = self._db.inline
+        if db is not None and self._db.failure is None:
+            with contextlib.suppress(sqlite3.Error):  # busy, say: the thread asks instead
+                found = _found(db, ask)
+        if found is None:
+            found = await self._read(lambda db: _found(db, ask))
+        return [found.get(m) for m in msg_ids]
 
     async def window(
         self, from_ms: int, to_ms: int, limit: int, *, after_msg_id: bytes = b""
@@ -472,10 +447,12 @@ class EmbeddedDelayStore:
             await self._settle()
 
         def run(db: sqlite3.Connection) -> tuple[int, DelayedInfo | None]:
+            # The record's first bytes stay (RECORD_STUB_BYTES): a resend of the id still
+            # answers the queue the message was meant for.
             n = db.execute(
-                "UPDATE delayed SET state = 2, finished_at = ?, record = NULL "
+                "UPDATE delayed SET state = 2, finished_at = ?, record = substr(record, 1, ?) "
                 "WHERE msg_id = ? AND state = 0",
-                (now_ms, msg_id),
+                (now_ms, RECORD_STUB_BYTES, msg_id),
             ).rowcount
             return n, _info(db, msg_id)
 
@@ -560,6 +537,17 @@ def _ids_after(after: int) -> Callable[[sqlite3.Connection], list[tuple[int, byt
         ).fetchall()
 
     return run
+
+
+def _found(db: sqlite3.Connection, msg_ids: Sequence[bytes]) -> dict[bytes, DelayedInfo]:
+    """The rows of ``msg_ids`` the table holds, as infos with their queue ids."""
+    found = {}
+    for msg_id in msg_ids:
+        row = db.execute(_FIND, (msg_id,)).fetchone()
+        if row is not None:
+            topic, deliver_at, state, queue = row
+            found[msg_id] = DelayedInfo(msg_id, topic, deliver_at, _STATES[state], queue_of(queue))
+    return found
 
 
 def _applied_seq(db: sqlite3.Connection) -> int:

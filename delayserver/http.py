@@ -9,7 +9,7 @@ from aiohttp import web
 
 from broker_core.errors import InvalidMessage, MessageNotFound, TempoError
 from broker_core.fields import check_fields
-from broker_core.http import json_response, parse_deliver_at, read_json
+from broker_core.http import as_written, json_response, parse_deliver_at, parse_json
 from broker_core.message import parse_msg_id
 from delayserver.service import DelayService
 from delayserver.store import DelayedInfo, DelayState
@@ -29,8 +29,8 @@ class AlreadyCancelled(TempoError):
 def _msg_id(request: web.Request) -> bytes:
     try:
         return parse_msg_id(request.match_info["msg_id"])
-    except InvalidMessage:
-        raise MessageNotFound("no delayed message with that id (ids are 32 hex digits)") from None
+    except InvalidMessage as e:
+        raise MessageNotFound(f"no delayed message with that id: {e.message}") from None
 
 
 def _render(info: DelayedInfo) -> dict[str, object]:
@@ -66,14 +66,18 @@ async def cancel_delayed(request: web.Request) -> web.Response:
 @routes.patch("/v1/delayed/{msg_id}")
 async def reschedule_delayed(request: web.Request) -> web.Response:
     msg_id = _msg_id(request)
-    body = await read_json(request)
+    raw = await request.read()
+    body = parse_json(raw)
     if isinstance(body, dict):
         check_fields(body, "DelayedPatch", InvalidMessage)
     if not isinstance(body, dict) or ("deliver_at" not in body and "delay_ms" not in body):
         raise InvalidMessage("give the new time as 'deliver_at' or 'delay_ms'")
     service = request.app[DELAY]
     now = service.timers.now_ms()
-    at = max(parse_deliver_at(body, now), now)  # a time in the past means now
+    try:
+        at = max(parse_deliver_at(body, now), now)  # a time in the past means now
+    except InvalidMessage as e:
+        raise as_written(e, raw, lambda exact: parse_deliver_at(exact, now)) from None
     info = _found(await service.reschedule(msg_id, at), msg_id)
     if info.state is DelayState.DELIVERED:
         raise AlreadyDelivered(f"message {msg_id.hex()} was already delivered")

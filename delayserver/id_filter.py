@@ -13,11 +13,20 @@ which is fine: the filter lives in memory only and is loaded from the table at e
 Sized at 32 bits per id expected, it is rebuilt once more ids than half that were added
 (:attr:`full`); up to then about 1.4 % of new ids still go to SQLite. Ids are never removed
 (the store's rows outlive delivery until purged, and a purged id only costs a lookup).
+
+:class:`HeldIds` keeps a store's filter: it loads it from the store in the background and adds
+every id the store writes. Both delay stores use one (the Redis store for the same question
+about a plain send: "is this id held as a delayed message?").
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+
+import structlog
+
+log = structlog.get_logger(__name__)
 
 #: Bits per id the filter is sized for; it counts as full at half of that.
 BITS_PER_ID = 32
@@ -26,6 +35,10 @@ MIN_BITS_LOG2 = 20
 #: The largest: 2**29 bits (64 MiB), room for 33.5 million ids at 16 bits each. A store
 #: holding more rows than that keeps a filter this size, which answers "maybe" more often.
 MAX_BITS_LOG2 = 29
+#: A load adds this many ids per turn of the event loop ...
+LOAD_SLICE = 2_000
+#: ... and after a failed load the next try comes this much later.
+LOAD_RETRY_S = 5.0
 
 
 class IdFilter:
@@ -87,3 +100,117 @@ class IdFilter:
             return False
         i = (h >> 32) & mask
         return bool(self._bits[i >> 3] & (1 << (i & 7)))
+
+
+class HeldIds:
+    """The id filter of a store: loaded in the background (at :meth:`start`, and again once
+    full), every id the store is about to write added as it comes (:meth:`note`), so that a
+    filter in use never misses an id the store holds. :attr:`filter` is None until the first
+    load is done (and after :meth:`stop`): the store must ask its own data then.
+
+    ``count``: about how many ids the store holds (to size the filter). ``read``: every id
+    it holds, in pages. ``writing``: the ids being written at that moment (noted before the
+    load began, so neither the load nor :meth:`note` would add them otherwise). ``errors``:
+    what a failed read raises; the load is tried again :data:`LOAD_RETRY_S` later."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        count: Callable[[], Awaitable[int]],
+        read: Callable[[], AsyncIterator[Sequence[bytes]]],
+        writing: Callable[[], Iterable[bytes]],
+        errors: tuple[type[Exception], ...],
+    ) -> None:
+        self.name = name
+        self._count = count
+        self._read = read
+        self._writing = writing
+        self._errors = errors
+        self.filter: IdFilter | None = None
+        #: The filter being loaded; it gets every id noted meanwhile too.
+        self._filling: IdFilter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._stopped = True
+
+    @property
+    def loading(self) -> bool:
+        return self._task is not None
+
+    def may_hold(self, msg_id: bytes) -> bool:
+        """False when the store certainly does not hold ``msg_id``; True when it may (or the
+        filter is not loaded)."""
+        held = self.filter
+        return held is None or msg_id in held
+
+    def start(self) -> None:
+        self._stopped = False
+        self._load_soon(0)
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+        self.filter = None
+
+    def note(self, msg_ids: Iterable[bytes]) -> None:
+        """Add ids about to be written to the filters (before the write starts, so a filter
+        loaded meanwhile never misses them)."""
+        held, filling = self.filter, self._filling
+        if held is not None:
+            if filling is not None:
+                msg_ids = list(msg_ids)
+            held.update(msg_ids)
+            if held.full and self._task is None and self._retry is None:
+                self._load_soon(0)
+        if filling is not None:
+            filling.update(msg_ids)
+
+    def _load_soon(self, delay_s: float) -> None:
+        if self._stopped:
+            return
+        self._retry = asyncio.get_running_loop().call_later(delay_s, self._start_load)
+
+    def _start_load(self) -> None:
+        self._retry = None
+        if self._task is None and not self._stopped:
+            self._task = asyncio.create_task(self._load(), name=f"tempomq-{self.name}-id-filter")
+
+    async def _load(self) -> None:
+        """Load a new filter, :data:`LOAD_SLICE` ids per turn of the loop; it replaces the
+        one in use (or none) once every id of the store is in it. Ids noted meanwhile go into
+        it as they come, and those being written now are put in first, so none is missed: an
+        id stored when the read passes it is read, one written later was noted."""
+        try:
+            held = await self._count()
+            # No await from here until _filling is set: what is being written now is in
+            # ``writing``, what is noted from now on goes into the filling filter.
+            writing = list(self._writing())
+            filling = IdFilter(held + len(writing))
+            self._filling = filling
+            filling.update(writing)
+            async for page in self._read():
+                for start in range(0, len(page), LOAD_SLICE):
+                    filling.update(page[start : start + LOAD_SLICE])
+                    await asyncio.sleep(0)
+            self.filter = filling
+            log.info("delay_store.id_filter_loaded", store=self.name, ids=filling.count)
+        except self._errors as e:
+            log.warning(
+                "delay_store.id_filter_not_loaded",
+                store=self.name,
+                error=str(e),
+                retry_s=LOAD_RETRY_S,
+            )
+            self._load_soon(LOAD_RETRY_S)
+        except Exception:  # a bug: the store asks its own data meanwhile; try again later
+            log.exception("delay_store.id_filter_not_loaded", store=self.name, retry_s=LOAD_RETRY_S)
+            self._load_soon(LOAD_RETRY_S)
+        finally:
+            self._filling = None
+            self._task = None

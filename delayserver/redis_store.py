@@ -53,11 +53,12 @@ Redis comes back.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import zlib
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio
 import redis.exceptions
@@ -67,7 +68,17 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 
 from broker_core.message import Message
-from delayserver.store import DelayedInfo, DelayState, DelayStoreUnavailable, Due, encode_message
+from delayserver.id_filter import HeldIds
+from delayserver.store import (
+    RECORD_QUEUE_AT,
+    RECORD_STUB_BYTES,
+    DelayedInfo,
+    DelayState,
+    DelayStoreUnavailable,
+    Due,
+    encode_message,
+    queue_of,
+)
 
 #: URL schemes that mean a Redis Cluster (any node's address; the client discovers the rest).
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
@@ -78,6 +89,8 @@ HEALTH_TIMEOUT_S = 1.0
 HEALTH_CHECK_INTERVAL_S = 5
 #: Finished ids forgotten per script call: long scripts would stall every other Redis client.
 PURGE_CHUNK = 1000
+#: Ids asked for per HSCAN while the id filter loads.
+SCAN_PAGE = 5000
 
 _UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,  # includes BusyLoadingError
@@ -134,15 +147,21 @@ return out
 )
 
 # Scheduled (or, with releasing, being released) -> state; returns the meta after the call
-# (false when unknown).
-_FINISH_FN = """local function finish(id, state, at, releasing)
+# (false when unknown). The record goes, or with stub only its first bytes stay (a cancelled
+# message's queue id, for a resend's answer).
+_FINISH_FN = """local function finish(id, state, at, releasing, stub)
   local meta = redis.call('HGET', KEYS[3], id)
   local from = meta and string.sub(meta, 1, 2)
   if from == 's|' or (releasing and from == 'r|') then
     meta = state .. '|' .. string.match(meta, '^.|(.*)|[^|]*$') .. '|' .. at
     redis.call('HSET', KEYS[3], id, meta)
     redis.call('ZREM', KEYS[1], id)
-    redis.call('HDEL', KEYS[2], id)
+    local record = stub and redis.call('HGET', KEYS[2], id)
+    if record then
+      redis.call('HSET', KEYS[2], id, string.sub(record, 1, stub))
+    else
+      redis.call('HDEL', KEYS[2], id)
+    end
     redis.call('ZADD', KEYS[4], at, id)
   end
   return meta
@@ -154,7 +173,7 @@ _MARK_DELIVERED_LUA = (
     + _FINISH_FN
     + """-- ARGV: released_at_ms, msg_id...
 for i = 2, #ARGV do
-  finish(ARGV[i], 'd', ARGV[1], true)
+  finish(ARGV[i], 'd', ARGV[1], true, false)
 end
 return 0
 """
@@ -164,9 +183,9 @@ _CANCEL_LUA = (
     _KEYS_DOC
     + _NOTIFY_FN
     + _FINISH_FN
-    + """-- ARGV: msg_id, now_ms, owner
+    + """-- ARGV: msg_id, now_ms, owner, stub_bytes
 local before = redis.call('HGET', KEYS[3], ARGV[1])
-local meta = finish(ARGV[1], 'c', ARGV[2], false)
+local meta = finish(ARGV[1], 'c', ARGV[2], false, tonumber(ARGV[4]))
 if meta ~= before and others_hold(ARGV[3]) then
   redis.call('RPUSH', KEYS[6], ARGV[1])
 end
@@ -243,10 +262,26 @@ _PURGE_LUA = (
 local ids = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[1], 'LIMIT', 0, ARGV[2])
 if #ids > 0 then
   redis.call('HDEL', KEYS[3], unpack(ids))
+  redis.call('HDEL', KEYS[2], unpack(ids))
   redis.call('ZREM', KEYS[4], unpack(ids))
 end
 return #ids
 """
+)
+
+_FIND_LUA = (
+    _KEYS_DOC
+    + """-- ARGV: msg_id...; returns per id its meta and the two queue-id bytes of its record (or
+-- of a cancelled one's stub), each false when there is none
+local out = {}
+for i = 1, #ARGV do
+  local meta = redis.call('HGET', KEYS[3], ARGV[i])
+  local record = meta and redis.call('HGET', KEYS[2], ARGV[i])
+  out[#out + 1] = meta
+  out[#out + 1] = record and string.sub(record, QUEUE_FROM, QUEUE_FROM + 1)
+end
+return out
+""".replace("QUEUE_FROM", str(RECORD_QUEUE_AT + 1))
 )
 
 
@@ -339,6 +374,16 @@ class RedisDelayStore:
         ]
         self._servers_key = f"{prefix}:servers"
         self._scripts: dict[str, AsyncScript] = {}
+        #: Ids being scheduled now, with how many schedules hold each.
+        self._writing: dict[bytes, int] = {}
+        #: The ids this store may hold, as far as this server knows (:meth:`find`).
+        self._ids = HeldIds(
+            name="redis-delay-store",
+            count=self._count_ids,
+            read=self._all_ids,
+            writing=lambda: self._writing,
+            errors=(DelayStoreUnavailable,),
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -363,8 +408,10 @@ class RedisDelayStore:
             "claim": client.register_script(_CLAIM_LUA),
             "renew": client.register_script(_RENEW_LUA),
             "give_up": client.register_script(_GIVE_UP_LUA),
+            "find": client.register_script(_FIND_LUA),
         }
         await self._load_scripts()
+        self._ids.start()
 
     def _connect(self) -> redis.asyncio.Redis | RedisCluster:
         if self.cluster:
@@ -390,6 +437,7 @@ class RedisDelayStore:
         )
 
     async def close(self) -> None:
+        await self._ids.stop()
         client, self._client = self._client, None
         if client is not None and client is not self._injected:
             await client.aclose()
@@ -407,6 +455,21 @@ class RedisDelayStore:
     # -- operations ------------------------------------------------------------------------------
 
     async def schedule(self, items: Sequence[tuple[Message, int]]) -> list[bool]:
+        ids = [msg.msg_id for msg, _at in items]
+        self._ids.note(ids)
+        writing = self._writing
+        for msg_id in ids:
+            writing[msg_id] = writing.get(msg_id, 0) + 1
+        try:
+            return await self._schedule(items)
+        finally:
+            for msg_id in ids:
+                if writing[msg_id] == 1:
+                    del writing[msg_id]
+                else:
+                    writing[msg_id] -= 1
+
+    async def _schedule(self, items: Sequence[tuple[Message, int]]) -> list[bool]:
         by_shard: dict[int, list[int]] = {}  # shard -> positions in items
         args: dict[int, list[bytes | int | str]] = {}
         for pos, (msg, deliver_at_ms) in enumerate(items):
@@ -451,11 +514,12 @@ class RedisDelayStore:
             for ids, recs in zip(by_shard.values(), fetched, strict=True)
             for msg_id, record in zip(ids, recs, strict=True)
         }
-        # A record gone between the two reads was delivered or cancelled meanwhile.
+        # A record gone between the two reads (or cut to a stub) was delivered or cancelled
+        # meanwhile.
         return [
             Due(msg_id, at, record)
             for msg_id, at in chosen
-            if (record := records.get(msg_id)) is not None
+            if (record := records.get(msg_id)) is not None and len(record) > RECORD_STUB_BYTES
         ]
 
     async def _earliest(
@@ -515,7 +579,59 @@ class RedisDelayStore:
         await self._run_per_shard("mark_delivered", args, transaction=True)
 
     async def cancel(self, msg_id: bytes, now_ms: int) -> DelayedInfo | None:
-        return await self._one_shard_step("cancel", msg_id, now_ms)
+        script = self._scripts["cancel"]
+        async with self._available():
+            meta = await script(
+                keys=self._keys[self.shard_of(msg_id)],
+                args=(msg_id, now_ms, self.owner, RECORD_STUB_BYTES),
+            )
+        return _info(msg_id, meta)
+
+    def may_hold(self, msg_id: bytes) -> bool:
+        return self._ids.may_hold(msg_id)
+
+    async def find(self, msg_ids: Sequence[bytes]) -> list[DelayedInfo | None]:
+        """As the protocol says. The id filter knows the ids held when this server opened the
+        store and those it scheduled since; an id another server scheduled since is not in
+        it, and is answered as not held (docs/operations.md, "Several servers")."""
+        by_shard: dict[int, list[int]] = {}
+        args: dict[int, list[bytes | int | str]] = {}
+        may_hold = self._ids.may_hold
+        for pos, msg_id in enumerate(msg_ids):
+            if may_hold(msg_id):
+                s = self.shard_of(msg_id)
+                by_shard.setdefault(s, []).append(pos)
+                args.setdefault(s, []).append(msg_id)
+        out: list[DelayedInfo | None] = [None] * len(msg_ids)
+        if not args:
+            return out
+        replies = await self._run_per_shard("find", args, transaction=False)
+        for positions, flat in zip(by_shard.values(), replies, strict=True):
+            for pos, meta, queue in zip(positions, flat[::2], flat[1::2], strict=True):
+                info = _info(msg_ids[pos], meta)
+                if info is not None:
+                    out[pos] = dataclasses.replace(info, queue_id=queue_of(queue))
+        return out
+
+    async def _count_ids(self) -> int:
+        """How many ids the store holds (every shard's ``meta``), in one round trip."""
+        async with self._available():
+            pipe = self._redis().pipeline(transaction=False)
+            for keys in self._keys:
+                pipe.hlen(keys[2])
+            counts: list[int] = await pipe.execute()
+        return sum(counts)
+
+    async def _all_ids(self) -> AsyncIterator[list[bytes]]:
+        """Every id the store holds, shard by shard, :data:`SCAN_PAGE` or so per round trip."""
+        for keys in self._keys:
+            cursor = 0
+            while True:
+                async with self._available():
+                    cursor, page = await self._redis().hscan(keys[2], cursor, count=SCAN_PAGE)
+                yield list(cast("dict[bytes, bytes]", page))
+                if not cursor:
+                    break
 
     async def reschedule(self, msg_id: bytes, deliver_at_ms: int) -> DelayedInfo | None:
         return await self._one_shard_step("reschedule", msg_id, deliver_at_ms)

@@ -49,6 +49,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from broker_core.errors import StoreUnavailable
 from broker_core.message import PROP_DELIVER_AT, PROP_RELEASED_AT, Message
 from broker_core.metrics import DROPPED_MESSAGES
+from broker_core.protocols import FirstSend
 from broker_core.store import MessageStore
 from broker_core.tasks import cancel_and_wait
 from delayserver.leases import ShardLeases
@@ -60,6 +61,7 @@ from delayserver.store import (
     Due,
     decode_message,
     encode_message,
+    record_queue,
 )
 from delayserver.targets import EmbeddedTarget, ReleaseTarget, TargetUnavailable
 from delayserver.wheel import TimerEntry
@@ -514,10 +516,14 @@ class DelayService:
     def _needs_check(self, batch: list[Due], retry: bool) -> bool:
         """Whether the release of ``batch`` must check the topics for copies already there:
         a retry (the put may have landed), a message due before this run started (an earlier
-        run may have released it), or one armed again from a stale read (see :meth:`_known`;
-        a failed release is a retry, so those ids leave the set here)."""
+        run may have released it), one armed again from a stale read (see :meth:`_known`;
+        a failed release is a retry, so those ids leave the set here), or any with leases: a
+        plain send to this server may have stored an id another server scheduled since this
+        one loaded its id filter (the Redis store's :meth:`find`), and the copy stays out."""
         started = self._started_at_ms
-        check = retry or any(due.deliver_at_ms <= started for due in batch)
+        check = (
+            retry or self.leases is not None or any(due.deliver_at_ms <= started for due in batch)
+        )
         recheck = self._recheck
         if recheck:
             ids = [due.msg_id for due in batch]
@@ -727,12 +733,32 @@ class DelayService:
         committed transactional message). Raises ``StoreUnavailable`` when it cannot."""
         await self.target.publish(messages, check_duplicate=True)
 
+    def may_hold(self, msg_id: bytes) -> bool:
+        """The broker's Scheduler protocol: False when the store certainly does not hold
+        ``msg_id`` (its id filter says so), True when :meth:`held` must ask it."""
+        return self.store.may_hold(msg_id)
+
+    async def held(self, msg_ids: Sequence[bytes]) -> list[FirstSend | None]:
+        """The broker's Scheduler protocol: for each id, where and when the message the store
+        holds under it goes (scheduled, delivered or cancelled, until purged), else None. A new
+        id is answered from the store's id filter, without a read. Raises
+        :class:`DelayUnavailable` when the store cannot be asked."""
+        try:
+            infos = await self.store.find(msg_ids)
+        except DelayStoreUnavailable as e:
+            raise DelayUnavailable(f"delayed messages cannot be looked up now: {e}") from None
+        return [
+            None if i is None else FirstSend(i.topic, i.queue_id, i.deliver_at_ms, True)
+            for i in infos
+        ]
+
     async def schedule(
         self, messages: Sequence[Message], deliver_at_ms: Sequence[int]
     ) -> list[int]:
         """Store ``messages`` durably for release at their times (the broker's Scheduler
         protocol). Assigns ``msg_id`` where a message has none. Returns each one's delivery
-        time: as given, or for an id already known (a resend) the time it was stored with."""
+        time: as given, or for an id already known (a resend) the time it was stored with;
+        a resend's ``queue_id`` is set to the one stored (-1 when none is recorded)."""
         for msg in messages:
             if not msg.msg_id:
                 msg.msg_id = self.new_msg_id()
@@ -755,11 +781,13 @@ class DelayService:
             known = await asyncio.gather(
                 *(self._known(items[pos][0].msg_id, times[pos], horizon) for pos in resent)
             )
-            for pos, at in zip(resent, known, strict=True):
+            for pos, (at, queue_id) in zip(resent, known, strict=True):
                 times[pos] = at
+                items[pos][0].queue_id = queue_id  # -1: none recorded
         return times
 
-    async def _known(self, msg_id: bytes, asked_ms: int, horizon: int) -> int:
+    async def _known(self, msg_id: bytes, asked_ms: int, horizon: int) -> tuple[int, int]:
+        """A resent id's stored time and queue (-1 when not recorded)."""
         try:
             due = await self.store.due(msg_id)
             if due is not None:
@@ -767,11 +795,11 @@ class DelayService:
                 # it ran. Armed again, its release checks its topic for it first.
                 if due.deliver_at_ms < horizon and self._arm(due):
                     self._recheck.add(msg_id)
-                return due.deliver_at_ms
-            info = await self.store.get(msg_id)
+                return due.deliver_at_ms, record_queue(due.record)
+            [info] = await self.store.find([msg_id])
         except DelayStoreUnavailable as e:
             raise DelayUnavailable(str(e)) from None
-        return asked_ms if info is None else info.deliver_at_ms
+        return (asked_ms, -1) if info is None else (info.deliver_at_ms, info.queue_id)
 
     async def get(self, msg_id: bytes) -> DelayedInfo | None:
         """The message's state: delivered as soon as it is in its topic, before the store's

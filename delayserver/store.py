@@ -35,6 +35,9 @@ class DelayedInfo:
     topic: str
     deliver_at_ms: int
     state: DelayState
+    #: The queue it is (or was) to be released to; -1 when not recorded (a delivered one's
+    #: record is dropped: the copy in its topic says) or when the broker picks it at release.
+    queue_id: int = -1
 
 
 @dataclass(slots=True, frozen=True)
@@ -61,6 +64,17 @@ class DelayStore(Protocol):
         """Store each (message with ``msg_id`` set, deliver_at_ms) durably before returning.
         Idempotent by ``msg_id``: an id already known (any state) is left as it is and its entry
         in the result is False; True where it was stored now."""
+        ...
+
+    def may_hold(self, msg_id: bytes) -> bool:
+        """False when the store certainly does not hold ``msg_id``, answered from memory (an
+        id filter); True when it may (:meth:`find` tells)."""
+        ...
+
+    async def find(self, msg_ids: Sequence[bytes]) -> list[DelayedInfo | None]:
+        """The info of each id the store knows (any state, ``queue_id`` where recorded), None
+        for the others. Ids the store certainly does not hold are answered from memory where
+        it can (an id filter), so a new id costs no read."""
         ...
 
     async def window(
@@ -112,6 +126,11 @@ class DelayStore(Protocol):
 
 
 _NO_QUEUE = 0xFFFF  # "the broker picks the queue at release"
+#: Where a record (the CommitLog format, :mod:`broker_core.codec`) keeps its queue id (u16).
+RECORD_QUEUE_AT = 14
+#: What a cancelled message keeps of its record: the header up to its queue id, so that a
+#: resend of its id still answers its queue.
+RECORD_STUB_BYTES = 16
 
 
 def encode_message(msg: Message) -> bytes:
@@ -140,3 +159,18 @@ def decode_message(record: bytes) -> Message:
         m.born_at,
         m.reconsume_count,
     )
+
+
+def record_queue(record: bytes | None) -> int:
+    """The queue id a stored record (or its stub) names; -1 when none."""
+    if record is None:
+        return -1
+    return queue_of(record[RECORD_QUEUE_AT : RECORD_QUEUE_AT + 2])
+
+
+def queue_of(field: bytes | None) -> int:
+    """The queue id of a record's two queue-id bytes; -1 when missing or "none"."""
+    if field is None or len(field) != 2:
+        return -1
+    queue_id = int.from_bytes(field, "big")
+    return -1 if queue_id == _NO_QUEUE else queue_id

@@ -40,7 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 from broker_core import http as broker_http
 from broker_core.broker import Broker
 from broker_core.errors import StoreUnavailable, TempoError
-from broker_core.http import BROKER
+from broker_core.http import BROKER, unreadable_body, unreadable_body_code
 from broker_core.http import routes as broker_routes
 from delayserver.embedded import EmbeddedDelayStore
 from delayserver.http import DELAY
@@ -270,8 +270,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             response = _http_error(request, exc)
         except RequestPayloadError as exc:
             # The body could not be read as sent: a Content-Encoding it is not in, say.
-            reason = getattr(exc.__cause__, "message", None) or str(exc)
-            response = error_response(400, "invalid_request", f"request body unreadable: {reason}")
+            code = unreadable_body_code(request.method, request.path)
+            response = error_response(400, code, unreadable_body(exc))
         except Exception as exc:
             status, body, headers = error_answer(exc, request.method, request.path, rid)
             response = json_response(body, status=status, headers=headers)

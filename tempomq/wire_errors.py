@@ -1,7 +1,8 @@
 """The API's JSON error body for requests aiohttp refuses before any route or middleware runs.
 
-A malformed request line, an oversized line or header, a bad ``Content-Length`` or a raw
-non-ASCII byte in the path is answered by aiohttp's connection handler itself, as plain text;
+A malformed request line, an oversized line or header, a bad ``Content-Length``, a raw
+non-ASCII byte in the path or a body that is not in its ``Content-Encoding`` (when it came with
+the headers) is answered by aiohttp's connection handler itself, as plain text;
 no middleware sees it (aio-libs/aiohttp#3287 asks for a hook). :class:`ApiRunner` serves the
 app through a handler whose ``handle_error`` keeps aiohttp's status and logging and only
 renders the body as ``{"error": code, "message": text}``.
@@ -19,8 +20,11 @@ from typing import Protocol, cast
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import PayloadEncodingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+
+from broker_core.http import unreadable_body
 
 
 class _JsonErrorHandler(RequestHandler):
@@ -38,6 +42,11 @@ class _JsonErrorHandler(RequestHandler):
             phrase = "HTTP error"
         if status >= 500:
             code, text = "internal", "internal error, see server log"
+        elif isinstance(exc, PayloadEncodingError):
+            # A body not in the Content-Encoding it claims, refused as it arrived. aiohttp
+            # does not keep the request line of a request it refuses here, so the route (and
+            # its own code, as the app's middleware picks for a body read later) is unknown.
+            code, text = "invalid_request", unreadable_body(exc)
         else:
             code = phrase.lower().replace(" ", "_")
             # aiohttp's parser messages span lines (the offending bytes, a caret): keep the

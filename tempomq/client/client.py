@@ -437,9 +437,10 @@ class Client:
         return str(reply["state"])
 
 
-#: Statuses of a batch request that may be about one message only: the batch is then sent again
-#: one message per request, so each caller gets its own answer.
+#: Statuses and codes of a batch request's error that may be about one message only: the batch
+#: is then sent again one message per request, so each caller gets its own answer.
 _PER_MESSAGE_STATUSES = frozenset({400, 413})
+_PER_MESSAGE_CODES = frozenset({"msg_id_conflict"})
 
 
 class _SendBatcher:
@@ -452,8 +453,9 @@ class _SendBatcher:
     ``linger_ms``. A batch also leaves when it holds ``batch_max`` messages or about
     ``batch_max_bytes`` of JSON. Each caller gets its own :class:`SendResult`. Errors: one that
     concerns the whole request (unavailable, timeout, unknown topic, auth) reaches every caller
-    of the batch; a 400 or 413 may concern one message, so that batch is sent again one message
-    per request and each caller gets exactly its own result or error. Messages carry their
+    of the batch; a 400, a 413 or a 409 ``msg_id_conflict`` may concern one message, so that
+    batch is sent again one message per request and each caller gets exactly its own result or
+    error. Messages carry their
     ``msg_id`` from the start, so a batch repeated after a lost answer is stored once.
 
     A send that opens a batch with ``linger_ms=0`` sends it from the caller's own task when
@@ -542,7 +544,7 @@ class _SendBatcher:
         try:
             answer = await client._call("POST", self.path, {"messages": items}, idempotent=True)
         except TempoClientError as e:
-            if e.status not in _PER_MESSAGE_STATUSES:
+            if e.status not in _PER_MESSAGE_STATUSES and e.code not in _PER_MESSAGE_CODES:
                 for fut in waiters:
                     _settle(fut, None, e)
                 return

@@ -127,6 +127,13 @@ class ReceiptExpired(Conflict):
     code = "receipt_expired"
 
 
+class MsgIdConflict(Conflict):
+    """The message's id is already used by a message of another topic (named in the message):
+    an id names one message, and a resend goes where the first send went."""
+
+    code = "msg_id_conflict"
+
+
 class AlreadyDelivered(Conflict):
     code = "already_delivered"
 
@@ -220,6 +227,7 @@ _BY_CODE: dict[str, type[TempoClientError]] = {
         TopicExists,
         GroupExists,
         ReceiptExpired,
+        MsgIdConflict,
         AlreadyDelivered,
         AlreadyCancelled,
         AlreadyCommitted,

@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge, Histogram
 
 from broker_core import metrics as broker_metrics
-from broker_core.errors import InvalidRequest, MessageNotFound, QueueNotFound
+from broker_core.errors import InvalidMessage, InvalidRequest, MessageNotFound, QueueNotFound
 from broker_core.http import BROKER, json_response, render_message
 from broker_core.message import StoredMessage, is_system_topic, parse_msg_id
 from broker_core.retry import dlq_topic
@@ -190,8 +190,8 @@ async def trace_message(request: web.Request) -> web.Response:
     it was acked, is in flight (with its attempt) or is still waiting."""
     try:
         msg_id = parse_msg_id(request.match_info["msg_id"])
-    except Exception:
-        raise MessageNotFound("no message with that id (ids are 32 hex digits)") from None
+    except InvalidMessage as e:
+        raise MessageNotFound(f"no message with that id: {e.message}") from None
     broker = request.app[BROKER]
     delayed = await request.app[DELAY].get(msg_id)
     records = broker.store.lookup_id(msg_id)

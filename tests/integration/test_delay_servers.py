@@ -119,3 +119,100 @@ async def test_two_servers_share_one_redis_and_survive_a_sigkill(
     finally:
         a.ensure_stopped()
         b.ensure_stopped()
+
+
+async def _topic_holds(session: aiohttp.ClientSession, base: str, topic: str = "d") -> int:
+    status, data = await call(session, "GET", f"{base}/v1/topics/{topic}")
+    assert status == 200, data
+    return sum(q["max_offset"] - q["min_offset"] for q in data["queue_offsets"])
+
+
+async def test_a_resend_is_stored_once_on_redis_also_after_a_restart(
+    redis_process: RedisProcess, tmp_path: Path
+) -> None:
+    """The Redis store's id filter, loaded from Redis at start: a plain resend of a delayed id
+    stores nothing and answers the first result, before and after a restart; a delayed resend
+    of a plain id too; a cancelled one stays cancelled."""
+    server = Server(tmp_path / "a", "--redis-url", redis_process.url)
+    server.start()
+    ids = {kind: f"{n:032x}" for n, kind in enumerate(("delayed", "plain", "cancelled"), 1)}
+    try:
+        async with aiohttp.ClientSession() as session:
+            base = server.url
+            await call(session, "POST", f"{base}/v1/topics", {"name": "d", "queues": 4})
+            first = {}
+            for kind, msg_id in ids.items():
+                msg: dict[str, Any] = {"body": kind, "msg_id": msg_id}
+                if kind != "plain":
+                    msg["delay_ms"] = 3_600_000
+                status, first[kind] = await call(
+                    session, "POST", f"{base}/v1/topics/d/messages", msg
+                )
+                assert status == 201, first[kind]
+            status, _ = await call(session, "DELETE", f"{base}/v1/delayed/{ids['cancelled']}")
+            assert status == 200
+        for restarted in (False, True):
+            if restarted:
+                server.terminate()
+                server.start()
+            async with aiohttp.ClientSession() as session:
+                base = server.url
+                for kind, msg_id in ids.items():
+                    for again in ({}, {"delay_ms": 3_600_000}):
+                        status, answer = await call(
+                            session,
+                            "POST",
+                            f"{base}/v1/topics/d/messages",
+                            {"body": kind, "msg_id": msg_id, **again},
+                        )
+                        assert status == 201, answer
+                        assert answer["queue_id"] == first[kind]["queue_id"], (kind, answer)
+                        if kind != "plain":
+                            assert answer["deliver_at"] == first[kind]["deliver_at"]
+                assert await _topic_holds(session, base) == 1  # the plain one only
+                status, info = await call(session, "GET", f"{base}/v1/delayed/{ids['plain']}")
+                assert status == 404, info
+                status, info = await call(session, "GET", f"{base}/v1/delayed/{ids['cancelled']}")
+                assert info["state"] == "cancelled", info
+    finally:
+        server.ensure_stopped()
+
+
+async def test_a_release_keeps_out_a_copy_another_server_stored_plain(
+    redis_process: RedisProcess, tmp_path: Path
+) -> None:
+    """Servers remember ids each for itself: an id scheduled on b after a started is not in
+    a's id filter, so a plain send of it to a is stored. When a then releases that delayed
+    message (b is gone, a holds every shard), it finds the copy and keeps the message out: the
+    id is in a's topic once."""
+    a = Server(tmp_path / "a", "--redis-url", redis_process.url, "--delay-lease-ttl", LEASE)
+    b = Server(tmp_path / "b", "--redis-url", redis_process.url, "--delay-lease-ttl", LEASE)
+    a.start()
+    try:
+        b.start()
+        msg_id = "00000000000000000000000000000abc"
+        async with aiohttp.ClientSession() as session:
+            await _wait_owned(session, {a.url: 8, b.url: 8})
+            for s in (a, b):
+                await call(session, "POST", f"{s.url}/v1/topics", {"name": "d", "queues": 2})
+            msg = {"body": "once", "msg_id": msg_id}
+            status, _ = await call(
+                session, "POST", f"{b.url}/v1/topics/d/messages", {**msg, "delay_ms": 6000}
+            )
+            assert status == 201
+            status, _ = await call(session, "POST", f"{a.url}/v1/topics/d/messages", msg)
+            assert status == 201
+            b.kill()
+            await _wait_owned(session, {a.url: 16})
+            deadline = time.monotonic() + 20  # due after a took b's shards over
+            while True:
+                status, info = await call(session, "GET", f"{a.url}/v1/delayed/{msg_id}")
+                if info["state"] == "delivered":
+                    break
+                assert time.monotonic() < deadline, info
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
+            assert await _topic_holds(session, a.url) == 1
+    finally:
+        a.ensure_stopped()
+        b.ensure_stopped()

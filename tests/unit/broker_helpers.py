@@ -17,6 +17,7 @@ from typing import Any
 from broker_core.broker import Broker
 from broker_core.config import BrokerConfig
 from broker_core.message import Message, MsgIdGenerator
+from broker_core.protocols import FirstSend
 from broker_core.store import MessageStore
 
 #: A fixed, realistic epoch-ms start for manual clocks (2025-01-01T00:00:00Z).
@@ -94,18 +95,36 @@ class FakeScheduler:
     #: stored once and answers its first time.
     first_at: dict[bytes, int] = field(default_factory=dict)
 
+    #: The first message scheduled under each id.
+    first_msg: dict[bytes, Message] = field(default_factory=dict)
+
     async def schedule(
         self, messages: Sequence[Message], deliver_at_ms: Sequence[int]
     ) -> list[int]:
         out = []
         for m, at in zip(messages, deliver_at_ms, strict=True):
             if m.msg_id and m.msg_id in self.first_at:
+                m.queue_id = self.first_msg[m.msg_id].queue_id
                 out.append(self.first_at[m.msg_id])
                 continue
             if m.msg_id:
                 self.first_at[m.msg_id] = at
+                self.first_msg[m.msg_id] = m
             self.scheduled.append((m, at))
             out.append(at)
+        return out
+
+    def may_hold(self, msg_id: bytes) -> bool:
+        return msg_id in self.first_msg
+
+    async def held(self, msg_ids: Sequence[bytes]) -> list[FirstSend | None]:
+        out: list[FirstSend | None] = []
+        for msg_id in msg_ids:
+            m = self.first_msg.get(msg_id)
+            at = self.first_at.get(msg_id)
+            out.append(
+                None if m is None or at is None else FirstSend(m.topic, m.queue_id, at, True)
+            )
         return out
 
     async def release(self, store: MessageStore, now_ms: int | None = None) -> int:

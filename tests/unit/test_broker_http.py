@@ -402,6 +402,61 @@ async def test_a_batch_with_one_bad_message_stores_none(client: Client, broker: 
     assert broker.scheduler.scheduled == []  # type: ignore[union-attr]
 
 
+async def test_a_bad_message_of_a_batch_is_named_by_its_place(client: Client) -> None:
+    messages: list[dict[str, Any]] = [{"body": f"m{i}"} for i in range(5)]
+    messages[3] = {"body": 5}
+    resp = await client.post("/v1/topics/orders/messages", json={"messages": messages})
+    body = await expect_error(resp, 400, "invalid_message")
+    assert body["message"] == "messages[3]: 'body' must be a string (use 'body_b64' for bytes)"
+    resp = await client.post("/v1/topics/orders/messages", json={"body": 5})
+    body = await expect_error(resp, 400, "invalid_message")  # one message: no place to name
+    assert body["message"] == "'body' must be a string (use 'body_b64' for bytes)"
+
+
+@pytest.mark.parametrize(
+    ("given", "told"),
+    [
+        (
+            "0123456789ABCDEF0123456789ABCDEF",
+            "msg_id must be 32 lowercase hex digits (uppercase is not accepted),"
+            " got '0123456789ABCDEF0123456789ABCDEF'",
+        ),
+        ("not-an-id", "msg_id must be 32 lowercase hex digits, got 'not-an-id'"),
+        ("f" * 100, f"msg_id must be 32 lowercase hex digits, got '{'f' * 38}…"),
+        (17, "msg_id must be 32 lowercase hex digits, got 17"),
+    ],
+)
+async def test_a_bad_msg_id_is_told_what_an_id_is_quoting_what_was_given(
+    client: Client, given: object, told: str
+) -> None:
+    resp = await client.post("/v1/topics/orders/messages", json={"body": "x", "msg_id": given})
+    assert (await expect_error(resp, 400, "invalid_message"))["message"] == told
+
+
+@pytest.mark.parametrize(
+    ("raw", "told"),
+    [
+        (
+            b'{"body": "x", "delay_ms": 100000000000000000000000000000}',
+            "got 100000000000000000000000000000",
+        ),
+        (b'{"body": "x", "delay_ms": 18446744073709551617}', "got 18446744073709551617"),
+        (
+            b'{"messages": [{"body": "x"}, {"body": "x", "deliver_at": 99999999999999999999999}]}',
+            "messages[1]: 'deliver_at' is more than 10 years ahead",
+        ),
+        (b'{"body": "x", "delay_ms": 1e29}', "got 1e+29"),
+    ],
+)
+async def test_a_huge_number_is_quoted_as_it_was_written(
+    client: Client, raw: bytes, told: str
+) -> None:
+    resp = await client.post(
+        "/v1/topics/orders/messages", data=raw, headers={"Content-Type": "application/json"}
+    )
+    assert told in (await expect_error(resp, 400, "invalid_message"))["message"]
+
+
 @pytest.mark.parametrize(
     "payload",
     [

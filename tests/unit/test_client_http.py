@@ -28,6 +28,7 @@ from tempomq.client import (
     InvalidMessage,
     MessageNotFound,
     MessageTooLarge,
+    MsgIdConflict,
     NotFound,
     OutgoingMessage,
     ReceiptExpired,
@@ -391,6 +392,7 @@ async def test_a_long_poll_gets_its_wait_on_top_of_the_timeout(
         (409, "topic_exists", TopicExists),
         (409, "receipt_expired", ReceiptExpired),
         (409, "already_delivered", AlreadyDelivered),
+        (409, "msg_id_conflict", MsgIdConflict),
         (409, "something_else", Conflict),
         (400, "invalid_message", InvalidMessage),
         (400, "bad_request", BadRequest),
@@ -631,6 +633,33 @@ async def test_a_bad_message_in_a_batch_fails_only_its_own_caller(
     assert all(MSG_ID.match(r.msg_id) for i, r in enumerate(outcomes) if i != 3)  # type: ignore[union-attr]
     stored = [b for _, _, b in server.requests if "messages" not in b and b.get("tags") != "bad"]
     assert sorted(b["body"] for b in stored) == ["m0", "m1", "m2", "m4", "m5"]
+
+
+@pytest.mark.usefixtures("ready_queue")
+async def test_an_id_used_in_another_topic_fails_only_its_own_caller(
+    aiohttp_server: ServerFactory,
+) -> None:
+    taken = "0123456789abcdef0123456789abcdef"
+
+    async def ids_checked(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        items = body.get("messages", [body])
+        if any(m.get("msg_id") == taken for m in items):
+            message = f"msg_id {taken} is already used by a message of topic 'payments'"
+            return web.json_response({"error": "msg_id_conflict", "message": message}, status=409)
+        return await sent()(request)
+
+    server, url = await fake(aiohttp_server, ids_checked)
+    async with Client(url) as client:
+        outcomes = await asyncio.gather(
+            *(client.send("orders", f"m{i}", msg_id=taken if i == 2 else None) for i in range(5)),
+            return_exceptions=True,
+        )
+    assert isinstance(outcomes[2], MsgIdConflict) and isinstance(outcomes[2], Conflict)
+    assert "'payments'" in outcomes[2].message
+    assert all(MSG_ID.match(r.msg_id) for i, r in enumerate(outcomes) if i != 2)  # type: ignore[union-attr]
+    stored = [b for _, _, b in server.requests if "messages" not in b and b.get("msg_id") != taken]
+    assert sorted(b["body"] for b in stored) == ["m0", "m1", "m3", "m4"]
 
 
 @pytest.mark.usefixtures("ready_queue")

@@ -284,6 +284,56 @@ async def test_same_id_twice_in_one_batch_first_wins(store: DelayStore) -> None:
     assert await store.pending() == 1
 
 
+# -- find ----------------------------------------------------------------------------------------
+
+
+async def test_find_tells_every_id_held_in_any_state_with_its_queue(
+    backend: Backend, store: DelayStore
+) -> None:
+    """What a plain send of an id asks the delay store: held or not, where and when it goes.
+    A scheduled or cancelled message names its queue; a delivered one's record is dropped
+    (its copy in the topic says), so does a message whose queue the broker picks at release."""
+    waiting = message(queue_id=3)
+    delivered = message(queue_id=1)
+    cancelled = message(queue_id=2)
+    picked = message()  # no queue: the broker picks one at release
+    assert (
+        await store.schedule(
+            [(waiting, T0_MS), (delivered, T0_MS + 1), (cancelled, T0_MS + 2), (picked, T0_MS + 3)]
+        )
+        == [True] * 4
+    )
+    await store.mark_delivered([delivered.msg_id], T0_MS + 10)
+    await store.cancel(cancelled.msg_id, T0_MS + 20)
+    unknown = _ids.next()
+    asked = [waiting.msg_id, unknown, delivered.msg_id, cancelled.msg_id, picked.msg_id]
+    expected = [
+        DelayedInfo(waiting.msg_id, "orders", T0_MS, DelayState.SCHEDULED, 3),
+        None,
+        DelayedInfo(delivered.msg_id, "orders", T0_MS + 1, DelayState.DELIVERED, -1),
+        DelayedInfo(cancelled.msg_id, "orders", T0_MS + 2, DelayState.CANCELLED, 2),
+        DelayedInfo(picked.msg_id, "orders", T0_MS + 3, DelayState.SCHEDULED, -1),
+    ]
+
+    assert await store.find(asked) == expected
+    assert await store.find([]) == []
+    # A cancelled message keeps only what names its queue: never in a window, never due.
+    assert ids(await all_due(store)) == [waiting.msg_id, picked.msg_id]
+    assert await store.due(cancelled.msg_id) is None
+
+    store = await backend.reopen(store)  # the id filter is loaded again (or still loading)
+    assert await store.find(asked) == expected
+    held = store._ids  # type: ignore[attr-defined]  # each store's id filter
+    for _ in range(500):
+        if held.filter is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert all(held.may_hold(m) for m in asked if m != unknown)
+    assert await store.find(asked) == expected  # the same answers with the filter loaded
+    assert await store.purge(T0_MS + 1_000) == 2
+    assert await store.find(asked) == [expected[0], None, None, None, expected[4]]
+
+
 # -- window --------------------------------------------------------------------------------------
 
 

@@ -27,8 +27,8 @@ def _msg() -> Message:
 
 async def _loaded(store: EmbeddedDelayStore) -> IdFilter:
     for _ in range(500):
-        if store._filter is not None and store._filter_task is None:
-            return store._filter
+        if store._ids.filter is not None and not store._ids.loading:
+            return store._ids.filter
         await asyncio.sleep(0.01)
     raise AssertionError("the id filter did not load")
 
@@ -98,7 +98,7 @@ async def test_schedules_during_a_load_in_pieces_are_all_in_the_filter(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(embedded, "_LOAD_ROWS", 40)
-    monkeypatch.setattr(embedded, "_LOAD_SLICE", 7)
+    monkeypatch.setattr(id_filter, "LOAD_SLICE", 7)
     path = tmp_path / "delay.db"
     store = EmbeddedDelayStore(path)
     await store.open()
@@ -109,10 +109,10 @@ async def test_schedules_during_a_load_in_pieces_are_all_in_the_filter(
     store = EmbeddedDelayStore(path)
     await store.open()
     try:
-        assert store._filter is None  # loading: 25 reads of 40 ids, 6 slices each
+        assert store._ids.filter is None  # loading: 25 reads of 40 ids, 6 slices each
         during: list[Message] = []
         turns = 0
-        while store._filter is None:
+        while store._ids.filter is None:
             turns += 1
             one, many = _msg(), [_msg() for _ in range(20)]  # the log, then a direct write
             during += [one, *many]
@@ -169,12 +169,12 @@ async def test_a_failed_load_asks_sqlite_until_a_later_load_succeeds(
         return ids_after(after)
 
     monkeypatch.setattr(embedded, "_ids_after", failing_once)
-    monkeypatch.setattr(embedded, "_LOAD_RETRY_S", 0.2)
+    monkeypatch.setattr(id_filter, "LOAD_RETRY_S", 0.2)
     store = EmbeddedDelayStore(path)
     await store.open()
     try:
         await asyncio.sleep(0.05)
-        assert failures and store._filter is None
+        assert failures and store._ids.filter is None
         seen = _lookups(store)
         assert await store.schedule([(old, T0_MS + 1)]) == [False]
         assert await store.schedule([(_msg(), T0_MS)]) == [True]

@@ -395,14 +395,17 @@ async def test_a_compressed_body_is_read_as_its_content_encoding_says(
     lean_server: Served,
 ) -> None:
     """aiohttp decodes a gzip or deflate body; the lean path leaves such requests to it rather
-    than read compressed bytes as JSON. A body that is not what its encoding says is 400."""
+    than read compressed bytes as JSON. A body that is not what its encoding says is 400
+    ``invalid_message``, the send route's code for a body it cannot read (API.md)."""
     body = gzip.compress(orjson.dumps({"body": "zipped"}))
     answer = await exchange(lean_server.port, send("t", body, {"Content-Encoding": "gzip"}))
     assert answer.status == 201, answer.body
     got = await exchange(lean_server.port, consume("receive", {"max_messages": 1}))
     assert [m["body"] for m in orjson.loads(got.body)["messages"]] == ["zipped"]
     bad = await exchange(lean_server.port, send("t", b"not gzip", {"Content-Encoding": "gzip"}))
-    assert (bad.status, orjson.loads(bad.body)["error"]) == (400, "invalid_request")
+    error = orjson.loads(bad.body)
+    assert (bad.status, error["error"]) == (400, "invalid_message"), error
+    assert error["message"] == "request body unreadable: Can not decode content-encoding: gzip"
 
 
 async def test_the_sdk_keeps_its_sends_on_lean_connections(tmp_path: Path) -> None:
