@@ -15,43 +15,21 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from delayserver.http import DELAY
 from delayserver.store import DelayedInfo
-from tempomq.app import build_app
 from tempomq.config import Settings
+from tests.unit.test_topic_delete import App
 
 Client = TestClient[web.Request, web.Application]
 MSG_ID = "0123456789abcdef0123456789abcdef"
 HOUR_MS = 3600_000
 
 
-class App:
-    """The app on one data directory, restartable (a clean stop and a new start)."""
-
-    def __init__(self, data_dir: Path, flush: str) -> None:
-        self.settings = Settings(data_dir=data_dir, flush=flush)  # type: ignore[arg-type]
-        self.client: Client | None = None
-
-    async def start(self) -> Client:
-        self.client = TestClient(TestServer(build_app(self.settings)))
-        await self.client.start_server()
-        return self.client
-
-    async def stop(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-            self.client = None
-
-    async def restart(self) -> Client:
-        await self.stop()
-        return await self.start()
-
-
 @pytest.fixture(params=["async", "sync"])
 async def app(tmp_data_dir: Path, request: pytest.FixtureRequest) -> AsyncIterator[App]:
-    a = App(tmp_data_dir, request.param)
+    a = App(Settings(data_dir=tmp_data_dir, flush=request.param))
     c = await a.start()
     for topic in ("orders", "other"):
         await ok(c, "POST", "/v1/topics", {"name": topic, "queues": 4})

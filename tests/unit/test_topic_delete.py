@@ -31,8 +31,8 @@ Client = TestClient[web.Request, web.Application]
 class App:
     """The app on one data directory, restartable (a clean stop and a new start)."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.settings = Settings(data_dir=data_dir, backoff_ms=(200,), max_attempts=2)
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.client: Client | None = None
 
     async def start(self) -> Client:
@@ -50,9 +50,13 @@ class App:
         return await self.start()
 
 
+def _app(data_dir: Path) -> App:
+    return App(Settings(data_dir=data_dir, backoff_ms=(200,), max_attempts=2))
+
+
 @pytest.fixture
 async def app(tmp_data_dir: Path) -> AsyncIterator[App]:
-    a = App(tmp_data_dir)
+    a = _app(tmp_data_dir)
     await a.start()
     yield a
     await a.stop()
@@ -137,7 +141,7 @@ async def test_a_deleted_topic_is_gone_with_what_it_held(app: App) -> None:
         c, "POST", "/v1/topics/orders/groups/billing/ack", {"receipts": [receipt]}
     ) == (404, "topic_not_found")
     # Its metrics go: no lag series for a topic that is not there.
-    assert "topic=\"orders\"" not in await (await c.get("/metrics")).text()
+    assert 'topic="orders"' not in await (await c.get("/metrics")).text()
     # Retry topics go with their topic or group, not on their own; a bad name is bad input.
     assert await error(c, "DELETE", "/v1/topics/%25RETRY%25billing%2Bother") == (
         400,
@@ -186,7 +190,7 @@ async def test_a_topic_created_again_starts_fresh_also_after_a_restart(app: App)
 async def test_a_crash_between_tombstone_and_topic_list_keeps_the_deletion(
     tmp_data_dir: Path,
 ) -> None:
-    app = App(tmp_data_dir)
+    app = _app(tmp_data_dir)
     c = await app.start()
     await ok(c, "POST", "/v1/topics", {"name": "orders"})
     await ok(c, "POST", "/v1/topics/orders/messages", {"body": "old"})
@@ -211,11 +215,15 @@ async def test_what_was_due_later_for_a_deleted_topic_is_dropped_and_counted(app
     await ok(c, "POST", "/v1/topics/orders/messages", {"body": "now"})
     [got] = await receive(c, "orders", "billing")
     await ok(  # a retry of "now", due in 800 ms
-        c, "POST", "/v1/topics/orders/groups/billing/nack",
+        c,
+        "POST",
+        "/v1/topics/orders/groups/billing/nack",
         {"receipt": got["receipt"], "retry_after_ms": 800},
     )
     tx = await ok(
-        c, "POST", "/v1/transactions",
+        c,
+        "POST",
+        "/v1/transactions",
         {"topic": "orders", "producer_group": "shop", "message": {"body": "half"}},
     )
     await ok(c, "DELETE", "/v1/topics/orders")
@@ -226,6 +234,7 @@ async def test_what_was_due_later_for_a_deleted_topic_is_dropped_and_counted(app
     async def dropped() -> bool:
         n = await metric(c, "tempomq_dropped_messages_total", source="delayed")
         return n >= dropped_before + 2  # the delayed message and the retry
+
     await until(dropped)
     assert await metric(c, "tempomq_dropped_messages_total", source="transaction") == tx_before + 1
     info = await ok(c, "GET", f"/v1/delayed/{delayed['msg_id']}")
@@ -252,7 +261,9 @@ async def test_a_typo_group_is_listed_and_deleted_with_its_state(app: App) -> No
     assert groups["billng"]["topics"] == [{"topic": "orders", "lag": 1}]
     assert await metric(c, "tempomq_consumer_lag", group="billng", topic="orders") == 1
     await ok(  # a retry pending for it
-        c, "POST", "/v1/topics/orders/groups/billng/nack",
+        c,
+        "POST",
+        "/v1/topics/orders/groups/billng/nack",
         {"receipt": got["receipt"], "retry_after_ms": 600},
     )
     dropped_before = await metric(c, "tempomq_dropped_messages_total", source="delayed")
@@ -272,6 +283,7 @@ async def test_a_typo_group_is_listed_and_deleted_with_its_state(app: App) -> No
     async def dropped() -> bool:
         n = await metric(c, "tempomq_dropped_messages_total", source="delayed")
         return n >= dropped_before + 1
+
     await until(dropped)  # the retry due for the deleted group went nowhere
     c = await app.restart()
     assert "billng" not in [g["name"] for g in (await ok(c, "GET", "/v1/groups"))["groups"]]
@@ -296,7 +308,9 @@ async def test_deleting_a_group_keeps_a_dead_letter_topic_that_holds_dead_letter
     for _ in range(2):  # max_attempts 2: the second nack dead-letters it
         await until(got_one)
         await ok(
-            c, "POST", "/v1/topics/orders/groups/billing/nack",
+            c,
+            "POST",
+            "/v1/topics/orders/groups/billing/nack",
             {"receipt": msgs[0]["receipt"], "retry_after_ms": 0},
         )
     answer = await ok(c, "DELETE", "/v1/groups/billing")
@@ -334,7 +348,7 @@ async def test_deleting_a_live_groups_dead_letter_topic_empties_it(app: App) -> 
 
 async def test_store_drops_the_tombstoned_records_when_rebuilding(tmp_data_dir: Path) -> None:
     """Derived files lost: the rebuild from the CommitLog leaves the deleted topic out."""
-    app = App(tmp_data_dir)
+    app = _app(tmp_data_dir)
     c = await app.start()
     await ok(c, "POST", "/v1/topics", {"name": "orders"})
     await ok(c, "POST", "/v1/topics/orders/messages", {"body": "old"})
@@ -373,9 +387,7 @@ async def test_a_topic_is_not_created_again_while_it_is_being_deleted(
     assert [m.body for m in store.lookup_id(new.msg_id)] == [b"new"]
 
 
-async def test_an_unreadable_tombstone_file_stops_the_start(
-    tmp_path: Path, stores: Stores
-) -> None:
+async def test_an_unreadable_tombstone_file_stops_the_start(tmp_path: Path, stores: Stores) -> None:
     """Without its tombstones a deleted topic would come back from its records: no start."""
     data = tmp_path / "data"
     store = await stores.start(data)
