@@ -117,9 +117,6 @@ class EmbeddedDelayStore:
         #: Logged rows not yet in the table, oldest first.
         self._unapplied: list[_Logged] = []
         self._unapplied_ids: set[bytes] = set()
-        #: Ids being stored by schedules that bypass the log, with how many such schedules
-        #: hold each.
-        self._direct_ids: dict[bytes, int] = {}
         self._apply_lock = asyncio.Lock()
         self._apply_timer: asyncio.TimerHandle | None = None
         self._apply_task: asyncio.Task[None] | None = None
@@ -137,7 +134,7 @@ class EmbeddedDelayStore:
             name="delay-store",
             count=lambda: self._read(_row_count),
             read=self._table_ids,
-            writing=lambda: [*self._unapplied_ids, *self._direct_ids],
+            pending=lambda: self._unapplied_ids,
             errors=(DelayStoreUnavailable, sqlite3.Error),
         )
 
@@ -195,32 +192,22 @@ class EmbeddedDelayStore:
     # -- operations ------------------------------------------------------------------------------
 
     async def schedule(self, items: Sequence[tuple[Message, int]]) -> list[bool]:
+        direct = self._ids.in_flight  # ids being stored by schedules that bypass the log
         if (
             self._log.open
             and len(items) <= _SMALL_WRITE
             and self._db.failure is None
             and self._apply_error is None
             and len(self._unapplied) < 2 * _APPLY_ROWS
-            and not (self._direct_ids and any(m.msg_id in self._direct_ids for m, _ in items))
+            and not (direct and any(m.msg_id in direct for m, _ in items))
         ):
             result = self._schedule_logged(items)
             if result is not None:
                 return result
         # Known as being written from before the first await: a schedule through the log
         # meanwhile (the apply below, the write) is then stored directly too, after this one.
-        ids = {m.msg_id for m, _ in items}
-        self._ids.note(ids)
-        direct = self._direct_ids
-        for msg_id in ids:
-            direct[msg_id] = direct.get(msg_id, 0) + 1
-        try:
+        with self._ids.writing([m.msg_id for m, _ in items]):
             return await self._schedule_directly(items)
-        finally:
-            for msg_id in ids:
-                if direct[msg_id] == 1:
-                    del direct[msg_id]
-                else:
-                    direct[msg_id] -= 1
 
     async def _schedule_directly(self, items: Sequence[tuple[Message, int]]) -> list[bool]:
         await self._settle()

@@ -22,7 +22,8 @@ about a plain send: "is this id held as a delayed message?").
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import structlog
 
@@ -109,8 +110,9 @@ class HeldIds:
     load is done (and after :meth:`stop`): the store must ask its own data then.
 
     ``count``: about how many ids the store holds (to size the filter). ``read``: every id
-    it holds, in pages. ``writing``: the ids being written at that moment (noted before the
-    load began, so neither the load nor :meth:`note` would add them otherwise). ``errors``:
+    it holds, in pages. ``pending``: ids noted earlier whose writes are still to come (beside
+    those of :meth:`writing`; neither the load nor :meth:`note` would add them otherwise).
+    ``errors``:
     what a failed read raises; the load is tried again :data:`LOAD_RETRY_S` later."""
 
     def __init__(
@@ -119,14 +121,16 @@ class HeldIds:
         name: str,
         count: Callable[[], Awaitable[int]],
         read: Callable[[], AsyncIterator[Sequence[bytes]]],
-        writing: Callable[[], Iterable[bytes]],
+        pending: Callable[[], Iterable[bytes]] = tuple,
         errors: tuple[type[Exception], ...],
     ) -> None:
         self.name = name
         self._count = count
         self._read = read
-        self._writing = writing
+        self._pending = pending
         self._errors = errors
+        #: Ids being written in a :meth:`writing` block, with how many blocks hold each.
+        self.in_flight: dict[bytes, int] = {}
         self.filter: IdFilter | None = None
         #: The filter being loaded; it gets every id noted meanwhile too.
         self._filling: IdFilter | None = None
@@ -171,6 +175,23 @@ class HeldIds:
         if filling is not None:
             filling.update(msg_ids)
 
+    @contextmanager
+    def writing(self, msg_ids: Sequence[bytes]) -> Iterator[None]:
+        """Around a write of ``msg_ids``: they are noted first, and counted in
+        :attr:`in_flight` until the block ends, so a load starting meanwhile puts them in."""
+        self.note(msg_ids)
+        in_flight = self.in_flight
+        for msg_id in msg_ids:
+            in_flight[msg_id] = in_flight.get(msg_id, 0) + 1
+        try:
+            yield
+        finally:
+            for msg_id in msg_ids:
+                if in_flight[msg_id] == 1:
+                    del in_flight[msg_id]
+                else:
+                    in_flight[msg_id] -= 1
+
     def _load_soon(self, delay_s: float) -> None:
         if self._stopped:
             return
@@ -190,7 +211,7 @@ class HeldIds:
             held = await self._count()
             # No await from here until _filling is set: what is being written now is in
             # ``writing``, what is noted from now on goes into the filling filter.
-            writing = list(self._writing())
+            writing = [*self.in_flight, *self._pending()]
             filling = IdFilter(held + len(writing))
             self._filling = filling
             filling.update(writing)

@@ -374,14 +374,11 @@ class RedisDelayStore:
         ]
         self._servers_key = f"{prefix}:servers"
         self._scripts: dict[str, AsyncScript] = {}
-        #: Ids being scheduled now, with how many schedules hold each.
-        self._writing: dict[bytes, int] = {}
         #: The ids this store may hold, as far as this server knows (:meth:`find`).
         self._ids = HeldIds(
             name="redis-delay-store",
             count=self._count_ids,
             read=self._all_ids,
-            writing=lambda: self._writing,
             errors=(DelayStoreUnavailable,),
         )
 
@@ -455,19 +452,8 @@ class RedisDelayStore:
     # -- operations ------------------------------------------------------------------------------
 
     async def schedule(self, items: Sequence[tuple[Message, int]]) -> list[bool]:
-        ids = [msg.msg_id for msg, _at in items]
-        self._ids.note(ids)
-        writing = self._writing
-        for msg_id in ids:
-            writing[msg_id] = writing.get(msg_id, 0) + 1
-        try:
+        with self._ids.writing([msg.msg_id for msg, _at in items]):
             return await self._schedule(items)
-        finally:
-            for msg_id in ids:
-                if writing[msg_id] == 1:
-                    del writing[msg_id]
-                else:
-                    writing[msg_id] -= 1
 
     async def _schedule(self, items: Sequence[tuple[Message, int]]) -> list[bool]:
         by_shard: dict[int, list[int]] = {}  # shard -> positions in items
